@@ -1,0 +1,106 @@
+"""Batch scoring files: read inputs from .npy/.npz/.jsonl, write outputs to .npy/.npz/.jsonl atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import DataError, InputFileError, UsageError
+from edgepack.tensors import TensorSpec
+
+FORMATS = (".npy", ".npz", ".jsonl")
+
+
+def read_inputs(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Inputs by name, N samples on the first axis."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"input file {path} does not exist; check the path")
+    suffix = path.suffix.lower()
+    names = [spec.name for spec in inputs]
+    try:
+        if suffix == ".npy":
+            if len(inputs) != 1:
+                raise DataError(f"the model has {len(inputs)} inputs ({', '.join(names)}); give an .npz keyed by input name")
+            return {names[0]: np.load(path, allow_pickle=False)}
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            if len(inputs) == 1 and len(arrays) == 1:
+                return {names[0]: next(iter(arrays.values()))}
+            missing = [n for n in names if n not in arrays]
+            if missing:
+                raise DataError(f"{path.name} lacks arrays for the inputs {missing}; it has {sorted(arrays)}")
+            return {n: arrays[n] for n in names}
+    except (ValueError, OSError) as exc:
+        raise InputFileError(f"{path.name} is not a readable {suffix} file ({exc})") from None
+    if suffix == ".jsonl":
+        return _read_jsonl(path, inputs)
+    raise InputFileError(f"unknown input format {suffix!r}; use {', '.join(FORMATS)}")
+
+
+def _read_jsonl(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """One JSON value per line: an object keyed by input name, or (one input) the sample itself."""
+    columns: dict[str, list] = {spec.name: [] for spec in inputs}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path.name} line {number} is not valid JSON") from None
+            if not isinstance(record, dict):
+                if len(inputs) != 1:
+                    raise DataError(f"{path.name} line {number}: give an object keyed by input name")
+                record = {inputs[0].name: record}
+            for spec in inputs:
+                if spec.name not in record:
+                    raise DataError(f"{path.name} line {number} lacks input {spec.name!r}")
+                columns[spec.name].append(record[spec.name])
+    if not next(iter(columns.values()), []):
+        raise DataError(f"{path.name} holds no samples")
+    result = {}
+    for spec in inputs:
+        try:
+            result[spec.name] = np.asarray(columns[spec.name], dtype=spec.dtype)
+        except (ValueError, TypeError):
+            raise DataError(f"{path.name}: input {spec.name!r} has ragged or non-numeric samples") from None
+    return result
+
+
+def write_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
+    """Write outputs by the suffix of ``path``; never leaves a half-written file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    buffer = io.BytesIO()
+    if suffix == ".npy":
+        np.save(buffer, next(iter(outputs.values())), allow_pickle=False)
+    elif suffix == ".npz":
+        np.savez(buffer, **outputs)
+    elif suffix == ".jsonl":
+        count = len(next(iter(outputs.values())))
+        for index in range(count):
+            record = {name: value[index].tolist() for name, value in outputs.items()}
+            buffer.write((json.dumps(record) + "\n").encode())
+    else:
+        raise UsageError(f"unknown output format {suffix!r}; use {', '.join(FORMATS)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(buffer.getvalue())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

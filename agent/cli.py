@@ -1,0 +1,132 @@
+"""The device command line: ``edgepack-agent install | predict | status | rollback``.
+
+Light by design: it imports the edgepack core and the agent only (never torch, onnx or converters).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from edgepack import __version__
+from edgepack.errors import EdgepackError
+
+store_option = click.option("--store", type=click.Path(path_type=Path), help="store folder (default: $EDGEPACK_STORE or a per-user folder)")
+key_option = click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="trusted public key (repeatable); bundles must be signed by one")
+
+
+def _store(store, keys=(), profile=None):
+    from edgepack.bundle.signing import load_public_key
+
+    from .store import ModelStore
+
+    return ModelStore(store, [load_public_key(k) for k in keys] or None, profile)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgepack-agent")
+def cli() -> None:
+    """Run edgepack bundles on this device, offline."""
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@store_option
+@key_option
+@click.option("--profile", help="this device's profile; bundles for another profile are refused")
+def install(bundle, store, keys, profile) -> None:
+    """Verify BUNDLE, stage it in the inactive slot, smoke-test it, then make it active."""
+    model_store = _store(store, keys, profile)
+    state = model_store.install(bundle)
+    slot = state["slots"][state["active"]]
+    click.echo(f"installed {state['name']} {slot['version']} ({slot['precision']}, {slot['profile']}) in slot "
+               f"{state['active']} of {model_store.root}; previous slot: {state['previous'] or 'none'}")
+
+
+@cli.command()
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help=".npy, .npz or .jsonl")
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path), help=".npy, .npz or .jsonl")
+@click.option("--bundle", type=click.Path(path_type=Path), help="score with this bundle file instead of the store")
+@click.option("--model", "model_name", help="model name in the store (when it holds several)")
+@store_option
+@key_option
+@click.option("--threads", type=int, help="intra-op threads (default: the bundle's profile)")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size) -> None:
+    """Batch-score an input file offline with the active model (or --bundle)."""
+    from edgepack.bundle import open_bundle
+    from edgepack.bundle.signing import load_public_key
+
+    from .batch_io import read_inputs, write_outputs
+    from .model import load_model
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-predict-") as temp:
+        if bundle:
+            trusted = [load_public_key(k) for k in keys] or None
+            with open_bundle(bundle, public_keys=trusted) as opened:
+                opened.extract_to(Path(temp))
+                model = load_model(Path(temp), opened.manifest, threads)
+        else:
+            model_store = _store(store, keys)
+            model = model_store.load_active(model_store.resolve_name(model_name), threads)
+        try:
+            feeds = read_inputs(input_path, model.inputs)
+            outputs = model.predict(feeds, max_batch=batch_size)
+        finally:
+            model.close()
+    write_outputs(output_path, outputs)
+    count = len(next(iter(outputs.values())))
+    click.echo(f"scored {count} samples with {model.name} {model.version} -> {output_path}")
+
+
+@cli.command()
+@store_option
+@click.option("--json", "as_json", is_flag=True)
+def status(store, as_json) -> None:
+    """Slots, versions and update state of every model in the store."""
+    model_store = _store(store)
+    states = {name: model_store.state(name) for name in model_store.model_names()}
+    if as_json:
+        click.echo(json.dumps({"store": str(model_store.root), "models": states}, indent=2))
+        return
+    if not states:
+        click.echo(f"store {model_store.root}: no models installed")
+    for name, state in states.items():
+        click.echo(f"{name}: active slot {state['active']}, previous {state['previous'] or 'none'}")
+        for slot, info in sorted(state["slots"].items()):
+            marker = "*" if slot == state["active"] else " "
+            click.echo(f"  {marker} {slot}: {info['version']} {info['precision']} for {info['profile']}")
+
+
+@cli.command()
+@store_option
+@click.option("--model", "model_name", help="model name (when the store holds several)")
+def rollback(store, model_name) -> None:
+    """Switch back to the previously active version."""
+    model_store = _store(store)
+    name = model_store.resolve_name(model_name)
+    state = model_store.rollback(name)
+    click.echo(f"rolled {name} back to {state['slots'][state['active']]['version']} (slot {state['active']})")
+
+
+def main() -> None:
+    """Console-script entry point: one ``error:`` line and the error's exit code on failure."""
+    try:
+        cli.main(standalone_mode=False)
+    except EdgepackError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

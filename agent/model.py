@@ -1,0 +1,77 @@
+"""A bundle loaded for serving: its verified manifest, its backend, and its smoke test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.bundle import Bundle
+from edgepack.errors import StoreError
+from edgepack.tensors import TensorSpec
+
+from .runtime import Backend, load_backend, run_in_batches
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to answer requests."""
+
+    name: str
+    version: str
+    manifest: dict
+    backend: Backend
+    folder: Path
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.backend.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.backend.outputs
+
+    def predict(self, feeds: dict[str, np.ndarray], max_batch: int = 64) -> dict[str, np.ndarray]:
+        """Outputs by name for N samples (validated, run in batches the model accepts)."""
+        checked = self.backend.check_feeds(feeds)
+        results = run_in_batches(self.backend, checked, max_batch)
+        return {spec.name: value for spec, value in zip(self.backend.outputs, results)}
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def load_model(folder: Path, manifest: dict, threads: int | None = None) -> LoadedModel:
+    """Load the extracted bundle files in ``folder`` with the backend its manifest names."""
+    runtime = manifest["runtime"]
+    backend = load_backend(
+        folder / manifest["model_file"], manifest["format"], threads=threads or runtime.get("threads"),
+        providers=runtime.get("execution_providers"),
+    )
+    return LoadedModel(manifest["name"], manifest["version"], manifest, backend, folder)
+
+
+def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
+    """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss."""
+    samples = model.manifest.get("samples")
+    if not samples:
+        return
+    feeds = {name: bundle.read_array(path) for name, path in samples["inputs"].items()}
+    try:
+        outputs = model.predict(feeds)
+    except Exception as exc:
+        raise StoreError(f"smoke test failed: the model cannot run its sample inputs ({exc})") from None
+    for name, path in samples["outputs"].items():
+        expected, got = bundle.read_array(path), np.asarray(outputs.get(name))
+        tolerance = samples.get("tolerance", {}).get(name, {})
+        if expected.shape != got.shape:
+            raise StoreError(f"smoke test failed: output {name!r} has shape {got.shape}, expected {expected.shape}")
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise StoreError(f"smoke test failed: output {name!r} holds NaN/Inf")
+        if tolerance.get("exact") or expected.dtype.kind != "f":
+            if not np.array_equal(expected.astype(got.dtype) if expected.dtype.kind != "U" else expected, got):
+                raise StoreError(f"smoke test failed: output {name!r} differs from the bundle's expected output")
+        elif not np.allclose(got, expected, atol=tolerance.get("atol", 1e-4), rtol=tolerance.get("rtol", 1e-3)):
+            worst = float(np.max(np.abs(got - expected)))
+            raise StoreError(f"smoke test failed: output {name!r} differs from the expected output by up to {worst:.3g}")

@@ -1,0 +1,62 @@
+"""ONNX Runtime backend: picks execution providers from the profile and what is installed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import RuntimeBackendError
+from edgepack.tensors import ORT_TYPES, TensorSpec, dims_from_ort
+
+from .base import Backend
+
+log = logging.getLogger(__name__)
+
+
+def choose_providers(wanted: list[str] | None) -> list[str]:
+    """The profile's providers that this onnxruntime build has, in the profile's order; CPU always last."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen = [p for p in (wanted or []) if p in available and p != "CPUExecutionProvider"]
+    skipped = [p for p in (wanted or []) if p not in available]
+    if skipped:
+        log.info("execution providers not available here, skipped: %s", ", ".join(skipped))
+    return chosen + ["CPUExecutionProvider"]
+
+
+class OnnxBackend(Backend):
+    """One ``onnxruntime.InferenceSession``; ``run`` is thread-safe (ORT sessions are)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(providers))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeBackendError(f"ONNX Runtime cannot load {Path(model_path).name}: {first}") from None
+        self.providers = self.session.get_providers()
+        self.inputs = [TensorSpec(i.name, ORT_TYPES.get(i.type, i.type), dims_from_ort(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = [TensorSpec(o.name, ORT_TYPES.get(o.type, o.type), dims_from_ort(o.shape)) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(self._output_names, feeds)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeBackendError(f"inference failed: {first}") from None
+
+    def close(self) -> None:
+        self.session = None

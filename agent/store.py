@@ -1,0 +1,163 @@
+"""The model store: A/B slots per model on disk, switched atomically.
+
+Layout under the store folder::
+
+    models/<name>/state.json        which slot is active, which one was active before
+    models/<name>/slots/a|b/        bundle.edgepack and its verified, extracted files
+
+A new bundle is written into the inactive slot, verified, loaded and smoke-tested before
+``state.json`` is replaced (temp file, fsync, rename), so a crash at any point leaves the old model
+active or the new one committed, never a half-installed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from edgepack.bundle import open_bundle
+from edgepack.errors import StoreError, UsageError
+
+from .model import LoadedModel, load_model, smoke_test
+
+SLOTS = ("a", "b")
+STORE_ENV = "EDGEPACK_STORE"
+
+
+def default_store() -> Path:
+    """``$EDGEPACK_STORE``, else a per-user data folder."""
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV])
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("edgepack")) / "store"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace ``path`` with ``data`` durably: temp file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=".state.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class ModelStore:
+    """The slots and state of every model in one store folder."""
+
+    def __init__(self, root: Path | None = None, trusted_keys=None, profile: str | None = None):
+        self.root = Path(root) if root else default_store()
+        self.trusted_keys = trusted_keys or None
+        self.profile = profile
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        folder = self.root / "models"
+        return sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file()) if folder.is_dir() else []
+
+    def state(self, name: str) -> dict:
+        path = self.root / "models" / name / "state.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {"active": None, "previous": None, "slots": {}}
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"store state {path} is unreadable ({exc}); reinstall the model") from None
+
+    def slot_dir(self, name: str, slot: str) -> Path:
+        return self.root / "models" / name / "slots" / slot
+
+    def resolve_name(self, name: str | None) -> str:
+        """The model to use: ``name``, or the only installed model."""
+        names = self.model_names()
+        if name:
+            if name not in names:
+                raise UsageError(f"no model {name!r} in the store {self.root}; installed: {', '.join(names) or 'none'}")
+            return name
+        if not names:
+            raise UsageError(f"the store {self.root} holds no model; run 'edgepack-agent install BUNDLE' or pass --bundle")
+        if len(names) > 1:
+            raise UsageError(f"the store holds several models ({', '.join(names)}); choose one with --model")
+        return names[0]
+
+    def load_active(self, name: str, threads: int | None = None) -> LoadedModel:
+        """Load the active slot of model ``name``."""
+        state = self.state(name)
+        if not state.get("active"):
+            raise StoreError(f"model {name!r} has no active slot")
+        folder = self.slot_dir(name, state["active"])
+        with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=False) as bundle:
+            model_file = bundle.manifest["model_file"]
+            entry = bundle.manifest["files"][model_file]
+            on_disk = folder / "files" / model_file
+            # The extracted copy is what gets loaded: check it has not rotted or been replaced.
+            if not on_disk.is_file() or hashlib.sha256(on_disk.read_bytes()).hexdigest() != entry["sha256"]:
+                raise StoreError(f"slot {state['active']} of {name!r} is corrupted; reinstall or roll back")
+            return load_model(folder / "files", bundle.manifest, threads)
+
+    # -- changing ----------------------------------------------------------------------------------
+
+    def install(self, bundle_path: Path, threads: int | None = None) -> dict:
+        """Verify, stage, load and smoke-test a bundle, then make it active; return the new state."""
+        with open_bundle(bundle_path, public_keys=self.trusted_keys, verify_files=True) as bundle:
+            manifest = bundle.manifest
+            if self.profile and manifest["profile"] != self.profile:
+                raise StoreError(
+                    f"bundle is built for profile {manifest['profile']!r} but this device is {self.profile!r}; "
+                    "convert the model for this profile"
+                )
+            name = manifest["name"]
+            state = self.state(name)
+            active = state.get("active")
+            slot = next(s for s in SLOTS if s != active)
+            folder = self.slot_dir(name, slot)
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                folder.mkdir(parents=True)
+                shutil.copyfile(bundle_path, folder / "bundle.edgepack")
+                bundle.extract_to(folder / "files")
+                model = load_model(folder / "files", manifest, threads)
+                try:
+                    smoke_test(model, bundle)
+                finally:
+                    model.close()
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            slots = dict(state.get("slots", {}))
+            slots[slot] = {"version": manifest["version"], "profile": manifest["profile"],
+                           "precision": manifest["precision"], "installed_at": int(time.time()),
+                           "manifest_sha256": hashlib.sha256(bundle.manifest_bytes).hexdigest()}
+            new_state = {"name": name, "active": slot, "previous": active, "slots": slots}
+            write_json_atomic(self.root / "models" / name / "state.json", new_state)
+            return new_state
+
+    def rollback(self, name: str) -> dict:
+        """Make the previous slot active again (it is verified first); return the new state."""
+        state = self.state(name)
+        previous = state.get("previous")
+        if not previous or previous not in state.get("slots", {}):
+            raise StoreError(f"model {name!r} has no previous version to roll back to")
+        folder = self.slot_dir(name, previous)
+        with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=True):
+            pass
+        new_state = {**state, "active": previous, "previous": state["active"]}
+        write_json_atomic(self.root / "models" / name / "state.json", new_state)
+        return new_state

@@ -1,0 +1,83 @@
+"""Op coverage: which ops of a graph the profile's runtime or execution provider cannot run.
+
+Checked before conversion, so a user learns it on the workstation rather than on the device: the
+opset against what the device's runtime version reads, the accelerator's unsupported ops (nodes that
+would fall back to the CPU, or fail), and, for ONNX Runtime, whether this host's CPU build has a
+kernel for every node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgepack.profiles import Profile
+
+
+@dataclass
+class CoverageReport:
+    """Findings for one graph on one profile: ``errors`` stop the ONNX path, ``warnings`` do not."""
+
+    profile: str
+    opset: int
+    ops: list[str]
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"opset": self.opset, "ops": self.ops, "errors": self.errors, "warnings": self.warnings}
+
+
+def graph_ops(path: Path) -> tuple[int, list[tuple[str, str]]]:
+    """The default-domain opset and the sorted (domain, op_type) pairs of a graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    ops = sorted({(node.domain or "ai.onnx", node.op_type) for node in model.graph.node})
+    return opset, ops
+
+
+def _matches(pattern: str, domain: str, op: str) -> bool:
+    if ":" in pattern:
+        want_domain, _, want_op = pattern.partition(":")
+        return want_domain == domain and want_op in ("*", op)
+    return pattern == op
+
+
+def check_coverage(path: Path, profile: Profile) -> CoverageReport:
+    """Check the graph at ``path`` against the profile's ONNX Runtime entry."""
+    opset, ops = graph_ops(path)
+    report = CoverageReport(profile.name, opset, [f"{d}:{o}" if d != "ai.onnx" else o for d, o in ops])
+    runtime = profile.runtime("onnxruntime")
+    if runtime is None:
+        report.errors.append(f"profile {profile.name} has no ONNX Runtime")
+        return report
+    if runtime.max_opset and opset > runtime.max_opset:
+        report.warnings.append(
+            f"graph uses opset {opset}; onnxruntime {runtime.min_version} on {profile.name} reads up to "
+            f"{runtime.max_opset}: the graph is converted down to {runtime.max_opset}"
+        )
+    accelerated = [p for p in runtime.execution_providers if p != "CPUExecutionProvider"]
+    for domain, op in ops:
+        blocked = [pattern for pattern in runtime.unsupported_ops if _matches(pattern, domain, op)]
+        if blocked and accelerated:
+            report.warnings.append(f"{domain}:{op} is not supported by {accelerated[0]}; those nodes fall back to the CPU")
+        elif blocked:
+            report.errors.append(f"{domain}:{op} is not supported by onnxruntime on {profile.name}")
+    report.errors.extend(_host_kernel_check(path))
+    return report
+
+
+def _host_kernel_check(path: Path) -> list[str]:
+    """Load the graph in this host's ONNX Runtime: a node without a CPU kernel fails here too."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"ONNX Runtime (CPU) cannot run the graph: {text[:300]}"]
+    return []

@@ -1,0 +1,158 @@
+"""The accuracy gate: compare a candidate with the original model, every output and every metric at once."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgepack.profiles import Budgets
+
+
+@dataclass
+class OutputMetrics:
+    """How one output of a candidate compares with the original."""
+
+    name: str
+    cosine: float | None = None
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    top1_agreement: float | None = None
+    exact_agreement: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class GateResult:
+    """Metrics of one candidate and the reasons it fails the budget (empty when it passes)."""
+
+    outputs: list[OutputMetrics]
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def agreement(self) -> float | None:
+        values = [m.top1_agreement for m in self.outputs if m.top1_agreement is not None]
+        values += [m.exact_agreement for m in self.outputs if m.exact_agreement is not None]
+        return min(values) if values else None
+
+    @property
+    def cosine(self) -> float | None:
+        values = [m.cosine for m in self.outputs if m.cosine is not None]
+        return min(values) if values else None
+
+    def to_dict(self) -> dict:
+        data = {"outputs": [m.to_dict() for m in self.outputs], "passed": self.passed, "failures": self.failures}
+        if self.agreement is not None:
+            data["agreement"] = self.agreement
+        if self.accuracy is not None:
+            data["accuracy"] = self.accuracy
+            data["reference_accuracy"] = self.reference_accuracy
+        return data
+
+
+def is_classifier_output(array: np.ndarray) -> bool:
+    """Float [N, C] with C > 1: scores or probabilities over classes."""
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+
+
+def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
+    """Cosine, errors and agreement of one output (the reference is reshaped when only its layout differs)."""
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    if reference.shape != candidate.shape and reference.size == candidate.size:
+        reference = reference.reshape(candidate.shape)
+    metrics = OutputMetrics(name)
+    if reference.shape != candidate.shape:
+        metrics.exact_agreement = 0.0
+        return metrics
+    if candidate.dtype.kind in "iub" or candidate.dtype.kind in "USO":
+        metrics.exact_agreement = float(np.mean(reference.astype(candidate.dtype) == candidate)) if reference.size else 1.0
+        return metrics
+    ref = reference.astype(np.float64).reshape(len(reference), -1) if reference.ndim else reference.astype(np.float64).reshape(1, -1)
+    cand = candidate.astype(np.float64).reshape(ref.shape)
+    finite = np.isfinite(cand).all()
+    diff = np.abs(ref - cand)
+    metrics.max_abs_error = float(diff.max()) if finite else float("inf")
+    metrics.mean_abs_error = float(diff.mean()) if finite else float("inf")
+    num = (ref * cand).sum(axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    # Samples whose reference and candidate are both all-zero agree perfectly.
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(np.abs(ref).sum(1) + np.abs(cand).sum(1) == 0, 1.0, 0.0))
+    metrics.cosine = float(np.mean(cos)) if finite else 0.0
+    if is_classifier_output(candidate):
+        metrics.top1_agreement = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))) if finite else 0.0
+    return metrics
+
+
+def evaluate(reference_outputs: list[np.ndarray], candidate_outputs: list[np.ndarray], output_names: list[str],
+             budgets: Budgets, min_agreement: float | None = None, labels: np.ndarray | None = None) -> GateResult:
+    """Compare every output; list every budget miss at once."""
+    min_agreement = budgets.min_agreement if min_agreement is None else min_agreement
+    metrics = [compare_output(name, ref, cand) for name, ref, cand in zip(output_names, reference_outputs, candidate_outputs)]
+    result = GateResult(metrics)
+    for m in metrics:
+        if m.max_abs_error is not None and not np.isfinite(m.max_abs_error):
+            result.failures.append(f"{m.name}: non-finite outputs (NaN/Inf)")
+        if m.cosine is not None and m.cosine < budgets.min_cosine:
+            result.failures.append(f"{m.name}: cosine {m.cosine:.4f} < {budgets.min_cosine}")
+        for label, value in (("top-1 agreement", m.top1_agreement), ("agreement", m.exact_agreement)):
+            if value is not None and value < min_agreement:
+                result.failures.append(f"{m.name}: {label} {value:.2%} < {min_agreement:.2%}")
+    if labels is not None:
+        scores = _prediction_output(candidate_outputs)
+        ref_scores = _prediction_output(reference_outputs)
+        if scores is not None and ref_scores is not None:
+            result.accuracy = float(np.mean(scores == labels.reshape(-1)))
+            result.reference_accuracy = float(np.mean(ref_scores == labels.reshape(-1)))
+            drop = result.reference_accuracy - result.accuracy
+            if drop > budgets.max_accuracy_drop:
+                result.failures.append(
+                    f"accuracy {result.accuracy:.2%} is {drop:.2%} below the original's {result.reference_accuracy:.2%}"
+                )
+    return result
+
+
+def _prediction_output(outputs: list[np.ndarray]) -> np.ndarray | None:
+    """Predicted class per sample: an integer label output, else the argmax of the first score output."""
+    for array in outputs:
+        if np.asarray(array).dtype.kind in "iu" and np.asarray(array).ndim <= 2:
+            return np.asarray(array).reshape(len(array), -1)[:, 0]
+    for array in outputs:
+        if is_classifier_output(np.asarray(array)):
+            return np.asarray(array).argmax(axis=1)
+    return None
+
+
+@dataclass
+class Latency:
+    """Latency of single-sample inference on this host."""
+
+    p50_ms: float
+    p95_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return {"p50_ms": round(self.p50_ms, 4), "p95_ms": round(self.p95_ms, 4), "runs": self.runs, "batch": 1}
+
+
+def measure_latency(run, feeds: dict[str, np.ndarray], min_runs: int = 20, budget_s: float = 0.6) -> Latency:
+    """Time ``run(feeds)`` after a warm-up: at least ``min_runs`` runs or ``budget_s`` seconds."""
+    for _ in range(3):
+        run(feeds)
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 2000):
+        start = time.perf_counter()
+        run(feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return Latency(statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.95))], len(times))

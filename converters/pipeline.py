@@ -1,0 +1,394 @@
+"""``edgepack convert``: export once, then per profile try its recipes in order through the gate.
+
+The first recipe (in the profile's order, or ``--recipe`` order) that meets the accuracy budget and
+is not slower than fp32 where the profile enforces it is shipped; every candidate tried is reported
+with its size, latency and metrics, and why it won or lost.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from agent.runtime import run_in_batches
+from agent.runtime.onnx_backend import OnnxBackend
+from edgepack import __version__
+from edgepack.bundle import BundleWriter, bundle_filename
+from edgepack.bundle.format import is_valid_name, is_valid_semver
+from edgepack.errors import ConversionError, EdgepackError, GateError, UsageError
+from edgepack.profiles import Profile, get_profile
+
+from . import gate as gate_module
+from .coverage import check_coverage
+from .data import Dataset, ImagePreprocessing, load_dataset, random_dataset
+from .recipes import recipe_class
+from .recipes.base import RecipeContext, RecipeFailed
+from .sources import SourceModel, load_source
+from .stats import dataset_stats
+
+log = logging.getLogger(__name__)
+SAMPLE_COUNT = 4
+
+
+@dataclass
+class ConvertOptions:
+    """Everything ``edgepack convert`` was asked to do."""
+
+    model: str
+    profiles: list[str]
+    out: Path
+    calibration: str | None = None
+    validation: str | None = None
+    input_shapes: dict = field(default_factory=dict)
+    name: str | None = None
+    version: str = "1.0.0"
+    min_agreement: float | None = None
+    recipes: list[str] | None = None
+    image: ImagePreprocessing | None = None
+    signing_key: Path | None = None
+    try_all: bool = False
+
+
+@dataclass
+class CandidateReport:
+    """One row of the report."""
+
+    recipe: str
+    status: str  # shipped | passed | rejected | failed | skipped | not tried
+    reasons: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    size_bytes: int | None = None
+    size_ratio: float | None = None
+    p50_ms: float | None = None
+    latency_ratio: float | None = None
+    metrics: dict | None = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])} | {"status": self.status}
+
+
+@dataclass
+class ProfileResult:
+    """The outcome for one profile."""
+
+    profile: str
+    bundle: Path | None = None
+    chosen: str | None = None
+    candidates: list[CandidateReport] = field(default_factory=list)
+    coverage: dict | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, "bundle": str(self.bundle) if self.bundle else None, "chosen": self.chosen,
+                "error": self.error, "notes": self.notes, "coverage": self.coverage,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _progress_noop(message: str) -> None:
+    log.info(message)
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out}: {exc.strerror}; choose a writable folder") from None
+    if not out.is_dir() or not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out} is not a writable folder; choose another")
+
+
+def _default_name(model: str) -> str:
+    stem = Path(model.partition(":")[2] if ":" in model and not Path(model).exists() else model).stem
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in stem).strip("-._") or "model"
+    return cleaned[:128]
+
+
+def convert(options: ConvertOptions, progress: Callable[[str], None] = _progress_noop) -> list[ProfileResult]:
+    """Run the whole conversion; return one result per profile (bundles written for the good ones)."""
+    profiles = [get_profile(name) for name in dict.fromkeys(options.profiles)]  # unknown profiles fail first
+    if not profiles:
+        raise UsageError("give at least one --profile (see 'edgepack profiles list')")
+    name = options.name or _default_name(options.model)
+    if not is_valid_name(name):
+        raise UsageError(f"--name {name!r} is not valid; use letters, digits, '.', '_' and '-'")
+    if not is_valid_semver(options.version):
+        raise UsageError(f"--version {options.version!r} is not a semantic version such as 1.0.0")
+    if options.recipes:
+        for recipe in options.recipes:
+            recipe_class(recipe)  # unknown recipe names fail before any work
+    _check_out(options.out)
+    with tempfile.TemporaryDirectory(prefix="edgepack-convert-") as temp:
+        workdir = Path(temp)
+        progress("loading and exporting the model")
+        source = load_source(options.model, workdir, options.input_shapes)
+        job = _Job(options, source, workdir, name, progress)
+        return [job.run_profile(profile) for profile in profiles]
+
+
+class _Job:
+    """State shared by the profiles of one conversion (data, reference outputs, candidate cache)."""
+
+    def __init__(self, options: ConvertOptions, source: SourceModel, workdir: Path, name: str, progress):
+        self.options, self.source, self.workdir, self.name, self.progress = options, source, workdir, name, progress
+        progress("loading calibration and validation data")
+        self.calibration = load_dataset(options.calibration, source.inputs, options.image) if options.calibration else None
+        self.validation = load_dataset(options.validation, source.inputs, options.image) if options.validation else self.calibration
+        self.notes = list(source.notes)
+        self.real_data = self.validation is not None
+        if self.validation is None:
+            self.validation = random_dataset(source.inputs)
+            self.notes.append("no --calibration/--validation data: int8 recipes skipped, float recipes checked on random inputs")
+        progress("running the original model on the validation data")
+        self.reference = self._run_reference(self.validation)
+        self.output_names = [spec.name for spec in source.outputs]
+        self.bases: dict[int | None, Path] = {}
+        self.candidates: dict[tuple, object] = {}
+        self.evaluations: dict[tuple, tuple] = {}
+
+    def _run_reference(self, data: Dataset) -> list[np.ndarray]:
+        count = len(data)
+        fixed = self.source.inputs[0].shape[0] if self.source.inputs and self.source.inputs[0].shape else None
+        step = fixed or 64
+        chunks = []
+        try:
+            for start in range(0, count, step):
+                chunks.append(self.source.reference({k: v[start : start + step] for k, v in data.inputs.items()}))
+        except Exception as exc:
+            raise ConversionError(f"the original model failed on the validation data: {type(exc).__name__}: {exc}") from None
+        return [np.concatenate([np.asarray(chunk[i]) for chunk in chunks]) for i in range(len(chunks[0]))]
+
+    # -- the fp32 base graph, per runtime opset ----------------------------------------------------
+
+    def base_for(self, profile: Profile) -> Path:
+        runtime = profile.runtime("onnxruntime")
+        max_opset = runtime.max_opset if runtime else None
+        if max_opset not in self.bases:
+            self.bases[max_opset] = _prepare_base(self.source.onnx_path, self.workdir / f"base-{max_opset}", max_opset)
+        return self.bases[max_opset]
+
+    def evaluate(self, path: Path, threads: int):
+        key = (str(path), threads)
+        if key not in self.evaluations:
+            backend = OnnxBackend(path, threads=threads)
+            outputs = run_in_batches(backend, self.validation.inputs)
+            result = gate_module.evaluate(
+                self.reference, outputs, self.output_names, self.budgets, self.options.min_agreement, self.validation.labels
+            )
+            one = {k: v[:1] for k, v in self.validation.inputs.items()}
+            latency = gate_module.measure_latency(backend.run, one)
+            backend.close()
+            self.evaluations[key] = (result, latency)
+        return self.evaluations[key]
+
+    # -- one profile -------------------------------------------------------------------------------
+
+    def run_profile(self, profile: Profile) -> ProfileResult:
+        result = ProfileResult(profile.name, notes=list(self.notes))
+        self.budgets = profile.budgets
+        threads = max(1, min(profile.threads, os.cpu_count() or 1))
+        try:
+            base = self.base_for(profile)
+            coverage = check_coverage(base, profile)
+            result.coverage = coverage.to_dict()
+            if coverage.errors:
+                raise ConversionError(f"{profile.name}: unsupported ops: " + "; ".join(coverage.errors))
+            self.progress(f"{profile.name}: timing fp32")
+            fp32_gate, fp32_latency = self.evaluate(base, threads)
+            fp32_size = base.stat().st_size
+            ctx = RecipeContext(self.workdir, base, self.calibration or self.validation, self.real_data,
+                                lambda path: self.evaluate(path, threads))
+            chosen = None
+            specs = [(name, {}) for name in self.options.recipes] if self.options.recipes else [(r.name, r.options) for r in profile.recipes]
+            for recipe_name, recipe_options in specs:
+                if chosen is not None and not self.options.try_all:
+                    result.candidates.append(CandidateReport(recipe_name, "not tried", ["an earlier recipe was shipped"]))
+                    continue
+                row, candidate = self._try_recipe(profile, recipe_name, recipe_options, ctx, fp32_latency, fp32_size, threads)
+                result.candidates.append(row)
+                if row.status == "passed" and chosen is None:
+                    chosen = (row, candidate)
+            if chosen is None:
+                if not profile.fallback_to_fp32 or not fp32_gate.passed:
+                    raise GateError(
+                        f"{profile.name}: no recipe met the budget (min agreement {self.options.min_agreement or profile.budgets.min_agreement:.2%}) "
+                        "and the profile does not allow an fp32 fallback; see the report"
+                    )
+                row = self._row("onnx-fp32", {}, base, fp32_gate, fp32_latency, fp32_latency, fp32_size, {})
+                row.reasons = ["fallback: no recipe in the profile's list met the budget"]
+                candidate = recipe_class("onnx-fp32")().run(ctx)
+                result.candidates.append(row)
+                chosen = (row, candidate)
+            row, candidate = chosen
+            row.status = "shipped"
+            result.chosen = row.recipe
+            self.progress(f"{profile.name}: writing the bundle ({row.recipe})")
+            result.bundle = self._write_bundle(profile, row, candidate, fp32_latency, threads, coverage)
+        except EdgepackError as exc:
+            if isinstance(exc, UsageError):
+                raise
+            result.error = str(exc)
+        return result
+
+    def _try_recipe(self, profile, recipe_name, recipe_options, ctx, fp32_latency, fp32_size, threads):
+        cls = recipe_class(recipe_name)
+        if cls is None:
+            return CandidateReport(recipe_name, "skipped", ["the TFLite target is not available in this release"]), None
+        recipe = cls(recipe_options)
+        if recipe.precision.startswith("int8") and not self.real_data:
+            return CandidateReport(recipe_name, "skipped", ["needs calibration data (--calibration)"], recipe.config_dict()), None
+        self.progress(f"{profile.name}: trying {recipe_name}")
+        key = (recipe_name, repr(sorted(recipe.config_dict().items())), str(ctx.base_model))
+        try:
+            if key not in self.candidates:
+                self.candidates[key] = recipe.run(ctx)
+            candidate = self.candidates[key]
+        except RecipeFailed as exc:
+            return CandidateReport(recipe_name, "failed", [str(exc)], recipe.config_dict()), None
+        gate, latency = (candidate.gate, candidate.latency) if candidate.gate is not None else self.evaluate(candidate.path, threads)
+        row = self._row(recipe_name, candidate.config, candidate.path, gate, latency, fp32_latency, fp32_size, candidate.details)
+        reasons = list(gate.failures)
+        limit = profile.budgets.max_latency_vs_fp32
+        if recipe.precision != "fp32" and row.latency_ratio is not None and row.latency_ratio > 1.0:
+            message = f"slower than fp32 on this host ({row.latency_ratio:.2f}x)"
+            if limit is not None and row.latency_ratio > limit:
+                reasons.append(message)
+            else:
+                row.details["note"] = message + "; not enforced: host timing does not transfer to this device"
+        row.status = "passed" if not reasons else "rejected"
+        row.reasons = reasons or ["met the budget"]
+        return row, candidate
+
+    def _row(self, recipe_name, config, path, gate, latency, fp32_latency, fp32_size, details) -> CandidateReport:
+        size = path.stat().st_size
+        return CandidateReport(
+            recipe_name, "passed", [], config, size, size / fp32_size if fp32_size else None, latency.p50_ms,
+            latency.p50_ms / fp32_latency.p50_ms if fp32_latency.p50_ms else None, gate.to_dict(), dict(details),
+        )
+
+    # -- the bundle --------------------------------------------------------------------------------
+
+    def _write_bundle(self, profile: Profile, row: CandidateReport, candidate, fp32_latency, threads, coverage) -> Path:
+        writer = BundleWriter()
+        model_file = writer.add_file("model/model.onnx", candidate.path)
+        backend = OnnxBackend(candidate.path, threads=threads)
+        sample_inputs = {k: v[:SAMPLE_COUNT] for k, v in self.validation.inputs.items()}
+        sample_outputs = run_in_batches(backend, sample_inputs)
+        samples = {"count": len(next(iter(sample_inputs.values()))), "inputs": {}, "outputs": {}, "tolerance": {}}
+        for index, (spec, array) in enumerate(zip(backend.inputs, sample_inputs.values())):
+            samples["inputs"][spec.name] = writer.add_array(f"samples/input_{index}.npy", array)
+        for index, (spec, array) in enumerate(zip(backend.outputs, sample_outputs)):
+            samples["outputs"][spec.name] = writer.add_array(f"samples/output_{index}.npy", _storable(array))
+            samples["tolerance"][spec.name] = _tolerance(array)
+        stats_data = self.calibration or self.validation
+        writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(stats_data.inputs, stats_data.source)))
+        runtime = profile.runtime("onnxruntime")
+        import onnxruntime
+
+        manifest = {
+            "name": self.name,
+            "version": self.options.version,
+            "profile": profile.name,
+            "created": _created(),
+            "runtime": {"name": "onnxruntime", "min_version": runtime.min_version,
+                        "execution_providers": runtime.execution_providers, "threads": profile.threads},
+            "format": "onnx",
+            "precision": candidate.precision,
+            "model_file": model_file,
+            "inputs": [spec.to_dict() for spec in backend.inputs],
+            "outputs": [spec.to_dict() for spec in backend.outputs],
+            "preprocessing": self.validation.preprocessing or None,
+            "recipe": {"name": row.recipe, "config": row.config, "details": row.details, "reason": row.reasons},
+            "metrics": {**(row.metrics or {}), "validation": {"source": Path(self.validation.source).name if self.real_data else "random",
+                                                              "samples": len(self.validation), "labels": self.validation.labels is not None}},
+            "host_latency": {"p50_ms": row.p50_ms, "fp32_p50_ms": fp32_latency.p50_ms, "ratio_vs_fp32": row.latency_ratio,
+                             "threads": threads, "machine": platform.machine(), "batch": 1},
+            "size": {"bytes": row.size_bytes, "ratio_vs_fp32": row.size_ratio},
+            "samples": samples,
+            "reference_stats": "stats/reference.json",
+            "coverage": {"opset": coverage.opset, "warnings": coverage.warnings},
+            "source": {"kind": self.source.kind, "name": Path(self.source.spec).name, "sha256": self.source.sha256},
+            "tools": {"edgepack": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, **self.source.tools},
+            "notes": self.notes,
+        }
+        backend.close()
+        target = self.options.out / bundle_filename(self.name, self.options.version, profile.name)
+        writer.write(target, manifest)
+        if self.options.signing_key:
+            from edgepack.bundle.sign import sign_bundle
+
+            sign_bundle(target, self.options.signing_key)
+        return target
+
+
+def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
+    """The fp32 graph every recipe starts from: opset converted down if needed, then pre-processed."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(source))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    converted = folder / "converted.onnx"
+    if max_opset and opset > max_opset:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, max_opset)
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise ConversionError(
+                f"the graph uses opset {opset} and cannot be converted down to opset {max_opset} for this profile's "
+                f"runtime ({str(exc).splitlines()[0][:160]})"
+            ) from None
+    onnx.save(model, str(converted))
+    target = folder / "fp32.onnx"
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        # Shape inference and ORT's portable graph optimizations: what quantization expects as input.
+        quant_pre_process(str(converted), str(target), skip_symbolic_shape=False)
+    except Exception as exc:
+        log.info("pre-processing skipped (%s); using the exported graph as is", exc)
+        shutil.copyfile(converted, target)
+    return target
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    return array.astype(str) if array.dtype.kind == "O" else array
+
+
+def _tolerance(array: np.ndarray) -> dict:
+    """How close a device's output must be to the expected sample output (the smoke test).
+
+    Another CPU, runtime build or kernel choice rounds int8 and float differently, so the bound is
+    relative to the output's range rather than bit-exact.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind != "f" or array.size == 0:
+        return {"exact": True}
+    spread = float(np.nanmax(array) - np.nanmin(array)) if np.isfinite(array).any() else 0.0
+    return {"atol": max(1e-4, 0.05 * spread), "rtol": 1e-3}
+
+
+def _json_bytes(data) -> bytes:
+    import json
+
+    return json.dumps(data, sort_keys=True, indent=1).encode()
+
+
+def _created() -> str:
+    """Creation time; SOURCE_DATE_EPOCH (the reproducible-builds convention) makes it fixed."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else datetime.datetime.now(datetime.timezone.utc)
+    return moment.replace(microsecond=0).isoformat()

@@ -1,0 +1,74 @@
+"""What every recipe shares: its config, the candidate it yields, and the context it runs in."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from edgepack.errors import UsageError
+
+
+class RecipeFailed(Exception):
+    """A recipe could not build a candidate; the message says why (shown in the report)."""
+
+
+@dataclass
+class Candidate:
+    """A model file a recipe built, with what it is and how it was made."""
+
+    recipe: str
+    path: Path
+    format: str
+    precision: str
+    config: dict
+    details: dict = field(default_factory=dict)
+    #: set by a recipe that already ran the gate on its result (the mixed recipe)
+    gate: Any = None
+    latency: Any = None
+
+
+@dataclass
+class RecipeContext:
+    """What a recipe may use: the fp32 base graph, calibration data, and the gate for search."""
+
+    workdir: Path
+    base_model: Path
+    calibration: Any  # converters.data.Dataset, or None when no data was given
+    calibration_is_real: bool
+    evaluate: Callable[[Path], Any]  # runs the accuracy gate (and timing) on a model file
+    cache: dict = field(default_factory=dict)
+
+    def calibration_batches(self, limit: int = 256, batch: int = 1):
+        """Calibration feeds, ``batch`` samples at a time, at most ``limit`` samples."""
+        data = self.calibration.take(limit)
+        count = len(data)
+        for start in range(0, count, batch):
+            yield {name: np.ascontiguousarray(array[start : start + batch]) for name, array in data.inputs.items()}
+
+
+class Recipe:
+    """Base class: subclasses set ``name``, ``Config`` (a dataclass) and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    precision: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, options: dict | None = None):
+        fields = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(options or {}) - fields)
+        if unknown:
+            raise UsageError(f"recipe {self.name}: unknown options {unknown}; it takes {sorted(fields) or 'none'}")
+        self.config = self.Config(**(options or {}))
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        raise NotImplementedError

@@ -1,0 +1,52 @@
+"""Float recipes: the optimized fp32 graph and fp16 weights/activations (float I/O kept)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+
+
+class Fp32Recipe(Recipe):
+    """The fp32 graph after ONNX Runtime's portable (basic) optimizations and shape inference."""
+
+    name = "onnx-fp32"
+    precision = "fp32"
+
+    @dataclass
+    class Config:
+        pass
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        target = ctx.workdir / "onnx-fp32.onnx"
+        shutil.copyfile(ctx.base_model, target)
+        return Candidate(self.name, target, "onnx", self.precision, self.config_dict())
+
+
+class Fp16Recipe(Recipe):
+    """fp16 weights and activations, fp32 inputs/outputs (for GPUs with fast fp16, e.g. Jetson)."""
+
+    name = "onnx-fp16"
+    precision = "fp16"
+
+    @dataclass
+    class Config:
+        keep_io_types: bool = True
+        op_block_list: list | None = None
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        target = ctx.workdir / "onnx-fp16.onnx"
+        model = onnx.load(str(ctx.base_model))
+        try:
+            converted = convert_float_to_float16(
+                model, keep_io_types=self.config.keep_io_types, op_block_list=self.config.op_block_list,
+                disable_shape_infer=False,
+            )
+        except Exception as exc:
+            raise RecipeFailed(f"fp16 conversion failed: {str(exc).splitlines()[0][:200]}") from None
+        onnx.save(converted, str(target))
+        return Candidate(self.name, target, "onnx", self.precision, self.config_dict())

@@ -1,0 +1,136 @@
+"""int8 recipes with ONNX Runtime's quantization tooling: dynamic, and static QDQ with calibration."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+
+
+def count_quantized(path: Path) -> int:
+    """How many QuantizeLinear/DynamicQuantizeLinear/integer ops a graph has (0: nothing was quantized)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    integer_ops = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"}
+    return sum(node.op_type in integer_ops for node in model.graph.node)
+
+
+class _Reader:
+    """ORT's CalibrationDataReader over the context's calibration samples."""
+
+    def __init__(self, ctx: RecipeContext, limit: int, batch: int):
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self._batches = iter(list(ctx.calibration_batches(limit, batch)))
+
+            def get_next(self):
+                return next(self._batches, None)
+
+            def rewind(self):
+                self._batches = iter(list(ctx.calibration_batches(limit, batch)))
+
+        self.reader = Reader()
+
+
+def _calibration_batch(ctx: RecipeContext) -> int:
+    import onnx
+
+    model = onnx.load(str(ctx.base_model), load_external_data=False)
+    first = model.graph.input[0].type.tensor_type.shape.dim
+    # A fixed batch dimension takes exactly that many samples; a dynamic one takes small batches.
+    return first[0].dim_value if first and first[0].HasField("dim_value") else 16
+
+
+def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclude: list[str] | None = None) -> None:
+    """Static QDQ quantization of the context's base model into ``target``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if ctx.calibration is None or not ctx.calibration_is_real:
+        raise RecipeFailed("static int8 needs calibration data: pass --calibration (or --validation) data")
+    method = config.calibrate_method.lower()
+    if method not in CALIBRATION_METHODS:
+        raise RecipeFailed(f"unknown calibrate_method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    logging.getLogger("root").setLevel(logging.ERROR)  # ORT's quantizer logs per node at INFO/WARNING
+    try:
+        quantize_static(
+            str(ctx.base_model), str(target), _Reader(ctx, config.calibration_samples, _calibration_batch(ctx)).reader,
+            quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+            activation_type=types[config.activation_type], weight_type=types[config.weight_type],
+            calibrate_method=methods[method], nodes_to_exclude=nodes_to_exclude or [],
+            extra_options={"ActivationSymmetric": config.activation_symmetric,
+                           "WeightSymmetric": config.weight_symmetric,
+                           "CalibPercentile": config.percentile},
+        )
+    except RecipeFailed:
+        raise
+    except Exception as exc:
+        raise RecipeFailed(f"static quantization failed: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+@dataclass
+class StaticConfig:
+    per_channel: bool = True
+    calibrate_method: str = "minmax"
+    activation_type: str = "int8"
+    weight_type: str = "int8"
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    percentile: float = 99.999
+    calibration_samples: int = 256
+
+
+class StaticInt8Recipe(Recipe):
+    """Static int8 in QDQ format, calibrated on the calibration data (per-channel weights by default)."""
+
+    name = "onnx-int8-static"
+    precision = "int8"
+    Config = StaticConfig
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        target = ctx.workdir / f"{self.name}-{hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]}.onnx"
+        quantize_static_qdq(ctx, target, self.config)
+        if count_quantized(target) == 0:
+            raise RecipeFailed("nothing to quantize: the graph has no Conv/MatMul/Gemm the quantizer handles")
+        return Candidate(self.name, target, "onnx", self.precision, self.config_dict())
+
+
+class DynamicInt8Recipe(Recipe):
+    """Dynamic int8: int8 weights, activations quantized at run time (for linear/attention-heavy models)."""
+
+    name = "onnx-int8-dynamic"
+    precision = "int8-dynamic"
+
+    @dataclass
+    class Config:
+        per_channel: bool = False
+        weight_type: str = "int8"
+        # Conv is left out: ONNX Runtime's CPU ConvInteger has no int8-weight kernel.
+        op_types: tuple = ("MatMul", "Attention", "LSTM", "GRU", "Gather")
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        target = ctx.workdir / f"{self.name}.onnx"
+        logging.getLogger("root").setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(
+                str(ctx.base_model), str(target), per_channel=self.config.per_channel,
+                weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[self.config.weight_type],
+                op_types_to_quantize=list(self.config.op_types),
+            )
+        except Exception as exc:
+            raise RecipeFailed(f"dynamic quantization failed: {str(exc).strip().splitlines()[0][:200]}") from None
+        if count_quantized(target) == 0:
+            raise RecipeFailed(f"nothing to quantize: no {'/'.join(self.config.op_types)} ops in the graph")
+        return Candidate(self.name, target, "onnx", self.precision, self.config_dict())

@@ -1,0 +1,119 @@
+"""Per-layer quantization sensitivity, measured rather than guessed.
+
+Both the fp32 graph and the fully quantized QDQ graph are run on calibration samples with every
+intermediate tensor exposed. For each quantizable node, the signal-to-quantization-noise ratio (SQNR,
+in dB) of its output against the fp32 graph is compared with the SQNR of its inputs: the drop is the
+error that node itself adds (its weight quantization and the quantization of its inputs). Nodes are
+ranked by that drop, so a layer fed by a huge-range activation, or a depthwise convolution with
+badly spread per-channel ranges, comes first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+QUANTIZABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
+               "GlobalAveragePool", "MaxPool", "Relu", "Clip", "Sigmoid", "HardSigmoid", "Resize", "Softmax"}
+
+
+@dataclass
+class NodeSensitivity:
+    """The error one node adds when quantized."""
+
+    node: str
+    op_type: str
+    sqnr_in_db: float
+    sqnr_out_db: float
+
+    @property
+    def added_db(self) -> float:
+        return self.sqnr_in_db - self.sqnr_out_db
+
+
+def sqnr_db(reference: np.ndarray, observed: np.ndarray) -> float:
+    """10*log10(signal power / noise power); +inf when identical."""
+    reference = reference.astype(np.float64).ravel()
+    noise = float(np.sum((reference - observed.astype(np.float64).ravel()) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0:
+        return math.inf
+    if signal == 0 or not math.isfinite(noise):
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def _expose_all(path: Path, target: Path) -> list[str]:
+    """Save a copy of the graph that also outputs every node output; return those tensor names."""
+    import onnx
+
+    model = onnx.load(str(path))
+    existing = {output.name for output in model.graph.output}
+    names = []
+    for node in model.graph.node:
+        for output in node.output:
+            if output and output not in existing:
+                model.graph.output.append(onnx.ValueInfoProto(name=output))
+                existing.add(output)
+                names.append(output)
+    onnx.save(model, str(target))
+    return names
+
+
+def _collect(path: Path, batches: list[dict]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # No fusion: the tensor names of the graph must survive so both graphs can be matched.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    collected: dict[str, list] = {name: [] for name in names}
+    for feeds in batches:
+        for name, value in zip(names, session.run(names, feeds)):
+            collected[name].append(np.asarray(value))
+    return {name: np.concatenate([v.reshape(1, -1) if v.ndim == 0 else v for v in values]) for name, values in collected.items()
+            if values and all(v.dtype.kind == "f" for v in values)}
+
+
+def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir: Path) -> list[NodeSensitivity]:
+    """Quantizable nodes of ``float_model`` ranked by the error each adds in ``qdq_model`` (worst first)."""
+    import onnx
+
+    float_exposed, qdq_exposed = workdir / "sens-float.onnx", workdir / "sens-qdq.onnx"
+    _expose_all(float_model, float_exposed)
+    _expose_all(qdq_model, qdq_exposed)
+    reference = _collect(float_exposed, batches)
+    quantized = _collect(qdq_exposed, batches)
+    graph = onnx.load(str(float_model), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    graph_inputs = {value.name for value in graph.input}
+
+    def tensor_sqnr(name: str) -> float:
+        if name in graph_inputs:
+            return math.inf
+        # In the QDQ graph a quantized tensor T is consumed as T_DequantizeLinear_Output.
+        for candidate in (f"{name}_DequantizeLinear_Output", name):
+            if name in reference and candidate in quantized and quantized[candidate].shape == reference[name].shape:
+                return sqnr_db(reference[name], quantized[candidate])
+        return math.inf
+
+    ranked = []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in QUANTIZABLE or not node.output or node.output[0] not in reference:
+            continue
+        node_name = node.name or f"{node.op_type}_{index}"
+        activations = [name for name in node.input if name and name not in initializers]
+        sqnr_in = min((tensor_sqnr(name) for name in activations), default=math.inf)
+        sqnr_out = tensor_sqnr(node.output[0])
+        if node.output[0] in quantized and node.output[0] in reference:
+            sqnr_out = min(sqnr_out, sqnr_db(reference[node.output[0]], quantized[node.output[0]]))
+        if not math.isfinite(sqnr_in):
+            sqnr_in = 100.0  # an exact input: the node's own error is all the error (capped for ranking)
+        ranked.append(NodeSensitivity(node_name, node.op_type, sqnr_in, sqnr_out if math.isfinite(sqnr_out) or sqnr_out < 0 else 100.0))
+    ranked.sort(key=lambda item: item.added_db, reverse=True)
+    return ranked

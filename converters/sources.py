@@ -1,0 +1,357 @@
+"""Loading a MODEL argument and exporting it to a float ONNX graph with a reference to compare against.
+
+Every source kind yields a ``SourceModel``: the exported fp32 ONNX file, the input/output specs, and a
+``reference`` callable that runs the *original* model (PyTorch, scikit-learn, or the original ONNX
+graph) so that the accuracy gate compares every candidate with what the user trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgepack.errors import ConversionError, InputFileError, UsageError
+from edgepack.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+#: The opset torch exports to; profiles with an older runtime get a down-converted graph.
+EXPORT_OPSET = 18
+
+
+@dataclass
+class SourceModel:
+    """An original model, exported to fp32 ONNX, with a way to run the original."""
+
+    kind: str
+    spec: str
+    sha256: str
+    onnx_path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    reference: Reference
+    notes: list[str] = field(default_factory=list)
+    tools: dict = field(default_factory=dict)
+
+
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """``NAME=1,3,224,224`` options to a dict; a clear error for anything else."""
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(",")) if sep and name else None
+        except ValueError:
+            shape = None
+        if not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {value!r} is malformed; use NAME=D1,D2,... e.g. input=1,3,224,224")
+        shapes[name.strip()] = shape
+    return shapes
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def detect_kind(model: str) -> str:
+    """The source kind of a MODEL argument (DESIGN.md section 3)."""
+    path = Path(model)
+    suffix = path.suffix.lower()
+    kinds = {".onnx": "onnx", ".pt2": "torch-export", ".pt": "torchscript", ".pth": "torchscript",
+             ".pkl": "sklearn", ".joblib": "sklearn", ".tflite": "tflite"}
+    if suffix in kinds:
+        if not path.is_file():
+            raise InputFileError(f"model file {model} does not exist; check the path")
+        return kinds[suffix]
+    if ":" in model and not path.exists():
+        return "torch-factory"
+    if path.exists():
+        raise InputFileError(
+            f"unknown model format {suffix or '(no extension)'!r} for {model}; use .onnx, .pt2, .pt, .pkl, "
+            ".joblib, .tflite or package.module:factory"
+        )
+    raise InputFileError(f"model file {model} does not exist; check the path (or use package.module:factory)")
+
+
+def load_source(model: str, workdir: Path, input_shapes: dict[str, tuple[int, ...]]) -> SourceModel:
+    """Load MODEL and export it to ``workdir/source.onnx``."""
+    kind = detect_kind(model)
+    loader = {
+        "onnx": _load_onnx,
+        "torch-export": _load_torch_export,
+        "torchscript": _load_torchscript,
+        "torch-factory": _load_torch_factory,
+        "sklearn": _load_sklearn,
+    }.get(kind)
+    if loader is None:
+        raise UsageError(f"{kind} models cannot be converted to ONNX targets by this version of edgepack")
+    return loader(model, workdir, input_shapes)
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+
+def _ort_reference(path: Path) -> Reference:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)
+
+
+def _specs_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+
+    def spec(value) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "float32"
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        return TensorSpec(value.name, dtype, dims)
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
+    return inputs, [spec(v) for v in model.graph.output]
+
+
+def _load_onnx(model: str, workdir: Path, input_shapes) -> SourceModel:
+    import onnx
+
+    path = Path(model)
+    target = workdir / "source.onnx"
+    try:
+        loaded = onnx.load(str(path))
+        onnx.checker.check_model(loaded)
+    except Exception as exc:
+        raise InputFileError(f"{path.name} is not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    onnx.save(loaded, str(target))
+    inputs, outputs = _specs_from_onnx(target)
+    inputs = _apply_shape_overrides(inputs, input_shapes)
+    return SourceModel("onnx", str(path), file_sha256(path), target, inputs, outputs, _ort_reference(path),
+                       tools={"onnx": onnx.__version__})
+
+
+def _apply_shape_overrides(inputs: list[TensorSpec], shapes: dict) -> list[TensorSpec]:
+    names = {spec.name for spec in inputs}
+    unknown = [name for name in shapes if name not in names]
+    if unknown:
+        raise UsageError(f"--input-shape names {unknown} but the model's inputs are {sorted(names)}")
+    result = []
+    for spec in inputs:
+        if spec.name in shapes:
+            shape = shapes[spec.name]
+            if len(shape) != len(spec.shape) or any(w is not None and w != g for w, g in zip(spec.shape, shape)):
+                raise UsageError(f"--input-shape {spec.name}={','.join(map(str, shape))} does not fit the model's {spec.describe()}")
+        result.append(spec)
+    return result
+
+
+# --- PyTorch ----------------------------------------------------------------------------------------
+
+def _torch_reference(module) -> Reference:
+    import torch
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            result = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values()])
+        return [t.detach().numpy() for t in _flatten_outputs(result)]
+
+    return run
+
+
+def _flatten_outputs(result) -> list:
+    if isinstance(result, (list, tuple)):
+        return [t for item in result for t in _flatten_outputs(item)]
+    if isinstance(result, dict):
+        return [t for key in result for t in _flatten_outputs(result[key])]
+    return [result]
+
+
+def _example_inputs(input_shapes: dict, default_names: list[str] | None = None):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randn(*shape, generator=generator) for name, shape in input_shapes.items()}
+
+
+def _export_torch(module_or_program, examples: dict, workdir: Path, notes: list[str]) -> Path:
+    """Export with the dynamo exporter (dynamic batch), falling back to a fixed batch if that fails."""
+    import torch
+
+    target = workdir / "source.onnx"
+    names = list(examples)
+    args = tuple(examples.values())
+    attempts = [
+        {"dynamic_shapes": tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in names)},
+        {},
+    ]
+    errors = []
+    for extra in attempts:
+        try:
+            program = torch.onnx.export(
+                module_or_program, args, dynamo=True, input_names=names, opset_version=EXPORT_OPSET,
+                verbose=False, **extra,
+            )
+            program.save(str(target))
+            if not extra:
+                notes.append("batch dimension fixed: the model did not export with a dynamic batch")
+            return target
+        except Exception as exc:  # the exporter raises many types; the first line says what failed
+            errors.append(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+    raise ConversionError(f"torch.onnx.export failed: {errors[-1]}")
+
+
+def _quiet_torch():
+    # The dynamo exporter prints progress lines and warnings on stdout; the CLI has its own progress.
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
+    import torch
+
+    _quiet_torch()
+    path = Path(model)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise InputFileError(f"{path.name} is not a torch.export program ({str(exc).splitlines()[0][:200]})") from None
+    signature_names = [spec.arg.name for spec in program.graph_signature.input_specs
+                       if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    examples = getattr(program, "example_inputs", None)
+    if input_shapes:
+        if len(input_shapes) != len(signature_names):
+            raise UsageError(f"the program takes {len(signature_names)} inputs; give one --input-shape per input")
+        feeds = _example_inputs(input_shapes)
+    elif examples and examples[0]:
+        feeds = {name: t for name, t in zip(signature_names, examples[0])}
+    else:
+        raise UsageError(f"{path.name} carries no example inputs; give --input-shape NAME=D1,D2,...")
+    notes: list[str] = []
+    onnx_path = _export_torch(program, feeds, workdir, notes)
+    inputs, outputs = _specs_from_onnx(onnx_path)
+    return SourceModel("torch-export", str(path), file_sha256(path), onnx_path, inputs, outputs,
+                       _torch_reference(program.module()), notes, {"torch": torch.__version__})
+
+
+def _load_torchscript(model: str, workdir: Path, input_shapes) -> SourceModel:
+    import torch
+
+    path = Path(model)
+    if not input_shapes:
+        raise UsageError(f"a TorchScript model needs its input shapes: add --input-shape NAME=D1,D2,...")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise InputFileError(
+            f"{path.name} is not a TorchScript model ({str(exc).splitlines()[0][:160]}); "
+            "save with torch.jit.save, or export with torch.export and pass a .pt2"
+        ) from None
+    feeds = _example_inputs(input_shapes)
+    target = workdir / "source.onnx"
+    names = list(feeds)
+    try:
+        # TorchScript modules cannot go through torch.export, so the TorchScript exporter is used.
+        torch.onnx.export(module, tuple(feeds.values()), str(target), dynamo=False, input_names=names,
+                          opset_version=17, dynamic_axes={n: {0: "batch"} for n in names})
+    except Exception as exc:
+        raise ConversionError(f"torch.onnx.export of the TorchScript model failed: {str(exc).splitlines()[0][:300]}") from None
+    inputs, outputs = _specs_from_onnx(target)
+    return SourceModel("torchscript", str(path), file_sha256(path), target, inputs, outputs,
+                       _torch_reference(module), [], {"torch": torch.__version__})
+
+
+def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
+    import torch
+
+    _quiet_torch()
+    module_name, _, attribute = model.partition(":")
+    if not input_shapes:
+        raise UsageError("a module:factory model needs its input shapes: add --input-shape NAME=D1,D2,...")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise InputFileError(f"cannot import {model}: {exc}; check the module path and the factory name") from None
+    try:
+        module = factory()
+    except Exception as exc:
+        raise ConversionError(f"{model}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise InputFileError(f"{model}() returned {type(module).__name__}, not a torch.nn.Module")
+    module = module.eval()
+    feeds = _example_inputs(input_shapes)
+    notes: list[str] = []
+    onnx_path = _export_torch(module, feeds, workdir, notes)
+    inputs, outputs = _specs_from_onnx(onnx_path)
+    source_file = Path(importlib.import_module(module_name).__file__ or "")
+    digest = hashlib.sha256(model.encode())
+    if source_file.is_file():
+        digest.update(source_file.read_bytes())
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return SourceModel("torch-factory", model, digest.hexdigest(), onnx_path, inputs, outputs,
+                       _torch_reference(module), notes, {"torch": torch.__version__})
+
+
+# --- scikit-learn -----------------------------------------------------------------------------------
+
+def _load_sklearn(model: str, workdir: Path, input_shapes) -> SourceModel:
+    import joblib
+    import onnx
+    import skl2onnx
+    import sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    path = Path(model)
+    try:
+        # Unpickling runs code: it happens here, on the host, on the user's own file; never on a device.
+        estimator = joblib.load(path)
+    except Exception as exc:
+        raise InputFileError(f"{path.name} could not be unpickled as a scikit-learn model ({type(exc).__name__}: {exc})") from None
+    if not hasattr(estimator, "predict") and not hasattr(estimator, "transform"):
+        raise InputFileError(f"{path.name} holds a {type(estimator).__name__}, not a scikit-learn estimator")
+    features = getattr(estimator, "n_features_in_", None)
+    if input_shapes:
+        features = list(input_shapes.values())[0][-1]
+    if not features:
+        raise UsageError(f"cannot tell how many features {path.name} takes; add --input-shape input=1,N")
+    classifier = hasattr(estimator, "predict_proba")
+    options = {id(estimator): {"zipmap": False}} if classifier else None
+    try:
+        proto = skl2onnx.convert_sklearn(
+            estimator, initial_types=[("input", FloatTensorType([None, int(features)]))],
+            options=options, target_opset={"": 17, "ai.onnx.ml": 3},
+        )
+    except Exception as exc:
+        raise ConversionError(f"skl2onnx cannot convert {type(estimator).__name__}: {str(exc).splitlines()[0][:300]}") from None
+    target = workdir / "source.onnx"
+    onnx.save(proto, str(target))
+    inputs, outputs = _specs_from_onnx(target)
+
+    def reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        features_in = next(iter(feeds.values()))
+        if classifier:
+            return [np.asarray(estimator.predict(features_in)), np.asarray(estimator.predict_proba(features_in))]
+        if hasattr(estimator, "predict"):
+            return [np.asarray(estimator.predict(features_in))]
+        return [np.asarray(estimator.transform(features_in))]
+
+    return SourceModel("sklearn", str(path), file_sha256(path), target, inputs, outputs, reference, [],
+                       {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__})
