@@ -22,16 +22,31 @@ QUANTIZABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat"
 
 @dataclass
 class NodeSensitivity:
-    """The error one node adds when quantized."""
+    """The error one node (with any node the quantizer fused into it) adds when quantized."""
 
     node: str
     op_type: str
     sqnr_in_db: float
     sqnr_out_db: float
+    group: list[str]
+
+    @property
+    def added_noise(self) -> float:
+        """Noise power the node adds, relative to the signal: 10^(-out/10) - 10^(-in/10)."""
+        return max(0.0, _noise(self.sqnr_out_db) - _noise(self.sqnr_in_db))
 
     @property
     def added_db(self) -> float:
-        return self.sqnr_in_db - self.sqnr_out_db
+        """The added noise as an SQNR in dB (lower is worse; +inf when nothing is added)."""
+        return math.inf if self.added_noise <= 0 else -10 * math.log10(self.added_noise)
+
+
+def _noise(sqnr: float) -> float:
+    if sqnr == math.inf:
+        return 0.0
+    if sqnr == -math.inf:
+        return math.inf
+    return 10 ** (-sqnr / 10)
 
 
 def sqnr_db(reference: np.ndarray, observed: np.ndarray) -> float:
@@ -93,27 +108,40 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
     initializers = {init.name for init in graph.initializer}
     graph_inputs = {value.name for value in graph.input}
 
-    def tensor_sqnr(name: str) -> float:
+    def tensor_sqnr(name: str) -> float | None:
+        """SQNR of a tensor as the quantized graph consumes it; None when the quantizer fused it away."""
         if name in graph_inputs:
             return math.inf
+        if name not in reference:
+            return None
         # In the QDQ graph a quantized tensor T is consumed as T_DequantizeLinear_Output.
         for candidate in (f"{name}_DequantizeLinear_Output", name):
-            if name in reference and candidate in quantized and quantized[candidate].shape == reference[name].shape:
+            if candidate in quantized and quantized[candidate].shape == reference[name].shape:
                 return sqnr_db(reference[name], quantized[candidate])
-        return math.inf
+        return None
 
     ranked = []
+    pending: dict[str, list] = {}  # fused-away tensor -> the nodes (and input SQNR) that produced it
     for index, node in enumerate(graph.node):
-        if node.op_type not in QUANTIZABLE or not node.output or node.output[0] not in reference:
-            continue
         node_name = node.name or f"{node.op_type}_{index}"
         activations = [name for name in node.input if name and name not in initializers]
-        sqnr_in = min((tensor_sqnr(name) for name in activations), default=math.inf)
+        group, sqnr_in = [], math.inf
+        for name in activations:
+            if name in pending:
+                producers, fused_in = pending.pop(name)
+                group += producers
+                sqnr_in = min(sqnr_in, fused_in)
+            else:
+                value = tensor_sqnr(name)
+                sqnr_in = min(sqnr_in, math.inf if value is None else value)
+        if node.op_type not in QUANTIZABLE or not node.output:
+            continue
+        group.append(node_name)
         sqnr_out = tensor_sqnr(node.output[0])
-        if node.output[0] in quantized and node.output[0] in reference:
-            sqnr_out = min(sqnr_out, sqnr_db(reference[node.output[0]], quantized[node.output[0]]))
-        if not math.isfinite(sqnr_in):
-            sqnr_in = 100.0  # an exact input: the node's own error is all the error (capped for ranking)
-        ranked.append(NodeSensitivity(node_name, node.op_type, sqnr_in, sqnr_out if math.isfinite(sqnr_out) or sqnr_out < 0 else 100.0))
-    ranked.sort(key=lambda item: item.added_db, reverse=True)
+        if sqnr_out is None:
+            # e.g. Conv followed by Relu: the quantizer folds both into one quantized op; measure them together.
+            pending[node.output[0]] = (group, sqnr_in)
+            continue
+        ranked.append(NodeSensitivity(node_name, node.op_type, sqnr_in, sqnr_out, group))
+    ranked.sort(key=lambda item: item.added_noise, reverse=True)
     return ranked

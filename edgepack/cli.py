@@ -76,7 +76,7 @@ def convert(model, profiles, calibration, validation, input_shapes, name, versio
     if as_json:
         click.echo(render_json(results))
     else:
-        render_tables(results, Console())
+        render_tables(results, Console(width=None if sys.stdout.isatty() else 200))
     failed = [r for r in results if r.bundle is None]
     for result in failed:
         click.echo(f"error: {result.error}", err=True)

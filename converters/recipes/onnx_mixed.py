@@ -34,7 +34,8 @@ class MixedInt8Recipe(Recipe):
             raise RecipeFailed("nothing to quantize: the graph has no Conv/MatMul/Gemm the quantizer handles")
         batch = 1 if ctx.calibration is None else min(len(ctx.calibration), self.config.sensitivity_samples)
         batches = list(ctx.calibration_batches(batch, 1))
-        ranked = [item for item in rank_nodes(ctx.base_model, full, batches, ctx.workdir) if item.added_db > 0.5]
+        # Nodes adding noise above -60 dB of the signal are candidates to keep in float.
+        ranked = [item for item in rank_nodes(ctx.base_model, full, batches, ctx.workdir) if item.added_noise > 1e-6]
         if not ranked:
             raise RecipeFailed("no layer adds measurable quantization error; mixed precision cannot help")
         limit = max(1, int(len(ranked) * self.config.max_float_fraction)) if len(ranked) > 1 else 1
@@ -42,7 +43,7 @@ class MixedInt8Recipe(Recipe):
         count = 1
         while True:
             count = min(count, limit)
-            excluded = [item.node for item in ranked[:count]]
+            excluded = [name for item in ranked[:count] for name in item.group]
             target = ctx.workdir / f"{self.name}-{count}.onnx"
             quantize_static_qdq(ctx, target, self.config, nodes_to_exclude=excluded)
             gate, latency = ctx.evaluate(target)
@@ -51,7 +52,8 @@ class MixedInt8Recipe(Recipe):
                 break
             count *= 2
         details = {
-            "float_layers": [{"node": item.node, "op": item.op_type, "added_error_db": round(item.added_db, 2)}
+            "float_layers": [{"node": item.node, "op": item.op_type, "group": item.group,
+                              "added_noise_db": round(item.added_db, 2)}
                              for item in ranked[:count]],
             "search": tried,
         }

@@ -92,6 +92,9 @@ def atomic_write(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a bundle is an ordinary shareable file
         os.replace(temp, path)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)
