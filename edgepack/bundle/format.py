@@ -18,6 +18,9 @@ BUNDLE_SUFFIX = ".edgepack"
 
 #: Zip entries all carry this timestamp so that the same content gives the same bytes.
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+FILE_MODE = 0o100644  # regular file, rw-r--r--
+CREATE_SYSTEM = 3  # unix, so the mode bits are meaningful on every host
+ZIP_VERSION = 20
 
 # Limits a reader enforces before reading anything (a bundle is untrusted input on a device).
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import BundleError, InputFileError, SignatureError
 from . import format as fmt
+from .container import check_container
 from .signing import verify_manifest_signatures
 
 
@@ -201,6 +202,7 @@ def _open(path: Path, archive: zipfile.ZipFile, public_keys, require_signature: 
         raise BundleError("bundle has duplicate member names; refusing the bundle")
     for info in infos:
         _check_member(info)
+    check_container(archive.fp, path.stat().st_size, infos)
     if sum(info.file_size for info in infos) > fmt.MAX_TOTAL_BYTES:
         raise BundleError("bundle is oversized; refusing")
     if fmt.MANIFEST_NAME not in names:

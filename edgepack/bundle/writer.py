@@ -12,6 +12,8 @@ import numpy as np
 
 from ..errors import BundleError, UsageError
 from .format import (
+    CREATE_SYSTEM,
+    FILE_MODE,
     FIXED_ZIP_TIME,
     MANIFEST_NAME,
     SCHEMA,
@@ -72,10 +74,12 @@ def pack_members(manifest_bytes: bytes, files: dict[str, bytes], signatures: dic
         members += sorted(files.items())
         for name, data in members:
             info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o100644 << 16  # regular file, rw-r--r--
-            info.create_system = 3  # unix, so the mode bits above are meaningful on every host
-            archive.writestr(info, data, compresslevel=6)
+            # Stored, not deflated: every byte of the file is then covered by a CRC and a sha256 (a flipped
+            # padding bit of a deflate stream would go unnoticed), and models compress poorly anyway.
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = FILE_MODE << 16
+            info.create_system = CREATE_SYSTEM
+            archive.writestr(info, data)
     return buffer.getvalue()
 
 
