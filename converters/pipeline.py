@@ -131,7 +131,8 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = _progress
     with tempfile.TemporaryDirectory(prefix="edgepack-convert-") as temp:
         workdir = Path(temp)
         progress("loading and exporting the model")
-        source = load_source(options.model, workdir, options.input_shapes)
+        opsets = [p.runtime("onnxruntime").max_opset for p in profiles if p.runtime("onnxruntime") and p.runtime("onnxruntime").max_opset]
+        source = load_source(options.model, workdir, options.input_shapes, min(opsets) if opsets else None)
         job = _Job(options, source, workdir, name, progress)
         return [job.run_profile(profile) for profile in profiles]
 

@@ -50,15 +50,28 @@ def _noise(sqnr: float) -> float:
 
 
 def sqnr_db(reference: np.ndarray, observed: np.ndarray) -> float:
-    """10*log10(signal power / noise power); +inf when identical."""
-    reference = reference.astype(np.float64).ravel()
-    noise = float(np.sum((reference - observed.astype(np.float64).ravel()) ** 2))
-    signal = float(np.sum(reference**2))
-    if noise == 0:
-        return math.inf
-    if signal == 0 or not math.isfinite(noise):
+    """Signal-to-noise ratio in dB, averaged over channels (axis 1); +inf when identical.
+
+    Averaging the relative noise per channel matters: one huge-range channel would otherwise hide
+    small channels that quantization wipes out (their noise is tiny next to the huge signal).
+    """
+    reference = reference.astype(np.float64)
+    observed = observed.astype(np.float64)
+    if reference.ndim >= 2:
+        reference = np.moveaxis(reference, 1, 0).reshape(reference.shape[1], -1)
+        observed = np.moveaxis(observed, 1, 0).reshape(observed.shape[1], -1)
+    else:
+        reference, observed = reference.reshape(1, -1), observed.reshape(1, -1)
+    noise = np.sum((reference - observed) ** 2, axis=1)
+    signal = np.sum(reference**2, axis=1)
+    if not np.isfinite(noise).all():
         return -math.inf
-    return 10 * math.log10(signal / noise)
+    if float(noise.sum()) == 0:
+        return math.inf
+    live = signal > 0
+    ratios = np.where(live, noise / np.where(live, signal, 1), np.where(noise > 0, 1.0, 0.0))
+    mean = float(ratios.mean())
+    return math.inf if mean == 0 else -10 * math.log10(mean)
 
 
 def _expose_all(path: Path, target: Path) -> list[str]:
@@ -120,6 +133,20 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
                 return sqnr_db(reference[name], quantized[candidate])
         return None
 
+    producers = {output: (node.name or f"{node.op_type}_{i}") for i, node in enumerate(graph.node) for output in node.output}
+
+    consumers: dict[str, list[str]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name or f"{node.op_type}_{i}")
+
+    def input_quantization_noise(name: str) -> float:
+        """Noise that quantizing tensor ``name`` itself adds (pre- vs post-QDQ in the quantized graph)."""
+        before, after = quantized.get(name), quantized.get(f"{name}_DequantizeLinear_Output")
+        if before is None or after is None or before.shape != after.shape:
+            return 0.0
+        return _noise(sqnr_db(before, after))
+
     ranked = []
     pending: dict[str, list] = {}  # fused-away tensor -> the nodes (and input SQNR) that produced it
     for index, node in enumerate(graph.node):
@@ -142,6 +169,15 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
             # e.g. Conv followed by Relu: the quantizer folds both into one quantized op; measure them together.
             pending[node.output[0]] = (group, sqnr_in)
             continue
-        ranked.append(NodeSensitivity(node_name, node.op_type, sqnr_in, sqnr_out, group))
+        item = NodeSensitivity(node_name, node.op_type, sqnr_in, sqnr_out, group)
+        # Keeping a node in float does not keep its *input* in float while the producer still quantizes
+        # it: when quantizing an input is most of the error, the producer joins the group.
+        for name in activations:
+            if name in producers and input_quantization_noise(name) > 0.5 * item.added_noise:
+                group.insert(0, producers[name])
+        # Likewise for its output: while a consumer quantizes it, the tensor is not float.
+        if input_quantization_noise(node.output[0]) > 0.5 * item.added_noise:
+            group.extend(c for c in consumers.get(node.output[0], []) if c not in group)
+        ranked.append(item)
     ranked.sort(key=lambda item: item.added_noise, reverse=True)
     return ranked

@@ -86,9 +86,15 @@ def detect_kind(model: str) -> str:
     raise InputFileError(f"model file {model} does not exist; check the path (or use package.module:factory)")
 
 
-def load_source(model: str, workdir: Path, input_shapes: dict[str, tuple[int, ...]]) -> SourceModel:
-    """Load MODEL and export it to ``workdir/source.onnx``."""
+def load_source(model: str, workdir: Path, input_shapes: dict[str, tuple[int, ...]], max_opset: int | None = None) -> SourceModel:
+    """Load MODEL and export it to ``workdir/source.onnx``.
+
+    ``max_opset``: the oldest runtime among the target profiles reads up to this opset; exporters that
+    can target it directly do (converting down afterwards is not possible for every op).
+    """
     kind = detect_kind(model)
+    if kind == "torchscript":
+        return _load_torchscript(model, workdir, input_shapes, max_opset)
     loader = {
         "onnx": _load_onnx,
         "torch-export": _load_torch_export,
@@ -249,7 +255,7 @@ def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
                        _torch_reference(program.module()), notes, {"torch": torch.__version__})
 
 
-def _load_torchscript(model: str, workdir: Path, input_shapes) -> SourceModel:
+def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | None = None) -> SourceModel:
     import torch
 
     path = Path(model)
@@ -268,7 +274,7 @@ def _load_torchscript(model: str, workdir: Path, input_shapes) -> SourceModel:
     try:
         # TorchScript modules cannot go through torch.export, so the TorchScript exporter is used.
         torch.onnx.export(module, tuple(feeds.values()), str(target), dynamo=False, input_names=names,
-                          opset_version=17, dynamic_axes={n: {0: "batch"} for n in names})
+                          opset_version=min(17, max_opset or 17), dynamic_axes={n: {0: "batch"} for n in names})
     except Exception as exc:
         raise ConversionError(f"torch.onnx.export of the TorchScript model failed: {str(exc).splitlines()[0][:300]}") from None
     inputs, outputs = _specs_from_onnx(target)

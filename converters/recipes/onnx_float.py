@@ -48,5 +48,28 @@ class Fp16Recipe(Recipe):
             )
         except Exception as exc:
             raise RecipeFailed(f"fp16 conversion failed: {str(exc).splitlines()[0][:200]}") from None
+        _sort_topologically(converted.graph)
         onnx.save(converted, str(target))
         return Candidate(self.name, target, "onnx", self.precision, self.config_dict())
+
+
+def _sort_topologically(graph) -> None:
+    """Reorder nodes so each comes after its inputs' producers.
+
+    The fp16 converter appends its input Casts at the end of the node list; ONNX Runtime tolerates
+    that, but the ONNX checker (and other runtimes) require topological order.
+    """
+    available = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    remaining = list(graph.node)
+    ordered = []
+    while remaining:
+        progress = [node for node in remaining if all(name in available for name in node.input)]
+        if not progress:
+            raise RecipeFailed("fp16 conversion produced a graph with a cycle or a dangling input")
+        for node in progress:
+            available.update(node.output)
+        ordered += progress
+        done = {id(node) for node in progress}
+        remaining = [node for node in remaining if id(node) not in done]
+    del graph.node[:]
+    graph.node.extend(ordered)

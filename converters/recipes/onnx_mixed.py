@@ -38,12 +38,18 @@ class MixedInt8Recipe(Recipe):
         ranked = [item for item in rank_nodes(ctx.base_model, full, batches, ctx.workdir) if item.added_noise > 1e-6]
         if not ranked:
             raise RecipeFailed("no layer adds measurable quantization error; mixed precision cannot help")
+        compute = _compute_nodes(ctx.base_model)
         limit = max(1, int(len(ranked) * self.config.max_float_fraction)) if len(ranked) > 1 else 1
         tried = []
         count = 1
         while True:
             count = min(count, limit)
-            excluded = [name for item in ranked[:count] for name in item.group]
+            excluded = list(dict.fromkeys(name for item in ranked[:count] for name in item.group))
+            if not compute - set(excluded):
+                raise RecipeFailed(
+                    f"keeping the sensitive layers ({', '.join(excluded)}) in float leaves no int8 layer; "
+                    "a float recipe is the honest choice"
+                )
             target = ctx.workdir / f"{self.name}-{count}.onnx"
             quantize_static_qdq(ctx, target, self.config, nodes_to_exclude=excluded)
             gate, latency = ctx.evaluate(target)
@@ -60,3 +66,12 @@ class MixedInt8Recipe(Recipe):
         candidate = Candidate(self.name, target, "onnx", self.precision, self.config_dict(), details)
         candidate.gate, candidate.latency = gate, latency
         return candidate
+
+
+def _compute_nodes(path) -> set[str]:
+    """Names of the nodes that carry the model's weights and most of its time."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {node.name or f"{node.op_type}_{i}" for i, node in enumerate(graph.node)
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}

@@ -1,0 +1,59 @@
+"""Shared fixtures: a digits CNN trained once per session, data files, and a CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
+
+
+def run_cli(*args, program="edgepack", cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run ``edgepack`` or ``edgepack-agent`` as a real process; return the completed process."""
+    module = {"edgepack": "edgepack.cli", "edgepack-agent": "agent.cli"}[program]
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The example CNN trained on digits, saved as .pt2, with calibration/validation files."""
+    import digits_cnn
+
+    folder = tmp_path_factory.mktemp("digits")
+    digits_cnn.main(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def digits_module(digits):
+    """The trained network (loaded back from the .pt2) to compare bundles with."""
+    import torch
+
+    return torch.export.load(str(digits / "digits_cnn.pt2")).module()
+
+
+@pytest.fixture(scope="session")
+def converted(digits, tmp_path_factory):
+    """The digits CNN converted for x86-64 and rpi4 with every recipe tried (once per session)."""
+    from converters.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("bundles")
+    results = convert(ConvertOptions(
+        model=str(digits / "digits_cnn.pt2"), profiles=["x86-64", "rpi4"], out=out,
+        calibration=str(digits / "calibration.npz"), validation=str(digits / "validation.npz"),
+        name="digits", try_all=True,
+    ))
+    return {result.profile: result for result in results}
+
+
+@pytest.fixture()
+def validation_arrays(digits):
+    with np.load(digits / "validation.npz") as data:
+        return data["input"], data["labels"]

@@ -1,0 +1,48 @@
+"""Small real models the tests build and train (no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def wide_mlp() -> nn.Module:
+    """An MLP whose weights dominate its size (for the ~4x int8 size check); 64 features, 10 classes."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+
+
+class HugeRange(nn.Module):
+    """A deliberately unquantizable network.
+
+    One hidden unit carries values around 1e4 while the class information lives in small values of
+    the other units. int8 activations share one scale per tensor, so the huge unit sets a step far
+    larger than the small values and they quantize to zero; kept in float, the next layer is exact.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.first = nn.Linear(64, 32)
+        self.second = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.first.weight[0].zero_()
+            self.first.bias[0] = 1e4  # the huge-range unit
+            self.second.weight[:, 0] = 1e-5  # it barely matters to the output
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def huge_range() -> nn.Module:
+    return HugeRange().eval()
+
+
+def digits_features(count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits as float32 [N, 64] in [0, 1] with labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = (digits.data / 16.0).astype(np.float32)
+    return (features[:count], digits.target[:count]) if count else (features, digits.target)

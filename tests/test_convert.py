@@ -1,0 +1,184 @@
+"""edgepack convert with real models: every shipped bundle computes what the original model does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+import torch
+
+from agent.model import load_model
+from edgepack.bundle import open_bundle
+
+from .conftest import ROOT, run_cli
+from .models import digits_features
+
+
+def bundle_outputs(path: Path, inputs: dict, tmp_path: Path) -> dict:
+    """Run a bundle's model through the agent's runtime, as the device would."""
+    folder = tmp_path / path.stem
+    with open_bundle(path) as bundle:
+        bundle.extract_to(folder)
+        model = load_model(folder, bundle.manifest)
+    try:
+        return model.predict(inputs)
+    finally:
+        model.close()
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+def test_digits_bundles_match_the_original(converted, digits_module, validation_arrays, tmp_path):
+    images, labels = validation_arrays
+    with torch.no_grad():
+        original = digits_module(torch.from_numpy(images)).numpy()
+    for profile in ("x86-64", "rpi4"):
+        result = converted[profile]
+        assert result.bundle and result.bundle.is_file(), result.error
+        outputs = next(iter(bundle_outputs(result.bundle, {"input": images}, tmp_path).values()))
+        assert agreement(outputs, original) >= 0.99
+        with open_bundle(result.bundle) as bundle:
+            manifest = bundle.manifest
+            assert manifest["profile"] == profile
+            assert manifest["metrics"]["accuracy"] >= manifest["metrics"]["reference_accuracy"] - 0.01
+            stats = bundle.read_json("stats/reference.json")["inputs"]["input"]
+            assert 0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1
+            assert sum(stats["histogram"]["counts"]) == stats["count"]
+        if manifest["precision"] == "fp32":
+            assert np.abs(outputs - original).max() < 1e-4
+
+
+def test_report_shows_every_candidate(converted):
+    x86 = converted["x86-64"]
+    recipes = [c.recipe for c in x86.candidates]
+    assert recipes[:4] == ["onnx-int8-static", "onnx-int8-mixed", "onnx-int8-dynamic", "onnx-fp32"]
+    shipped = [c for c in x86.candidates if c.status == "shipped"]
+    assert len(shipped) == 1
+    for row in x86.candidates:
+        if row.status in ("passed", "rejected", "shipped"):
+            assert row.size_bytes and row.p50_ms and row.metrics["outputs"]
+        if row.status == "rejected":
+            assert row.reasons and row.reasons != ["met the budget"]
+    # x86-64 enforces the host latency rule: a shipped quantized model is not slower than fp32.
+    if shipped[0].recipe != "onnx-fp32":
+        assert shipped[0].latency_ratio <= 1.0
+    rpi4 = converted["rpi4"]
+    assert rpi4.candidates[0].recipe == "tflite-int8" and rpi4.candidates[0].status == "skipped"
+    assert rpi4.chosen in ("onnx-int8-static", "onnx-int8-mixed")  # host timing is not enforced for a Pi
+
+
+def test_int8_is_about_four_times_smaller(tmp_path):
+    features, labels = digits_features(400)
+    np.savez(tmp_path / "data.npz", input=features, labels=labels)
+    result = run_cli("convert", "tests.models:wide_mlp", "--input-shape", "input=1,64", "--profile", "rpi4",
+                     "--recipe", "onnx-int8-static", "--recipe", "onnx-fp32", "--try-all", "--calibration",
+                     tmp_path / "data.npz", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    rows = {c["recipe"]: c for c in report["candidates"]}
+    assert rows["onnx-int8-static"]["status"] == "shipped"
+    assert rows["onnx-int8-static"]["size_ratio"] < 0.3  # int8 weights: ~4x smaller than fp32
+    assert rows["onnx-int8-static"]["metrics"]["agreement"] >= 0.98
+
+
+def test_unquantizable_model_falls_back(tmp_path):
+    features, labels = digits_features(300)
+    np.save(tmp_path / "data.npy", features)
+    result = run_cli("convert", "tests.models:huge_range", "--input-shape", "input=1,64", "--profile", "x86-64",
+                     "--calibration", tmp_path / "data.npy", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    rows = {c["recipe"]: c for c in report["candidates"]}
+    static = rows["onnx-int8-static"]
+    assert static["status"] == "rejected"
+    assert any("agreement" in reason or "cosine" in reason for reason in static["reasons"]), static["reasons"]
+    assert report["chosen"] != "onnx-int8-static"
+    mixed = rows["onnx-int8-mixed"]
+    # The mixed recipe traced the damage to the huge-range tensor by measurement; keeping it float
+    # leaves this two-layer model nothing to quantize, so it refuses rather than ship a fake "int8".
+    assert mixed["status"] == "failed" and "leaves no int8 layer" in mixed["reasons"][0], mixed
+    assert "node_linear" in mixed["reasons"][0]
+
+
+def test_sklearn_pipeline_pickled_with_joblib(tmp_path):
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = digits_features()
+    pipeline = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0))
+    pipeline.fit(features[:1200], labels[:1200])
+    joblib.dump(pipeline, tmp_path / "model.pkl")
+    np.savez(tmp_path / "val.npz", input=features[1200:], labels=labels[1200:])
+    result = run_cli("convert", tmp_path / "model.pkl", "--profile", "x86-64", "--calibration", tmp_path / "val.npz",
+                     "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    outputs = bundle_outputs(Path(report["bundle"]), {"input": features[1200:]}, tmp_path)
+    assert float(np.mean(outputs["label"] == pipeline.predict(features[1200:]))) >= 0.99
+    np.testing.assert_allclose(outputs["probabilities"], pipeline.predict_proba(features[1200:]), atol=0.05)
+
+
+def test_torchscript_and_onnx_sources(digits, digits_module, validation_arrays, tmp_path):
+    images, _ = validation_arrays
+    scripted = torch.jit.trace(digits_module, torch.from_numpy(images[:1]))
+    scripted.save(str(tmp_path / "digits.pt"))
+    result = run_cli("convert", tmp_path / "digits.pt", "--input-shape", "input=1,1,8,8", "--profile", "jetson-nano",
+                     "--out", tmp_path / "out", "--calibration", digits / "calibration.npz", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    assert report["chosen"] == "onnx-fp16"  # Maxwell GPU: fp16, no int8
+    with open_bundle(Path(report["bundle"])) as bundle:
+        assert bundle.manifest["coverage"]["opset"] <= 13  # converted down for TensorRT 8.2
+        onnx_file = tmp_path / "digits.onnx"
+        onnx_file.write_bytes(bundle.read_file("model/model.onnx"))
+    with torch.no_grad():
+        original = digits_module(torch.from_numpy(images)).numpy()
+    outputs = next(iter(bundle_outputs(Path(report["bundle"]), {"input": images}, tmp_path).values()))
+    assert agreement(outputs, original) >= 0.99
+    # An .onnx file is a source too (here the fp16 graph, re-checked against itself).
+    again = run_cli("convert", onnx_file, "--profile", "x86-64", "--recipe", "onnx-fp32", "--out", tmp_path / "out2", "--json")
+    assert again.returncode == 0, again.stderr
+
+
+def test_image_folder_calibration_records_preprocessing(digits, tmp_path):
+    from PIL import Image
+
+    from .models import digits_features
+
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    for index in range(60):
+        folder = tmp_path / "images" / str(data.target[index])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((data.images[index] * 255 / 16).astype(np.uint8), mode="L").resize((16, 16)).save(folder / f"{index}.png")
+    result = run_cli("convert", digits / "digits_cnn.pt2", "--profile", "x86-64", "--calibration", tmp_path / "images",
+                     "--resize", "8,8", "--color", "gray", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    with open_bundle(Path(report["bundle"])) as bundle:
+        prep = bundle.manifest["preprocessing"]
+        assert prep["type"] == "image" and prep["size"] == [8, 8] and prep["color"] == "gray" and prep["layout"] == "nchw"
+        assert prep["classes"] == [str(i) for i in range(10)]
+        assert bundle.manifest["metrics"]["accuracy"] > 0.8  # labels from the folder names
+
+
+def test_op_coverage_flags_ops_the_accelerator_lacks(tmp_path):
+    from converters.coverage import check_coverage
+    from edgepack.profiles import get_profile
+    from sklearn.tree import DecisionTreeClassifier
+
+    features, labels = digits_features(300)
+    joblib.dump(DecisionTreeClassifier(max_depth=5, random_state=0).fit(features, labels), tmp_path / "tree.joblib")
+    from converters.sources import load_source
+
+    source = load_source(str(tmp_path / "tree.joblib"), tmp_path, {})
+    report = check_coverage(source.onnx_path, get_profile("jetson-orin-nano"))
+    assert any("ai.onnx.ml:TreeEnsemble" in w and "TensorrtExecutionProvider" in w for w in report.warnings), report.warnings
+    assert not report.errors
