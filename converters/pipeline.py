@@ -56,6 +56,8 @@ class ConvertOptions:
     image: ImagePreprocessing | None = None
     signing_key: Path | None = None
     try_all: bool = False
+    #: keep intermediate files (every candidate model) here instead of a temporary folder
+    workdir: Path | None = None
 
 
 @dataclass
@@ -72,9 +74,11 @@ class CandidateReport:
     latency_ratio: float | None = None
     metrics: dict | None = None
     details: dict = field(default_factory=dict)
+    model_path: Path | None = None  # the candidate file (only while the work folder exists)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, [])} | {"status": self.status}
+        data = {k: v for k, v in self.__dict__.items() if v not in (None, {}, []) and k != "model_path"}
+        return data | {"status": self.status}
 
 
 @dataclass
@@ -129,7 +133,8 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = _progress
             recipe_class(recipe)  # unknown recipe names fail before any work
     _check_out(options.out)
     with tempfile.TemporaryDirectory(prefix="edgepack-convert-") as temp:
-        workdir = Path(temp)
+        workdir = Path(options.workdir or temp)
+        workdir.mkdir(parents=True, exist_ok=True)
         progress("loading and exporting the model")
         opsets = [p.runtime("onnxruntime").max_opset for p in profiles if p.runtime("onnxruntime") and p.runtime("onnxruntime").max_opset]
         source = load_source(options.model, workdir, options.input_shapes, min(opsets) if opsets else None)
@@ -274,7 +279,7 @@ class _Job:
         size = path.stat().st_size
         return CandidateReport(
             recipe_name, "passed", [], config, size, size / fp32_size if fp32_size else None, latency.p50_ms,
-            latency.p50_ms / fp32_latency.p50_ms if fp32_latency.p50_ms else None, gate.to_dict(), dict(details),
+            latency.p50_ms / fp32_latency.p50_ms if fp32_latency.p50_ms else None, gate.to_dict(), dict(details), path,
         )
 
     # -- the bundle --------------------------------------------------------------------------------

@@ -195,6 +195,19 @@ def _example_inputs(input_shapes: dict, default_names: list[str] | None = None):
     return {name: torch.randn(*shape, generator=generator) for name, shape in input_shapes.items()}
 
 
+def _check_runs(module, examples: dict) -> None:
+    """Run the model once on the example inputs so a wrong --input-shape gets a clear message."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(*examples.values())
+    except Exception as exc:
+        shapes = " ".join(f"{name}={','.join(map(str, t.shape))}" for name, t in examples.items())
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"the model fails on inputs {shapes} ({first}); check --input-shape") from None
+
+
 def _export_torch(module_or_program, examples: dict, workdir: Path, notes: list[str]) -> Path:
     """Export with the dynamo exporter (dynamic batch), falling back to a fixed batch if that fails."""
     import torch
@@ -224,7 +237,7 @@ def _export_torch(module_or_program, examples: dict, workdir: Path, notes: list[
 
 def _quiet_torch():
     # The dynamo exporter prints progress lines and warnings on stdout; the CLI has its own progress.
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch._subclasses", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -248,6 +261,7 @@ def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
         feeds = {name: t for name, t in zip(signature_names, examples[0])}
     else:
         raise UsageError(f"{path.name} carries no example inputs; give --input-shape NAME=D1,D2,...")
+    _check_runs(program.module(), feeds)
     notes: list[str] = []
     onnx_path = _export_torch(program, feeds, workdir, notes)
     inputs, outputs = _specs_from_onnx(onnx_path)
@@ -269,6 +283,7 @@ def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | 
             "save with torch.jit.save, or export with torch.export and pass a .pt2"
         ) from None
     feeds = _example_inputs(input_shapes)
+    _check_runs(module, feeds)
     target = workdir / "source.onnx"
     names = list(feeds)
     try:
@@ -303,6 +318,7 @@ def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
         raise InputFileError(f"{model}() returned {type(module).__name__}, not a torch.nn.Module")
     module = module.eval()
     feeds = _example_inputs(input_shapes)
+    _check_runs(module, feeds)
     notes: list[str] = []
     onnx_path = _export_torch(module, feeds, workdir, notes)
     inputs, outputs = _specs_from_onnx(onnx_path)

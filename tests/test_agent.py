@@ -1,0 +1,136 @@
+"""The agent's first slice: install into A/B slots, batch predict, status, rollback, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from agent.store import ModelStore
+from edgepack.bundle import BundleWriter, open_bundle
+from edgepack.errors import EdgepackError, StoreError
+
+from .conftest import run_cli
+
+
+@pytest.fixture()
+def bundles(converted):
+    return converted["x86-64"].bundle, converted["rpi4"].bundle
+
+
+def test_install_predict_status_rollback(bundles, digits, tmp_path, validation_arrays):
+    x86, rpi4 = bundles
+    store = tmp_path / "store"
+    first = run_cli("install", x86, "--store", store, program="edgepack-agent")
+    assert first.returncode == 0, first.stderr
+    second = run_cli("install", rpi4, "--store", store, program="edgepack-agent")  # same name: the other slot
+    assert second.returncode == 0, second.stderr
+    status = json.loads(run_cli("status", "--store", store, "--json", program="edgepack-agent").stdout)
+    state = status["models"]["digits"]
+    assert state["active"] == "b" and state["previous"] == "a"
+    assert state["slots"]["b"]["profile"] == "rpi4"
+
+    images, labels = validation_arrays
+    np.save(tmp_path / "in.npy", images)
+    result = run_cli("predict", "--input", tmp_path / "in.npy", "--output", tmp_path / "out.npz", "--store", store, program="edgepack-agent")
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        scores = next(iter(out.values()))
+    assert scores.shape == (len(images), 10)
+    assert np.mean(scores.argmax(1) == labels) > 0.95
+
+    rolled = run_cli("rollback", "--store", store, program="edgepack-agent")
+    assert rolled.returncode == 0, rolled.stderr
+    assert ModelStore(store).state("digits")["active"] == "a"
+
+
+def test_predict_formats_match_direct_session(bundles, tmp_path, validation_arrays):
+    import onnxruntime as ort
+
+    x86, _ = bundles
+    images, _ = validation_arrays
+    with open_bundle(x86) as bundle:
+        session = ort.InferenceSession(bundle.read_file("model/model.onnx"), providers=["CPUExecutionProvider"])
+    direct = session.run(None, {"input": images[:5]})[0]
+    with open(tmp_path / "in.jsonl", "w") as handle:
+        for image in images[:5]:
+            handle.write(json.dumps({"input": image.tolist()}) + "\n")
+    result = run_cli("predict", "--bundle", x86, "--input", tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl", program="edgepack-agent")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    np.testing.assert_allclose(np.array([next(iter(r.values())) for r in rows]), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_tampered_bundle_leaves_active_model(bundles, tmp_path):
+    x86, rpi4 = bundles
+    store = ModelStore(tmp_path / "store")
+    store.install(x86)
+    before = store.state("digits")
+    data = bytearray(rpi4.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    bad = tmp_path / "bad.edgepack"
+    bad.write_bytes(data)
+    with pytest.raises(EdgepackError):
+        store.install(bad)
+    assert store.state("digits") == before
+    assert not store.slot_dir("digits", "b").exists()  # nothing half-installed
+
+
+def test_wrong_profile_and_failed_smoke_test(bundles, tmp_path):
+    x86, rpi4 = bundles
+    store = ModelStore(tmp_path / "store", profile="rpi5")
+    with pytest.raises(StoreError, match="built for profile 'rpi4'"):
+        store.install(rpi4)
+    # A bundle whose expected sample outputs are wrong (a broken model) never becomes active.
+    with open_bundle(x86) as bundle:
+        files = {name: bundle.read_file(name) for name in bundle.manifest["files"]}
+        manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "schema")}
+        expected = bundle.read_array(manifest["samples"]["outputs"]["linear"] if "linear" in manifest["samples"]["outputs"] else next(iter(manifest["samples"]["outputs"].values())))
+    writer = BundleWriter()
+    for name, data in files.items():
+        writer.add_bytes(name, data)
+    output_file = next(iter(manifest["samples"]["outputs"].values()))
+    writer.add_array(output_file, expected + 100.0)
+    broken = tmp_path / "broken.edgepack"
+    writer.write(broken, manifest)
+    plain = ModelStore(tmp_path / "store2")
+    with pytest.raises(StoreError, match="smoke test failed"):
+        plain.install(broken)
+    assert plain.model_names() == []
+
+
+def test_predict_errors_are_one_line(bundles, tmp_path):
+    x86, _ = bundles
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3), np.float32))
+    result = run_cli("predict", "--bundle", x86, "--input", tmp_path / "bad.npy", "--output", tmp_path / "o.npy", program="edgepack-agent")
+    assert result.returncode == 2 and result.stderr.startswith("error: input 'input' needs rank 4")
+    assert not (tmp_path / "o.npy").exists()
+    empty = run_cli("predict", "--input", tmp_path / "bad.npy", "--output", tmp_path / "o.npy", "--store", tmp_path / "empty", program="edgepack-agent")
+    assert empty.returncode == 2 and "holds no model" in empty.stderr
+
+
+def test_agent_imports_no_host_libraries(bundles, tmp_path):
+    """DESIGN.md section 2: the agent never imports torch, onnx, converters and friends."""
+    import subprocess
+    import sys
+
+    x86, _ = bundles
+    np.save(tmp_path / "in.npy", np.zeros((2, 1, 8, 8), np.float32))
+    code = f"""
+import sys
+sys.argv = ["edgepack-agent", "predict", "--bundle", {str(x86)!r}, "--input", {str(tmp_path / 'in.npy')!r}, "--output", {str(tmp_path / 'o.npy')!r}]
+import agent.cli, agent.store, agent.model, agent.runtime.onnx_backend, agent.batch_io, agent.bench
+try:
+    agent.cli.main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+banned = ["torch", "onnx", "converters", "litert_torch", "transformers", "tensorflow", "onnxscript", "skl2onnx", "sklearn"]
+loaded = [name for name in banned if name in sys.modules]
+print("LOADED", loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout, result.stdout
+    assert (tmp_path / "o.npy").exists()
