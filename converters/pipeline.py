@@ -362,7 +362,13 @@ def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         # Shape inference and ORT's portable graph optimizations: what quantization expects as input.
-        quant_pre_process(str(converted), str(target), skip_symbolic_shape=False)
+        # It writes a temporary file into the current folder, so it runs inside the work folder.
+        previous, source_path, target_path = os.getcwd(), str(converted.resolve()), str(target.resolve())
+        os.chdir(folder)
+        try:
+            quant_pre_process(source_path, target_path, skip_symbolic_shape=False)
+        finally:
+            os.chdir(previous)
     except Exception as exc:
         log.info("pre-processing skipped (%s); using the exported graph as is", exc)
         shutil.copyfile(converted, target)
