@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgepack.bundle.writer import atomic_write
 from edgepack.errors import DataError, InputFileError, UsageError
 from edgepack.tensors import TensorSpec
 
@@ -90,17 +89,4 @@ def write_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
             buffer.write((json.dumps(record) + "\n").encode())
     else:
         raise UsageError(f"unknown output format {suffix!r}; use {', '.join(FORMATS)}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(buffer.getvalue())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, buffer.getvalue())

@@ -51,10 +51,7 @@ def _read_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -
     try:
         with archive.open(info) as stream:
             data = stream.read(limit + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        # zlib errors and CRC mismatches: the bytes were changed after the bundle was written
-        raise BundleError(f"bundle member {info.filename!r} is corrupt ({exc}); re-download the bundle") from None
-    except Exception as exc:  # zlib.error is not an OSError
+    except Exception as exc:  # CRC mismatches (BadZipFile), short reads, zlib.error: bytes changed after writing
         raise BundleError(f"bundle member {info.filename!r} is corrupt ({exc}); re-download the bundle") from None
     if len(data) > limit or len(data) != info.file_size:
         raise BundleError(f"bundle member {info.filename!r} does not have its declared size; refusing")
