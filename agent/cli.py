@@ -34,6 +34,29 @@ def cli() -> None:
 
 
 @cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="agent.yaml (see examples/device/agent.yaml)")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path), help="serve this bundle file directly (repeatable)")
+@store_option
+@click.option("--host", help="address to bind (default 127.0.0.1; anything else needs server.token)")
+@click.option("--port", type=int, help="TCP port (default 8000; 0 picks a free one and logs it)")
+@click.option("--token-file", type=click.Path(path_type=Path), help="file holding the bearer token")
+@key_option
+def run(config_path, bundles, store, host, port, token_file, keys) -> None:
+    """The daemon: serve models over HTTP (Open Inference Protocol v2) until SIGTERM."""
+    from .config import load_config
+    from .daemon import serve
+
+    def absolute(path):
+        return str(path.resolve()) if path else None
+
+    config = load_config(config_path, {
+        "store": absolute(store), "server.host": host, "server.port": port,
+        "server.token_file": absolute(token_file), "trusted_keys": [absolute(k) for k in keys] or None,
+    })
+    sys.exit(serve(config, [b.resolve() for b in bundles]))
+
+
+@cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @store_option
 @key_option

@@ -97,8 +97,8 @@ class ModelStore:
             raise UsageError(f"the store holds several models ({', '.join(names)}); choose one with --model")
         return names[0]
 
-    def load_active(self, name: str, threads: int | None = None) -> LoadedModel:
-        """Load the active slot of model ``name``."""
+    def load_active(self, name: str, threads: int | None = None, smoke: bool = False) -> LoadedModel:
+        """Load the active slot of model ``name`` (and run its smoke test when ``smoke``)."""
         state = self.state(name)
         if not state.get("active"):
             raise StoreError(f"model {name!r} has no active slot")
@@ -110,7 +110,14 @@ class ModelStore:
             # The extracted copy is what gets loaded: check it has not rotted or been replaced.
             if not on_disk.is_file() or hashlib.sha256(on_disk.read_bytes()).hexdigest() != entry["sha256"]:
                 raise StoreError(f"slot {state['active']} of {name!r} is corrupted; reinstall or roll back")
-            return load_model(folder / "files", bundle.manifest, threads)
+            model = load_model(folder / "files", bundle.manifest, threads)
+            if smoke:
+                try:
+                    smoke_test(model, bundle)
+                except BaseException:
+                    model.close()
+                    raise
+            return model
 
     # -- changing ----------------------------------------------------------------------------------
 

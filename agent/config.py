@@ -1,0 +1,168 @@
+"""The agent daemon's configuration file (``agent.yaml``), validated with every error named by its key.
+
+A minimal config is empty: the daemon then serves every model in the default store on
+127.0.0.1:8000. See ``examples/device/agent.yaml`` for a documented sample.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgepack.errors import UsageError
+
+
+class ConfigError(UsageError):
+    """The agent config file is missing, unreadable or invalid."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP addresses."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Batching(_Strict):
+    """Dynamic batching of concurrent requests for one model (as Triton's dynamic batcher)."""
+
+    enabled: bool = Field(True, description="merge concurrent requests when the model has a batch dimension")
+    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=10_000,
+        description="how long the first request of a batch may wait for more; 0 batches only what queued "
+        "up while the model was busy (no added latency at low load)",
+    )
+
+
+class ModelConfig(_Strict):
+    """Serving options of one model; ``name`` is the bundle's name (the OIP model name)."""
+
+    name: str = Field(min_length=1)
+    bundle: Path | None = Field(None, description="serve this bundle file directly instead of the store")
+    threads: int | None = Field(None, ge=1, le=256, description="intra-op threads (default: the bundle's profile)")
+    instances: int = Field(1, ge=1, le=64, description="batches run in parallel on this many workers")
+    batching: Batching = Field(default_factory=Batching)
+    nonfinite_inputs: Literal["reject", "allow"] = "reject"
+
+
+class ServerConfig(_Strict):
+    """The local HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = Field(None, min_length=16, description="bearer token; required off loopback")
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+
+    @model_validator(mode="after")
+    def _exposure(self) -> "ServerConfig":
+        if self.token and self.token_file:
+            raise ValueError("give token or token_file, not both")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if not is_loopback(self.host) and not (self.token or self.token_file):
+            raise ValueError(f"host {self.host!r} is not a loopback address: set token or token_file "
+                             "so the API is not open to the network")
+        return self
+
+    def bearer_token(self) -> str | None:
+        """The token from ``token`` or ``token_file`` (stripped), or None."""
+        if self.token_file:
+            try:
+                token = self.token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"server.token_file: cannot read {self.token_file}: {exc.strerror}") from None
+            if len(token) < 16:
+                raise ConfigError(f"server.token_file: the token in {self.token_file} is shorter than 16 characters")
+            return token
+        return self.token
+
+
+class AgentConfig(_Strict):
+    """The whole ``agent.yaml``."""
+
+    device_id: str | None = Field(None, description="this device's id (default: the host name)")
+    profile: str | None = Field(None, description="this device's profile; bundles for another are refused")
+    store: Path | None = Field(None, description="model store folder (default: $EDGEPACK_STORE or per-user)")
+    trusted_keys: list[Path] = Field([], description="public keys; when set, bundles must be signed by one")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    models: list[ModelConfig] = Field([], description="per-model options; models not listed use defaults")
+    serve_all: bool = Field(True, description="serve every model in the store, not only the listed ones")
+    watch_interval_s: float = Field(0.2, gt=0, le=60, description="how often the store is checked for installs")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "AgentConfig":
+        names = [model.name for model in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"models: {', '.join(duplicates)} listed more than once")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        """The options for model ``name`` (defaults when it is not listed)."""
+        return next((model for model in self.models if model.name == name), ModelConfig(name=name))
+
+
+def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig:
+    """Read and validate ``path`` (None: defaults); ``overrides`` maps dotted keys to values."""
+    data: dict = {}
+    label = str(path) if path else "(defaults)"
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        target = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors():
+            key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message}")
+        raise ConfigError(f"{label}: " + "; ".join(problems)) from None
+    if path:
+        base = Path(path).resolve().parent
+        # Relative paths in the file are relative to the file, as in systemd units and most daemons.
+        config.store = _relative(base, config.store)
+        config.trusted_keys = [_relative(base, key) for key in config.trusted_keys]
+        for model in config.models:
+            model.bundle = _relative(base, model.bundle)
+        for key in ("token_file", "tls_cert", "tls_key"):
+            setattr(config.server, key, _relative(base, getattr(config.server, key)))
+    config.server.bearer_token()  # a missing/short token file is a config error at start, not at request time
+    return config
+
+
+def _relative(base: Path, value: Path | None) -> Path | None:
+    if value is None or value.is_absolute():
+        return value
+    return base / value

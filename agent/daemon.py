@@ -1,0 +1,122 @@
+"""``edgepack-agent run``: load the models, serve them over HTTP, drain and exit 0 on SIGTERM.
+
+Shutdown order on SIGTERM/SIGINT (uvicorn's graceful shutdown, bounded by
+``server.graceful_shutdown_s``): stop accepting connections, let in-flight requests finish and send
+their responses, then stop the store watcher, finish queued batches and close every session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from edgepack.errors import EdgepackError, UsageError
+
+from .config import AgentConfig
+
+log = logging.getLogger("edgepack.agent")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or stop "
+                         "the process using it") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
+    import uvicorn
+
+    from .logs import setup_logging
+    from .serving.app import build_app
+    from .serving.metrics import ServingMetrics
+    from .serving.registry import ModelRegistry
+
+    setup_logging(config.log_level)
+    metrics = ServingMetrics()
+    registry = ModelRegistry(config, metrics, bundles)
+    startup_error: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            await registry.start()
+        except EdgepackError as exc:
+            startup_error.append(exc.message)
+            raise
+        names = sorted(registry.schedulers)
+        log.info("serving", extra={"models": names, "host": config.server.host, "port": port,
+                                    "store": str(registry.store.root), "tls": bool(config.server.tls_cert)})
+        if not names:
+            log.warning("no model to serve yet; install one with 'edgepack-agent install BUNDLE --store "
+                        f"{registry.store.root}' and this daemon picks it up")
+        yield
+        await registry.close()
+        log.info("stopped", extra={"models": names})
+
+    sock = _bind(config.server.host, config.server.port)
+    port = sock.getsockname()[1]
+    app = build_app(config, registry, metrics, lifespan)
+    uv_config = uvicorn.Config(
+        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=_pick("httptools", "httptools", "h11"),
+        lifespan="on", access_log=False, log_config=None, server_header=False,
+        timeout_graceful_shutdown=config.server.graceful_shutdown_s,
+        ssl_certfile=str(config.server.tls_cert) if config.server.tls_cert else None,
+        ssl_keyfile=str(config.server.tls_key) if config.server.tls_key else None,
+        # Many clients at once keep their connections; the queue, not the socket backlog, holds work.
+        backlog=2048, timeout_keep_alive=30,
+    )
+    server = _Server(uv_config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if startup_error:
+        print(f"error: {startup_error[0]}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+def _pick(module: str, yes: str, no: str) -> str:
+    try:
+        __import__(module)
+        return yes
+    except ImportError:
+        return no
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a handled SIGTERM ends in exit code 0.
+
+        uvicorn re-raises the signal after its graceful shutdown, so the process would die *by* SIGTERM
+        (status 143); a service manager should see a clean stop instead.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                if self._captured_signals:
+                    log.info("shutdown complete", extra={"signals": list(map(int, self._captured_signals)), "pid": os.getpid()})
+                self._captured_signals.clear()
+
+    return Server
+
+
+def _Server(config):  # noqa: N802 - a factory standing in for the class uvicorn is imported for
+    return _server_class()(config)

@@ -1,0 +1,213 @@
+"""The local HTTP API: Open Inference Protocol v2 routes, ``/metrics``, bearer-token auth.
+
+Starlette on uvicorn (uvloop + httptools): the ASGI stack FastAPI itself runs on, without FastAPI's
+per-request pydantic validation, which would cost more than the model on large tensors. Tensors are
+decoded straight into numpy (``orjson`` / ``np.frombuffer``), never into Python lists of floats.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import zlib
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edgepack import __version__
+from edgepack.errors import DataError, EdgepackError
+
+from ..config import AgentConfig
+from .metrics import ServingMetrics
+from .oip import (CONFIG_TYPES, HEADER_LENGTH, RequestError, decode_request, encode_response, oip_datatype,
+                  oip_shape, validate_inputs)
+from .registry import ModelRegistry
+
+log = logging.getLogger("edgepack.agent.serving")
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics"]
+#: Paths open without a token: liveness/readiness probes reveal nothing about models or data.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def _json(data, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")
+
+
+def _error(message: str, status: int) -> Response:
+    return _json({"error": message}, status)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The (decompressed) body, refusing anything over ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        # tritonclient compresses requests on demand; cap the inflated size too (zip bombs).
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            raise RequestError(f"the body is not valid {encoding} data") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise BodyTooLarge
+    elif encoding != "identity":
+        raise RequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    return body
+
+
+class BearerAuth:
+    """ASGI middleware: every path but the health probes needs ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: no token prefix oracle
+                response = Response(b'{"error":"missing or wrong bearer token; send Authorization: Bearer <token>"}',
+                                    401, media_type="application/json", headers={"www-authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics, lifespan=None):
+    """The ASGI application serving ``registry``'s models (``lifespan`` loads and closes them)."""
+    max_body = config.server.max_body_bytes
+
+    def model_or_404(request: Request):
+        name = request.path_params["name"]
+        scheduler = registry.get(name)
+        if scheduler is None:
+            known = ", ".join(sorted(registry.schedulers)) or "none"
+            return None, _error(f"unknown model {name!r}; served models: {known}", 404)
+        version = request.path_params.get("version")
+        if version is not None and version != scheduler.current.version:
+            return None, _error(f"model {name!r} serves version {scheduler.current.version}, not {version!r}", 404)
+        return scheduler, None
+
+    async def live(request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(request: Request) -> Response:
+        ok = registry.ready
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json({"name": "edgepack-agent", "version": __version__, "extensions": EXTENSIONS})
+
+    async def model_metadata(request: Request) -> Response:
+        scheduler, error = model_or_404(request)
+        if error:
+            return error
+        model = scheduler.current.model
+        return _json({
+            "name": scheduler.name, "versions": [model.version],
+            "platform": "onnxruntime_onnx" if model.backend.runtime == "onnxruntime" else "tensorflow_lite",
+            "inputs": [{"name": s.name, "datatype": oip_datatype(s), "shape": oip_shape(s.shape)} for s in model.inputs],
+            "outputs": [{"name": s.name, "datatype": oip_datatype(s), "shape": oip_shape(s.shape)} for s in model.outputs],
+        })
+
+    async def model_ready(request: Request) -> Response:
+        scheduler, error = model_or_404(request)
+        if error:
+            return error
+        return _json({"name": scheduler.name, "ready": True})
+
+    async def model_config(request: Request) -> Response:
+        scheduler, error = model_or_404(request)
+        if error:
+            return error
+        model = scheduler.current.model
+
+        def tensors(specs):
+            # Triton's config leaves the batch dimension out when max_batch_size > 0.
+            batched = scheduler.max_batch > 1
+            return [{"name": s.name, "data_type": CONFIG_TYPES[oip_datatype(s)],
+                     "dims": oip_shape(s.shape[1:] if batched else s.shape)} for s in specs]
+
+        body = {"name": scheduler.name, "platform": "onnxruntime_onnx" if model.backend.runtime == "onnxruntime"
+                else "tensorflow_lite", "max_batch_size": scheduler.max_batch if scheduler.max_batch > 1 else 0,
+                "input": tensors(model.inputs), "output": tensors(model.outputs),
+                "instance_group": [{"count": scheduler.options.instances, "kind": "KIND_CPU"}]}
+        if scheduler.max_batch > 1:
+            body["dynamic_batching"] = {"max_queue_delay_microseconds": int(scheduler.options.batching.max_queue_delay_ms * 1000)}
+        return _json(body)
+
+    async def infer(request: Request) -> Response:
+        started = time.perf_counter()
+        name = request.path_params["name"]
+        scheduler, error = model_or_404(request)
+        if error:
+            metrics.observe_request(name if name in registry.schedulers else "_unknown", "not_found")
+            return error
+        try:
+            body = await _read_body(request, max_body)
+            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+            model = scheduler.current.model
+            feeds = validate_inputs(decoded.inputs, model.inputs, scheduler.options.nonfinite_inputs == "allow")
+            result = await scheduler.infer(feeds)
+            payload, headers = encode_response(name, result.version, decoded, result.outputs, model.outputs)
+        except BodyTooLarge:
+            metrics.observe_request(name, "too_large")
+            return _error(f"the request body is larger than server.max_body_bytes ({max_body} bytes)", 413)
+        except (RequestError, DataError) as exc:
+            metrics.observe_request(name, "bad_request")
+            return _error(str(exc), 400)
+        except ClientDisconnect:
+            metrics.observe_request(name, "disconnected")
+            return Response(status_code=499)
+        except EdgepackError as exc:
+            metrics.observe_request(name, "error")
+            log.error("inference failed", extra={"model": name, "error": exc.message})
+            return _error(exc.message, 500)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the daemon
+            metrics.observe_request(name, "error")
+            log.exception("inference failed", extra={"model": name})
+            return _error(f"internal error: {type(exc).__name__}", 500)
+        metrics.observe_request(name, "ok", time.perf_counter() - started, result.queue_seconds)
+        return Response(payload, 200, headers=headers)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), 200, headers={"content-type": metrics.content_type})
+
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/{name}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+
+    async def not_found(request: Request, exc) -> Response:
+        return _error(f"no route {request.method} {request.url.path}; see the Open Inference Protocol v2 paths", exc.status_code)
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+    token = config.server.bearer_token()
+    return BearerAuth(app, token) if token else app

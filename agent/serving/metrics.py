@@ -1,0 +1,77 @@
+"""Prometheus metrics of the serving path (``GET /metrics``), in their own registry.
+
+The same collectors feed :meth:`ServingMetrics.snapshot`, which the telemetry publisher sends over
+MQTT, so the dashboard and the fleet see the same numbers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Edge models answer in 0.1 ms .. seconds; the default buckets start at 5 ms.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# "*_created" timestamp series double the output and no dashboard reads them.
+disable_created_metrics()
+
+
+class ServingMetrics:
+    """Every metric the agent's HTTP path records."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("edgepack_requests", "Inference requests by outcome", ["model", "outcome"], registry=r)
+        self.request_seconds = Histogram("edgepack_request_seconds", "Time from request to response",
+                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("edgepack_queue_seconds", "Time a request waited for a batch",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("edgepack_inference_seconds", "Time the runtime took per batch",
+                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("edgepack_batch_size", "Samples per executed batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("edgepack_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
+        self.model_load_seconds = Gauge("edgepack_model_load_seconds", "Load + smoke-test time of the active version",
+                                        ["model"], registry=r)
+        self.active = Gauge("edgepack_model_active", "1 for the active version of each model",
+                            ["model", "version", "slot"], registry=r)
+        self.swaps = Counter("edgepack_model_swaps", "Times a new version took over traffic", ["model"], registry=r)
+        self.load_failures = Counter("edgepack_model_load_failures", "Versions that failed to load or smoke-test",
+                                     ["model"], registry=r)
+
+    def model_active(self, model: str, version: str, slot: str | None, old_version: str | None, old_slot: str | None) -> None:
+        if old_version is not None:
+            try:
+                self.active.remove(model, old_version, old_slot or "")
+            except KeyError:
+                pass
+            self.swaps.labels(model).inc()
+        self.active.labels(model, version, slot or "").set(1)
+
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.inference_seconds.labels(model).observe(seconds)
+
+    def observe_request(self, model: str, outcome: str, total: float | None = None, queued: float | None = None) -> None:
+        self.requests.labels(model, outcome).inc()
+        if total is not None:
+            self.request_seconds.labels(model).observe(total)
+        if queued is not None:
+            self.queue_seconds.labels(model).observe(queued)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def snapshot(self) -> dict:
+        """Plain numbers for telemetry: {metric name: {label string: value}}."""
+        data: dict[str, dict[str, float]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                data.setdefault(sample.name, {})[labels] = sample.value
+        return data

@@ -1,0 +1,149 @@
+"""The models a daemon serves: loaded from bundle files or the store, and swapped when the store changes.
+
+``edgepack-agent install B --store S`` verifies, stages and smoke-tests B in the inactive slot and then
+switches ``state.json``; a daemon serving S notices the new state on its next poll, loads and
+smoke-tests the new slot itself off the event loop, and only then routes traffic to it. Until the
+swap, and if the new version fails to load, the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from edgepack.bundle import open_bundle
+from edgepack.bundle.signing import load_public_key
+from edgepack.errors import EdgepackError
+
+from ..config import AgentConfig
+from ..model import load_model, smoke_test
+from ..store import ModelStore
+from .metrics import ServingMetrics
+from .scheduler import ModelScheduler, ServedVersion
+
+log = logging.getLogger("edgepack.agent.serving")
+
+
+class ModelRegistry:
+    """Model name -> scheduler; owns loading, the store watcher and shutdown."""
+
+    def __init__(self, config: AgentConfig, metrics: ServingMetrics, bundles: list[Path] = ()):
+        self.config = config
+        self.metrics = metrics
+        self.keys = [load_public_key(path) for path in config.trusted_keys] or None
+        self.store = ModelStore(config.store, self.keys, config.profile)
+        self.bundles = [Path(b) for b in bundles] + [m.bundle for m in config.models if m.bundle]
+        self.schedulers: dict[str, ModelScheduler] = {}
+        self._temp = Path(tempfile.mkdtemp(prefix="edgepack-agent-"))
+        self._watcher: asyncio.Task | None = None
+        self._failed: dict[str, str] = {}  # name -> key of a version that failed, so it is not retried forever
+
+    # -- lookup ------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> ModelScheduler | None:
+        scheduler = self.schedulers.get(name)
+        return scheduler if scheduler and scheduler.current else None
+
+    @property
+    def ready(self) -> bool:
+        return all(s.current is not None for s in self.schedulers.values())
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def _load_bundle_file(self, path: Path) -> ServedVersion:
+        started = time.perf_counter()
+        folder = Path(tempfile.mkdtemp(prefix="bundle-", dir=self._temp))
+        with open_bundle(path, public_keys=self.keys) as bundle:
+            manifest = bundle.manifest
+            if self.config.profile and manifest["profile"] != self.config.profile:
+                raise EdgepackError(f"bundle {path} is for profile {manifest['profile']!r}, not {self.config.profile!r}")
+            bundle.extract_to(folder)
+            model = load_model(folder, manifest, self.config.model(manifest["name"]).threads)
+            try:
+                smoke_test(model, bundle)
+            except BaseException:
+                model.close()
+                raise
+        return ServedVersion(model, None, time.perf_counter() - started, f"file:{path}")
+
+    def _load_store_slot(self, name: str, key: str) -> ServedVersion:
+        started = time.perf_counter()
+        model = self.store.load_active(name, self.config.model(name).threads, smoke=True)
+        return ServedVersion(model, self.store.state(name).get("active"), time.perf_counter() - started, key)
+
+    def _store_key(self, name: str) -> str | None:
+        state = self.store.state(name)
+        active = state.get("active")
+        if not active:
+            return None
+        return f"{active}:{state['slots'].get(active, {}).get('manifest_sha256')}"
+
+    def _scheduler(self, name: str) -> ModelScheduler:
+        if name not in self.schedulers:
+            self.schedulers[name] = ModelScheduler(name, self.config.model(name), self.metrics)
+        return self.schedulers[name]
+
+    def _store_names(self) -> list[str]:
+        listed = [m.name for m in self.config.models if not m.bundle]
+        installed = self.store.model_names()
+        return sorted(set(installed) if self.config.serve_all else set(listed) & set(installed))
+
+    async def start(self) -> None:
+        """Load every bundle file and store model (a bad one is reported, the others still serve)."""
+        loop = asyncio.get_running_loop()
+        for path in self.bundles:
+            try:
+                served = await loop.run_in_executor(None, self._load_bundle_file, path)
+            except EdgepackError as exc:
+                raise EdgepackError(f"cannot serve {path}: {exc.message}") from None
+            self._scheduler(served.model.name).swap(served)
+        await self.refresh()
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def refresh(self) -> None:
+        """Load the store's active slot of every model whose state changed since the last look."""
+        loop = asyncio.get_running_loop()
+        for name in self._store_names():
+            scheduler = self.schedulers.get(name)
+            if scheduler and scheduler.current and scheduler.current.key.startswith("file:"):
+                continue  # served from a bundle file given on the command line
+            try:
+                key = self._store_key(name)
+            except EdgepackError as exc:
+                log.warning("store state unreadable", extra={"model": name, "error": exc.message})
+                continue
+            if key is None or (scheduler and scheduler.current and scheduler.current.key == key):
+                continue
+            if self._failed.get(name) == key:
+                continue
+            try:
+                served = await loop.run_in_executor(None, self._load_store_slot, name, key)
+            except Exception as exc:  # noqa: BLE001 - keep serving the old version whatever went wrong
+                self._failed[name] = key
+                self.metrics.load_failures.labels(name).inc()
+                message = exc.message if isinstance(exc, EdgepackError) else f"{type(exc).__name__}: {exc}"
+                log.error("new version failed to load; the old one keeps serving", extra={"model": name, "error": message})
+                self._scheduler(name)  # known, so readiness reports it as not ready when nothing serves
+                continue
+            self._failed.pop(name, None)
+            self._scheduler(name).swap(served)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.watch_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher must survive anything the disk does
+                log.exception("store watch failed")
+
+    async def close(self) -> None:
+        """Stop watching, finish queued requests, close every session, remove temporary files."""
+        if self._watcher:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in self.schedulers.values()))
+        shutil.rmtree(self._temp, ignore_errors=True)
