@@ -57,3 +57,16 @@ def converted(digits, tmp_path_factory):
 def validation_arrays(digits):
     with np.load(digits / "validation.npz") as data:
         return data["input"], data["labels"]
+
+
+@pytest.fixture(scope="session")
+def serving_bundles(digits, tmp_path_factory):
+    """Two versions of model "digits" with different outputs: 1.0.0 fp32 (x86-64), 2.0.0 int8 (rpi4)."""
+    from converters.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("serving-bundles")
+    common = dict(model=str(digits / "digits_cnn.pt2"), out=out, calibration=str(digits / "calibration.npz"),
+                  validation=str(digits / "validation.npz"), name="digits")
+    (first,) = convert(ConvertOptions(profiles=["x86-64"], recipes=["onnx-fp32"], version="1.0.0", **common))
+    (second,) = convert(ConvertOptions(profiles=["rpi4"], recipes=["onnx-int8-static"], version="2.0.0", **common))
+    return first.bundle, second.bundle
