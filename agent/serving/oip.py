@@ -168,7 +168,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         if name in inputs:
             raise RequestError(f"input {name!r} is given twice")
         datatype = item.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise RequestError(f"input {name!r}: unknown datatype {datatype!r}; use one of {', '.join(DATATYPES)}")
         dtype = DATATYPES[datatype]
         shape = _shape(item, name)
