@@ -110,9 +110,12 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
 @store_option
 @click.option("--json", "as_json", is_flag=True)
 def status(store, as_json) -> None:
-    """Slots, versions and update state of every model in the store."""
+    """Slots, versions and health of every model in the store."""
     model_store = _store(store)
     states = {name: model_store.state(name) for name in model_store.model_names()}
+    for name, state in states.items():
+        for slot, info in state["slots"].items():
+            info["health"] = model_store.slot_health(name, slot)
     if as_json:
         click.echo(json.dumps({"store": str(model_store.root), "models": states}, indent=2))
         return
@@ -122,7 +125,7 @@ def status(store, as_json) -> None:
         click.echo(f"{name}: active slot {state['active']}, previous {state['previous'] or 'none'}")
         for slot, info in sorted(state["slots"].items()):
             marker = "*" if slot == state["active"] else " "
-            click.echo(f"  {marker} {slot}: {info['version']} {info['precision']} for {info['profile']}")
+            click.echo(f"  {marker} {slot}: {info['version']} {info['precision']} for {info['profile']} ({info['health']})")
 
 
 @cli.command()

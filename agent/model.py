@@ -52,6 +52,16 @@ def load_model(folder: Path, manifest: dict, threads: int | None = None) -> Load
     return LoadedModel(manifest["name"], manifest["version"], manifest, backend, folder)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc keeps it otherwise, e.g. after reading a bundle)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        pass
+
+
 def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
     """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss."""
     samples = model.manifest.get("samples")
@@ -59,7 +69,8 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
         return
     feeds = {name: bundle.read_array(path) for name, path in samples["inputs"].items()}
     try:
-        outputs = model.predict(feeds)
+        # One sample at a time: a batch of samples would grow the runtime's memory arena for good.
+        outputs = model.predict(feeds, max_batch=1)
     except Exception as exc:
         raise StoreError(f"smoke test failed: the model cannot run its sample inputs ({exc})") from None
     for name, path in samples["outputs"].items():

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from edgepack.bundle import open_bundle
-from edgepack.errors import StoreError, UsageError
+from edgepack.errors import EdgepackError, StoreError, UsageError
 
 from .model import LoadedModel, load_model, smoke_test
 
@@ -83,6 +83,21 @@ class ModelStore:
 
     def slot_dir(self, name: str, slot: str) -> Path:
         return self.root / "models" / name / "slots" / slot
+
+    def slot_health(self, name: str, slot: str) -> str:
+        """"ok" when the slot's bundle verifies and its extracted files match their hashes, else why not."""
+        folder = self.slot_dir(name, slot)
+        try:
+            with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=True) as bundle:
+                for member, entry in bundle.manifest["files"].items():
+                    on_disk = folder / "files" / member
+                    if not on_disk.is_file():
+                        return f"missing extracted file {member}"
+                    if hashlib.sha256(on_disk.read_bytes()).hexdigest() != entry["sha256"]:
+                        return f"extracted file {member} is corrupted"
+        except EdgepackError as exc:
+            return exc.message
+        return "ok"
 
     def resolve_name(self, name: str | None) -> str:
         """The model to use: ``name``, or the only installed model."""
@@ -163,8 +178,14 @@ class ModelStore:
         if not previous or previous not in state.get("slots", {}):
             raise StoreError(f"model {name!r} has no previous version to roll back to")
         folder = self.slot_dir(name, previous)
-        with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=True):
-            pass
+        with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=True) as bundle:
+            if self.slot_health(name, previous) != "ok":
+                # The bundle itself verified: rebuild the extracted copy from it rather than refuse.
+                fresh = folder / "files.new"
+                shutil.rmtree(fresh, ignore_errors=True)
+                bundle.extract_to(fresh)
+                shutil.rmtree(folder / "files", ignore_errors=True)
+                os.replace(fresh, folder / "files")
         new_state = {**state, "active": previous, "previous": state["active"]}
         write_json_atomic(self.root / "models" / name / "state.json", new_state)
         return new_state

@@ -61,7 +61,7 @@ def validation_arrays(digits):
 
 @pytest.fixture(scope="session")
 def serving_bundles(digits, tmp_path_factory):
-    """Two versions of model "digits" with different outputs: 1.0.0 fp32 (x86-64), 2.0.0 int8 (rpi4)."""
+    """Model "digits" 1.0.0 fp32 (x86-64) and 2.0.0 int8 (rpi4), and a model "digits-int8" 0.3.0."""
     from converters.pipeline import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("serving-bundles")
@@ -69,4 +69,6 @@ def serving_bundles(digits, tmp_path_factory):
                   validation=str(digits / "validation.npz"), name="digits")
     (first,) = convert(ConvertOptions(profiles=["x86-64"], recipes=["onnx-fp32"], version="1.0.0", **common))
     (second,) = convert(ConvertOptions(profiles=["rpi4"], recipes=["onnx-int8-static"], version="2.0.0", **common))
-    return first.bundle, second.bundle
+    common["name"] = "digits-int8"
+    (other,) = convert(ConvertOptions(profiles=["rpi4"], recipes=["onnx-int8-static"], version="0.3.0", **common))
+    return first.bundle, second.bundle, other.bundle

@@ -31,6 +31,11 @@ def test_install_predict_status_rollback(bundles, digits, tmp_path, validation_a
     state = status["models"]["digits"]
     assert state["active"] == "b" and state["previous"] == "a"
     assert state["slots"]["b"]["profile"] == "rpi4"
+    assert state["slots"]["a"]["health"] == state["slots"]["b"]["health"] == "ok"
+    model_file = next((store / "models/digits/slots/a/files/model").iterdir())
+    model_file.write_bytes(model_file.read_bytes()[:-1] + b"x")
+    status = json.loads(run_cli("status", "--store", store, "--json", program="edgepack-agent").stdout)
+    assert "corrupted" in status["models"]["digits"]["slots"]["a"]["health"]
 
     images, labels = validation_arrays
     np.save(tmp_path / "in.npy", images)
@@ -44,6 +49,7 @@ def test_install_predict_status_rollback(bundles, digits, tmp_path, validation_a
     rolled = run_cli("rollback", "--store", store, program="edgepack-agent")
     assert rolled.returncode == 0, rolled.stderr
     assert ModelStore(store).state("digits")["active"] == "a"
+    assert ModelStore(store).slot_health("digits", "a") == "ok"  # the corrupted copy was rebuilt from the bundle
 
 
 def test_predict_formats_match_direct_session(bundles, tmp_path, validation_arrays):

@@ -20,7 +20,7 @@ from edgepack.bundle.signing import load_public_key
 from edgepack.errors import EdgepackError
 
 from ..config import AgentConfig
-from ..model import load_model, smoke_test
+from ..model import load_model, release_freed_memory, smoke_test
 from ..store import ModelStore
 from .metrics import ServingMetrics
 from .scheduler import ModelScheduler, ServedVersion
@@ -68,11 +68,13 @@ class ModelRegistry:
             except BaseException:
                 model.close()
                 raise
+        release_freed_memory()
         return ServedVersion(model, None, time.perf_counter() - started, f"file:{path}")
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:
         started = time.perf_counter()
         model = self.store.load_active(name, self.config.model(name).threads, smoke=True)
+        release_freed_memory()
         return ServedVersion(model, self.store.state(name).get("active"), time.perf_counter() - started, key)
 
     def _store_key(self, name: str) -> str | None:

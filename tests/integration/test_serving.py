@@ -198,3 +198,23 @@ def test_daemon_imports_no_converter_stack(serving_bundles, tmp_path):
     assert "onnxruntime" in modules and "uvicorn" in modules  # the probe saw the serving process
     for forbidden in ("torch", "onnx", "converters", "litert_torch", "tensorflow", "transformers", "onnxscript", "sklearn", "skl2onnx"):
         assert forbidden not in modules, forbidden
+
+
+def test_several_models_side_by_side_from_the_store(serving_bundles, tmp_path, images):
+    store = tmp_path / "store"
+    for bundle in (serving_bundles[0], serving_bundles[2]):
+        assert run_cli("install", bundle, "--store", store, program="edgepack-agent").returncode == 0
+    with Daemon("--store", store) as running:
+        client = triton.InferenceServerClient(running.address)
+        answers = {}
+        for name in ("digits", "digits-int8"):
+            assert client.is_model_ready(name)
+            tensor = triton.InferInput("input", list(images.shape), "FP32")
+            tensor.set_data_from_numpy(images)
+            result = client.infer(name, [tensor])
+            answers[name] = (result.get_response()["model_version"], result.as_numpy(result.get_response()["outputs"][0]["name"]))
+        assert running.stop() == 0
+    assert answers["digits"][0] == "1.0.0" and answers["digits-int8"][0] == "0.3.0"
+    np.testing.assert_allclose(answers["digits"][1], _reference(serving_bundles[0], images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answers["digits-int8"][1], _reference(serving_bundles[2], images), rtol=1e-5, atol=1e-5)
+    assert (answers["digits"][1].argmax(1) == answers["digits-int8"][1].argmax(1)).mean() > 0.9

@@ -29,7 +29,7 @@ def _probe(url: str, body: bytes, stop: threading.Event, seen: list) -> None:
 
 
 def test_install_while_serving_switches_once_without_errors(serving_bundles, tmp_path, digits):
-    first, second = serving_bundles
+    first, second, _ = serving_bundles
     store = tmp_path / "store"
     assert run_cli("install", first, "--store", store, program="edgepack-agent").returncode == 0
     image = np.load(digits / "validation.npz")["input"][:1]
@@ -70,7 +70,7 @@ def test_install_while_serving_switches_once_without_errors(serving_bundles, tmp
 
 
 def test_a_version_that_fails_to_load_keeps_the_old_one_serving(serving_bundles, tmp_path):
-    first, second = serving_bundles
+    first, second, _ = serving_bundles
     store = tmp_path / "store"
     assert run_cli("install", first, "--store", store, program="edgepack-agent").returncode == 0
     with Daemon("--store", store) as running:

@@ -1,0 +1,335 @@
+"""Benchmark: the agent's serving path against raw ONNX Runtime and the tutorial FastAPI endpoint.
+
+    python benchmarks/serving.py [--duration 8] [--rounds 1] [--size 224]
+
+One MobileNetV2-style CNN (random weights; speed does not depend on them), input 1x3xSIZExSIZE,
+converted with `edgepack convert --profile x86-64 --recipe onnx-fp32`, 2 intra-op threads everywhere.
+
+(a) in process, concurrency 1/8/32 (threads): agent ``LoadedModel.predict`` vs raw ``session.run``
+    target: overhead <= 5%
+(b) over HTTP, concurrency 1/8/32 (wrk connections, keep-alive, a Lua body):
+    the FastAPI baseline (../shared/baselines/seed_fastapi_server.py, JSON) vs the agent with JSON,
+    binary tensors unbatched, and binary tensors with dynamic batching
+    targets: agent JSON >= 1.0x baseline; binary >= 3x baseline; batching >= 1.5x unbatched at
+    concurrency 32 with p95 <= 1.3x
+(c) idle RSS of the agent daemon vs a bare Python process that loads the model with onnxruntime
+    (target <= 1.3x), and cold start to the first answered request (target <= 2 s).
+Needs wrk (Debian package "wrk").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+BASELINE = ROOT.parent / "shared" / "baselines" / "seed_fastapi_server.py"
+CONCURRENCY = (1, 8, 32)
+THREADS = 2
+
+WRK_SCRIPT = r"""
+local f = io.open(os.getenv("BODY_FILE"), "rb"); wrk.body = f:read("*a"); f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+local hl = os.getenv("HEADER_LENGTH")
+if hl and hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %d, "duration_us": %d, "errors": %d, "non2xx": %d, ' ..
+    '"p50": %d, "p95": %d, "p99": %d}\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def build_bundle(work: Path, size: int) -> tuple[Path, Path]:
+    """Export the CNN, convert it to an fp32 bundle; return (bundle, extracted model.onnx)."""
+    import torch
+
+    from converters.pipeline import ConvertOptions, convert
+    from edgepack.bundle import open_bundle
+    from mobilenet import mobilenet
+
+    torch.manual_seed(0)
+    model = mobilenet().eval()
+    example = torch.randn(2, 3, size, size)  # batch 1 would specialise the batch dimension
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+    torch.export.save(program, str(work / "cnn.pt2"))
+    np.save(work / "calibration.npy", np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32))
+    (result,) = convert(ConvertOptions(model=str(work / "cnn.pt2"), profiles=["x86-64"], out=work, recipes=["onnx-fp32"],
+                                       calibration=str(work / "calibration.npy"), name="cnn", version="1.0.0"))
+    if not result.bundle:
+        raise SystemExit(f"conversion failed: {result.error}")
+    with open_bundle(result.bundle) as bundle:
+        (work / "model.onnx").write_bytes(bundle.read_file(bundle.manifest["model_file"]))
+    return result.bundle, work / "model.onnx"
+
+
+# -- (a) in process ---------------------------------------------------------------------------------
+
+def closed_loop(call, concurrency: int, duration: float) -> tuple[float, float]:
+    """Requests/s and p50 ms of ``call`` from ``concurrency`` threads for ``duration`` s."""
+    latencies: list[float] = []
+    stop = time.perf_counter() + duration
+
+    def worker():
+        local = []
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            call()
+            local.append(time.perf_counter() - start)
+        latencies.extend(local)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - began), statistics.median(latencies) * 1000
+
+
+def in_process(bundle: Path, onnx_path: Path, sample: np.ndarray, duration: float, rounds: int) -> list[dict]:
+    import onnxruntime as ort
+
+    from agent.model import load_model
+    from edgepack.bundle import open_bundle
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    folder = Path(tempfile.mkdtemp())
+    with open_bundle(bundle) as opened:
+        opened.extract_to(folder)
+        model = load_model(folder, opened.manifest, THREADS)
+    feeds = {"input": sample}
+    calls = {"raw session.run": lambda: session.run(None, feeds), "agent predict": lambda: model.predict(feeds)}
+    for call in calls.values():
+        for _ in range(20):
+            call()
+    rows = []
+    for concurrency in CONCURRENCY:
+        measured = {name: [] for name in calls}
+        for _ in range(rounds * 3):  # short interleaved runs: drift hits both alike
+            for name, call in calls.items():
+                measured[name].append(closed_loop(call, concurrency, duration / 3))
+        raw = statistics.median(r for r, _ in measured["raw session.run"])
+        agent = statistics.median(r for r, _ in measured["agent predict"])
+        rows.append({"concurrency": concurrency, "raw_rps": raw, "agent_rps": agent,
+                     "raw_p50": statistics.median(p for _, p in measured["raw session.run"]),
+                     "agent_p50": statistics.median(p for _, p in measured["agent predict"]),
+                     "overhead": 1 - agent / raw})
+    model.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+# -- (b) HTTP ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60, body: bytes | None = None, headers=None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, data=body, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+class Server:
+    """A server subprocess on a free port."""
+
+    def __init__(self, args: list[str], ready_path: str, cwd=ROOT):
+        self.port = free_port()
+        self.process = subprocess.Popen([*args, "--port", str(self.port)], cwd=cwd, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_http(self.url + ready_path)
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS"))) / 1024
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def agent_server(bundle: Path, work: Path, batching: bool, max_batch: int) -> Server:
+    config = work / f"agent-{batching}.yaml"
+    config.write_text(f"store: {work / 'store'}\nlog_level: warning\nmodels:\n  - name: cnn\n    threads: {THREADS}\n"
+                      f"    batching: {{enabled: {str(batching).lower()}, max_batch_size: {max_batch}, max_queue_delay_ms: 0}}\n")
+    return Server([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--bundle", str(bundle)],
+                  "/v2/health/ready")
+
+
+def wrk(url: str, body_file: Path, content_type: str, header_length: str, concurrency: int, duration: float,
+        script: Path) -> dict:
+    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type, "HEADER_LENGTH": header_length}
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "60s", "-s", str(script), url],
+                         capture_output=True, text=True, env=env, timeout=duration + 120)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    data = json.loads(line[len("RESULT "):])
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    return data
+
+
+def binary_body(sample: np.ndarray) -> tuple[bytes, int]:
+    """An OIP request with the binary tensor extension, and its JSON header length."""
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(sample.shape),
+                                     "parameters": {"binary_data_size": sample.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + sample.tobytes(), len(header)
+
+
+def http_rows(bundle: Path, onnx_path: Path, sample: np.ndarray, work: Path, duration: float, rounds: int, max_batch: int) -> list[dict]:
+    script = work / "body.lua"
+    script.write_text(WRK_SCRIPT)
+    values = sample.tolist()
+    (work / "baseline.json").write_text(json.dumps({"input": values}))
+    flat = sample.reshape(-1).tolist()
+    (work / "oip.json").write_text(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(sample.shape), "data": flat}]}))
+    body, header_length = binary_body(sample)
+    (work / "oip.bin").write_bytes(body)
+    setups = [
+        ("FastAPI baseline, JSON", lambda: Server([sys.executable, str(BASELINE), str(onnx_path), "--threads", str(THREADS)], "/health"),
+         "/predict", "baseline.json", "application/json", ""),
+        ("agent, JSON", lambda: agent_server(bundle, work, False, max_batch), "/v2/models/cnn/infer", "oip.json", "application/json", ""),
+        ("agent, binary", lambda: agent_server(bundle, work, False, max_batch), "/v2/models/cnn/infer", "oip.bin",
+         "application/octet-stream", str(header_length)),
+        (f"agent, binary + batching (max {max_batch})", lambda: agent_server(bundle, work, True, max_batch),
+         "/v2/models/cnn/infer", "oip.bin", "application/octet-stream", str(header_length)),
+    ]
+    rows = []
+    for label, start, path, body, content_type, header_length in setups:
+        server = start()
+        try:
+            for concurrency in CONCURRENCY:
+                wrk(server.url + path, work / body, content_type, header_length, concurrency, 2, script)  # warm-up
+                runs = [wrk(server.url + path, work / body, content_type, header_length, concurrency, duration, script)
+                        for _ in range(rounds)]
+                best = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+                rows.append({"server": label, "concurrency": concurrency, **best})
+                print(f"  {label:40s} c={concurrency:<3d} {best['rps']:8.1f} req/s  p50 {best['p50']/1000:7.1f} ms  "
+                      f"p95 {best['p95']/1000:7.1f} ms  errors {best['errors'] + best['non2xx']}", flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+# -- (c) memory and cold start ----------------------------------------------------------------------
+
+BARE = """
+import sys, time, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.intra_op_num_threads = 2
+s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+s.run(None, {"input": np.load(sys.argv[2])})
+print("ready", flush=True); time.sleep(600)
+"""
+
+
+def memory_and_cold_start(bundle: Path, onnx_path: Path, sample: np.ndarray, work: Path) -> dict:
+    np.save(work / "sample.npy", sample)
+    bare = subprocess.Popen([sys.executable, "-c", BARE, str(onnx_path), str(work / "sample.npy")], stdout=subprocess.PIPE, text=True)
+    bare.stdout.readline()
+    time.sleep(1)
+    bare_rss = int(next(l.split()[1] for l in Path(f"/proc/{bare.pid}/status").read_text().splitlines() if l.startswith("VmRSS"))) / 1024
+    bare.kill()
+    body, header_len = binary_body(sample)
+    starts, agent_rss = [], []
+    for _ in range(3):
+        port = free_port()
+        began = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--bundle", str(bundle), "--port", str(port),
+                                    "--store", str(work / "store")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"http://127.0.0.1:{port}/v2/models/cnn/infer", body=body,
+                  headers={"Inference-Header-Content-Length": str(header_len), "Content-Type": "application/octet-stream"})
+        starts.append(time.perf_counter() - began)
+        time.sleep(1)
+        agent_rss.append(int(next(l.split()[1] for l in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                                  if l.startswith("VmRSS"))) / 1024)
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    return {"bare_rss_mb": bare_rss, "agent_rss_mb": statistics.median(agent_rss), "cold_start_s": statistics.median(starts)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat each HTTP measurement, report the median")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--skip-in-process", action="store_true")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    work = Path(tempfile.mkdtemp(prefix="edgepack-serving-"))
+    bundle, onnx_path = build_bundle(work, args.size)
+    sample = np.random.default_rng(1).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+
+    print(f"\n(a) in process, batch 1, {THREADS} threads, input {list(sample.shape)}", flush=True)
+    rows_a = [] if args.skip_in_process else in_process(bundle, onnx_path, sample, args.duration, args.rounds)
+    print("| concurrency | raw session.run req/s | agent predict req/s | raw p50 ms | agent p50 ms | overhead |")
+    print("|---|---|---|---|---|---|")
+    for r in rows_a:
+        print(f"| {r['concurrency']} | {r['raw_rps']:.1f} | {r['agent_rps']:.1f} | {r['raw_p50']:.2f} | {r['agent_p50']:.2f} | {r['overhead']*100:+.1f}% |")
+
+    print(f"\n(b) over HTTP (wrk, {args.duration:.0f} s per point)", flush=True)
+    rows_b = http_rows(bundle, onnx_path, sample, work, args.duration, args.rounds, args.max_batch)
+    base = {r["concurrency"]: r["rps"] for r in rows_b if r["server"].startswith("FastAPI")}
+    unbatched = {r["concurrency"]: r for r in rows_b if r["server"] == "agent, binary"}
+    print("| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | vs baseline | vs agent unbatched |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows_b:
+        c = r["concurrency"]
+        print(f"| {r['server']} | {c} | {r['rps']:.1f} | {r['p50']/1000:.1f} | {r['p95']/1000:.1f} | {r['p99']/1000:.1f} | "
+              f"{r['errors'] + r['non2xx']} | {r['rps']/base[c]:.2f}x | {r['rps']/unbatched[c]['rps']:.2f}x |")
+    batched32 = next(r for r in rows_b if "batching" in r["server"] and r["concurrency"] == 32)
+    print(f"batching at concurrency 32: {batched32['rps']/unbatched[32]['rps']:.2f}x throughput, "
+          f"p95 {batched32['p95']/unbatched[32]['p95']:.2f}x of unbatched")
+
+    print("\n(c) memory and cold start", flush=True)
+    c = memory_and_cold_start(bundle, onnx_path, sample, work)
+    print("| measure | agent | bare onnxruntime process | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| idle RSS after one inference | {c['agent_rss_mb']:.1f} MB | {c['bare_rss_mb']:.1f} MB | "
+          f"{c['agent_rss_mb']/c['bare_rss_mb']:.2f}x | <= 1.3x |")
+    print(f"| cold start to first answered request | {c['cold_start_s']:.2f} s | | | <= 2 s |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
