@@ -26,3 +26,32 @@ rows = [json.loads(line) for line in open(f"{out}/predictions.jsonl")]
 predicted = np.array([np.argmax(next(iter(r.values()))) for r in rows])
 print(f"agent predictions on {len(rows)} held-out digits: {int((predicted == labels).sum())}/{len(rows)} correct")
 PY
+# The serving daemon on loopback (Open Inference Protocol v2), queried once, then stopped with SIGTERM.
+edgepack-agent run --store "$out/store" --port 0 2> "$out/agent.log" &
+agent=$!
+trap 'kill $agent 2>/dev/null || true' EXIT
+python - "$out" <<'PY'
+import json, sys, time, urllib.request
+import numpy as np
+out = sys.argv[1]
+port = None
+for _ in range(300):
+    for line in open(f"{out}/agent.log"):
+        entry = json.loads(line)
+        if entry.get("msg") == "serving":
+            port = entry["port"]
+    if port:
+        break
+    time.sleep(0.05)
+image = np.load(f"{out}/test_inputs.npy")[:1]
+body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/digits/infer", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(request, timeout=10))
+label = int(np.argmax(answer["outputs"][0]["data"]))
+print(f"agent HTTP on 127.0.0.1:{port}: POST /v2/models/digits/infer -> digit {label} "
+      f"(model version {answer['model_version']}, true label {int(np.load(f'{out}/validation.npz')['labels'][0])})")
+PY
+kill -TERM $agent
+wait $agent
+echo "agent stopped cleanly (exit 0 after SIGTERM)"
