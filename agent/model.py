@@ -48,6 +48,8 @@ def load_model(folder: Path, manifest: dict, threads: int | None = None) -> Load
     backend = load_backend(
         folder / manifest["model_file"], manifest["format"], threads=threads or runtime.get("threads"),
         providers=runtime.get("execution_providers"),
+        input_names=[spec["name"] for spec in manifest.get("inputs", [])],
+        output_names=[spec["name"] for spec in manifest.get("outputs", [])],
     )
     return LoadedModel(manifest["name"], manifest["version"], manifest, backend, folder)
 

@@ -183,10 +183,19 @@ class _Job:
             self.bases[max_opset] = _prepare_base(self.source.onnx_path, self.workdir / f"base-{max_opset}", max_opset)
         return self.bases[max_opset]
 
+    def backend_for(self, path: Path, threads: int, integer_io: bool = False):
+        """The agent's backend for a candidate file (.onnx or .tflite), with the source's tensor names."""
+        if Path(path).suffix == ".tflite":
+            from agent.runtime.litert_backend import LiteRTBackend
+
+            return LiteRTBackend(path, threads=threads, integer_io=integer_io, input_names=[s.name for s in self.source.inputs],
+                                 output_names=[s.name for s in self.source.outputs])
+        return OnnxBackend(path, threads=threads)
+
     def evaluate(self, path: Path, threads: int):
         key = (str(path), threads)
         if key not in self.evaluations:
-            backend = OnnxBackend(path, threads=threads)
+            backend = self.backend_for(path, threads)
             outputs = run_in_batches(backend, self.validation.inputs)
             result = gate_module.evaluate(
                 self.reference, outputs, self.output_names, self.budgets, self.options.min_agreement, self.validation.labels
@@ -213,7 +222,7 @@ class _Job:
             fp32_gate, fp32_latency = self.evaluate(base, threads)
             fp32_size = base.stat().st_size
             ctx = RecipeContext(self.workdir, base, self.calibration or self.validation, self.real_data,
-                                lambda path: self.evaluate(path, threads))
+                                lambda path: self.evaluate(path, threads), source=self.source)
             chosen = None
             specs = [(name, {}) for name in self.options.recipes] if self.options.recipes else [(r.name, r.options) for r in profile.recipes]
             for recipe_name, recipe_options in specs:
@@ -249,7 +258,7 @@ class _Job:
     def _try_recipe(self, profile, recipe_name, recipe_options, ctx, fp32_latency, fp32_size, threads):
         cls = recipe_class(recipe_name)
         if cls is None:
-            return CandidateReport(recipe_name, "skipped", ["the TFLite target is not available in this release"]), None
+            return CandidateReport(recipe_name, "skipped", ["this recipe is not available in this release"]), None
         recipe = cls(recipe_options)
         if recipe.precision.startswith("int8") and not self.real_data:
             return CandidateReport(recipe_name, "skipped", ["needs calibration data (--calibration)"], recipe.config_dict()), None
@@ -286,8 +295,9 @@ class _Job:
 
     def _write_bundle(self, profile: Profile, row: CandidateReport, candidate, fp32_latency, threads, coverage) -> Path:
         writer = BundleWriter()
-        model_file = writer.add_file("model/model.onnx", candidate.path)
-        backend = OnnxBackend(candidate.path, threads=threads)
+        tflite = candidate.format == "tflite"
+        model_file = writer.add_file("model/model.tflite" if tflite else "model/model.onnx", candidate.path)
+        backend = self.backend_for(candidate.path, threads)
         sample_inputs = {k: v[:SAMPLE_COUNT] for k, v in self.validation.inputs.items()}
         sample_outputs = run_in_batches(backend, sample_inputs)
         samples = {"count": len(next(iter(sample_inputs.values()))), "inputs": {}, "outputs": {}, "tolerance": {}}
@@ -298,21 +308,36 @@ class _Job:
             samples["tolerance"][spec.name] = _tolerance(array)
         stats_data = self.calibration or self.validation
         writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(stats_data.inputs, stats_data.source)))
-        runtime = profile.runtime("onnxruntime")
+        runtime = profile.runtime("litert" if tflite else "onnxruntime")
+        file_io = self.backend_for(candidate.path, threads, integer_io=True) if tflite else backend
         import onnxruntime
+
+        tools = {"edgepack": __version__, "numpy": np.__version__, **self.source.tools}
+        if tflite:
+            from importlib.metadata import PackageNotFoundError, version
+
+            for package in ("litert-torch", "ai-edge-litert"):
+                try:
+                    tools[package] = version(package)
+                except PackageNotFoundError:
+                    pass
+        else:
+            tools["onnxruntime"] = onnxruntime.__version__
 
         manifest = {
             "name": self.name,
             "version": self.options.version,
             "profile": profile.name,
             "created": _created(),
-            "runtime": {"name": "onnxruntime", "min_version": runtime.min_version,
-                        "execution_providers": runtime.execution_providers, "threads": profile.threads},
-            "format": "onnx",
+            "runtime": {"name": runtime.name, "min_version": runtime.min_version,
+                        "execution_providers": runtime.execution_providers, "delegates": runtime.delegates,
+                        "threads": profile.threads},
+            "format": candidate.format,
             "precision": candidate.precision,
             "model_file": model_file,
-            "inputs": [spec.to_dict() for spec in backend.inputs],
-            "outputs": [spec.to_dict() for spec in backend.outputs],
+            # The model file's own I/O types (int8 + scale/zero point for full-integer TFLite models).
+            "inputs": [spec.to_dict() for spec in file_io.inputs],
+            "outputs": [spec.to_dict() for spec in file_io.outputs],
             "preprocessing": self.validation.preprocessing or None,
             "recipe": {"name": row.recipe, "config": row.config, "details": row.details, "reason": row.reasons},
             "metrics": {**(row.metrics or {}), "validation": {"source": Path(self.validation.source).name if self.real_data else "random",
@@ -322,9 +347,10 @@ class _Job:
             "size": {"bytes": row.size_bytes, "ratio_vs_fp32": row.size_ratio},
             "samples": samples,
             "reference_stats": "stats/reference.json",
-            "coverage": {"opset": coverage.opset, "warnings": coverage.warnings},
+            "coverage": {"opset": coverage.opset, "warnings": coverage.warnings} if not tflite else
+                        {"ops": sorted(backend.op_names()), "warnings": []},
             "source": {"kind": self.source.kind, "name": Path(self.source.spec).name, "sha256": self.source.sha256},
-            "tools": {"edgepack": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, **self.source.tools},
+            "tools": tools,
             "notes": self.notes,
         }
         backend.close()

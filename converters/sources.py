@@ -41,6 +41,8 @@ class SourceModel:
     reference: Reference
     notes: list[str] = field(default_factory=list)
     tools: dict = field(default_factory=dict)
+    #: the original torch module (torch.export / factory sources), for the TFLite recipes
+    torch_module: object = None
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -266,7 +268,7 @@ def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
     onnx_path = _export_torch(program, feeds, workdir, notes)
     inputs, outputs = _specs_from_onnx(onnx_path)
     return SourceModel("torch-export", str(path), file_sha256(path), onnx_path, inputs, outputs,
-                       _torch_reference(program.module()), notes, {"torch": torch.__version__})
+                       _torch_reference(program.module()), notes, {"torch": torch.__version__}, program.module())
 
 
 def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | None = None) -> SourceModel:
@@ -329,7 +331,7 @@ def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
     for tensor in module.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return SourceModel("torch-factory", model, digest.hexdigest(), onnx_path, inputs, outputs,
-                       _torch_reference(module), notes, {"torch": torch.__version__})
+                       _torch_reference(module), notes, {"torch": torch.__version__}, module)
 
 
 # --- scikit-learn -----------------------------------------------------------------------------------

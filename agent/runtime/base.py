@@ -77,10 +77,16 @@ def run_in_batches(backend: Backend, feeds: dict[str, np.ndarray], max_batch: in
     return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(chunks[0]))]
 
 
-def load_backend(model_path: Path, model_format: str, threads: int | None = None, providers=None) -> Backend:
+def load_backend(model_path: Path, model_format: str, threads: int | None = None, providers=None,
+                 input_names=None, output_names=None, integer_io: bool = False) -> Backend:
     """Load ``model_path`` with the backend for ``model_format`` ("onnx" or "tflite")."""
     if model_format == "onnx":
         from .onnx_backend import OnnxBackend
 
         return OnnxBackend(model_path, threads=threads, providers=providers)
+    if model_format == "tflite":
+        from .litert_backend import LiteRTBackend
+
+        return LiteRTBackend(model_path, threads=threads, integer_io=integer_io, input_names=input_names,
+                             output_names=output_names)
     raise RuntimeBackendError(f"model format {model_format!r} is not supported by this agent; upgrade edgepack")

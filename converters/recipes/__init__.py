@@ -16,11 +16,11 @@ RECIPES: dict[str, str | None] = {
     "onnx-int8-dynamic": "converters.recipes.onnx_int8:DynamicInt8Recipe",
     "onnx-int8-static": "converters.recipes.onnx_int8:StaticInt8Recipe",
     "onnx-int8-mixed": "converters.recipes.onnx_mixed:MixedInt8Recipe",
-    # The TFLite/LiteRT path (litert-torch) is not part of this release yet.
-    "tflite-fp32": None,
+    # PyTorch -> TFLite with litert-torch (no TensorFlow); int8 through its PT2E quantizer.
+    "tflite-fp32": "converters.recipes.tflite:TfliteFp32Recipe",
     "tflite-fp16": None,
-    "tflite-int8-dynamic": None,
-    "tflite-int8": None,
+    "tflite-int8-dynamic": "converters.recipes.tflite:TfliteDynamicInt8Recipe",
+    "tflite-int8": "converters.recipes.tflite:TfliteInt8Recipe",
     "tflite-int8-mixed": None,
 }
 

@@ -41,6 +41,8 @@ class RecipeContext:
     calibration_is_real: bool
     evaluate: Callable[[Path], Any]  # runs the accuracy gate (and timing) on a model file
     cache: dict = field(default_factory=dict)
+    #: the converters.sources.SourceModel (the TFLite recipes convert from its torch module)
+    source: Any = None
 
     def calibration_batches(self, limit: int = 256, batch: int = 1):
         """Calibration feeds, ``batch`` samples at a time, at most ``limit`` samples."""

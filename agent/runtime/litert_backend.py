@@ -1,0 +1,146 @@
+"""LiteRT (TFLite) backend: ``ai_edge_litert`` with XNNPACK, or the older ``tflite_runtime``.
+
+Integer I/O of full-int8 models is hidden from callers: float inputs are quantized with the tensor's
+scale and zero point and integer outputs dequantized, unless ``integer_io=True`` asks for raw integers.
+An interpreter's ``invoke`` is not reentrant, so every run holds the backend's lock; the serving layer
+runs one worker per instance anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import RuntimeBackendError
+from edgepack.tensors import TensorSpec
+
+from .base import Backend
+
+
+def interpreter_class():
+    """``Interpreter`` from ai_edge_litert, else from tflite_runtime; a clear error when neither exists."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise RuntimeBackendError(
+                "this bundle needs LiteRT, but neither ai-edge-litert nor tflite-runtime is installed; "
+                "run: pip install 'edgepack[tflite]'"
+            ) from None
+    return Interpreter
+
+
+def _quantization(detail: dict) -> dict | None:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if np.dtype(detail["dtype"]).kind in "iu" and scale:
+        return {"scale": float(scale), "zero_point": int(zero_point)}
+    return None
+
+
+class LiteRTBackend(Backend):
+    """One LiteRT interpreter (XNNPACK delegate, ``threads`` threads)."""
+
+    runtime = "litert"
+
+    def __init__(self, model_path: Path, threads: int | None = None, integer_io: bool = False,
+                 input_names: list[str] | None = None, output_names: list[str] | None = None):
+        """``input_names``/``output_names`` rename the file's tensors in order (litert-torch calls them
+        ``serving_default_args_0``…; bundles keep the source model's names)."""
+        Interpreter = interpreter_class()
+        try:
+            self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeBackendError(f"LiteRT cannot load {Path(model_path).name}: {first}") from None
+        self._lock = threading.Lock()
+        self.model_path = Path(model_path)
+        self.integer_io = integer_io
+        self._in = self.interpreter.get_input_details()
+        self._out = self.interpreter.get_output_details()
+        signature = [list(d.get("shape_signature", d["shape"])) for d in self._in]
+        #: the model's batch dimension is -1 (resizable); otherwise samples run one fixed batch at a time
+        self.resizable = all(sig and sig[0] == -1 for sig in signature)
+        self._fixed_batch = None if self.resizable else int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else None
+        self._current_batch = None if self.resizable else self._fixed_batch
+        self.inputs = [self._spec(d, sig) for d, sig in zip(self._in, signature)]
+        self.outputs = [self._spec(d, list(d.get("shape_signature", d["shape"]))) for d in self._out]
+        for specs, names in ((self.inputs, input_names), (self.outputs, output_names)):
+            if names and len(names) == len(specs):
+                specs[:] = [TensorSpec(n, s.dtype, s.shape, s.quantization) for n, s in zip(names, specs)]
+
+    def _spec(self, detail: dict, signature: list) -> TensorSpec:
+        quantization = _quantization(detail)
+        dtype = np.dtype(detail["dtype"]).name
+        if quantization and not self.integer_io:
+            dtype = "float32"
+        shape = [None if d < 0 else int(d) for d in signature]
+        if shape and self._fixed_batch == 1:
+            shape[0] = None  # batch-1 models take any N: the backend runs the samples one by one
+        return TensorSpec(detail["name"], dtype, tuple(shape), quantization)
+
+    def _to_model(self, detail: dict, array: np.ndarray) -> np.ndarray:
+        quantization = _quantization(detail)
+        if quantization and not self.integer_io:
+            info = np.iinfo(detail["dtype"])
+            scaled = np.round(array / quantization["scale"]) + quantization["zero_point"]
+            return np.clip(scaled, info.min, info.max).astype(detail["dtype"])
+        return np.ascontiguousarray(array, dtype=detail["dtype"])
+
+    def _from_model(self, detail: dict, array: np.ndarray) -> np.ndarray:
+        quantization = _quantization(detail)
+        if quantization and not self.integer_io:
+            return ((array.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)
+        return array
+
+    def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        interpreter = self.interpreter
+        if self.resizable and arrays and arrays[0].shape[0] != self._current_batch:
+            for detail, array in zip(self._in, arrays):
+                interpreter.resize_tensor_input(detail["index"], list(array.shape), strict=False)
+            interpreter.allocate_tensors()
+            self._current_batch = arrays[0].shape[0]
+        for detail, array in zip(self._in, arrays):
+            interpreter.set_tensor(detail["index"], self._to_model(detail, array))
+        interpreter.invoke()
+        return [self._from_model(detail, interpreter.get_tensor(detail["index"]).copy()) for detail in self._out]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = [feeds[spec.name] for spec in self.inputs]
+        with self._lock:
+            if self.interpreter is None:
+                raise RuntimeBackendError("the model was closed")
+            try:
+                if self.resizable or not self._fixed_batch or arrays[0].shape[0] == self._fixed_batch:
+                    return self._invoke(arrays)
+                step = self._fixed_batch
+                chunks = [self._invoke([a[i:i + step] for a in arrays]) for i in range(0, arrays[0].shape[0], step)]
+            except (ValueError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RuntimeBackendError(f"inference failed: {first}") from None
+        return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(self._out))]
+
+    def op_names(self) -> set[str]:
+        """The op names of the model as written (before XNNPACK replaces them with a DELEGATE node)."""
+        return model_ops(self.model_path)
+
+    def close(self) -> None:
+        with self._lock:
+            self.interpreter = None
+
+
+
+def model_ops(model_path: Path) -> set[str]:
+    """Builtin/custom op names of a .tflite file, read with the default delegates off."""
+    Interpreter = interpreter_class()
+    try:
+        from ai_edge_litert.interpreter import OpResolverType
+    except ImportError:
+        from tflite_runtime.interpreter import OpResolverType
+    interpreter = Interpreter(model_path=str(model_path),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return {op["op_name"] for op in interpreter._get_ops_details()}  # noqa: SLF001 - no public API lists ops
