@@ -46,3 +46,19 @@ def digits_features(count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     digits = load_digits()
     features = (digits.data / 16.0).astype(np.float32)
     return (features[:count], digits.target[:count]) if count else (features, digits.target)
+
+
+class Determinant(nn.Module):
+    """A network ending in a matrix determinant: ONNX has ``Det``, litert-torch has no lowering for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.project = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return torch.linalg.det(self.project(x).view(-1, 4, 4)).unsqueeze(1)
+
+
+def determinant() -> nn.Module:
+    return Determinant().eval()

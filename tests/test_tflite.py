@@ -1,0 +1,156 @@
+"""The TFLite path: litert-torch conversion, full-integer int8, LiteRT in the agent, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgepack.bundle import open_bundle
+
+from .conftest import run_cli
+from .models import digits_features
+
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_litert")
+
+
+@pytest.fixture(scope="module")
+def tflite_bundles(digits, tmp_path_factory):
+    """The digits CNN as TFLite fp32 and full-int8 bundles for rpi4 (reports kept)."""
+    from converters.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("tflite")
+    common = dict(model=str(digits / "digits_cnn.pt2"), profiles=["rpi4"], calibration=str(digits / "calibration.npz"),
+                  validation=str(digits / "validation.npz"), name="digits")
+    (fp32,) = convert(ConvertOptions(out=out / "fp32", recipes=["tflite-fp32"], **common))
+    (int8,) = convert(ConvertOptions(out=out / "int8", **common))  # the profile's own order
+    return fp32, int8
+
+
+def _interpreter(bundle_path, folder):
+    from ai_edge_litert.interpreter import Interpreter
+
+    with open_bundle(bundle_path) as bundle:
+        (folder / "m.tflite").write_bytes(bundle.read_file(bundle.manifest["model_file"]))
+        manifest = bundle.manifest
+    interpreter = Interpreter(model_path=str(folder / "m.tflite"))
+    interpreter.allocate_tensors()
+    return interpreter, manifest
+
+
+def test_tflite_fp32_matches_pytorch(tflite_bundles, digits_module, validation_arrays, tmp_path):
+    import torch
+
+    fp32, _ = tflite_bundles
+    assert fp32.chosen == "tflite-fp32"
+    images, _ = validation_arrays
+    np.save(tmp_path / "in.npy", images[:32])
+    result = run_cli("predict", "--bundle", fp32.bundle, "--input", tmp_path / "in.npy", "--output", tmp_path / "out.npy",
+                     program="edgepack-agent")
+    assert result.returncode == 0, result.stderr
+    got = np.load(tmp_path / "out.npy")
+    expected = digits_module(torch.from_numpy(images[:32])).detach().numpy()
+    assert np.max(np.abs(got - expected)) < 1e-4
+
+
+def test_rpi4_ships_full_int8_tflite_first(tflite_bundles):
+    _, int8 = tflite_bundles
+    assert int8.chosen == "tflite-int8"
+    rows = {row.recipe: row for row in int8.candidates}
+    assert rows["tflite-int8"].metrics["agreement"] >= 0.99
+    with open_bundle(int8.bundle) as bundle:
+        manifest = bundle.manifest
+    assert manifest["format"] == "tflite" and manifest["runtime"]["name"] == "litert"
+    assert manifest["model_file"] == "model/model.tflite"
+    (spec,) = manifest["inputs"]
+    assert spec["dtype"] == "int8" and spec["quantization"]["scale"] > 0  # integer I/O, recorded
+    assert "CONV_2D" in manifest["coverage"]["ops"]
+
+
+def test_integer_io_round_trips_through_the_agent(tflite_bundles, validation_arrays, tmp_path):
+    """Agent (LiteRT backend and `edgepack-agent predict`) == the interpreter called directly."""
+    from agent.runtime.litert_backend import LiteRTBackend
+
+    _, int8 = tflite_bundles
+    images, _ = validation_arrays
+    interpreter, manifest = _interpreter(int8.bundle, tmp_path)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    direct = []
+    for image in images[:20]:
+        q = np.clip(np.round(image[None] / in_scale) + in_zero, -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], q)
+        interpreter.invoke()
+        direct.append((interpreter.get_tensor(out["index"]).astype(np.float32) - out_zero) * out_scale)
+    direct = np.concatenate(direct)
+
+    np.save(tmp_path / "in.npy", images[:20])
+    result = run_cli("predict", "--bundle", int8.bundle, "--input", tmp_path / "in.npy", "--output", tmp_path / "out.npy",
+                     program="edgepack-agent")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), direct, rtol=0, atol=1e-6)
+
+    backend = LiteRTBackend(tmp_path / "m.tflite", threads=2, integer_io=True)
+    assert backend.inputs[0].dtype == "int8"
+    raw = backend.run({backend.inputs[0].name: np.clip(np.round(images[:3] / in_scale) + in_zero, -128, 127).astype(np.int8)})[0]
+    assert raw.dtype == np.int8 and raw.shape == (3, 10)
+    np.testing.assert_allclose((raw.astype(np.float32) - out_zero) * out_scale, direct[:3], atol=1e-6)
+
+
+def test_full_int8_is_about_4x_smaller(tmp_path):
+    features, labels = digits_features(300)
+    np.savez(tmp_path / "data.npz", input=features, labels=labels)
+    result = run_cli("convert", "tests.models:wide_mlp", "--input-shape", "input=1,64", "--profile", "rpi4",
+                     "--recipe", "tflite-int8", "--recipe", "tflite-fp32", "--try-all", "--calibration",
+                     tmp_path / "data.npz", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {c["recipe"]: c for c in json.loads(result.stdout)["profiles"][0]["candidates"]}
+    assert rows["tflite-int8"]["status"] == "shipped"
+    assert rows["tflite-int8"]["size_bytes"] < 0.3 * rows["tflite-fp32"]["size_bytes"]
+    assert rows["tflite-int8"]["metrics"]["agreement"] >= 0.98
+
+
+def test_unlowerable_op_is_named_and_onnx_still_ships(tmp_path):
+    features, _ = digits_features(64)
+    np.save(tmp_path / "data.npy", features)
+    result = run_cli("convert", "tests.models:determinant", "--input-shape", "input=1,64", "--profile", "rpi4",
+                     "--recipe", "tflite-fp32", "--recipe", "onnx-fp32", "--calibration", tmp_path / "data.npy",
+                     "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {c["recipe"]: c for c in json.loads(result.stdout)["profiles"][0]["candidates"]}
+    assert rows["tflite-fp32"]["status"] == "failed"
+    assert "cannot lower op aten._linalg_det" in rows["tflite-fp32"]["reasons"][0]
+    assert rows["onnx-fp32"]["status"] == "shipped"
+
+
+def test_onnx_source_says_why_there_is_no_tflite(converted, tmp_path):
+    with open_bundle(converted["x86-64"].bundle) as bundle:
+        (tmp_path / "model.onnx").write_bytes(bundle.read_file("model/model.onnx"))
+    features = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "data.npy", features)
+    result = run_cli("convert", tmp_path / "model.onnx", "--profile", "rpi4", "--recipe", "tflite-int8", "--recipe",
+                     "onnx-fp32", "--calibration", tmp_path / "data.npy", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {c["recipe"]: c for c in json.loads(result.stdout)["profiles"][0]["candidates"]}
+    assert rows["tflite-int8"]["status"] == "failed"
+    assert "given as ONNX" in rows["tflite-int8"]["reasons"][0]
+
+
+def test_litert_bundle_served_over_http(tflite_bundles, validation_arrays):
+    import tritonclient.http as triton
+
+    from .integration.daemon import Daemon
+
+    _, int8 = tflite_bundles
+    images, _ = validation_arrays
+    with Daemon("--bundle", int8.bundle) as running:
+        client = triton.InferenceServerClient(running.address)
+        assert client.get_model_metadata("digits")["platform"] == "tensorflow_lite"
+        tensor = triton.InferInput("input", [8, 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(images[:8])
+        scores = client.infer("digits", [tensor]).as_numpy("linear")
+        assert running.stop() == 0
+    assert scores.shape == (8, 10) and scores.dtype == np.float32
