@@ -28,9 +28,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def time_models(paths: dict[str, Path], sample: dict, threads: int, runs: int) -> dict[str, float]:
     """Median latency per model; runs are interleaved so machine drift hits every model alike."""
+    from agent.runtime.litert_backend import LiteRTBackend
     from agent.runtime.onnx_backend import OnnxBackend
 
-    backends = {name: OnnxBackend(path, threads=threads) for name, path in paths.items()}
+    def load(path):
+        return LiteRTBackend(path, threads=threads, input_names=list(sample)) if Path(path).suffix == ".tflite" \
+            else OnnxBackend(path, threads=threads)
+
+    backends = {name: load(path) for name, path in paths.items()}
     for backend in backends.values():
         for _ in range(10):
             backend.run(sample)

@@ -62,8 +62,13 @@ class _TfliteRecipe(Recipe):
             raise RecipeFailed("litert-torch is not installed on this host: pip install 'edgepack[host]'") from None
         litert_torch.config.show_progress = False  # our report says what ran; its progress lines are noise
         example = _example(ctx)
+        module = source.torch_module
         try:
-            module, quant_config = self.quantize(source.torch_module, example, ctx)
+            module.eval()  # a .pt2's module() comes back in training mode; litert-torch warns and keeps it
+        except (NotImplementedError, RuntimeError):
+            pass
+        try:
+            module, quant_config = self.quantize(module, example, ctx)
             converted = litert_torch.convert(module, example, quant_config=quant_config)
         except RecipeFailed:
             raise

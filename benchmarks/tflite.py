@@ -1,0 +1,91 @@
+"""Benchmark: TFLite fp32 vs full-integer int8 vs the ONNX recipes for a MobileNet-style CNN.
+
+    python benchmarks/tflite.py [--epochs 3] [--size 96] [--runs 5] [--profile rpi4]
+
+Builds and briefly trains the MobileNetV2-style network of benchmarks/mobilenet.py, runs
+`edgepack convert --profile rpi4 --try-all` with every TFLite and ONNX recipe, then re-times each
+candidate on this host (LiteRT with XNNPACK, ONNX Runtime CPU; batch 1, the profile's threads capped
+at this host's cores, median of --runs interleaved 1-s runs) and prints size, p50 and top-1 agreement
+with the original PyTorch model. Host timings say nothing definite about a Raspberry Pi: the rpi4
+profile does not enforce host latency, the gate enforces accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RECIPES = ["tflite-int8", "tflite-int8-dynamic", "tflite-fp32", "onnx-int8-static", "onnx-int8-mixed", "onnx-fp32"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--profile", default="rpi4")
+    args = parser.parse_args()
+
+    import torch
+
+    from convert import time_models
+    from converters.pipeline import ConvertOptions, convert
+    from edgepack.profiles import get_profile
+    from mobilenet import trained_mobilenet
+
+    start = time.time()
+    model, images, labels = trained_mobilenet(args.size, args.epochs)
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(images[1400:])).argmax(1).numpy() == labels[1400:]).mean())
+    print(f"MobileNet-style CNN, input 1x3x{args.size}x{args.size}, trained {time.time() - start:.0f} s, "
+          f"held-out accuracy {accuracy:.2%}")
+    with tempfile.TemporaryDirectory() as temp:
+        temp = Path(temp)
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        program = torch.export.export(model, (torch.from_numpy(images[:2]),), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(temp / "mobilenet.pt2"))
+        np.savez(temp / "calibration.npz", input=images[:256])
+        np.savez(temp / "validation.npz", input=images[1400:], labels=labels[1400:])
+        start = time.time()
+        (result,) = convert(ConvertOptions(
+            model=str(temp / "mobilenet.pt2"), profiles=[args.profile], out=temp / "out", calibration=str(temp / "calibration.npz"),
+            validation=str(temp / "validation.npz"), try_all=True, workdir=temp / "work", recipes=RECIPES,
+        ))
+        print(f"edgepack convert --profile {args.profile} --try-all: {time.time() - start:.0f} s; shipped {result.chosen}")
+        profile = get_profile(args.profile)
+        threads = max(1, min(profile.threads, os.cpu_count() or 1))
+        timed = time_models({row.recipe: row.model_path for row in result.candidates if row.model_path},
+                            {"input": images[:1]}, threads, args.runs)
+        sizes = {row.recipe: row.size_bytes for row in result.candidates if row.size_bytes}
+        print(f"\nhost: {os.cpu_count()} cores, {threads} threads, batch 1; latency = median of {args.runs} interleaved runs\n")
+        print("| recipe | status | size | vs tflite-fp32 | vs onnx-fp32 | p50 ms | speed vs tflite-fp32 | speed vs onnx-fp32 | top-1 agreement | accuracy | why |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        base_t, base_o = timed.get("tflite-fp32"), timed.get("onnx-fp32")
+        for row in result.candidates:
+            latency = timed.get(row.recipe)
+            size = sizes.get(row.recipe)
+
+            def ratio(a, b, fmt="{:.2f}x"):
+                return fmt.format(a / b) if a and b else "-"
+
+            metrics = row.metrics or {}
+            agreement = f"{metrics['agreement']:.2%}" if "agreement" in metrics else "-"
+            accuracy = f"{metrics['accuracy']:.2%}" if metrics.get("accuracy") is not None else "-"
+            print(f"| {row.recipe} | {row.status} | {f'{size / 1024:.0f} KiB' if size else '-'} | "
+                  f"{ratio(size, sizes.get('tflite-fp32'))} | {ratio(size, sizes.get('onnx-fp32'))} | "
+                  f"{f'{latency:.2f}' if latency else '-'} | {ratio(base_t, latency)} | {ratio(base_o, latency)} | "
+                  f"{agreement} | {accuracy} | {'; '.join(row.reasons)} |")
+
+
+if __name__ == "__main__":
+    main()
