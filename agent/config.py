@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgepack.errors import UsageError
+from edgepack.profiles import validation_problems
 
 
 class ConfigError(UsageError):
@@ -143,12 +144,7 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
     try:
         config = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message}")
-        raise ConfigError(f"{label}: " + "; ".join(problems)) from None
+        raise ConfigError(f"{label}: " + "; ".join(validation_problems(exc))) from None
     if path:
         base = Path(path).resolve().parent
         # Relative paths in the file are relative to the file, as in systemd units and most daemons.

@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,25 +59,13 @@ def main() -> None:
     parser.add_argument("--profile", default="x86-64")
     args = parser.parse_args()
 
-    import torch
-
     from converters.pipeline import ConvertOptions, convert
     from edgepack.profiles import get_profile
-    from mobilenet import trained_mobilenet
+    from mobilenet import export_trained
 
-    start = time.time()
-    model, images, labels = trained_mobilenet(args.size, args.epochs)
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(images[1400:])).argmax(1).numpy() == labels[1400:]).mean())
-    print(f"MobileNet-style CNN, input 1x3x{args.size}x{args.size}, trained {time.time() - start:.0f} s, "
-          f"held-out accuracy {accuracy:.2%}")
     with tempfile.TemporaryDirectory() as temp:
         temp = Path(temp)
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        program = torch.export.export(model, (torch.from_numpy(images[:2]),), dynamic_shapes=({0: batch},))
-        torch.export.save(program, str(temp / "mobilenet.pt2"))
-        np.savez(temp / "calibration.npz", input=images[:256])
-        np.savez(temp / "validation.npz", input=images[1400:], labels=labels[1400:])
+        images, labels = export_trained(temp, args.size, args.epochs)
         profile = get_profile(args.profile)
         recipes = [r.name for r in profile.recipes if r.name.startswith("onnx")]
         for extra in ("onnx-fp16", "onnx-int8-dynamic"):
@@ -105,7 +92,7 @@ def main() -> None:
                          row.metrics.get("accuracy"), "; ".join(row.reasons)))
         fp32_ms = fp32_ms or next(r[3] for r in rows if r[3])
         print(f"\nhost: {os.cpu_count()} cores, {threads} threads, batch 1; latency = median of {args.runs} runs\n")
-        print(f"| recipe | status | size vs fp32 | p50 ms | speed-up vs fp32 | top-1 agreement | accuracy | why |")
+        print("| recipe | status | size vs fp32 | p50 ms | speed-up vs fp32 | top-1 agreement | accuracy | why |")
         print("|---|---|---|---|---|---|---|---|")
         for recipe, status, size, latency, agree, acc, why in rows:
             fmt = lambda v, p: "-" if v is None else p.format(v)

@@ -85,3 +85,24 @@ def trained_mobilenet(size: int = 96, epochs: int = 1, seed: int = 0):
             nn.functional.cross_entropy(model(x[index]), y[index]).backward()
             optimizer.step()
     return model.eval(), images, labels
+
+
+def export_trained(folder, size: int = 96, epochs: int = 1):
+    """Train, report held-out accuracy, and write mobilenet.pt2 (dynamic batch), calibration.npz and
+    validation.npz (with labels) into ``folder``; return (images, labels)."""
+    import time
+    from pathlib import Path
+
+    folder = Path(folder)
+    start = time.time()
+    model, images, labels = trained_mobilenet(size, epochs)
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(images[1400:])).argmax(1).numpy() == labels[1400:]).mean())
+    print(f"MobileNet-style CNN, input 1x3x{size}x{size}, trained {time.time() - start:.0f} s, "
+          f"held-out accuracy {accuracy:.2%}")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.from_numpy(images[:2]),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "mobilenet.pt2"))
+    np.savez(folder / "calibration.npz", input=images[:256])
+    np.savez(folder / "validation.npz", input=images[1400:], labels=labels[1400:])
+    return images, labels

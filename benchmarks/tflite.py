@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,26 +35,14 @@ def main() -> None:
     parser.add_argument("--profile", default="rpi4")
     args = parser.parse_args()
 
-    import torch
-
     from convert import time_models
     from converters.pipeline import ConvertOptions, convert
     from edgepack.profiles import get_profile
-    from mobilenet import trained_mobilenet
+    from mobilenet import export_trained
 
-    start = time.time()
-    model, images, labels = trained_mobilenet(args.size, args.epochs)
-    with torch.no_grad():
-        accuracy = float((model(torch.from_numpy(images[1400:])).argmax(1).numpy() == labels[1400:]).mean())
-    print(f"MobileNet-style CNN, input 1x3x{args.size}x{args.size}, trained {time.time() - start:.0f} s, "
-          f"held-out accuracy {accuracy:.2%}")
     with tempfile.TemporaryDirectory() as temp:
         temp = Path(temp)
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        program = torch.export.export(model, (torch.from_numpy(images[:2]),), dynamic_shapes=({0: batch},))
-        torch.export.save(program, str(temp / "mobilenet.pt2"))
-        np.savez(temp / "calibration.npz", input=images[:256])
-        np.savez(temp / "validation.npz", input=images[1400:], labels=labels[1400:])
+        images, labels = export_trained(temp, args.size, args.epochs)
         start = time.time()
         (result,) = convert(ConvertOptions(
             model=str(temp / "mobilenet.pt2"), profiles=[args.profile], out=temp / "out", calibration=str(temp / "calibration.npz"),

@@ -137,12 +137,17 @@ def profiles_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "device-profiles"
 
 
-def _format_errors(path: Path, error: ValidationError) -> list[str]:
+def validation_problems(error: ValidationError) -> list[str]:
+    """Every pydantic error as ``dotted.key: message`` (shared by profiles and the agent config)."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{path.name}: {key}: {item['msg']}")
+        lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
     return lines
+
+
+def _format_errors(path: Path, error: ValidationError) -> list[str]:
+    return [f"{path.name}: {line}" for line in validation_problems(error)]
 
 
 def load_profile_file(path: Path) -> Profile:
