@@ -81,3 +81,27 @@ def _host_kernel_check(path: Path) -> list[str]:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return [f"ONNX Runtime (CPU) cannot run the graph: {text[:300]}"]
     return []
+
+
+def check_tflite_coverage(ops: set[str], profile: Profile) -> CoverageReport:
+    """Check a .tflite file's op names against the profile's LiteRT entry.
+
+    Ops listed in the runtime's ``unsupported_ops`` are missing from the device's LiteRT build (an
+    older tflite-runtime, a trimmed build); ``Flex*`` ops need TensorFlow's select-ops delegate, which
+    no LiteRT wheel has. Ops XNNPACK does not take still run on LiteRT's own CPU kernels, so the
+    delegate itself is not a reason to refuse.
+    """
+    report = CoverageReport(profile.name, 0, sorted(ops))
+    runtime = profile.runtime("litert")
+    if runtime is None:
+        report.errors.append(f"profile {profile.name} has no LiteRT runtime, so it cannot run a .tflite model")
+        return report
+    for op in sorted(ops):
+        if op.startswith("Flex"):
+            report.errors.append(
+                f"{op} is a TensorFlow select op (Flex delegate); LiteRT on {profile.name} cannot run it: "
+                "convert the model with builtin ops only"
+            )
+        elif any(_matches(pattern, "tflite", op) for pattern in runtime.unsupported_ops):
+            report.errors.append(f"{op} is not supported by LiteRT {runtime.min_version} on {profile.name}")
+    return report

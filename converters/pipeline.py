@@ -28,15 +28,17 @@ from edgepack.errors import ConversionError, EdgepackError, GateError, UsageErro
 from edgepack.profiles import Profile, get_profile
 
 from . import gate as gate_module
-from .coverage import check_coverage
+from .coverage import check_coverage, check_tflite_coverage
 from .data import Dataset, ImagePreprocessing, load_dataset, random_dataset
 from .recipes import recipe_class
-from .recipes.base import RecipeContext, RecipeFailed
-from .sources import SourceModel, load_source
+from .recipes.base import Candidate, RecipeContext, RecipeFailed
+from .sources import SourceModel, detect_kind, load_source
 from .stats import dataset_stats
 
 log = logging.getLogger(__name__)
 SAMPLE_COUNT = 4
+#: the "recipe" of a .tflite MODEL packaged without re-conversion
+AS_GIVEN = "tflite-as-given"
 
 
 @dataclass
@@ -58,6 +60,8 @@ class ConvertOptions:
     try_all: bool = False
     #: keep intermediate files (every candidate model) here instead of a temporary folder
     workdir: Path | None = None
+    #: for a .tflite MODEL: the original model it was made from, for the accuracy gate
+    reference: str | None = None
 
 
 @dataclass
@@ -131,13 +135,16 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = _progress
     if options.recipes:
         for recipe in options.recipes:
             recipe_class(recipe)  # unknown recipe names fail before any work
+        if detect_kind(options.model) == "tflite":
+            raise UsageError("a .tflite MODEL is packaged as it is; drop --recipe (convert the original model to choose recipes)")
     _check_out(options.out)
     with tempfile.TemporaryDirectory(prefix="edgepack-convert-") as temp:
         workdir = Path(options.workdir or temp)
         workdir.mkdir(parents=True, exist_ok=True)
         progress("loading and exporting the model")
         opsets = [p.runtime("onnxruntime").max_opset for p in profiles if p.runtime("onnxruntime") and p.runtime("onnxruntime").max_opset]
-        source = load_source(options.model, workdir, options.input_shapes, min(opsets) if opsets else None)
+        source = load_source(options.model, workdir, options.input_shapes, min(opsets) if opsets else None,
+                             reference=options.reference)
         job = _Job(options, source, workdir, name, progress)
         return [job.run_profile(profile) for profile in profiles]
 
@@ -154,7 +161,8 @@ class _Job:
         self.real_data = self.validation is not None
         if self.validation is None:
             self.validation = random_dataset(source.inputs)
-            self.notes.append("no --calibration/--validation data: int8 recipes skipped, float recipes checked on random inputs")
+            if source.kind != "tflite":
+                self.notes.append("no --calibration/--validation data: int8 recipes skipped, float recipes checked on random inputs")
         progress("running the original model on the validation data")
         self.reference = self._run_reference(self.validation)
         self.output_names = [spec.name for spec in source.outputs]
@@ -213,6 +221,9 @@ class _Job:
         self.budgets = profile.budgets
         threads = max(1, min(profile.threads, os.cpu_count() or 1))
         try:
+            if self.source.kind == "tflite":
+                self._package_tflite(profile, result, threads)
+                return result
             base = self.base_for(profile)
             coverage = check_coverage(base, profile)
             result.coverage = coverage.to_dict()
@@ -273,6 +284,10 @@ class _Job:
         gate, latency = (candidate.gate, candidate.latency) if candidate.gate is not None else self.evaluate(candidate.path, threads)
         row = self._row(recipe_name, candidate.config, candidate.path, gate, latency, fp32_latency, fp32_size, candidate.details)
         reasons = list(gate.failures)
+        if candidate.format == "tflite":
+            from agent.runtime.litert_backend import model_ops
+
+            reasons += check_tflite_coverage(model_ops(candidate.path), profile).errors
         limit = profile.budgets.max_latency_vs_fp32
         if recipe.precision != "fp32" and row.latency_ratio is not None and row.latency_ratio > 1.0:
             message = f"slower than fp32 on this host ({row.latency_ratio:.2f}x)"
@@ -283,6 +298,40 @@ class _Job:
         row.status = "passed" if not reasons else "rejected"
         row.reasons = reasons or ["met the budget"]
         return row, candidate
+
+    def _package_tflite(self, profile: Profile, result: ProfileResult, threads: int) -> None:
+        """A .tflite MODEL: check its ops, gate it against ``--reference`` when given, bundle it unchanged."""
+        from agent.runtime.litert_backend import model_ops
+
+        path = Path(self.source.spec)
+        if profile.runtime("litert") is None:
+            raise ConversionError(f"{profile.name} has no LiteRT runtime, so it cannot run a .tflite model; use a profile "
+                                  "that lists litert (rpi4, rpi5) or convert the original model for it")
+        coverage = check_tflite_coverage(model_ops(path), profile)
+        result.coverage = coverage.to_dict()
+        if coverage.errors:
+            raise ConversionError(f"{profile.name}: unsupported ops: " + "; ".join(coverage.errors))
+        self.progress(f"{profile.name}: checking {path.name}")
+        gate, latency = self.evaluate(path, threads)
+        size = path.stat().st_size
+        row = CandidateReport(AS_GIVEN, "shipped", [], {}, size, None, latency.p50_ms, None, gate.to_dict(), {}, path)
+        compared_with = self.source.compared_with
+        if compared_with is None:
+            skipped = "skipped: nothing to compare with (give --reference ORIGINAL to gate it)"
+            row.metrics = {"gate": skipped} | ({"accuracy": gate.accuracy} if gate.accuracy is not None else {})
+            row.reasons = [f"packaged as given; accuracy gate {skipped}"]
+            if gate.accuracy is not None:
+                row.reasons.append(f"accuracy on the validation labels {gate.accuracy:.2%}")
+            result.notes.append(f"accuracy gate {skipped}")
+        elif gate.failures:
+            raise GateError(f"{profile.name}: {path.name} does not meet the budget against {compared_with}: " + "; ".join(gate.failures))
+        else:
+            row.reasons = [f"packaged as given; met the budget against {compared_with}"]
+        result.candidates.append(row)
+        result.chosen = AS_GIVEN
+        candidate = Candidate(AS_GIVEN, path, "tflite", tflite_precision(path), {})
+        self.progress(f"{profile.name}: writing the bundle ({path.name} as given)")
+        result.bundle = self._write_bundle(profile, row, candidate, latency, threads, coverage)
 
     def _row(self, recipe_name, config, path, gate, latency, fp32_latency, fp32_size, details) -> CandidateReport:
         size = path.stat().st_size
@@ -361,6 +410,26 @@ class _Job:
 
             sign_bundle(target, self.options.signing_key)
         return target
+
+
+def tflite_precision(path: Path) -> str:
+    """What a .tflite file computes in: int8 (integer I/O or int8 activations), int8-dynamic (int8
+    weights only), fp16 (fp16 weights), else fp32."""
+    from agent.runtime.litert_backend import interpreter_class
+
+    interpreter = interpreter_class()(model_path=str(path))
+    details = interpreter.get_tensor_details()
+    inputs = {d["index"] for d in interpreter.get_input_details()}
+    dtypes = [np.dtype(d["dtype"]) for d in details]
+    quantized = [d for d in details if np.dtype(d["dtype"]).kind in "iu"
+                 and (d["quantization"][0] or len(d.get("quantization_parameters", {}).get("scales", ())))]
+    if any(d["index"] in inputs for d in quantized) or len(quantized) > len(details) // 2:
+        return "int8"
+    if quantized:
+        return "int8-dynamic"
+    if np.dtype(np.float16) in dtypes:
+        return "fp16"
+    return "fp32"
 
 
 def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:

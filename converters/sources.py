@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,9 @@ class SourceModel:
     tools: dict = field(default_factory=dict)
     #: the original torch module (torch.export / factory sources), for the TFLite recipes
     torch_module: object = None
+    #: for a .tflite source: the original model (``--reference``) that ``reference`` runs; None when
+    #: ``reference`` runs the .tflite itself and the accuracy gate has nothing to compare with
+    compared_with: str | None = None
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -88,13 +92,19 @@ def detect_kind(model: str) -> str:
     raise InputFileError(f"model file {model} does not exist; check the path (or use package.module:factory)")
 
 
-def load_source(model: str, workdir: Path, input_shapes: dict[str, tuple[int, ...]], max_opset: int | None = None) -> SourceModel:
+def load_source(model: str, workdir: Path, input_shapes: dict[str, tuple[int, ...]], max_opset: int | None = None,
+                reference: str | None = None) -> SourceModel:
     """Load MODEL and export it to ``workdir/source.onnx``.
 
     ``max_opset``: the oldest runtime among the target profiles reads up to this opset; exporters that
     can target it directly do (converting down afterwards is not possible for every op).
+    ``reference``: for a .tflite MODEL, the original model it was made from (the accuracy gate's reference).
     """
     kind = detect_kind(model)
+    if reference and kind != "tflite":
+        raise UsageError("--reference is for a .tflite MODEL (the original it was made from); other models are their own reference")
+    if kind == "tflite":
+        return _load_tflite(model, workdir, input_shapes, reference)
     if kind == "torchscript":
         return _load_torchscript(model, workdir, input_shapes, max_opset)
     loader = {
@@ -241,6 +251,8 @@ def _quiet_torch():
     # The dynamo exporter prints progress lines and warnings on stdout; the CLI has its own progress.
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch._subclasses", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torch 2.13's own pytree code trips its LeafSpec deprecation when a program is loaded or exported.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 
 def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
@@ -332,6 +344,59 @@ def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return SourceModel("torch-factory", model, digest.hexdigest(), onnx_path, inputs, outputs,
                        _torch_reference(module), notes, {"torch": torch.__version__}, module)
+
+
+# --- TFLite (packaged as it is) ---------------------------------------------------------------------
+
+def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None) -> SourceModel:
+    """A .tflite file: read its I/O; the reference is ``--reference`` when given, else the file itself."""
+    from agent.runtime.litert_backend import LiteRTBackend
+    from edgepack.errors import RuntimeBackendError
+
+    path = Path(model)
+    try:
+        backend = LiteRTBackend(path)
+    except RuntimeBackendError as exc:
+        raise InputFileError(f"{path.name} cannot be loaded as a TFLite model ({exc}); check the file") from None
+    inputs, outputs = list(backend.inputs), list(backend.outputs)
+    if input_shapes:
+        raise UsageError("a .tflite model declares its input shapes; drop --input-shape")
+    tools = _litert_versions()
+    notes = ["packaged as given: a .tflite MODEL is not re-converted or re-quantized"]
+    if reference is None:
+        return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs, backend.run, notes, tools)
+    folder = workdir / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    original = load_source(reference, folder, {})
+    if len(original.inputs) != len(inputs) or len(original.outputs) != len(outputs):
+        raise UsageError(
+            f"--reference {Path(reference).name} has {len(original.inputs)} inputs / {len(original.outputs)} outputs, "
+            f"{path.name} has {len(inputs)} / {len(outputs)}: give the model the .tflite was made from"
+        )
+    for mine, theirs in zip(inputs, original.inputs):
+        if len(mine.shape) != len(theirs.shape) or any(a and b and a != b for a, b in zip(mine.shape[1:], theirs.shape[1:])):
+            raise UsageError(
+                f"--reference {Path(reference).name} takes {theirs.describe()} but {path.name} takes {mine.describe()}; "
+                "the gate needs the same input layout (e.g. NCHW vs NHWC)"
+            )
+    # The bundle keeps the original's tensor names, as for a model edgepack converted itself.
+    inputs = [TensorSpec(o.name, m.dtype, m.shape, m.quantization) for m, o in zip(inputs, original.inputs)]
+    outputs = [TensorSpec(o.name, m.dtype, m.shape, m.quantization) for m, o in zip(outputs, original.outputs)]
+    notes.append(f"accuracy gate: compared with --reference {Path(reference).name} ({original.kind})")
+    return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs, original.reference,
+                       notes + original.notes, tools | original.tools, compared_with=Path(reference).name)
+
+
+def _litert_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("ai-edge-litert", "tflite-runtime"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 # --- scikit-learn -----------------------------------------------------------------------------------

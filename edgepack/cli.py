@@ -46,9 +46,10 @@ def cli() -> None:
 @click.option("--scale", type=float, default=255.0, show_default=True, help="image data: pixels are divided by this")
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True)
 @click.option("--color", type=click.Choice(["rgb", "gray"]), default="rgb", show_default=True)
+@click.option("--reference", help="for a .tflite MODEL: the original model it was made from (the accuracy gate compares with it)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def convert(model, profiles, calibration, validation, input_shapes, name, version, out, min_agreement, recipes,
-            try_all, signing_key, resize, mean, std, scale, layout, color, as_json) -> None:
+            try_all, signing_key, resize, mean, std, scale, layout, color, reference, as_json) -> None:
     """Export, quantize and check MODEL; write one bundle per --profile into --out."""
     from rich.console import Console
 
@@ -68,7 +69,7 @@ def convert(model, profiles, calibration, validation, input_shapes, name, versio
     options = ConvertOptions(
         model=model, profiles=list(profiles), out=out, calibration=calibration, validation=validation,
         input_shapes=parse_input_shapes(input_shapes), name=name, version=version, min_agreement=min_agreement,
-        recipes=list(recipes) or None, image=image, signing_key=signing_key, try_all=try_all,
+        recipes=list(recipes) or None, image=image, signing_key=signing_key, try_all=try_all, reference=reference,
     )
     console = Console(stderr=True)
     with console.status("converting") as status:

@@ -61,7 +61,8 @@ class Runtime(_Strict):
     execution_providers: list[str] = []
     delegates: list[str] = []
     unsupported_ops: list[str] = Field(
-        default=[], description="ops (optionally 'domain:Op') the accelerated EP/delegate cannot run"
+        default=[], description="ops (optionally 'domain:Op') the device cannot run: ONNX ops the accelerated EP "
+        "leaves to the CPU (an error without one), or TFLite builtin ops the device's LiteRT build lacks"
     )
 
 

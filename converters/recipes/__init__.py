@@ -18,10 +18,10 @@ RECIPES: dict[str, str | None] = {
     "onnx-int8-mixed": "converters.recipes.onnx_mixed:MixedInt8Recipe",
     # PyTorch -> TFLite with litert-torch (no TensorFlow); int8 through its PT2E quantizer.
     "tflite-fp32": "converters.recipes.tflite:TfliteFp32Recipe",
-    "tflite-fp16": None,
+    "tflite-fp16": "converters.recipes.tflite:TfliteFp16Recipe",
     "tflite-int8-dynamic": "converters.recipes.tflite:TfliteDynamicInt8Recipe",
     "tflite-int8": "converters.recipes.tflite:TfliteInt8Recipe",
-    "tflite-int8-mixed": None,
+    "tflite-int8-mixed": "converters.recipes.tflite_mixed:TfliteMixedInt8Recipe",
 }
 
 

@@ -1,6 +1,7 @@
 """TFLite recipes: PyTorch -> ``.tflite`` with litert-torch (no TensorFlow needed).
 
 - ``tflite-fp32``: a plain conversion.
+- ``tflite-fp16``: fp16 weights (ai-edge-quantizer casts them after conversion), float compute.
 - ``tflite-int8-dynamic``: int8 weights, float activations (PT2E dynamic quantization).
 - ``tflite-int8``: full-integer int8 from calibration data (PT2E static, per-channel weights), so the
   model runs integer-only with XNNPACK; its inputs and outputs are int8 with a scale and zero point,
@@ -12,8 +13,14 @@ recipe fails with a message saying so (the ONNX recipes still run for that profi
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
 import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +51,62 @@ def _lowering_error(exc: Exception) -> RecipeFailed:
     return RecipeFailed(f"litert-torch could not convert the model: {first}")
 
 
+def _torch_module(ctx: RecipeContext):
+    """The source's torch module in eval mode, or a RecipeFailed saying why there is none."""
+    source = ctx.source
+    if source is None or source.torch_module is None:
+        kind = getattr(source, "kind", "unknown")
+        raise RecipeFailed(f"no TFLite target: {WHY_NOT.get(kind, 'the source is not a PyTorch program')}")
+    module = source.torch_module
+    try:
+        module.eval()
+    except (NotImplementedError, RuntimeError):
+        _mark_eval(module)
+    return module
+
+
+def _mark_eval(graph_module) -> None:
+    """Clear the training flag of an exported graph module (its ops were fixed at export; .eval() is
+    refused), so litert-torch does not warn that the model converts in training mode."""
+    for module in graph_module.modules():
+        module.training = False
+
+
+def _quiet_litert() -> None:
+    """Keep litert-torch's dependencies off the user's terminal: TensorFlow's C++ INFO lines (oneDNN),
+    torchao's warnings about CUDA kernels a CPU host cannot load, and a pytree deprecation warning."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torchao", "torch.utils._pytree", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+
+
+def _litert_torch():
+    _quiet_litert()
+    try:
+        import litert_torch
+    except ImportError:
+        raise RecipeFailed("litert-torch is not installed on this host: pip install 'edgepack[host]'") from None
+    litert_torch.config.show_progress = False  # our report says what ran; its progress lines are noise
+    return litert_torch
+
+
+def convert_to_tflite(ctx: RecipeContext, path: Path, quantize=None) -> Path:
+    """Convert the source module to ``path`` with litert-torch; ``quantize(module, example)`` returns
+    (module to convert, QuantConfig or None). Lowering failures become a RecipeFailed naming the op."""
+    litert_torch = _litert_torch()
+    module, example = _torch_module(ctx), _example(ctx)
+    try:
+        module, quant_config = quantize(module, example) if quantize else (module, None)
+        converted = litert_torch.convert(module, example, quant_config=quant_config)
+    except RecipeFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - litert-torch raises many types; the report names the op
+        raise _lowering_error(exc) from None
+    converted.export(str(path))
+    return path
+
+
 class _TfliteRecipe(Recipe):
     """Shared conversion; subclasses choose the quantizer."""
 
@@ -52,32 +115,14 @@ class _TfliteRecipe(Recipe):
         return module, None
 
     def run(self, ctx: RecipeContext) -> Candidate:
-        source = ctx.source
-        if source is None or source.torch_module is None:
-            kind = getattr(source, "kind", "unknown")
-            raise RecipeFailed(f"no TFLite target: {WHY_NOT.get(kind, 'the source is not a PyTorch program')}")
-        try:
-            import litert_torch
-        except ImportError:
-            raise RecipeFailed("litert-torch is not installed on this host: pip install 'edgepack[host]'") from None
-        litert_torch.config.show_progress = False  # our report says what ran; its progress lines are noise
-        example = _example(ctx)
-        module = source.torch_module
-        try:
-            module.eval()  # a .pt2's module() comes back in training mode; litert-torch warns and keeps it
-        except (NotImplementedError, RuntimeError):
-            pass
-        try:
-            module, quant_config = self.quantize(module, example, ctx)
-            converted = litert_torch.convert(module, example, quant_config=quant_config)
-        except RecipeFailed:
-            raise
-        except Exception as exc:  # noqa: BLE001 - litert-torch raises many types; the report names the op
-            raise _lowering_error(exc) from None
-        path = ctx.workdir / f"{self.name}.tflite"
-        converted.export(str(path))
-        return Candidate(self.name, path, "tflite", self.precision, self.config_dict(),
-                         {"converter": f"litert-torch {litert_torch.__version__}"})
+        path = convert_to_tflite(ctx, ctx.workdir / f"{self.name}.tflite", lambda m, e: self.quantize(m, e, ctx))
+        return Candidate(self.name, path, "tflite", self.precision, self.config_dict(), _converter())
+
+
+def _converter() -> dict:
+    import litert_torch
+
+    return {"converter": f"litert-torch {litert_torch.__version__}"}
 
 
 class TfliteFp32Recipe(_TfliteRecipe):
@@ -87,19 +132,83 @@ class TfliteFp32Recipe(_TfliteRecipe):
     precision = "fp32"
 
 
-def _pt2e(module, example, ctx: RecipeContext, dynamic: bool, per_channel: bool, samples: int):
+class TfliteFp16Recipe(Recipe):
+    """fp16 weights, float32 compute: half the size; LiteRT/XNNPACK widen the weights once at load.
+
+    litert-torch converts in fp32; ai-edge-quantizer (Google's post-training quantizer for LiteRT
+    models) then casts the weights of convolutions and fully connected layers to float16.
+    """
+
+    name = "tflite-fp16"
+    precision = "fp16"
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        fp32 = ctx.cache.get("tflite-fp32-file")
+        if fp32 is None or not Path(fp32).is_file():
+            fp32 = ctx.cache["tflite-fp32-file"] = convert_to_tflite(ctx, ctx.workdir / "tflite-fp16-source.tflite")
+        try:
+            from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+            from ai_edge_quantizer.algorithm_manager import AlgorithmName
+        except ImportError:
+            raise RecipeFailed("ai-edge-quantizer is not installed on this host: pip install 'edgepack[host]'") from None
+        recipes = recipe_manager.RecipeManager()
+        recipes.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                                       algorithm_key=AlgorithmName.FLOAT_CASTING)
+        engine = quantizer.Quantizer(str(fp32))
+        engine.load_quantization_recipe(recipes.get_quantization_recipe())
+        # It prints a summary on stdout and progress bars on stderr; the report says what ran.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                result = engine.quantize()
+            except Exception as exc:  # noqa: BLE001 - report the quantizer's own message
+                raise RecipeFailed(f"ai-edge-quantizer could not cast the weights to fp16: {str(exc).splitlines()[0][:300]}") from None
+        path = ctx.workdir / f"{self.name}.tflite"
+        path.write_bytes(bytes(result.quantized_model))
+        from importlib.metadata import version
+
+        return Candidate(self.name, path, "tflite", self.precision, self.config_dict(),
+                         _converter() | {"quantizer": f"ai-edge-quantizer {version('ai-edge-quantizer')}"})
+
+
+def _quantizer(dynamic: bool, per_channel: bool, keep_float=()):
+    """litert-torch's PT2E quantizer; nodes named in ``keep_float`` (and patterns holding them) stay float."""
+    from litert_torch.quantize import pt2e_quantizer
+
+    class SelectiveQuantizer(pt2e_quantizer.PT2EQuantizer):
+        # Its own set_module_name(name, None) is not supported (it asserts), and module-name filters
+        # parse dynamo-style names that torch.export does not produce: filtering by node name is exact.
+        def _annotate_all_static_patterns(self, model, config, filter_fn=None):
+            def keep(node):
+                return node.name not in skipped and (filter_fn is None or filter_fn(node))
+
+            return super()._annotate_all_static_patterns(model, config, keep)
+
+    skipped = set(keep_float)
+    quantizer = SelectiveQuantizer() if skipped else pt2e_quantizer.PT2EQuantizer()
+    return quantizer.set_global(pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic))
+
+
+def _prepare(module, example, quantizer, ctx: RecipeContext, samples: int):
+    """Export, insert observers, and calibrate on ``samples`` calibration samples."""
     import torch
-    from litert_torch.quantize import pt2e_quantizer, quant_config
     from torchao.quantization.pt2e import quantize_pt2e
 
-    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic)
-    )
     prepared = quantize_pt2e.prepare_pt2e(torch.export.export(module, example).module(), quantizer)
     # The exported program is specialised to batch 1: calibrate one sample at a time.
-    for feeds in ctx.calibration_batches(limit=samples if not dynamic else 1, batch=1):
+    for feeds in ctx.calibration_batches(limit=samples, batch=1):
         prepared(*(torch.from_numpy(array) for array in feeds.values()))
-    return quantize_pt2e.convert_pt2e(prepared, fold_quantize=False), quant_config.QuantConfig(pt2e_quantizer=quantizer)
+    return prepared
+
+
+def _pt2e(module, example, ctx: RecipeContext, dynamic: bool, per_channel: bool, samples: int, keep_float=()):
+    from litert_torch.quantize import quant_config
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    quantizer = _quantizer(dynamic, per_channel, keep_float)
+    prepared = _prepare(module, example, quantizer, ctx, 1 if dynamic else samples)
+    converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+    _mark_eval(converted)
+    return converted, quant_config.QuantConfig(pt2e_quantizer=quantizer)
 
 
 class TfliteInt8Recipe(_TfliteRecipe):

@@ -1,0 +1,66 @@
+"""Selective TFLite quantization: full-integer int8 with the most sensitive layers kept in float.
+
+The TFLite counterpart of ``onnx-int8-mixed``: quantization points are ranked by measured noise
+(``converters.pt2e_sensitivity``), then the nodes around the worst 1, 2, 4, ... points are kept float
+until the candidate meets the gate, or the search gives up at ``max_float_fraction`` of the points
+(past that a float recipe is the honest choice). Float regions sit between QUANTIZE/DEQUANTIZE ops in
+the .tflite file, so the model's inputs and outputs stay int8 like ``tflite-int8``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+from .tflite import _converter, _example, _prepare, _pt2e, _quantizer, _torch_module, convert_to_tflite
+
+
+class TfliteMixedInt8Recipe(Recipe):
+    """Full int8 with the nodes around the measured noisiest quantization points kept in float."""
+
+    name = "tflite-int8-mixed"
+    precision = "int8-mixed"
+
+    @dataclass
+    class Config:
+        per_channel: bool = True
+        calibration_samples: int = 256
+        sensitivity_samples: int = 16
+        max_float_fraction: float = 0.25
+
+    def run(self, ctx: RecipeContext) -> Candidate:
+        from ..pt2e_sensitivity import rank_points
+
+        config = self.config
+        module, example = _torch_module(ctx), _example(ctx)
+        prepared = _prepare(module, example, _quantizer(False, config.per_channel), ctx, config.calibration_samples)
+        import torch
+
+        # The first calibration samples: the observers have seen them, so recording them moves nothing.
+        samples = [tuple(torch.from_numpy(a) for a in feeds.values())
+                   for feeds in ctx.calibration_batches(limit=config.sensitivity_samples, batch=1)]
+        ranked = [item for item in rank_points(prepared, samples) if item.added_noise > 1e-6]
+        if not ranked:
+            raise RecipeFailed("no layer adds measurable quantization error; mixed precision cannot help")
+        limit = max(1, int(len(ranked) * config.max_float_fraction))
+        tried, count = [], 1
+        while True:
+            count = min(count, limit)
+            keep = list(dict.fromkeys(name for item in ranked[:count] for name in item.group))
+            path = convert_to_tflite(
+                ctx, ctx.workdir / f"{self.name}-{count}.tflite",
+                lambda m, e: _pt2e(m, e, ctx, False, config.per_channel, config.calibration_samples, keep),
+            )
+            gate, latency = ctx.evaluate(path)
+            tried.append({"float_layers": count, "passed": gate.passed, "failures": gate.failures[:2]})
+            if gate.passed or count >= limit:
+                break
+            count *= 2
+        details = _converter() | {
+            "float_layers": [{"node": item.node, "op": item.op_type, "group": item.group,
+                              "sqnr_db": round(item.sqnr_out_db, 2)} for item in ranked[:count]],
+            "search": tried,
+        }
+        candidate = Candidate(self.name, path, "tflite", self.precision, self.config_dict(), details)
+        candidate.gate, candidate.latency = gate, latency
+        return candidate
