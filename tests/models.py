@@ -39,6 +39,24 @@ def huge_range() -> nn.Module:
     return HugeRange().eval()
 
 
+class HugeRangeDeep(nn.Module):
+    """``HugeRange`` behind a well-behaved layer: full int8 fails on the huge-range tensor, and keeping
+    the layers around it float still leaves the first layer int8 (what a mixed recipe should find)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.features = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+        self.tail = HugeRange()
+
+    def forward(self, x):
+        return self.tail(self.features(x))
+
+
+def huge_range_deep() -> nn.Module:
+    return HugeRangeDeep().eval()
+
+
 def digits_features(count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn digits as float32 [N, 64] in [0, 1] with labels."""
     from sklearn.datasets import load_digits
