@@ -160,3 +160,38 @@ def test_tflite_mixed_keeps_the_damaging_layers_float(tmp_path):
     details = Interpreter(model_path=str(tmp_path / "m.tflite")).get_tensor_details()
     weights = {d["name"]: np.dtype(d["dtype"]).name for d in details if len(d["shape"]) == 2 and d["shape"][1] in (32, 64)}
     assert "int8" in weights.values() and "float32" in weights.values(), weights  # int8 first layer, float tail
+
+
+_FALLBACK_PROBE = r"""
+import sys
+import ai_edge_litert.interpreter as real
+
+# Only the old package name is importable, as on a device with tflite-runtime installed.
+sys.modules["tflite_runtime"] = type(sys)("tflite_runtime")
+sys.modules["tflite_runtime.interpreter"] = real
+sys.modules["ai_edge_litert"] = None
+sys.modules["ai_edge_litert.interpreter"] = None
+from agent.runtime.litert_backend import LiteRTBackend
+import numpy as np
+backend = LiteRTBackend(sys.argv[1], threads=1)
+print(backend.run({backend.inputs[0].name: np.zeros((2, 1, 8, 8), np.float32)})[0].shape)
+sys.modules["tflite_runtime.interpreter"] = None
+try:
+    LiteRTBackend(sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_litert_backend_falls_back_to_tflite_runtime(digits_tflite):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", _FALLBACK_PROBE, str(digits_tflite)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "(2, 10)"
+    assert lines[1].startswith("RuntimeBackendError") and "pip install 'edgepack[tflite]'" in lines[1]
