@@ -79,7 +79,8 @@ def install(bundle, store, keys, profile) -> None:
 @key_option
 @click.option("--threads", type=int, help="intra-op threads (default: the bundle's profile)")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size) -> None:
+@click.option("--integer-io", is_flag=True, help="full-int8 TFLite models: read and write raw int8 tensors, not floats")
+def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size, integer_io) -> None:
     """Batch-score an input file offline with the active model (or --bundle)."""
     from edgepack.bundle import open_bundle
     from edgepack.bundle.signing import load_public_key
@@ -97,6 +98,8 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
             model_store = _store(store, keys)
             model = model_store.load_active(model_store.resolve_name(model_name), threads)
         try:
+            if integer_io and not model.use_integer_io():
+                raise click.UsageError(f"--integer-io: {model.name} has float inputs and outputs; drop the flag")
             feeds = read_inputs(input_path, model.inputs)
             outputs = model.predict(feeds, max_batch=batch_size)
         finally:

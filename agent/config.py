@@ -56,6 +56,9 @@ class ModelConfig(_Strict):
     instances: int = Field(1, ge=1, le=64, description="batches run in parallel on this many workers")
     batching: Batching = Field(default_factory=Batching)
     nonfinite_inputs: Literal["reject", "allow"] = "reject"
+    integer_io: bool = Field(
+        False, description="full-int8 TFLite models: take and return raw int8 tensors instead of floats "
+        "(callers quantize with the scale/zero point in the model metadata)")
 
 
 class ServerConfig(_Strict):

@@ -38,6 +38,11 @@ class LoadedModel:
         results = run_in_batches(self.backend, checked, max_batch)
         return {spec.name: value for spec, value in zip(self.backend.outputs, results)}
 
+    def use_integer_io(self) -> bool:
+        """Serve the model's raw int8 tensors (callers quantize with the scale/zero point the metadata
+        lists); False, and nothing changes, when the model has float I/O."""
+        return self.backend.set_integer_io(True)
+
     def close(self) -> None:
         self.backend.close()
 

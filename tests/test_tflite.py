@@ -154,3 +154,46 @@ def test_litert_bundle_served_over_http(tflite_bundles, validation_arrays):
         scores = client.infer("digits", [tensor]).as_numpy("linear")
         assert running.stop() == 0
     assert scores.shape == (8, 10) and scores.dtype == np.float32
+
+
+def test_callers_can_ask_for_raw_int8(tflite_bundles, validation_arrays, tmp_path):
+    """integer_io: `predict --integer-io` and the daemon's per-model option pass int8 through untouched."""
+    import tritonclient.http as triton
+
+    from .integration.daemon import Daemon
+
+    fp32, int8 = tflite_bundles
+    images, _ = validation_arrays
+    interpreter, _ = _interpreter(int8.bundle, tmp_path)
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    scale, zero = inp["quantization"]
+    quantized = np.clip(np.round(images[:6] / scale) + zero, -128, 127).astype(np.int8)
+    direct = []
+    for sample in quantized:
+        interpreter.set_tensor(inp["index"], sample[None])
+        interpreter.invoke()
+        direct.append(interpreter.get_tensor(out["index"])[0])
+    direct = np.stack(direct)
+
+    np.save(tmp_path / "q.npy", quantized)
+    result = run_cli("predict", "--bundle", int8.bundle, "--integer-io", "--input", tmp_path / "q.npy", "--output",
+                     tmp_path / "raw.npy", program="edgepack-agent")
+    assert result.returncode == 0, result.stderr
+    raw = np.load(tmp_path / "raw.npy")
+    assert raw.dtype == np.int8 and np.array_equal(raw, direct)
+    result = run_cli("predict", "--bundle", fp32.bundle, "--integer-io", "--input", tmp_path / "q.npy", "--output",
+                     tmp_path / "x.npy", program="edgepack-agent")
+    assert result.returncode == 2 and "has float inputs and outputs" in result.stderr
+
+    config = tmp_path / "agent.yaml"
+    config.write_text("models:\n  - name: digits\n    integer_io: true\n")
+    with Daemon("--config", config, "--bundle", int8.bundle) as running:
+        client = triton.InferenceServerClient(running.address)
+        metadata = client.get_model_metadata("digits")
+        assert metadata["inputs"][0]["datatype"] == "INT8"
+        assert metadata["inputs"][0]["parameters"] == {"scale": pytest.approx(scale), "zero_point": zero}
+        tensor = triton.InferInput("input", list(quantized.shape), "INT8")
+        tensor.set_data_from_numpy(quantized)
+        answer = client.infer("digits", [tensor]).as_numpy("linear")
+        assert running.stop() == 0
+    assert answer.dtype == np.int8 and np.array_equal(answer, direct)

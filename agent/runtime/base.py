@@ -27,6 +27,11 @@ class Backend(ABC):
     def close(self) -> None:
         """Release the session (idempotent)."""
 
+    def set_integer_io(self, enabled: bool) -> bool:
+        """Take and return the model's raw integer tensors instead of floats; False when the model has
+        no quantized inputs or outputs (only full-integer TFLite models do)."""
+        return False
+
     @property
     def batch_dynamic(self) -> bool:
         """True when every input takes any batch size."""

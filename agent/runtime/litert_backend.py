@@ -67,11 +67,25 @@ class LiteRTBackend(Backend):
         self.resizable = all(sig and sig[0] == -1 for sig in signature)
         self._fixed_batch = None if self.resizable else int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else None
         self._current_batch = None if self.resizable else self._fixed_batch
-        self.inputs = [self._spec(d, sig) for d, sig in zip(self._in, signature)]
+        self._names = (input_names, output_names)
+        self._build_specs()
+
+    def _build_specs(self) -> None:
+        input_names, output_names = self._names
+        self.inputs = [self._spec(d, list(d.get("shape_signature", d["shape"]))) for d in self._in]
         self.outputs = [self._spec(d, list(d.get("shape_signature", d["shape"]))) for d in self._out]
         for specs, names in ((self.inputs, input_names), (self.outputs, output_names)):
             if names and len(names) == len(specs):
                 specs[:] = [TensorSpec(n, s.dtype, s.shape, s.quantization) for n, s in zip(names, specs)]
+
+    def set_integer_io(self, enabled: bool) -> bool:
+        """Switch between float I/O (quantized here) and the model's raw integer tensors."""
+        if not any(_quantization(d) for d in self._in + self._out):
+            return False
+        with self._lock:
+            self.integer_io = enabled
+            self._build_specs()
+        return True
 
     def _spec(self, detail: dict, signature: list) -> TensorSpec:
         quantization = _quantization(detail)

@@ -91,6 +91,14 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+def _tensor_metadata(spec) -> dict:
+    entry = {"name": spec.name, "datatype": oip_datatype(spec), "shape": oip_shape(spec.shape)}
+    if spec.quantization and spec.dtype.startswith(("int", "uint")):
+        # Raw integer I/O (integer_io): callers need the affine mapping real = (q - zero_point) * scale.
+        entry["parameters"] = {"scale": spec.quantization["scale"], "zero_point": spec.quantization["zero_point"]}
+    return entry
+
+
 def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics, lifespan=None):
     """The ASGI application serving ``registry``'s models (``lifespan`` loads and closes them)."""
     max_body = config.server.max_body_bytes
@@ -124,8 +132,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         return _json({
             "name": scheduler.name, "versions": [model.version],
             "platform": "onnxruntime_onnx" if model.backend.runtime == "onnxruntime" else "tensorflow_lite",
-            "inputs": [{"name": s.name, "datatype": oip_datatype(s), "shape": oip_shape(s.shape)} for s in model.inputs],
-            "outputs": [{"name": s.name, "datatype": oip_datatype(s), "shape": oip_shape(s.shape)} for s in model.outputs],
+            "inputs": [_tensor_metadata(s) for s in model.inputs],
+            "outputs": [_tensor_metadata(s) for s in model.outputs],
         })
 
     async def model_ready(request: Request) -> Response:

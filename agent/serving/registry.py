@@ -68,14 +68,21 @@ class ModelRegistry:
             except BaseException:
                 model.close()
                 raise
+        self._apply_options(model)
         release_freed_memory()
         return ServedVersion(model, None, time.perf_counter() - started, f"file:{path}")
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:
         started = time.perf_counter()
         model = self.store.load_active(name, self.config.model(name).threads, smoke=True)
+        self._apply_options(model)
         release_freed_memory()
         return ServedVersion(model, self.store.state(name).get("active"), time.perf_counter() - started, key)
+
+    def _apply_options(self, model) -> None:
+        # After the smoke test, which runs the bundle's float samples.
+        if self.config.model(model.name).integer_io and not model.use_integer_io():
+            log.warning("integer_io ignored", extra={"model": model.name, "reason": "the model has float inputs and outputs"})
 
     def _store_key(self, name: str) -> str | None:
         state = self.store.state(name)
