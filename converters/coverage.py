@@ -83,13 +83,15 @@ def _host_kernel_check(path: Path) -> list[str]:
     return []
 
 
-def check_tflite_coverage(ops: set[str], profile: Profile) -> CoverageReport:
+def check_tflite_coverage(ops: set[str], profile: Profile, min_runtime: str | None = None) -> CoverageReport:
     """Check a .tflite file's op names against the profile's LiteRT entry.
 
     Ops listed in the runtime's ``unsupported_ops`` are missing from the device's LiteRT build (an
     older tflite-runtime, a trimmed build); ``Flex*`` ops need TensorFlow's select-ops delegate, which
     no LiteRT wheel has. Ops XNNPACK does not take still run on LiteRT's own CPU kernels, so the
-    delegate itself is not a reason to refuse.
+    delegate itself is not a reason to refuse. ``min_runtime`` is the file's own ``min_runtime_version``
+    (written by the converter from its op versions); a device on the older ``tflite-runtime`` package
+    must be at least that version.
     """
     report = CoverageReport(profile.name, 0, sorted(ops))
     runtime = profile.runtime("litert")
@@ -104,4 +106,30 @@ def check_tflite_coverage(ops: set[str], profile: Profile) -> CoverageReport:
             )
         elif any(_matches(pattern, "tflite", op) for pattern in runtime.unsupported_ops):
             report.errors.append(f"{op} is not supported by LiteRT {runtime.min_version} on {profile.name}")
+    if min_runtime and runtime.package == "tflite-runtime" and _version(min_runtime) > _version(runtime.min_version):
+        report.errors.append(
+            f"the model needs TensorFlow Lite >= {min_runtime} (its op versions); tflite-runtime {runtime.min_version} "
+            f"on {profile.name} is older: upgrade the device to ai-edge-litert or use an ONNX recipe"
+        )
     return report
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def tflite_min_runtime(path: Path) -> str | None:
+    """The ``min_runtime_version`` a TFLite converter wrote into the file's metadata, if any."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        return None
+    data = Path(path).read_bytes()
+    model = schema.Model.GetRootAsModel(data, 0)
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        if entry.Name() == b"min_runtime_version":
+            raw = model.Buffers(entry.Buffer()).DataAsNumpy()
+            text = bytes(raw).split(b"\0")[0].decode(errors="replace") if not isinstance(raw, int) else ""
+            return text or None
+    return None

@@ -28,7 +28,7 @@ from edgepack.errors import ConversionError, EdgepackError, GateError, UsageErro
 from edgepack.profiles import Profile, get_profile
 
 from . import gate as gate_module
-from .coverage import check_coverage, check_tflite_coverage
+from .coverage import check_coverage, check_tflite_coverage, tflite_min_runtime
 from .data import Dataset, ImagePreprocessing, load_dataset, random_dataset
 from .recipes import recipe_class
 from .recipes.base import Candidate, RecipeContext, RecipeFailed
@@ -287,7 +287,7 @@ class _Job:
         if candidate.format == "tflite":
             from agent.runtime.litert_backend import model_ops
 
-            reasons += check_tflite_coverage(model_ops(candidate.path), profile).errors
+            reasons += check_tflite_coverage(model_ops(candidate.path), profile, tflite_min_runtime(candidate.path)).errors
         limit = profile.budgets.max_latency_vs_fp32
         if recipe.precision != "fp32" and row.latency_ratio is not None and row.latency_ratio > 1.0:
             message = f"slower than fp32 on this host ({row.latency_ratio:.2f}x)"
@@ -307,7 +307,7 @@ class _Job:
         if profile.runtime("litert") is None:
             raise ConversionError(f"{profile.name} has no LiteRT runtime, so it cannot run a .tflite model; use a profile "
                                   "that lists litert (rpi4, rpi5) or convert the original model for it")
-        coverage = check_tflite_coverage(model_ops(path), profile)
+        coverage = check_tflite_coverage(model_ops(path), profile, tflite_min_runtime(path))
         result.coverage = coverage.to_dict()
         if coverage.errors:
             raise ConversionError(f"{profile.name}: unsupported ops: " + "; ".join(coverage.errors))
@@ -397,7 +397,8 @@ class _Job:
             "samples": samples,
             "reference_stats": "stats/reference.json",
             "coverage": {"opset": coverage.opset, "warnings": coverage.warnings} if not tflite else
-                        {"ops": sorted(backend.op_names()), "warnings": []},
+                        {"ops": sorted(backend.op_names()), "min_runtime_version": tflite_min_runtime(candidate.path),
+                         "warnings": []},
             "source": {"kind": self.source.kind, "name": Path(self.source.spec).name, "sha256": self.source.sha256},
             "tools": tools,
             "notes": self.notes,

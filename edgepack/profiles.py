@@ -60,6 +60,9 @@ class Runtime(_Strict):
     max_opset: int | None = Field(default=None, description="highest ONNX opset the runtime version runs")
     execution_providers: list[str] = []
     delegates: list[str] = []
+    package: Literal["ai-edge-litert", "tflite-runtime"] | None = Field(
+        None, description="litert only: the Python package on the device; with tflite-runtime, min_version "
+        "is a TensorFlow Lite version that a .tflite file's min_runtime_version must not exceed")
     unsupported_ops: list[str] = Field(
         default=[], description="ops (optionally 'domain:Op') the device cannot run: ONNX ops the accelerated EP "
         "leaves to the CPU (an error without one), or TFLite builtin ops the device's LiteRT build lacks"

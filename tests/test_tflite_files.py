@@ -56,7 +56,7 @@ def test_tflite_file_is_packaged_as_given(digits, digits_tflite, tmp_path):
         manifest = bundle.manifest
     assert hashlib.sha256(packaged).digest() == hashlib.sha256(digits_tflite.read_bytes()).digest()
     assert manifest["runtime"]["name"] == "litert" and manifest["precision"] == "fp32"
-    assert "CONV_2D" in manifest["coverage"]["ops"]
+    assert "CONV_2D" in manifest["coverage"]["ops"] and manifest["coverage"]["min_runtime_version"] == "2.0.0"
 
     images = np.load(digits / "validation.npz")["input"][:16]
     np.save(tmp_path / "in.npy", images)
@@ -111,6 +111,19 @@ def test_tflite_file_refusals(digits, digits_tflite, tmp_path):
                      env={**os.environ, "EDGEPACK_PROFILES_DIR": str(folder)})
     assert result.returncode == 1
     assert "CONV_2D is not supported by LiteRT 1.2 on rpi4" in json.loads(result.stdout)["profiles"][0]["error"]
+    # A device on the old tflite-runtime package older than the file's min_runtime_version.
+    text = (folder / "rpi4.yaml").read_text().replace("    unsupported_ops: [CONV_2D]\n", "").replace(
+        '    min_version: "1.2"', '    min_version: "1.14"\n    package: tflite-runtime')
+    (folder / "rpi4.yaml").write_text(text)
+    result = run_cli("convert", digits_tflite, "--profile", "rpi4", "--out", tmp_path / "out", "--json",
+                     env={**os.environ, "EDGEPACK_PROFILES_DIR": str(folder)})
+    assert result.returncode == 1, result.stderr
+    error = json.loads(result.stdout)["profiles"][0]["error"]
+    assert "needs TensorFlow Lite >= 2.0.0" in error and "tflite-runtime 1.14 on rpi4 is older" in error
+    (folder / "rpi4.yaml").write_text(text.replace('"1.14"', '"2.5"'))
+    result = run_cli("convert", digits_tflite, "--profile", "rpi4", "--out", tmp_path / "old-ok",
+                     env={**os.environ, "EDGEPACK_PROFILES_DIR": str(folder)})
+    assert result.returncode == 0, result.stderr
     # Usage errors: one line, exit 2.
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"not a flatbuffer" * 8)
