@@ -53,7 +53,7 @@ class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     bundle: Path | None = Field(None, description="serve this bundle file directly instead of the store")
     threads: int | None = Field(None, ge=1, le=256, description="intra-op threads (default: the bundle's profile)")
-    instances: int = Field(1, ge=1, le=64, description="batches run in parallel on this many workers")
+    instances: int = Field(1, ge=1, le=64, description="batches run in parallel on this many workers (LiteRT: one interpreter each)")
     batching: Batching = Field(default_factory=Batching)
     nonfinite_inputs: Literal["reject", "allow"] = "reject"
     integer_io: bool = Field(

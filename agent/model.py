@@ -47,14 +47,15 @@ class LoadedModel:
         self.backend.close()
 
 
-def load_model(folder: Path, manifest: dict, threads: int | None = None) -> LoadedModel:
-    """Load the extracted bundle files in ``folder`` with the backend its manifest names."""
+def load_model(folder: Path, manifest: dict, threads: int | None = None, instances: int = 1) -> LoadedModel:
+    """Load the extracted bundle files in ``folder`` with the backend its manifest names
+    (``instances``: concurrent runs the serving layer will make)."""
     runtime = manifest["runtime"]
     backend = load_backend(
         folder / manifest["model_file"], manifest["format"], threads=threads or runtime.get("threads"),
         providers=runtime.get("execution_providers"),
         input_names=[spec["name"] for spec in manifest.get("inputs", [])],
-        output_names=[spec["name"] for spec in manifest.get("outputs", [])],
+        output_names=[spec["name"] for spec in manifest.get("outputs", [])], instances=instances,
     )
     return LoadedModel(manifest["name"], manifest["version"], manifest, backend, folder)
 

@@ -112,7 +112,7 @@ class ModelStore:
             raise UsageError(f"the store holds several models ({', '.join(names)}); choose one with --model")
         return names[0]
 
-    def load_active(self, name: str, threads: int | None = None, smoke: bool = False) -> LoadedModel:
+    def load_active(self, name: str, threads: int | None = None, smoke: bool = False, instances: int = 1) -> LoadedModel:
         """Load the active slot of model ``name`` (and run its smoke test when ``smoke``)."""
         state = self.state(name)
         if not state.get("active"):
@@ -125,7 +125,7 @@ class ModelStore:
             # The extracted copy is what gets loaded: check it has not rotted or been replaced.
             if not on_disk.is_file() or hashlib.sha256(on_disk.read_bytes()).hexdigest() != entry["sha256"]:
                 raise StoreError(f"slot {state['active']} of {name!r} is corrupted; reinstall or roll back")
-            model = load_model(folder / "files", bundle.manifest, threads)
+            model = load_model(folder / "files", bundle.manifest, threads, instances)
             if smoke:
                 try:
                     smoke_test(model, bundle)

@@ -208,3 +208,30 @@ def test_litert_backend_falls_back_to_tflite_runtime(digits_tflite):
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "(2, 10)"
     assert lines[1].startswith("RuntimeBackendError") and "pip install 'edgepack[tflite]'" in lines[1]
+
+
+@pytest.mark.parametrize("instances", [1, 3])
+def test_litert_backend_is_safe_under_concurrent_callers(digits, digits_tflite, instances):
+    """Many threads at once: every caller gets its own rows back, whatever interpreter ran them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.runtime.litert_backend import LiteRTBackend
+
+    images = np.load(digits / "validation.npz")["input"][:48]
+    backend = LiteRTBackend(digits_tflite, threads=1, instances=instances)
+    name = backend.inputs[0].name
+    expected = [backend.run({name: images[i:i + 1]})[0] for i in range(len(images))]
+
+    def call(index: int) -> bool:
+        count = 1 + index % 3  # batch-1 model: the backend loops over the rows
+        rows = images[index:index + count]
+        got = backend.run({name: rows})[0]
+        return np.array_equal(got, np.concatenate(expected[index:index + len(rows)]))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(call, list(range(len(images))) * 4))
+    backend.close()
+    from edgepack.errors import RuntimeBackendError
+
+    with pytest.raises(RuntimeBackendError, match="closed"):
+        backend.run({name: images[:1]})

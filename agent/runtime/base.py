@@ -83,8 +83,11 @@ def run_in_batches(backend: Backend, feeds: dict[str, np.ndarray], max_batch: in
 
 
 def load_backend(model_path: Path, model_format: str, threads: int | None = None, providers=None,
-                 input_names=None, output_names=None, integer_io: bool = False) -> Backend:
-    """Load ``model_path`` with the backend for ``model_format`` ("onnx" or "tflite")."""
+                 input_names=None, output_names=None, integer_io: bool = False, instances: int = 1) -> Backend:
+    """Load ``model_path`` with the backend for ``model_format`` ("onnx" or "tflite").
+
+    ``instances``: how many runs may proceed at once (an ONNX Runtime session is shared by all; LiteRT
+    gets one interpreter each)."""
     if model_format == "onnx":
         from .onnx_backend import OnnxBackend
 
@@ -93,5 +96,5 @@ def load_backend(model_path: Path, model_format: str, threads: int | None = None
         from .litert_backend import LiteRTBackend
 
         return LiteRTBackend(model_path, threads=threads, integer_io=integer_io, input_names=input_names,
-                             output_names=output_names)
+                             output_names=output_names, instances=instances)
     raise RuntimeBackendError(f"model format {model_format!r} is not supported by this agent; upgrade edgepack")

@@ -2,12 +2,13 @@
 
 Integer I/O of full-int8 models is hidden from callers: float inputs are quantized with the tensor's
 scale and zero point and integer outputs dequantized, unless ``integer_io=True`` asks for raw integers.
-An interpreter's ``invoke`` is not reentrant, so every run holds the backend's lock; the serving layer
-runs one worker per instance anyway.
+An interpreter's ``invoke`` is not reentrant, so the backend keeps one interpreter per instance in a pool
+and every run takes one for its duration: ``instances`` runs proceed in parallel, more wait.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from pathlib import Path
 
@@ -41,15 +42,10 @@ def _quantization(detail: dict) -> dict | None:
     return None
 
 
-class LiteRTBackend(Backend):
-    """One LiteRT interpreter (XNNPACK delegate, ``threads`` threads)."""
+class _Interpreter:
+    """One interpreter and the batch size its tensors are currently allocated for."""
 
-    runtime = "litert"
-
-    def __init__(self, model_path: Path, threads: int | None = None, integer_io: bool = False,
-                 input_names: list[str] | None = None, output_names: list[str] | None = None):
-        """``input_names``/``output_names`` rename the file's tensors in order (litert-torch calls them
-        ``serving_default_args_0``…; bundles keep the source model's names)."""
+    def __init__(self, model_path: Path, threads: int | None):
         Interpreter = interpreter_class()
         try:
             self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
@@ -57,18 +53,40 @@ class LiteRTBackend(Backend):
         except (ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeBackendError(f"LiteRT cannot load {Path(model_path).name}: {first}") from None
-        self._lock = threading.Lock()
+        self.batch: int | None = None
+
+
+class LiteRTBackend(Backend):
+    """LiteRT interpreters (XNNPACK delegate, ``threads`` threads each), one per concurrent run."""
+
+    runtime = "litert"
+
+    def __init__(self, model_path: Path, threads: int | None = None, integer_io: bool = False,
+                 input_names: list[str] | None = None, output_names: list[str] | None = None, instances: int = 1):
+        """``input_names``/``output_names`` rename the file's tensors in order (litert-torch calls them
+        ``serving_default_args_0``…; bundles keep the source model's names). ``instances`` interpreters
+        let that many runs proceed in parallel (``invoke`` is not reentrant, so each run takes one)."""
+        first = _Interpreter(model_path, threads)
         self.model_path = Path(model_path)
+        self.threads = threads
         self.integer_io = integer_io
-        self._in = self.interpreter.get_input_details()
-        self._out = self.interpreter.get_output_details()
+        self._in = first.interpreter.get_input_details()
+        self._out = first.interpreter.get_output_details()
         signature = [list(d.get("shape_signature", d["shape"])) for d in self._in]
         #: the model's batch dimension is -1 (resizable); otherwise samples run one fixed batch at a time
         self.resizable = all(sig and sig[0] == -1 for sig in signature)
         self._fixed_batch = None if self.resizable else int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else None
-        self._current_batch = None if self.resizable else self._fixed_batch
+        first.batch = None if self.resizable else self._fixed_batch
+        self._pool: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
+        self._pool.put(first)
+        self._closed = False
+        self._switch = threading.Lock()
         self._names = (input_names, output_names)
         self._build_specs()
+        for _ in range(max(1, instances) - 1):
+            extra = _Interpreter(model_path, threads)
+            extra.batch = first.batch
+            self._pool.put(extra)
 
     def _build_specs(self) -> None:
         input_names, output_names = self._names
@@ -82,7 +100,7 @@ class LiteRTBackend(Backend):
         """Switch between float I/O (quantized here) and the model's raw integer tensors."""
         if not any(_quantization(d) for d in self._in + self._out):
             return False
-        with self._lock:
+        with self._switch:
             self.integer_io = enabled
             self._build_specs()
         return True
@@ -111,13 +129,13 @@ class LiteRTBackend(Backend):
             return ((array.astype(np.float32) - quantization["zero_point"]) * quantization["scale"]).astype(np.float32)
         return array
 
-    def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        interpreter = self.interpreter
-        if self.resizable and arrays and arrays[0].shape[0] != self._current_batch:
+    def _invoke(self, slot: _Interpreter, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        interpreter = slot.interpreter
+        if self.resizable and arrays and arrays[0].shape[0] != slot.batch:
             for detail, array in zip(self._in, arrays):
                 interpreter.resize_tensor_input(detail["index"], list(array.shape), strict=False)
             interpreter.allocate_tensors()
-            self._current_batch = arrays[0].shape[0]
+            slot.batch = arrays[0].shape[0]
         for detail, array in zip(self._in, arrays):
             interpreter.set_tensor(detail["index"], self._to_model(detail, array))
         interpreter.invoke()
@@ -125,27 +143,41 @@ class LiteRTBackend(Backend):
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [feeds[spec.name] for spec in self.inputs]
-        with self._lock:
-            if self.interpreter is None:
+        slot = self._take()
+        try:
+            if self.resizable or not self._fixed_batch or arrays[0].shape[0] == self._fixed_batch:
+                return self._invoke(slot, arrays)
+            step = self._fixed_batch
+            chunks = [self._invoke(slot, [a[i:i + step] for a in arrays]) for i in range(0, arrays[0].shape[0], step)]
+        except (ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeBackendError(f"inference failed: {first}") from None
+        finally:
+            self._pool.put(slot)
+        return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(self._out))]
+
+    def _take(self) -> _Interpreter:
+        """A free interpreter; waits while every one is busy, fails once the backend is closed."""
+        while True:
+            if self._closed:
                 raise RuntimeBackendError("the model was closed")
             try:
-                if self.resizable or not self._fixed_batch or arrays[0].shape[0] == self._fixed_batch:
-                    return self._invoke(arrays)
-                step = self._fixed_batch
-                chunks = [self._invoke([a[i:i + step] for a in arrays]) for i in range(0, arrays[0].shape[0], step)]
-            except (ValueError, RuntimeError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise RuntimeBackendError(f"inference failed: {first}") from None
-        return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(self._out))]
+                return self._pool.get(timeout=0.25)
+            except queue.Empty:
+                continue
 
     def op_names(self) -> set[str]:
         """The op names of the model as written (before XNNPACK replaces them with a DELEGATE node)."""
         return model_ops(self.model_path)
 
     def close(self) -> None:
-        with self._lock:
-            self.interpreter = None
-
+        """Refuse new runs; the interpreters are freed once runs in flight hand theirs back."""
+        self._closed = True
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
 
 
 def model_ops(model_path: Path) -> set[str]:

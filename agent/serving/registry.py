@@ -62,7 +62,8 @@ class ModelRegistry:
             if self.config.profile and manifest["profile"] != self.config.profile:
                 raise EdgepackError(f"bundle {path} is for profile {manifest['profile']!r}, not {self.config.profile!r}")
             bundle.extract_to(folder)
-            model = load_model(folder, manifest, self.config.model(manifest["name"]).threads)
+            options = self.config.model(manifest["name"])
+            model = load_model(folder, manifest, options.threads, options.instances)
             try:
                 smoke_test(model, bundle)
             except BaseException:
@@ -74,7 +75,8 @@ class ModelRegistry:
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:
         started = time.perf_counter()
-        model = self.store.load_active(name, self.config.model(name).threads, smoke=True)
+        options = self.config.model(name)
+        model = self.store.load_active(name, options.threads, smoke=True, instances=options.instances)
         self._apply_options(model)
         release_freed_memory()
         return ServedVersion(model, self.store.state(name).get("active"), time.perf_counter() - started, key)
