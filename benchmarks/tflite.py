@@ -79,6 +79,42 @@ def main() -> None:
                   f"{ratio(size, sizes.get('tflite-fp32'))} | {ratio(size, sizes.get('onnx-fp32'))} | "
                   f"{f'{latency:.2f}' if latency else '-'} | {ratio(base_t, latency)} | {ratio(base_o, latency)} | "
                   f"{agreement} | {accuracy} | {'; '.join(row.reasons)} |")
+        fp32 = next((row.model_path for row in result.candidates if row.recipe == "tflite-fp32" and row.model_path), None)
+        if fp32:
+            instance_scaling(fp32, images[:1])
+
+
+def instance_scaling(path: Path, sample, seconds: float = 3.0) -> None:
+    """Throughput of the agent's LiteRT backend with 1 vs 2 interpreters (1 thread each), 2 callers."""
+    import threading
+
+    from agent.runtime.litert_backend import LiteRTBackend
+
+    print("\nLiteRT backend, tflite-fp32, 1 thread per interpreter, 2 concurrent callers, batch 1:\n")
+    print("| interpreters (instances) | runs/s | vs 1 |")
+    print("|---|---|---|")
+    base = None
+    for instances in (1, 2):
+        backend = LiteRTBackend(path, threads=1, instances=instances)
+        feeds = {backend.inputs[0].name: sample}
+        backend.run(feeds)
+        counts = [0, 0]
+        deadline = time.perf_counter() + seconds
+
+        def caller(slot: int) -> None:
+            while time.perf_counter() < deadline:
+                backend.run(feeds)
+                counts[slot] += 1
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        backend.close()
+        rate = sum(counts) / seconds
+        base = base or rate
+        print(f"| {instances} | {rate:.0f} | {rate / base:.2f}x |")
 
 
 def _enforce_host_latency(folder: Path, name: str, budget: float) -> None:
