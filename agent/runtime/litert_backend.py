@@ -8,7 +8,11 @@ and every run takes one for its duration: ``instances`` runs proceed in parallel
 
 from __future__ import annotations
 
+import base64
+import logging
+import os
 import queue
+import sys
 import threading
 from pathlib import Path
 
@@ -66,6 +70,7 @@ class LiteRTBackend(Backend):
         """``input_names``/``output_names`` rename the file's tensors in order (litert-torch calls them
         ``serving_default_args_0``…; bundles keep the source model's names). ``instances`` interpreters
         let that many runs proceed in parallel (``invoke`` is not reentrant, so each run takes one)."""
+        silence_delegate_banner()
         first = _Interpreter(model_path, threads)
         self.model_path = Path(model_path)
         self.threads = threads
@@ -178,6 +183,52 @@ class LiteRTBackend(Backend):
                 self._pool.get_nowait()
             except queue.Empty:
                 break
+
+
+#: A 276-byte .tflite (float32[1] x -> ADD(x, x)), built once with ai_edge_litert's schema object API
+#: (ModelT with one ADD op), for ``silence_delegate_banner``.
+_TINY_MODEL = (
+    "GAAAAFRGTDMAAA4AFAAQAAwACAAAAAQADgAAABAAAAAYAAAA4AAAAAMAAAABAAAABAAAACj///8BAAAAEAAAAAwAFAAQAAwACAAEAAwAAAAQ"
+    "AAAAUAAAAFQAAABYAAAAAQAAABQAAAAAAA4AFAAAABAADAALAAQADgAAABAAAAAAAAALDAAAABAAAACA////AQAAAAEAAAACAAAAAAAAAAAA"
+    "AAABAAAAAQAAAAEAAAAAAAAAAgAAADAAAAAEAAAA5P///wgAAAAMAAAAAQAAAHkAAAABAAAAAQAAAAwADAAIAAAAAAAEAAwAAAAIAAAADAAA"
+    "AAEAAAB4AAAAAQAAAAEAAAABAAAACAAAAAQABAAEAAAA"
+)
+_banner_silenced = False
+
+
+def silence_delegate_banner() -> None:
+    """Keep LiteRT's one-time "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." off stderr.
+
+    The runtime prints it with C stdio once per process, the first time the delegate is created, and
+    has no Python switch for it (google-ai-edge/LiteRT#7420). The agent's stderr carries JSON log lines,
+    so before the first real interpreter a tiny one is created with file descriptor 2 pointed at
+    /dev/null; later interpreters print nothing. The logging handlers' locks are held meanwhile, so a
+    log line from another thread waits those few milliseconds instead of being lost.
+    """
+    global _banner_silenced
+    if _banner_silenced:
+        return
+    Interpreter = interpreter_class()
+    _banner_silenced = True
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    for handler in handlers:
+        handler.acquire()
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            try:
+                Interpreter(model_content=base64.b64decode(_TINY_MODEL), num_threads=1).allocate_tensors()
+            except (ValueError, RuntimeError):
+                pass  # a runtime that rejects the tiny model prints its banner later; harmless
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    finally:
+        for handler in reversed(handlers):
+            handler.release()
 
 
 def model_ops(model_path: Path) -> set[str]:
