@@ -32,7 +32,7 @@ from .coverage import check_coverage, check_tflite_coverage, tflite_min_runtime
 from .data import Dataset, ImagePreprocessing, load_dataset, random_dataset
 from .recipes import recipe_class
 from .recipes.base import Candidate, RecipeContext, RecipeFailed
-from .sources import SourceModel, detect_kind, load_source
+from .sources import SourceModel, detect_kind, load_source, package_versions
 from .stats import dataset_stats
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,7 @@ class _Job:
                 self._package_tflite(profile, result, threads)
                 return result
             base = self.base_for(profile)
-            coverage = check_coverage(base, profile)
-            result.coverage = coverage.to_dict()
-            if coverage.errors:
-                raise ConversionError(f"{profile.name}: unsupported ops: " + "; ".join(coverage.errors))
+            coverage = _checked(check_coverage(base, profile), result)
             self.progress(f"{profile.name}: timing fp32")
             fp32_gate, fp32_latency = self.evaluate(base, threads)
             fp32_size = base.stat().st_size
@@ -307,10 +304,7 @@ class _Job:
         if profile.runtime("litert") is None:
             raise ConversionError(f"{profile.name} has no LiteRT runtime, so it cannot run a .tflite model; use a profile "
                                   "that lists litert (rpi4, rpi5) or convert the original model for it")
-        coverage = check_tflite_coverage(model_ops(path), profile, tflite_min_runtime(path))
-        result.coverage = coverage.to_dict()
-        if coverage.errors:
-            raise ConversionError(f"{profile.name}: unsupported ops: " + "; ".join(coverage.errors))
+        coverage = _checked(check_tflite_coverage(model_ops(path), profile, tflite_min_runtime(path)), result)
         self.progress(f"{profile.name}: checking {path.name}")
         gate, latency = self.evaluate(path, threads)
         size = path.stat().st_size
@@ -363,13 +357,7 @@ class _Job:
 
         tools = {"edgepack": __version__, "numpy": np.__version__, **self.source.tools}
         if tflite:
-            from importlib.metadata import PackageNotFoundError, version
-
-            for package in ("litert-torch", "ai-edge-litert"):
-                try:
-                    tools[package] = version(package)
-                except PackageNotFoundError:
-                    pass
+            tools |= package_versions("litert-torch", "ai-edge-litert")
         else:
             tools["onnxruntime"] = onnxruntime.__version__
 
@@ -411,6 +399,14 @@ class _Job:
 
             sign_bundle(target, self.options.signing_key)
         return target
+
+
+def _checked(coverage, result: ProfileResult):
+    """Record the op coverage in the result; refuse the profile when the device cannot run an op."""
+    result.coverage = coverage.to_dict()
+    if coverage.errors:
+        raise ConversionError(f"{result.profile}: unsupported ops: " + "; ".join(coverage.errors))
+    return coverage
 
 
 def tflite_precision(path: Path) -> str:

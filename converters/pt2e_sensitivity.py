@@ -21,6 +21,7 @@ import numpy as np
 
 from .sensitivity import NodeSensitivity, sqnr_db
 
+
 def _is_quantize(node) -> bool:
     return node.op == "call_function" and "quantize_per" in str(node.target) and "dequantize" not in str(node.target)
 

@@ -361,7 +361,7 @@ def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None)
     inputs, outputs = list(backend.inputs), list(backend.outputs)
     if input_shapes:
         raise UsageError("a .tflite model declares its input shapes; drop --input-shape")
-    tools = _litert_versions()
+    tools = package_versions("ai-edge-litert", "tflite-runtime")
     notes = ["packaged as given: a .tflite MODEL is not re-converted or re-quantized"]
     if reference is None:
         return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs, backend.run, notes, tools)
@@ -387,11 +387,12 @@ def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None)
                        notes + original.notes, tools | original.tools, compared_with=Path(reference).name)
 
 
-def _litert_versions() -> dict:
+def package_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` (for a bundle's ``tools``); ones not installed are left out."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("ai-edge-litert", "tflite-runtime"):
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -21,6 +21,17 @@ def run_cli(*args, program="edgepack", cwd=None, env=None) -> subprocess.Complet
                           cwd=cwd or ROOT, env=env, timeout=600)
 
 
+def invoke_each(interpreter, samples: np.ndarray) -> np.ndarray:
+    """Run a LiteRT interpreter directly (no edgepack code), one sample at a time; raw outputs stacked."""
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    results = []
+    for sample in samples:
+        interpreter.set_tensor(inp["index"], sample[None])
+        interpreter.invoke()
+        results.append(interpreter.get_tensor(out["index"])[0].copy())
+    return np.stack(results)
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The example CNN trained on digits, saved as .pt2, with calibration/validation files."""

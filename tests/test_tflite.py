@@ -9,7 +9,7 @@ import pytest
 
 from edgepack.bundle import open_bundle
 
-from .conftest import run_cli
+from .conftest import invoke_each, run_cli
 from .models import digits_features
 
 pytest.importorskip("litert_torch")
@@ -79,13 +79,8 @@ def test_integer_io_round_trips_through_the_agent(tflite_bundles, validation_arr
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]
     out_scale, out_zero = out["quantization"]
-    direct = []
-    for image in images[:20]:
-        q = np.clip(np.round(image[None] / in_scale) + in_zero, -128, 127).astype(np.int8)
-        interpreter.set_tensor(inp["index"], q)
-        interpreter.invoke()
-        direct.append((interpreter.get_tensor(out["index"]).astype(np.float32) - out_zero) * out_scale)
-    direct = np.concatenate(direct)
+    quantized = np.clip(np.round(images[:20] / in_scale) + in_zero, -128, 127).astype(np.int8)
+    direct = (invoke_each(interpreter, quantized).astype(np.float32) - out_zero) * out_scale
 
     np.save(tmp_path / "in.npy", images[:20])
     result = run_cli("predict", "--bundle", int8.bundle, "--input", tmp_path / "in.npy", "--output", tmp_path / "out.npy",
@@ -167,15 +162,9 @@ def test_callers_can_ask_for_raw_int8(tflite_bundles, validation_arrays, tmp_pat
     fp32, int8 = tflite_bundles
     images, _ = validation_arrays
     interpreter, _ = _interpreter(int8.bundle, tmp_path)
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    scale, zero = inp["quantization"]
+    scale, zero = interpreter.get_input_details()[0]["quantization"]
     quantized = np.clip(np.round(images[:6] / scale) + zero, -128, 127).astype(np.int8)
-    direct = []
-    for sample in quantized:
-        interpreter.set_tensor(inp["index"], sample[None])
-        interpreter.invoke()
-        direct.append(interpreter.get_tensor(out["index"])[0])
-    direct = np.stack(direct)
+    direct = invoke_each(interpreter, quantized)
 
     np.save(tmp_path / "q.npy", quantized)
     result = run_cli("predict", "--bundle", int8.bundle, "--integer-io", "--input", tmp_path / "q.npy", "--output",

@@ -12,7 +12,7 @@ import pytest
 
 from edgepack.bundle import open_bundle
 
-from .conftest import run_cli
+from .conftest import invoke_each, run_cli
 from .models import digits_features
 
 pytest.importorskip("litert_torch")
@@ -65,12 +65,7 @@ def test_tflite_file_is_packaged_as_given(digits, digits_tflite, tmp_path):
     assert predicted.returncode == 0, predicted.stderr
     interpreter = Interpreter(model_path=str(digits_tflite))
     interpreter.allocate_tensors()
-    direct = []
-    for image in images:
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
-        interpreter.invoke()
-        direct.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), np.stack(direct), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), invoke_each(interpreter, images), atol=1e-6)
 
 
 def test_tflite_file_is_gated_against_its_reference(digits, digits_tflite, tmp_path):

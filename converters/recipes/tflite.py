@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sources import package_versions
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 
 WHY_NOT = {
@@ -164,10 +165,9 @@ class TfliteFp16Recipe(Recipe):
                 raise RecipeFailed(f"ai-edge-quantizer could not cast the weights to fp16: {str(exc).splitlines()[0][:300]}") from None
         path = ctx.workdir / f"{self.name}.tflite"
         path.write_bytes(bytes(result.quantized_model))
-        from importlib.metadata import version
-
+        quantizer_version = package_versions("ai-edge-quantizer").get("ai-edge-quantizer", "?")
         return Candidate(self.name, path, "tflite", self.precision, self.config_dict(),
-                         _converter() | {"quantizer": f"ai-edge-quantizer {version('ai-edge-quantizer')}"})
+                         _converter() | {"quantizer": f"ai-edge-quantizer {quantizer_version}"})
 
 
 def _quantizer(dynamic: bool, per_channel: bool, keep_float=()):

@@ -29,13 +29,13 @@ class TfliteMixedInt8Recipe(Recipe):
         max_float_fraction: float = 0.25
 
     def run(self, ctx: RecipeContext) -> Candidate:
+        import torch
+
         from ..pt2e_sensitivity import rank_points
 
         config = self.config
         module, example = _torch_module(ctx), _example(ctx)
         prepared = _prepare(module, example, _quantizer(False, config.per_channel), ctx, config.calibration_samples)
-        import torch
-
         # The first calibration samples: the observers have seen them, so recording them moves nothing.
         samples = [tuple(torch.from_numpy(a) for a in feeds.values())
                    for feeds in ctx.calibration_batches(limit=config.sensitivity_samples, batch=1)]
