@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.bundle.writer import atomic_write
+from edgepack.atomic import atomic_write
 from edgepack.errors import DataError, InputFileError, UsageError
 from edgepack.tensors import TensorSpec
 

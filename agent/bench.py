@@ -12,7 +12,7 @@ import numpy as np
 
 from edgepack.bundle import open_bundle
 
-from .model import load_model
+from .loader import load_bundle
 
 
 def _rss_mb() -> float:
@@ -31,25 +31,26 @@ def _percentiles(times_ms: list[float]) -> dict:
 
 def bench_bundle(path: Path, seconds: float = 3.0, threads: int | None = None, batches=(1, 8)) -> dict:
     """Measure the bundle's model with its sample inputs at each batch size."""
-    with open_bundle(path) as bundle, tempfile.TemporaryDirectory() as temp:
-        manifest = bundle.manifest
-        bundle.extract_to(Path(temp))
-        sample = {name: bundle.read_array(file)[:1] for name, file in manifest["samples"]["inputs"].items()}
+    with tempfile.TemporaryDirectory() as temp:
         before = _rss_mb()
         start = time.perf_counter()
-        model = load_model(Path(temp), manifest, threads)
+        model = load_bundle(path, Path(temp), threads=threads)
         load_ms = (time.perf_counter() - start) * 1000
         model_rss = _rss_mb() - before
+        manifest = model.manifest
+        with open_bundle(path, verify_files=False) as bundle:
+            sample = {name: bundle.read_array(file)[:1] for name, file in manifest["samples"]["inputs"].items()}
         rows = []
-        for batch in batches if model.backend.batch_dynamic else (1,):
+        # A fixed-batch model runs in chunks of its batch (padded), as the agent serves it.
+        for batch in batches if model.merge_limit(max(batches)) > 1 else (1,):
             feeds = {name: np.repeat(array, batch, axis=0) for name, array in sample.items()}
             for _ in range(5):
-                model.backend.run(feeds)
+                model.run(feeds, batch)
             times = []
             deadline = time.perf_counter() + seconds / len(batches)
             while time.perf_counter() < deadline or len(times) < 10:
                 begin = time.perf_counter()
-                model.backend.run(feeds)
+                model.run(feeds, batch)
                 times.append((time.perf_counter() - begin) * 1000)
             row = {"batch": batch, **_percentiles(times)}
             row["samples_per_s"] = batch * 1000 / float(np.mean(times))

@@ -82,21 +82,18 @@ def install(bundle, store, keys, profile) -> None:
 @click.option("--integer-io", is_flag=True, help="full-int8 TFLite models: read and write raw int8 tensors, not floats")
 def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size, integer_io) -> None:
     """Batch-score an input file offline with the active model (or --bundle)."""
-    from edgepack.bundle import open_bundle
     from edgepack.bundle.signing import load_public_key
 
     from .batch_io import read_inputs, write_outputs
-    from .model import load_model
+    from .loader import load_bundle
 
     with tempfile.TemporaryDirectory(prefix="edgepack-predict-") as temp:
         if bundle:
             trusted = [load_public_key(k) for k in keys] or None
-            with open_bundle(bundle, public_keys=trusted) as opened:
-                opened.extract_to(Path(temp))
-                model = load_model(Path(temp), opened.manifest, threads)
+            model = load_bundle(bundle, Path(temp), keys=trusted, threads=threads)
         else:
             model_store = _store(store, keys)
-            model = model_store.load_active(model_store.resolve_name(model_name), threads)
+            model = model_store.load_active(model_store.resolve_name(model_name), threads, smoke=True)
         try:
             if integer_io and not model.use_integer_io():
                 raise click.UsageError(f"--integer-io: {model.name} has float inputs and outputs; drop the flag")

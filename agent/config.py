@@ -56,6 +56,18 @@ class ModelConfig(_Strict):
     instances: int = Field(1, ge=1, le=64, description="batches run in parallel on this many workers (LiteRT: one interpreter each)")
     batching: Batching = Field(default_factory=Batching)
     nonfinite_inputs: Literal["reject", "allow"] = "reject"
+    max_queue_size: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="requests that may wait for this model; more are answered 503 with Retry-After "
+        "(default: what the model gets through in queue_budget_ms, measured at load)")
+    queue_budget_ms: float = Field(
+        50.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much work")
+    deadline_ms: float | None = Field(
+        None, gt=0, le=3_600_000,
+        description="default per-request deadline: queued work older than this is dropped with 504 "
+        "(a request's parameters.timeout, in microseconds as Triton's, may ask for less)")
+    max_samples_per_request: int = Field(
+        1024, ge=1, le=10_000_000, description="more samples in one request are refused with 413")
     integer_io: bool = Field(
         False, description="full-int8 TFLite models: take and return raw int8 tensors instead of floats "
         "(callers quantize with the scale/zero point in the model metadata)")
@@ -72,6 +84,19 @@ class ServerConfig(_Strict):
     tls_key: Path | None = None
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     graceful_shutdown_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+    limit_concurrency: int = Field(
+        512, ge=1, le=100_000, description="connections + requests at once; more are answered 503 by uvicorn")
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="idle keep-alive connections close after this")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="a connection that has not sent a complete request head within "
+        "this is closed (slow-loris clients)")
+    body_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a request body not received within this is answered 408")
+    offload_bytes: int = Field(
+        1024 * 1024, ge=0, description="bodies (and responses) larger than this are decoded (encoded) in a "
+        "helper process, so one large request never stalls the event loop; 0 decodes everything inline")
+    max_large_requests: int = Field(
+        4, ge=1, le=1024, description="large bodies (over offload_bytes) accepted at once; more get 503")
 
     @model_validator(mode="after")
     def _exposure(self) -> "ServerConfig":

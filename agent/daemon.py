@@ -42,6 +42,7 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     from .logs import setup_logging
     from .serving.app import build_app
     from .serving.metrics import ServingMetrics
+    from .serving.protocol import guarded_protocol
     from .serving.registry import ModelRegistry
 
     setup_logging(config.log_level)
@@ -70,13 +71,15 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     port = sock.getsockname()[1]
     app = build_app(config, registry, metrics, lifespan)
     uv_config = uvicorn.Config(
-        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=_pick("httptools", "httptools", "h11"),
+        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s),
         lifespan="on", access_log=False, log_config=None, server_header=False,
         timeout_graceful_shutdown=config.server.graceful_shutdown_s,
         ssl_certfile=str(config.server.tls_cert) if config.server.tls_cert else None,
         ssl_keyfile=str(config.server.tls_key) if config.server.tls_key else None,
         # Many clients at once keep their connections; the queue, not the socket backlog, holds work.
-        backlog=2048, timeout_keep_alive=30,
+        backlog=2048, timeout_keep_alive=config.server.keep_alive_s,
+        # Beyond this many connections + requests uvicorn answers 503 itself, before any app code runs.
+        limit_concurrency=config.server.limit_concurrency,
     )
     server = _Server(uv_config)
     try:

@@ -1,7 +1,8 @@
-"""A bundle loaded for serving: its verified manifest, its backend, and its smoke test."""
+"""A bundle loaded for serving: its verified manifest, its backend, its batch rules and its smoke test."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,31 +13,63 @@ from edgepack.errors import StoreError
 from edgepack.tensors import TensorSpec
 
 from .runtime import Backend, load_backend, run_in_batches
+from .runtime.base import served_spec
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to answer requests."""
+    """A model ready to answer requests.
+
+    ``inputs``/``outputs`` are what callers see: any number of samples on the batch axis, also for a
+    model exported with a fixed batch (the one splitter runs it in chunks of that batch).
+    """
 
     name: str
     version: str
     manifest: dict
     backend: Backend
     folder: Path
+    #: seconds one sample takes on this machine, measured at load (None until measured)
+    sample_seconds: float | None = None
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return self.backend.inputs
+        return [served_spec(s) for s in self.backend.inputs] if self.backend.batched else self.backend.inputs
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return self.backend.outputs
+        return [served_spec(s) for s in self.backend.outputs] if self.backend.batched else self.backend.outputs
+
+    @property
+    def batch_size(self) -> int | None:
+        """The model file's fixed batch, or None when it takes any batch size."""
+        return self.backend.batch_size
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a sample's outputs do not depend on the other samples of its batch (recorded by the
+        converter's gate; bundles made before it was recorded are taken as invariant)."""
+        return bool((self.manifest.get("batch") or {}).get("invariant", True))
+
+    def merge_limit(self, configured: int) -> int:
+        """How many samples one run may hold: 1 when the outputs depend on the batch, at most the fixed
+        batch of a fixed-batch model, else ``configured``."""
+        if not self.backend.batched or not self.batch_invariant:
+            return 1
+        return min(configured, self.batch_size) if self.batch_size else configured
+
+    def check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validated feeds (names, dtypes, every non-batch dimension); raises DataError."""
+        return self.backend.check_feeds(feeds)
+
+    def run(self, feeds: dict[str, np.ndarray], max_batch: int = 64) -> dict[str, np.ndarray]:
+        """Outputs by name for N already-checked samples, in chunks the model takes."""
+        results = run_in_batches(self.backend, feeds, self.merge_limit(max_batch))
+        return {spec.name: value for spec, value in zip(self.backend.outputs, results)}
 
     def predict(self, feeds: dict[str, np.ndarray], max_batch: int = 64) -> dict[str, np.ndarray]:
-        """Outputs by name for N samples (validated, run in batches the model accepts)."""
-        checked = self.backend.check_feeds(feeds)
-        results = run_in_batches(self.backend, checked, max_batch)
-        return {spec.name: value for spec, value in zip(self.backend.outputs, results)}
+        """Outputs by name for N samples (validated, then run in batches the model accepts)."""
+        return self.run(self.check(feeds), max_batch)
 
     def use_integer_io(self) -> bool:
         """Serve the model's raw int8 tensors (callers quantize with the scale/zero point the metadata
@@ -71,14 +104,20 @@ def release_freed_memory() -> None:
 
 
 def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
-    """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss."""
+    """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss.
+
+    Also measures ``model.sample_seconds`` (the serving layer sizes its queue from it)."""
     samples = model.manifest.get("samples")
     if not samples:
         return
     feeds = {name: bundle.read_array(path) for name, path in samples["inputs"].items()}
     try:
+        checked = model.check(feeds)
         # One sample at a time: a batch of samples would grow the runtime's memory arena for good.
-        outputs = model.predict(feeds, max_batch=1)
+        started = time.perf_counter()
+        outputs = model.run(checked, max_batch=1)
+        count = len(next(iter(checked.values()))) if model.backend.batched else 1
+        model.sample_seconds = (time.perf_counter() - started) / max(1, count)
     except Exception as exc:
         raise StoreError(f"smoke test failed: the model cannot run its sample inputs ({exc})") from None
     for name, path in samples["outputs"].items():

@@ -16,14 +16,15 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from edgepack.atomic import write_json_atomic
 from edgepack.bundle import open_bundle
 from edgepack.errors import EdgepackError, StoreError, UsageError
 
-from .model import LoadedModel, load_model, smoke_test
+from .loader import check_profile, load_bundle
+from .model import LoadedModel
 
 SLOTS = ("a", "b")
 STORE_ENV = "EDGEPACK_STORE"
@@ -36,26 +37,6 @@ def default_store() -> Path:
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("edgepack")) / "store"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Replace ``path`` with ``data`` durably: temp file, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".state.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=1, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 class ModelStore:
@@ -118,58 +99,44 @@ class ModelStore:
         if not state.get("active"):
             raise StoreError(f"model {name!r} has no active slot")
         folder = self.slot_dir(name, state["active"])
-        with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=False) as bundle:
-            model_file = bundle.manifest["model_file"]
-            entry = bundle.manifest["files"][model_file]
-            on_disk = folder / "files" / model_file
-            # The extracted copy is what gets loaded: check it has not rotted or been replaced.
-            if not on_disk.is_file() or hashlib.sha256(on_disk.read_bytes()).hexdigest() != entry["sha256"]:
-                raise StoreError(f"slot {state['active']} of {name!r} is corrupted; reinstall or roll back")
-            model = load_model(folder / "files", bundle.manifest, threads, instances)
-            if smoke:
-                try:
-                    smoke_test(model, bundle)
-                except BaseException:
-                    model.close()
-                    raise
-            return model
+        try:
+            return load_bundle(folder / "bundle.edgepack", folder / "files", keys=self.trusted_keys, threads=threads,
+                               instances=instances, extracted=True, smoke=smoke)
+        except StoreError as exc:
+            raise StoreError(f"slot {state['active']} of {name!r}: {exc.message}") from None
 
     # -- changing ----------------------------------------------------------------------------------
 
     def install(self, bundle_path: Path, threads: int | None = None) -> dict:
         """Verify, stage, load and smoke-test a bundle, then make it active; return the new state."""
-        with open_bundle(bundle_path, public_keys=self.trusted_keys, verify_files=True) as bundle:
-            manifest = bundle.manifest
-            if self.profile and manifest["profile"] != self.profile:
-                raise StoreError(
-                    f"bundle is built for profile {manifest['profile']!r} but this device is {self.profile!r}; "
-                    "convert the model for this profile"
-                )
-            name = manifest["name"]
-            state = self.state(name)
-            active = state.get("active")
-            slot = next(s for s in SLOTS if s != active)
-            folder = self.slot_dir(name, slot)
+        with open_bundle(bundle_path, public_keys=self.trusted_keys, verify_files=False) as bundle:
+            # The manifest is signature-checked here; its files are checked when the staged copy loads.
+            check_profile(bundle.manifest, self.profile)
+            name = bundle.manifest["name"]
+        state = self.state(name)
+        active = state.get("active")
+        slot = next(s for s in SLOTS if s != active)
+        folder = self.slot_dir(name, slot)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.mkdir(parents=True)
+            shutil.copyfile(bundle_path, folder / "bundle.edgepack")
+            # The copy is what stays: verify, profile-check, extract, load and smoke-test that.
+            model = load_bundle(folder / "bundle.edgepack", folder / "files", keys=self.trusted_keys,
+                                profile=self.profile, threads=threads)
+            model.close()
+            with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=False) as bundle:
+                manifest, manifest_bytes = bundle.manifest, bundle.manifest_bytes
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-            try:
-                folder.mkdir(parents=True)
-                shutil.copyfile(bundle_path, folder / "bundle.edgepack")
-                bundle.extract_to(folder / "files")
-                model = load_model(folder / "files", manifest, threads)
-                try:
-                    smoke_test(model, bundle)
-                finally:
-                    model.close()
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            slots = dict(state.get("slots", {}))
-            slots[slot] = {"version": manifest["version"], "profile": manifest["profile"],
-                           "precision": manifest["precision"], "installed_at": int(time.time()),
-                           "manifest_sha256": hashlib.sha256(bundle.manifest_bytes).hexdigest()}
-            new_state = {"name": name, "active": slot, "previous": active, "slots": slots}
-            write_json_atomic(self.root / "models" / name / "state.json", new_state)
-            return new_state
+            raise
+        slots = dict(state.get("slots", {}))
+        slots[slot] = {"version": manifest["version"], "profile": manifest["profile"],
+                       "precision": manifest["precision"], "installed_at": int(time.time()),
+                       "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+        new_state = {"name": name, "active": slot, "previous": active, "slots": slots}
+        write_json_atomic(self.root / "models" / name / "state.json", new_state)
+        return new_state
 
     def rollback(self, name: str) -> dict:
         """Make the previous slot active again (it is verified first); return the new state."""

@@ -63,3 +63,13 @@ class RuntimeBackendError(EdgepackError):
 
 class StoreError(EdgepackError):
     """The agent's model store refused an operation (nothing was changed)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message (at most ``limit`` characters), or its type name.
+
+    Third-party libraries (ONNX Runtime, torch, LiteRT) raise multi-line messages with C++ stack
+    dumps; a one-line error keeps only what says what went wrong.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.errors import RuntimeBackendError
+from edgepack.errors import RuntimeBackendError, first_line
 from edgepack.tensors import TensorSpec
 
 from .base import Backend
@@ -55,8 +55,7 @@ class _Interpreter:
             self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeBackendError(f"LiteRT cannot load {Path(model_path).name}: {first}") from None
+            raise RuntimeBackendError(f"LiteRT cannot load {Path(model_path).name}: {first_line(exc)}") from None
         self.batch: int | None = None
 
 
@@ -116,8 +115,6 @@ class LiteRTBackend(Backend):
         if quantization and not self.integer_io:
             dtype = "float32"
         shape = [None if d < 0 else int(d) for d in signature]
-        if shape and self._fixed_batch == 1:
-            shape[0] = None  # batch-1 models take any N: the backend runs the samples one by one
         return TensorSpec(detail["name"], dtype, tuple(shape), quantization)
 
     def _to_model(self, detail: dict, array: np.ndarray) -> np.ndarray:
@@ -150,16 +147,12 @@ class LiteRTBackend(Backend):
         arrays = [feeds[spec.name] for spec in self.inputs]
         slot = self._take()
         try:
-            if self.resizable or not self._fixed_batch or arrays[0].shape[0] == self._fixed_batch:
-                return self._invoke(slot, arrays)
-            step = self._fixed_batch
-            chunks = [self._invoke(slot, [a[i:i + step] for a in arrays]) for i in range(0, arrays[0].shape[0], step)]
+            # Fixed-batch models get chunks of their batch from run_in_batches, the one splitter.
+            return self._invoke(slot, arrays)
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeBackendError(f"inference failed: {first}") from None
+            raise RuntimeBackendError(f"inference failed: {first_line(exc)}") from None
         finally:
             self._pool.put(slot)
-        return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(self._out))]
 
     def _take(self) -> _Interpreter:
         """A free interpreter; waits while every one is busy, fails once the backend is closed."""

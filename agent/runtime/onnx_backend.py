@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepack.errors import RuntimeBackendError
+from edgepack.errors import RuntimeBackendError, first_line
 from edgepack.tensors import ORT_TYPES, TensorSpec, dims_from_ort
 
 from .base import Backend
@@ -44,8 +44,7 @@ class OnnxBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeBackendError(f"ONNX Runtime cannot load {Path(model_path).name}: {first}") from None
+            raise RuntimeBackendError(f"ONNX Runtime cannot load {Path(model_path).name}: {first_line(exc)}") from None
         self.providers = self.session.get_providers()
         self.inputs = [TensorSpec(i.name, ORT_TYPES.get(i.type, i.type), dims_from_ort(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [TensorSpec(o.name, ORT_TYPES.get(o.type, o.type), dims_from_ort(o.shape)) for o in self.session.get_outputs()]
@@ -55,8 +54,7 @@ class OnnxBackend(Backend):
         try:
             return self.session.run(self._output_names, feeds)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeBackendError(f"inference failed: {first}") from None
+            raise RuntimeBackendError(f"inference failed: {first_line(exc)}") from None
 
     def close(self) -> None:
         self.session = None

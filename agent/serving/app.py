@@ -7,10 +7,11 @@ decoded straight into numpy (``orjson`` / ``np.frombuffer``), never into Python 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
-import zlib
 
 import orjson
 from starlette.applications import Starlette
@@ -22,10 +23,11 @@ from edgepack import __version__
 from edgepack.errors import DataError, EdgepackError
 
 from ..config import AgentConfig
+from .codec import BodyTooLarge, Codec
 from .metrics import ServingMetrics
-from .oip import (CONFIG_TYPES, HEADER_LENGTH, RequestError, decode_request, encode_response, oip_datatype,
-                  oip_shape, validate_inputs)
+from .oip import CONFIG_TYPES, HEADER_LENGTH, RequestError, oip_datatype, oip_shape
 from .registry import ModelRegistry
+from .scheduler import DeadlineExceeded, Overloaded
 
 log = logging.getLogger("edgepack.agent.serving")
 
@@ -34,20 +36,24 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics"]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
-def _json(data, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status, media_type="application/json")
+def _json(data, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
 
 
 def _error(message: str, status: int) -> Response:
     return _json({"error": message}, status)
 
 
-class BodyTooLarge(Exception):
-    pass
+class Disconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class TooManySamples(Exception):
+    """A request carries more samples than ``max_samples_per_request``."""
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The (decompressed) body, refusing anything over ``limit`` bytes without reading it all."""
+    """The raw body, refusing anything over ``limit`` bytes without reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
@@ -57,20 +63,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding in ("gzip", "deflate"):
-        # tritonclient compresses requests on demand; cap the inflated size too (zip bombs).
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        try:
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error:
-            raise RequestError(f"the body is not valid {encoding} data") from None
-        if len(body) > limit or inflater.unconsumed_tail:
-            raise BodyTooLarge
-    elif encoding != "identity":
-        raise RequestError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    return body
+    return b"".join(chunks)
+
+
+async def _wait_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """Await ``awaitable``; if the client disconnects first, cancel it (its queued work is dropped)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise Disconnected
 
 
 class BearerAuth:
@@ -122,7 +137,21 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         return _json({"ready": ok}, 200 if ok else 503)
 
     async def server_metadata(request: Request) -> Response:
-        return _json({"name": "edgepack-agent", "version": __version__, "extensions": EXTENSIONS})
+        return _json({"name": "edgepack-agent", "version": __version__, "extensions": EXTENSIONS,
+                      "models": sorted(name for name in registry.schedulers if registry.get(name))})
+
+    async def repository_index(request: Request) -> Response:
+        # Triton's model repository extension, as tritonclient's get_model_repository_index() reads it.
+        index = []
+        for name in sorted(registry.schedulers):
+            scheduler = registry.get(name)
+            entry = {"name": name, "state": "READY" if scheduler else "UNAVAILABLE"}
+            if scheduler:
+                entry["version"] = scheduler.current.version
+            else:
+                entry["reason"] = "no version loaded (see the agent log)"
+            index.append(entry)
+        return _json(index)
 
     async def model_metadata(request: Request) -> Response:
         scheduler, error = model_or_404(request)
@@ -159,8 +188,19 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
                 "input": tensors(model.inputs), "output": tensors(model.outputs),
                 "instance_group": [{"count": scheduler.options.instances, "kind": "KIND_CPU"}]}
         if scheduler.max_batch > 1:
-            body["dynamic_batching"] = {"max_queue_delay_microseconds": int(scheduler.options.batching.max_queue_delay_ms * 1000)}
+            body["dynamic_batching"] = {"max_queue_delay_microseconds": int(scheduler.options.batching.max_queue_delay_ms * 1000),
+                                        "default_queue_policy": {"max_queue_size": scheduler.max_queue}}
+        # Why requests are (not) merged: a fixed batch of the model file, outputs that depend on the batch.
+        body["parameters"] = {
+            "model_batch": {"string_value": str(model.batch_size) if model.batch_size else "dynamic"},
+            "batch_invariant": {"string_value": "true" if model.batch_invariant else "false"},
+            "max_queue_size": {"string_value": str(scheduler.max_queue)},
+            "max_samples_per_request": {"string_value": str(scheduler.options.max_samples_per_request)},
+        }
         return _json(body)
+
+    codec = Codec(config.server.offload_bytes, max_body)
+    large = {"in_flight": 0}
 
     async def infer(request: Request) -> Response:
         started = time.perf_counter()
@@ -169,20 +209,61 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         if error:
             metrics.observe_request(name if name in registry.schedulers else "_unknown", "not_found")
             return error
+        options = scheduler.options
         try:
-            body = await _read_body(request, max_body)
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
-            model = scheduler.current.model
-            feeds = validate_inputs(decoded.inputs, model.inputs, scheduler.options.nonfinite_inputs == "allow")
-            result = await scheduler.infer(feeds)
-            payload, headers = encode_response(name, result.version, decoded, result.outputs, model.outputs)
+            # Shed load before reading the body: a full queue costs the client one round trip, no more.
+            scheduler.check_capacity()
+        except Overloaded as exc:
+            metrics.observe_request(name, "overloaded")
+            return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
+        declared = request.headers.get("content-length", "")
+        is_large = codec.offloads(int(declared)) if declared.isdigit() else False
+        if is_large and large["in_flight"] >= config.server.max_large_requests:
+            metrics.observe_request(name, "overloaded")
+            return _json({"error": f"{large['in_flight']} large requests are in progress "
+                          f"(server.max_large_requests); retry later"}, 503, {"retry-after": "1"})
+        large["in_flight"] += is_large
+        served = scheduler.pin()
+        try:
+            body = await asyncio.wait_for(_read_body(request, max_body), config.server.body_timeout_s)
+            decoded, feeds = await codec.decode(body, request.headers.get("content-encoding", "identity"),
+                                                request.headers.get(HEADER_LENGTH), served.model.inputs,
+                                                options.nonfinite_inputs == "allow")
+            del body
+            first = next(iter(feeds.values()))
+            samples = len(first) if first.ndim and served.model.backend.batched else 1
+            if samples > options.max_samples_per_request:
+                raise TooManySamples(f"the request carries {samples} samples; this model takes at most "
+                                     f"{options.max_samples_per_request} per request (max_samples_per_request): "
+                                     "split it into several requests")
+            limits = [options.deadline_ms / 1000 if options.deadline_ms else None,
+                      decoded.timeout_us / 1e6 if decoded.timeout_us is not None else None]
+            limits = [limit for limit in limits if limit is not None]
+            deadline = started + min(limits) if limits else None
+            result = await _unless_disconnected(request, scheduler.infer(feeds, served, deadline))
+            # Encoded with the specs and version of the model that computed the answer.
+            payload, headers = await codec.encode(name, result.version, decoded, result.outputs,
+                                                  result.served.model.outputs)
+        except Overloaded as exc:
+            metrics.observe_request(name, "overloaded")
+            return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
+        except DeadlineExceeded as exc:
+            metrics.observe_request(name, "deadline_exceeded")
+            return _error(str(exc), 504)
+        except asyncio.TimeoutError:
+            metrics.observe_request(name, "body_timeout")
+            return _error(f"the request body did not arrive within server.body_timeout_s "
+                          f"({config.server.body_timeout_s} s)", 408)
         except BodyTooLarge:
             metrics.observe_request(name, "too_large")
             return _error(f"the request body is larger than server.max_body_bytes ({max_body} bytes)", 413)
+        except TooManySamples as exc:
+            metrics.observe_request(name, "too_large")
+            return _error(str(exc), 413)
         except (RequestError, DataError) as exc:
             metrics.observe_request(name, "bad_request")
             return _error(str(exc), 400)
-        except ClientDisconnect:
+        except (ClientDisconnect, Disconnected):
             metrics.observe_request(name, "disconnected")
             return Response(status_code=499)
         except EdgepackError as exc:
@@ -193,6 +274,9 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             metrics.observe_request(name, "error")
             log.exception("inference failed", extra={"model": name})
             return _error(f"internal error: {type(exc).__name__}", 500)
+        finally:
+            scheduler.unpin(served)
+            large["in_flight"] -= is_large
         metrics.observe_request(name, "ok", time.perf_counter() - started, result.queue_seconds)
         return Response(payload, 200, headers=headers)
 
@@ -203,6 +287,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/models/{name}", model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
@@ -216,6 +301,17 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
     async def not_found(request: Request, exc) -> Response:
         return _error(f"no route {request.method} {request.url.path}; see the Open Inference Protocol v2 paths", exc.status_code)
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+    @contextlib.asynccontextmanager
+    async def lifespan_and_codec(app):
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            codec.close()
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan_and_codec)
     token = config.server.bearer_token()
     return BearerAuth(app, token) if token else app

@@ -19,6 +19,8 @@ import orjson
 from edgepack.tensors import TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
+#: More elements than any body within server.max_body_bytes can describe (a BOOL is one byte).
+MAX_ELEMENTS = 2**31
 
 #: OIP datatype -> numpy dtype (little-endian, as the binary extension specifies).
 DATATYPES = {
@@ -49,6 +51,8 @@ class InferRequest:
     #: requested output name -> True when it must come back as binary data
     outputs: dict[str, bool] = field(default_factory=dict)
     binary_default: bool = False
+    #: Triton's ``timeout`` request parameter: how long (microseconds) the request may wait in the queue
+    timeout_us: int | None = None
 
 
 def oip_datatype(spec: TensorSpec) -> str:
@@ -98,6 +102,8 @@ def _from_json_data(data, dtype: np.dtype, name: str, datatype: str, count: int)
             flat = np.asarray(data, dtype=object).reshape(-1)
             if not all(isinstance(v, str) for v in flat):
                 raise RequestError(f"input {name!r}: BYTES data must be strings")
+            if flat.size != count:
+                raise RequestError(f"input {name!r}: 'data' holds {flat.size} values but shape needs {count}")
             return flat
         if dtype.kind in "iub":
             raw = np.asarray(data)
@@ -173,6 +179,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         dtype = DATATYPES[datatype]
         shape = _shape(item, name)
         count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise RequestError(f"input {name!r}: shape {list(shape)} holds {count} elements, more than any request "
+                               f"body can carry ({MAX_ELEMENTS}); send fewer samples per request")
         size = _parameters(item, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if "data" in item:
@@ -198,6 +207,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if offset != len(binary):
         raise RequestError(f"the body holds {len(binary) - offset} bytes of binary data that no input claims")
     binary_default = bool(params.get("binary_data_output", False))
+    timeout_us = params.get("timeout")
+    if timeout_us is not None and (not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0):
+        raise RequestError("parameters.timeout must be a non-negative integer (microseconds)")
     outputs: dict[str, bool] = {}
     requested = header.get("outputs")
     if requested is not None:
@@ -210,7 +222,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             if "classification" in out_params:
                 raise RequestError("the classification extension is not supported; request the output tensor instead")
             outputs[item["name"]] = bool(out_params.get("binary_data", binary_default))
-    return InferRequest(request_id, inputs, outputs, binary_default)
+    return InferRequest(request_id, inputs, outputs, binary_default, timeout_us)
 
 
 def validate_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec], allow_nonfinite: bool) -> dict[str, np.ndarray]:

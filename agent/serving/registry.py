@@ -20,7 +20,7 @@ from edgepack.bundle.signing import load_public_key
 from edgepack.errors import EdgepackError
 
 from ..config import AgentConfig
-from ..model import load_model, release_freed_memory, smoke_test
+from ..loader import load_bundle
 from ..store import ModelStore
 from .metrics import ServingMetrics
 from .scheduler import ModelScheduler, ServedVersion
@@ -57,20 +57,11 @@ class ModelRegistry:
     def _load_bundle_file(self, path: Path) -> ServedVersion:
         started = time.perf_counter()
         folder = Path(tempfile.mkdtemp(prefix="bundle-", dir=self._temp))
-        with open_bundle(path, public_keys=self.keys) as bundle:
-            manifest = bundle.manifest
-            if self.config.profile and manifest["profile"] != self.config.profile:
-                raise EdgepackError(f"bundle {path} is for profile {manifest['profile']!r}, not {self.config.profile!r}")
-            bundle.extract_to(folder)
-            options = self.config.model(manifest["name"])
-            model = load_model(folder, manifest, options.threads, options.instances)
-            try:
-                smoke_test(model, bundle)
-            except BaseException:
-                model.close()
-                raise
+        with open_bundle(path, public_keys=self.keys, verify_files=False) as bundle:
+            options = self.config.model(bundle.manifest["name"])
+        model = load_bundle(path, folder, keys=self.keys, profile=self.config.profile, threads=options.threads,
+                            instances=options.instances)
         self._apply_options(model)
-        release_freed_memory()
         return ServedVersion(model, None, time.perf_counter() - started, f"file:{path}")
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:
@@ -78,7 +69,6 @@ class ModelRegistry:
         options = self.config.model(name)
         model = self.store.load_active(name, options.threads, smoke=True, instances=options.instances)
         self._apply_options(model)
-        release_freed_memory()
         return ServedVersion(model, self.store.state(name).get("active"), time.perf_counter() - started, key)
 
     def _apply_options(self, model) -> None:

@@ -1,8 +1,20 @@
-"""Per-model request scheduling: a queue, dynamic batching, and versions that retire only when idle.
+"""Per-model request scheduling: admission control, dynamic batching, deadlines, version pinning.
 
-All bookkeeping runs on the event loop thread; only ``backend.run`` runs on the model's worker
-threads (ONNX Runtime and LiteRT release the GIL while they compute). A request is validated before
-it is queued, so a batch only ever holds requests that fit the model.
+All bookkeeping runs on the event loop thread; only the model runs on the model's worker threads
+(ONNX Runtime and LiteRT release the GIL while they compute).
+
+- **Admission.** The queue is bounded (``max_queue_size`` requests, by default what the model gets
+  through in ``queue_budget_ms``); a full queue answers at once with :class:`Overloaded` (HTTP 503 with
+  ``Retry-After``), as Triton's ``max_queue_size`` does, instead of a queue that grows without end.
+- **Deadlines.** A request may carry a deadline; queued work whose deadline passed is dropped with
+  :class:`DeadlineExceeded` (504) before it costs a run. Work of a client that went away is cancelled
+  and skipped the same way.
+- **Version pinning.** A request is validated against one loaded version and holds it
+  (:meth:`ServedVersion.acquire`); its batch runs on that version, merged only with requests pinned to
+  the same one, so a swap never makes a new version compute an answer checked against the old one's
+  specs. A retired version closes only after its queued and running work is done.
+- **Batching.** Requests merge up to ``max_batch_size`` samples, never beyond a fixed batch, and never
+  for a model whose outputs depend on the rest of the batch (``LoadedModel.merge_limit``).
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,9 +35,24 @@ from .metrics import ServingMetrics
 
 log = logging.getLogger("edgepack.agent.serving")
 
+#: bounds of the default queue size (requests)
+MIN_QUEUE, MAX_QUEUE = 8, 4096
+
+
+class Overloaded(Exception):
+    """The model's queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its batch could run."""
+
 
 class ServedVersion:
-    """One loaded version of a model; closed once it is retired and no batch uses it."""
+    """One loaded version of a model; closed once it is retired and nothing holds it."""
 
     def __init__(self, model: LoadedModel, slot: str | None, load_seconds: float, key: str):
         self.model = model
@@ -32,7 +60,7 @@ class ServedVersion:
         self.load_seconds = load_seconds
         #: identifies what was loaded (slot + manifest hash), so the store watcher sees changes
         self.key = key
-        self.in_flight = 0
+        self.holders = 0
         self.retired = False
 
     @property
@@ -40,26 +68,29 @@ class ServedVersion:
         return self.model.version
 
     def acquire(self) -> None:
-        self.in_flight += 1
+        """Pin this version (a request validated against it, or a running batch)."""
+        self.holders += 1
 
     def release(self) -> None:
-        self.in_flight -= 1
-        if self.retired and self.in_flight == 0:
+        self.holders -= 1
+        if self.retired and self.holders == 0:
             self.model.close()
 
     def retire(self) -> None:
         self.retired = True
-        if self.in_flight == 0:
+        if self.holders == 0:
             self.model.close()
 
 
 @dataclass
 class Work:
-    """One queued request: validated inputs, how many samples, and the future its handler awaits."""
+    """One queued request: validated inputs, the version it is pinned to, and the future it awaits."""
 
     feeds: dict[str, np.ndarray]
     count: int
+    served: ServedVersion
     future: asyncio.Future
+    deadline: float | None = None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -68,9 +99,13 @@ class Result:
     """What a request gets back: outputs by name and the version that computed them."""
 
     outputs: dict[str, np.ndarray]
-    version: str
+    served: ServedVersion
     queue_seconds: float
     inference_seconds: float
+
+    @property
+    def version(self) -> str:
+        return self.served.version
 
 
 class ModelScheduler:
@@ -89,19 +124,27 @@ class ModelScheduler:
 
     # -- versions ----------------------------------------------------------------------------------
 
-    def batching_applies(self, model: LoadedModel) -> bool:
-        """Batching needs a free batch dimension on every input and output."""
-        return all(spec.batch_dynamic for spec in model.inputs) and all(spec.batch_dynamic for spec in model.outputs)
-
     @property
     def max_batch(self) -> int:
-        batching = self.options.batching
-        if self.current and batching.enabled and self.batching_applies(self.current.model):
-            return batching.max_batch_size
-        return 1
+        """Samples one run of the current version may merge (1: no dynamic batching)."""
+        if not self.current or not self.options.batching.enabled:
+            return 1
+        return self.current.model.merge_limit(self.options.batching.max_batch_size)
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait: ``max_queue_size``, else what the model serves in ``queue_budget_ms``."""
+        if self.options.max_queue_size:
+            return self.options.max_queue_size
+        seconds = self.current.model.sample_seconds if self.current else None
+        if not seconds:
+            return 64
+        per_run = max(1, self.max_batch)
+        budget = self.options.queue_budget_ms / 1000 * self.options.instances * per_run / seconds
+        return int(min(MAX_QUEUE, max(MIN_QUEUE, 2 * per_run * self.options.instances, budget)))
 
     def swap(self, served: ServedVersion) -> ServedVersion | None:
-        """Route new batches to ``served``; the old version closes after its in-flight batches."""
+        """Route new requests to ``served``; the old version closes once nothing holds it."""
         old, self.current = self.current, served
         self.metrics.model_active(self.name, served.version, served.slot, old.version if old else None,
                                   old.slot if old else None)
@@ -114,58 +157,110 @@ class ModelScheduler:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def infer(self, feeds: dict[str, np.ndarray]) -> Result:
-        """Queue validated ``feeds`` (N samples) and wait for their outputs."""
+    def check_capacity(self) -> None:
+        """Raise Overloaded when the queue is full (called before reading a body, and at queueing)."""
+        if len(self._pending) >= self.max_queue:
+            seconds = (self.current.model.sample_seconds if self.current else None) or 0.01
+            wait = len(self._pending) * seconds / max(1, self.options.instances)
+            raise Overloaded(f"model {self.name!r} is at capacity ({len(self._pending)} requests queued, "
+                             f"max_queue_size {self.max_queue}); retry later", max(1, math.ceil(wait)))
+
+    def pin(self) -> ServedVersion:
+        """The current version, held until :meth:`unpin`; validate the request against it."""
+        served = self.current
+        if served is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        served.acquire()
+        return served
+
+    @staticmethod
+    def unpin(served: ServedVersion) -> None:
+        served.release()
+
+    async def infer(self, feeds: dict[str, np.ndarray], served: ServedVersion, deadline: float | None = None) -> Result:
+        """Queue ``feeds`` (validated against the pinned ``served``) and wait for their outputs.
+
+        ``deadline``: a ``time.perf_counter()`` moment after which the work is dropped (DeadlineExceeded).
+        Cancelling the caller's task cancels the queued work."""
+        self.check_capacity()
         first = next(iter(feeds.values()))
         count = first.shape[0] if first.ndim else 1
-        work = Work(feeds, count, asyncio.get_running_loop().create_future())
+        work = Work(feeds, count, served, asyncio.get_running_loop().create_future(), deadline)
         self._pending.append(work)
         self.metrics.queue_depth.labels(self.name).inc()
         self._wakeup.set()
         return await work.future
 
+    def _drop_dead(self) -> None:
+        """Remove cancelled work and work whose deadline passed from the queue head and anywhere in it."""
+        now = time.perf_counter()
+        alive = collections.deque()
+        for work in self._pending:
+            if work.future.done():
+                self.metrics.queue_depth.labels(self.name).dec()
+                continue
+            if work.deadline is not None and now >= work.deadline:
+                self.metrics.queue_depth.labels(self.name).dec()
+                work.future.set_exception(DeadlineExceeded(
+                    f"the request waited {now - work.queued_at:.3f} s, past its deadline; retry or allow more time"))
+                continue
+            alive.append(work)
+        self._pending = alive
+
     def _take_batch(self) -> list[Work]:
-        limit = self.max_batch
-        batch = [self._pending.popleft()]
-        total = batch[0].count
-        while self._pending and limit > 1 and total + self._pending[0].count <= limit:
-            work = self._pending.popleft()
-            batch.append(work)
-            total += work.count
+        """The oldest work and, in order, the queued work pinned to the same version that fits with it."""
+        first = self._pending.popleft()
+        batch, total = [first], first.count
+        limit = first.served.model.merge_limit(self.options.batching.max_batch_size) if self.options.batching.enabled else 1
+        if limit > 1 and total < limit:
+            kept = collections.deque()
+            while self._pending:
+                work = self._pending.popleft()
+                if work.served is first.served and total + work.count <= limit and not work.future.done():
+                    batch.append(work)
+                    total += work.count
+                else:
+                    kept.append(work)
+                if total >= limit:
+                    break
+            kept.extend(self._pending)
+            self._pending = kept
         return batch
+
+    async def _wait_for_work(self) -> bool:
+        while True:
+            self._drop_dead()
+            if self._pending:
+                return True
+            if self._closing:
+                return False
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            while not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        while await self._wait_for_work():
             delay = self.options.batching.max_queue_delay_ms / 1000
             if delay and self.max_batch > 1:
                 # Triton's rule: the oldest request may wait up to the delay for the batch to fill.
-                deadline = self._pending[0].queued_at + delay
-                while sum(w.count for w in self._pending) < self.max_batch and time.perf_counter() < deadline:
+                until = self._pending[0].queued_at + delay
+                while sum(w.count for w in self._pending) < self.max_batch and time.perf_counter() < until:
                     self._wakeup.clear()
                     try:
-                        await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
+                        await asyncio.wait_for(self._wakeup.wait(), until - time.perf_counter())
                     except asyncio.TimeoutError:
                         break
+                self._drop_dead()
                 if not self._pending:
                     continue
             batch = self._take_batch()
             self.metrics.queue_depth.labels(self.name).dec(len(batch))
-            served = self.current
-            if served is None:  # cannot happen once loaded; handlers check readiness first
-                for work in batch:
-                    if not work.future.done():
-                        work.future.set_exception(RuntimeError(f"model {self.name!r} is not loaded"))
-                continue
+            served = batch[0].served
             served.acquire()
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, served.model, batch)
+                outputs = await loop.run_in_executor(self._executor, self._run, served.model, batch,
+                                                     self.options.batching.max_batch_size)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 for work in batch:
                     if not work.future.done():
@@ -180,16 +275,16 @@ class ModelScheduler:
                 part = outputs if len(batch) == 1 else {k: v[offset:offset + work.count] for k, v in outputs.items()}
                 offset += work.count
                 if not work.future.done():  # the client may have gone away
-                    work.future.set_result(Result(part, served.version, started - work.queued_at, elapsed))
+                    work.future.set_result(Result(part, served, started - work.queued_at, elapsed))
 
     @staticmethod
-    def _run(model: LoadedModel, batch: list[Work]) -> dict[str, np.ndarray]:
+    def _run(model: LoadedModel, batch: list[Work], max_batch: int) -> dict[str, np.ndarray]:
         if len(batch) == 1:
             feeds = batch[0].feeds
         else:
             feeds = {name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds}
-        results = model.backend.run(feeds)
-        return {spec.name: value for spec, value in zip(model.outputs, results)}
+        # A request larger than the batch limit is split by the model's one splitter.
+        return model.run(feeds, max_batch)
 
     async def close(self) -> None:
         """Finish queued work, stop the workers and close the active version."""

@@ -135,7 +135,7 @@ class Bundle:
         """A hash-checked JSON file."""
         try:
             return json.loads(self.read_file(name))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BundleError(f"bundle file {name!r} is not valid JSON; refusing") from None
 
     def verify_all(self) -> None:
@@ -211,7 +211,7 @@ def _open(path: Path, archive: zipfile.ZipFile, public_keys, require_signature: 
         raw = _read_bounded(archive, archive.getinfo(fmt.SIGNATURES_NAME), fmt.MAX_SIGNATURES_BYTES)
         try:
             signatures = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise SignatureError("signatures.json is not valid JSON; refusing the bundle") from None
     # The signature covers the raw manifest bytes and is checked before the manifest is parsed.
     signed_by = verify_manifest_signatures(manifest_bytes, signatures, public_keys or [])
@@ -222,7 +222,7 @@ def _open(path: Path, archive: zipfile.ZipFile, public_keys, require_signature: 
 
     try:
         manifest = json.loads(manifest_bytes)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BundleError("manifest.json is not valid JSON; refusing the bundle") from None
     _validate_manifest(manifest)
 

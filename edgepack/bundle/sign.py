@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .reader import open_bundle
 from .signing import key_id, load_private_key, sign_manifest
-from .writer import atomic_write, pack_members
+from ..atomic import atomic_write
+from .writer import pack_members
 
 
 def sign_bundle(path: Path, private_key_path: Path) -> str:

@@ -95,9 +95,14 @@ def verify_manifest_signatures(manifest_bytes: bytes, signatures, public_keys) -
         raise SignatureError("signatures.json has an unknown format; refusing the bundle")
     trusted = {key_id(key): key for key in public_keys}
     valid = []
-    for entry in signatures.get("signatures", []):
+    entries = signatures.get("signatures", [])
+    if not isinstance(entries, list):
+        raise SignatureError("signatures.json: 'signatures' must be a list; refusing the bundle")
+    for entry in entries:
         if not isinstance(entry, dict) or entry.get("algorithm") != "ed25519":
             continue
+        if not isinstance(entry.get("key_id"), str) or not isinstance(entry.get("signature", ""), str):
+            raise SignatureError("signatures.json: a signature entry's key_id and signature must be strings; refusing")
         key = trusted.get(entry.get("key_id"))
         if key is None:
             continue

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, UsageError
+from ..atomic import atomic_write
 from .format import (
     CREATE_SYSTEM,
     FILE_MODE,
@@ -81,31 +79,6 @@ def pack_members(manifest_bytes: bytes, files: dict[str, bytes], signatures: dic
             info.create_system = CREATE_SYSTEM
             archive.writestr(info, data)
     return buffer.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it into place."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UsageError(f"cannot write to {path.parent}: {exc.strerror}; choose a writable --out") from None
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a bundle is an ordinary shareable file
-        os.replace(temp, path)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
-        raise BundleError(f"cannot write {path}: {exc.strerror}") from None
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def write_bundle(path: Path, manifest: dict, files: dict[str, bytes], signatures: dict | None = None) -> bytes:

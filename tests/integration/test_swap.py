@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
 import httpx
 import numpy as np
+
+from edgepack.atomic import write_json_atomic
 
 from ..conftest import run_cli
 from .daemon import Daemon
@@ -74,10 +77,16 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(serving_bundles,
     store = tmp_path / "store"
     assert run_cli("install", first, "--store", store, program="edgepack-agent").returncode == 0
     with Daemon("--store", store) as running:
-        assert run_cli("install", second, "--store", store, program="edgepack-agent").returncode == 0
-        # Corrupt the new slot's model file after install: the daemon's own check must refuse it.
+        # A slot whose extracted model file rotted after install, switched to as an install would: the
+        # daemon's own check must refuse it (staged in another store first, so the daemon never sees it whole).
+        staging = tmp_path / "staging"
+        assert run_cli("install", second, "--store", staging, program="edgepack-agent").returncode == 0
+        staged = json.loads((staging / "models/digits/state.json").read_text())
+        shutil.copytree(staging / "models/digits/slots" / staged["active"], store / "models/digits/slots/b")
+        (store / "models/digits/slots/b/files/model/model.onnx").write_bytes(b"garbage")
         state = json.loads((store / "models/digits/state.json").read_text())
-        (store / "models/digits/slots" / state["active"] / "files/model/model.onnx").write_bytes(b"garbage")
+        state["slots"]["b"] = staged["slots"][staged["active"]]
+        write_json_atomic(store / "models/digits/state.json", {**state, "active": "b", "previous": "a"})
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any(e.get("msg", "").startswith("new version failed") for e in running.logs):
             time.sleep(0.05)
