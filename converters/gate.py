@@ -34,6 +34,9 @@ class GateResult:
     accuracy: float | None = None
     reference_accuracy: float | None = None
     failures: list[str] = field(default_factory=list)
+    #: whether a sample's outputs alone equal its outputs inside a batch (None: not checked)
+    batch_invariant: bool | None = None
+    batch_deviation: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -54,6 +57,9 @@ class GateResult:
         data = {"outputs": [m.to_dict() for m in self.outputs], "passed": self.passed, "failures": self.failures}
         if self.agreement is not None:
             data["agreement"] = self.agreement
+        if self.batch_invariant is not None:
+            data["batch_invariant"] = self.batch_invariant
+            data["batch_deviation"] = float(f"{self.batch_deviation:.3g}")
         if self.accuracy is not None:
             data["accuracy"] = self.accuracy
             data["reference_accuracy"] = self.reference_accuracy

@@ -12,6 +12,8 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,8 @@ from .coverage import check_coverage, check_tflite_coverage, tflite_min_runtime
 from .data import Dataset, ImagePreprocessing, load_dataset, random_dataset
 from .recipes import recipe_class
 from .recipes.base import Candidate, RecipeContext, RecipeFailed
-from .sources import SourceModel, detect_kind, load_source, package_versions
+from .batching import CHECK_SAMPLES, agrees_per_sample, batch_invariance, graph_batch, set_graph_batch
+from .sources import SourceModel, detect_kind, file_sha256, load_source, package_versions, specs_from_onnx
 from .stats import dataset_stats
 
 log = logging.getLogger(__name__)
@@ -163,6 +166,10 @@ class _Job:
             self.validation = random_dataset(source.inputs)
             if source.kind != "tflite":
                 self.notes.append("no --calibration/--validation data: int8 recipes skipped, float recipes checked on random inputs")
+        # scikit-learn graphs are dynamic by construction; the others may carry a batch baked in.
+        if source.kind in ("torch-export", "torchscript", "torch-factory", "onnx") and source.onnx_path is not None:
+            progress("settling the batch dimension")
+            self._settle_batch()
         progress("running the original model on the validation data")
         self.reference = self._run_reference(self.validation)
         self.output_names = [spec.name for spec in source.outputs]
@@ -170,10 +177,41 @@ class _Job:
         self.candidates: dict[tuple, object] = {}
         self.evaluations: dict[tuple, tuple] = {}
 
+    def _settle_batch(self) -> None:
+        """Make the exported graph's batch dynamic when it then computes what the original computes at
+        batch 1 and N; else fix it at the original's batch, and say why in the notes."""
+        source = self.source
+        feeds = {name: array[:CHECK_SAMPLES] for name, array in self.validation.inputs.items()}
+        if len(next(iter(feeds.values()))) < 2 or not all(spec.shape for spec in source.inputs):
+            return
+        reference = self._run_reference(Dataset(feeds, None, "batch check"))
+        declared = graph_batch(source.onnx_path)
+        if source.kind == "onnx" and declared is None:
+            return  # the original graph itself takes any batch
+        dynamic = source.onnx_path if declared is None else set_graph_batch(
+            source.onnx_path, self.workdir / "source-dynamic.onnx", None)
+        try:
+            backend = OnnxBackend(dynamic, threads=1)
+            why = agrees_per_sample(backend, reference, feeds)
+            backend.close()
+        except EdgepackError as exc:
+            why = f"ONNX Runtime cannot load it ({exc.message})"
+        if why is None:
+            self.notes = [note for note in self.notes if not note.startswith("batch dimension fixed")]
+            if declared is not None:
+                self.notes.append(f"batch made dynamic: the graph declared batch {declared} but computes per sample")
+            source.onnx_path = dynamic
+        else:
+            fixed = source.reference_batch or declared or 1
+            self.notes.append(f"batch fixed at {fixed}: a dynamic batch was tried and {why}; the agent splits "
+                              f"requests into batches of {fixed}")
+            source.onnx_path = set_graph_batch(source.onnx_path, self.workdir / "source-fixed.onnx", fixed)
+        source.inputs, source.outputs = specs_from_onnx(source.onnx_path)
+
     def _run_reference(self, data: Dataset) -> list[np.ndarray]:
         count = len(data)
-        fixed = self.source.inputs[0].shape[0] if self.source.inputs and self.source.inputs[0].shape else None
-        step = fixed or 64
+        # The original runs at the batch it was exported at (any batch when it has none).
+        step = self.source.reference_batch or 64
         chunks = []
         try:
             for start in range(0, count, step):
@@ -201,13 +239,16 @@ class _Job:
         return OnnxBackend(path, threads=threads)
 
     def evaluate(self, path: Path, threads: int):
-        key = (str(path), threads)
+        # Keyed by content: two profiles may write different graphs under the same candidate name.
+        key = (file_sha256(Path(path)), threads, repr(self.budgets), self.options.min_agreement)
         if key not in self.evaluations:
             backend = self.backend_for(path, threads)
             outputs = run_in_batches(backend, self.validation.inputs)
             result = gate_module.evaluate(
                 self.reference, outputs, self.output_names, self.budgets, self.options.min_agreement, self.validation.labels
             )
+            result.batch_invariant, result.batch_deviation = batch_invariance(
+                backend, {k: v[:CHECK_SAMPLES] for k, v in self.validation.inputs.items()})
             one = {k: v[:1] for k, v in self.validation.inputs.items()}
             latency = gate_module.measure_latency(backend.run, one)
             backend.close()
@@ -229,7 +270,10 @@ class _Job:
             self.progress(f"{profile.name}: timing fp32")
             fp32_gate, fp32_latency = self.evaluate(base, threads)
             fp32_size = base.stat().st_size
-            ctx = RecipeContext(self.workdir, base, self.calibration or self.validation, self.real_data,
+            # Candidates of each base graph in their own folder, so names never collide across opsets.
+            candidates = self.workdir / f"candidates-{base.parent.name}"
+            candidates.mkdir(exist_ok=True)
+            ctx = RecipeContext(candidates, base, self.calibration or self.validation, self.real_data,
                                 lambda path: self.evaluate(path, threads), source=self.source)
             chosen = None
             specs = [(name, {}) for name in self.options.recipes] if self.options.recipes else [(r.name, r.options) for r in profile.recipes]
@@ -341,6 +385,10 @@ class _Job:
         tflite = candidate.format == "tflite"
         model_file = writer.add_file("model/model.tflite" if tflite else "model/model.onnx", candidate.path)
         backend = self.backend_for(candidate.path, threads)
+        gate_result, _ = self.evaluate(candidate.path, threads)
+        batch = {"mode": "fixed" if backend.batch_size else "dynamic", "size": backend.batch_size,
+                 "invariant": bool(gate_result.batch_invariant),
+                 "max_relative_deviation": float(f"{gate_result.batch_deviation:.3g}")}
         sample_inputs = {k: v[:SAMPLE_COUNT] for k, v in self.validation.inputs.items()}
         sample_outputs = run_in_batches(backend, sample_inputs)
         samples = {"count": len(next(iter(sample_inputs.values()))), "inputs": {}, "outputs": {}, "tolerance": {}}
@@ -383,6 +431,9 @@ class _Job:
                              "threads": threads, "machine": platform.machine(), "batch": 1},
             "size": {"bytes": row.size_bytes, "ratio_vs_fp32": row.size_ratio},
             "samples": samples,
+            # How the agent may split and merge work: the model file's batch, and whether a sample's
+            # output is independent of the rest of its batch (else requests are never merged).
+            "batch": batch,
             "reference_stats": "stats/reference.json",
             "coverage": {"opset": coverage.opset, "warnings": coverage.warnings} if not tflite else
                         {"ops": sorted(backend.op_names()), "min_runtime_version": tflite_min_runtime(candidate.path),
@@ -450,19 +501,17 @@ def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
             ) from None
     onnx.save(model, str(converted))
     target = folder / "fp32.onnx"
-    try:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        # Shape inference and ORT's portable graph optimizations: what quantization expects as input.
-        # It writes a temporary file into the current folder, so it runs inside the work folder.
-        previous, source_path, target_path = os.getcwd(), str(converted.resolve()), str(target.resolve())
-        os.chdir(folder)
-        try:
-            quant_pre_process(source_path, target_path, skip_symbolic_shape=False)
-        finally:
-            os.chdir(previous)
-    except Exception as exc:
-        log.info("pre-processing skipped (%s); using the exported graph as is", exc)
+    # Shape inference and ORT's portable graph optimizations: what quantization expects as input. Its
+    # symbolic shape inference writes a temporary file into the *current* folder when it gives up, so
+    # it runs in a child process whose working folder is the work folder (never os.chdir here: that
+    # is process-wide).
+    code = ("import sys\nfrom onnxruntime.quantization.shape_inference import quant_pre_process\n"
+            "quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=False)")
+    done = subprocess.run([sys.executable, "-c", code, str(converted.resolve()), str(target.resolve())], cwd=folder,
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not target.is_file():
+        error = (done.stderr.strip().splitlines() or ["unknown error"])[-1][:200]
+        log.info("pre-processing skipped (%s); using the exported graph as is", error)
         shutil.copyfile(converted, target)
     return target
 

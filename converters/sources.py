@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgepack.errors import ConversionError, InputFileError, UsageError
+from edgepack.errors import ConversionError, InputFileError, UsageError, first_line
 from edgepack.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class SourceModel:
     #: for a .tflite source: the original model (``--reference``) that ``reference`` runs; None when
     #: ``reference`` runs the .tflite itself and the accuracy gate has nothing to compare with
     compared_with: str | None = None
+    #: the batch the original must be run at (it was exported or traced at it); None: any batch
+    reference_batch: int | None = None
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -130,7 +132,7 @@ def _ort_reference(path: Path) -> Reference:
     return lambda feeds: session.run(None, feeds)
 
 
-def _specs_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def specs_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import onnx
     from onnx import helper
 
@@ -158,10 +160,11 @@ def _load_onnx(model: str, workdir: Path, input_shapes) -> SourceModel:
     except Exception as exc:
         raise InputFileError(f"{path.name} is not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
     onnx.save(loaded, str(target))
-    inputs, outputs = _specs_from_onnx(target)
+    inputs, outputs = specs_from_onnx(target)
     inputs = _apply_shape_overrides(inputs, input_shapes)
+    declared = inputs[0].shape[0] if inputs and inputs[0].shape else None
     return SourceModel("onnx", str(path), file_sha256(path), target, inputs, outputs, _ort_reference(path),
-                       tools={"onnx": onnx.__version__})
+                       tools={"onnx": onnx.__version__}, reference_batch=declared)
 
 
 def _apply_shape_overrides(inputs: list[TensorSpec], shapes: dict) -> list[TensorSpec]:
@@ -227,24 +230,33 @@ def _export_torch(module_or_program, examples: dict, workdir: Path, notes: list[
     target = workdir / "source.onnx"
     names = list(examples)
     args = tuple(examples.values())
+    # torch.export specialises a dimension of size 1, so the dynamic attempt traces at batch 2.
+    doubled = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in args)
     attempts = [
-        {"dynamic_shapes": tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in names)},
-        {},
+        (doubled, {"dynamic_shapes": tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in names)}),
+        (args, {}),
     ]
     errors = []
-    for extra in attempts:
+    for inputs, extra in attempts:
         try:
             program = torch.onnx.export(
-                module_or_program, args, dynamo=True, input_names=names, opset_version=EXPORT_OPSET,
+                module_or_program, inputs, dynamo=True, input_names=names, opset_version=EXPORT_OPSET,
                 verbose=False, **extra,
             )
             program.save(str(target))
             if not extra:
-                notes.append("batch dimension fixed: the model did not export with a dynamic batch")
+                notes.append(f"batch dimension fixed: the model did not export with a dynamic batch ({errors[-1][:160]})")
             return target
         except Exception as exc:  # the exporter raises many types; the first line says what failed
-            errors.append(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+            errors.append(_plain(first_line(exc)))
     raise ConversionError(f"torch.onnx.export failed: {errors[-1]}")
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (the exporter colours its messages)."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def _quiet_torch():
@@ -277,10 +289,30 @@ def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
         raise UsageError(f"{path.name} carries no example inputs; give --input-shape NAME=D1,D2,...")
     _check_runs(program.module(), feeds)
     notes: list[str] = []
-    onnx_path = _export_torch(program, feeds, workdir, notes)
-    inputs, outputs = _specs_from_onnx(onnx_path)
+    fixed = _program_batch(program)
+    # A program exported at a fixed batch cannot be given a symbolic one as it is; its module can be
+    # exported again (the pipeline then checks the result against the original sample by sample).
+    onnx_path = _export_torch(program.module() if fixed else program, feeds, workdir, notes)
+    inputs, outputs = specs_from_onnx(onnx_path)
     return SourceModel("torch-export", str(path), file_sha256(path), onnx_path, inputs, outputs,
-                       _torch_reference(program.module()), notes, {"torch": torch.__version__}, program.module())
+                       _torch_reference(program.module()), notes, {"torch": torch.__version__}, program.module(),
+                       reference_batch=fixed)
+
+
+def _program_batch(program) -> int | None:
+    """The fixed batch of a torch.export program's first user input, None when it is symbolic."""
+    import torch
+
+    user = {spec.arg.name for spec in program.graph_signature.input_specs
+            if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            value = node.meta.get("val")
+            shape = getattr(value, "shape", None)
+            if shape is None or not len(shape):
+                return None
+            return int(shape[0]) if isinstance(shape[0], int) else None
+    return None
 
 
 def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | None = None) -> SourceModel:
@@ -306,9 +338,16 @@ def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | 
                           opset_version=min(17, max_opset or 17), dynamic_axes={n: {0: "batch"} for n in names})
     except Exception as exc:
         raise ConversionError(f"torch.onnx.export of the TorchScript model failed: {str(exc).splitlines()[0][:300]}") from None
-    inputs, outputs = _specs_from_onnx(target)
+    inputs, outputs = specs_from_onnx(target)
+    # A trace may have its batch baked in: the original runs at the traced batch only.
     return SourceModel("torchscript", str(path), file_sha256(path), target, inputs, outputs,
-                       _torch_reference(module), [], {"torch": torch.__version__})
+                       _torch_reference(module), [], {"torch": torch.__version__},
+                       reference_batch=_first_batch(input_shapes))
+
+
+def _first_batch(input_shapes: dict) -> int | None:
+    first = next(iter(input_shapes.values()), None)
+    return int(first[0]) if first else None
 
 
 def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
@@ -335,7 +374,7 @@ def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
     _check_runs(module, feeds)
     notes: list[str] = []
     onnx_path = _export_torch(module, feeds, workdir, notes)
-    inputs, outputs = _specs_from_onnx(onnx_path)
+    inputs, outputs = specs_from_onnx(onnx_path)
     source_file = Path(importlib.import_module(module_name).__file__ or "")
     digest = hashlib.sha256(model.encode())
     if source_file.is_file():
@@ -343,7 +382,8 @@ def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
     for tensor in module.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return SourceModel("torch-factory", model, digest.hexdigest(), onnx_path, inputs, outputs,
-                       _torch_reference(module), notes, {"torch": torch.__version__}, module)
+                       _torch_reference(module), notes, {"torch": torch.__version__}, module,
+                       reference_batch=_first_batch(input_shapes))
 
 
 # --- TFLite (packaged as it is) ---------------------------------------------------------------------
@@ -433,7 +473,7 @@ def _load_sklearn(model: str, workdir: Path, input_shapes) -> SourceModel:
         raise ConversionError(f"skl2onnx cannot convert {type(estimator).__name__}: {str(exc).splitlines()[0][:300]}") from None
     target = workdir / "source.onnx"
     onnx.save(proto, str(target))
-    inputs, outputs = _specs_from_onnx(target)
+    inputs, outputs = specs_from_onnx(target)
 
     def reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         features_in = next(iter(feeds.values()))

@@ -11,7 +11,6 @@ Writes, into the folder given (default: examples/out):
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,4 +78,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "out")
+    import argparse
+
+    # argparse, not sys.argv[1]: "digits_cnn.py --out DIR" once wrote into a folder named "--out".
+    parser = argparse.ArgumentParser(description="Train the example digits CNN and write it with its data files.")
+    parser.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent / "out", help="output folder")
+    main(parser.parse_args().out)

@@ -80,3 +80,57 @@ class Determinant(nn.Module):
 
 def determinant() -> nn.Module:
     return Determinant().eval()
+
+
+class BakedBatchCNN(nn.Module):
+    """A small ViT-style network: a learned class token expanded to the batch and concatenated with the
+    patch tokens. Traced at batch 1 the expand is baked to batch 1, so its batch cannot be made dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.patches = nn.Conv2d(1, 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.head(tokens.mean(1))
+
+
+def baked_batch_cnn() -> nn.Module:
+    return BakedBatchCNN().eval()
+
+
+class DepthwiseCNN(nn.Module):
+    """A MobileNet-style block (depthwise-separable convolution, ReLU6) with a clean ``flatten(1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 32, 1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def depthwise_cnn() -> nn.Module:
+    return DepthwiseCNN().eval()
+
+
+class BatchOneViT(BakedBatchCNN):
+    """``BakedBatchCNN`` written for batch 1 only (the class token is concatenated as it is): a trace
+    keeps it that way, so the converter has to keep the batch fixed at 1."""
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return self.head(torch.cat([self.cls, tokens], dim=1).mean(1))
+
+
+def batch_one_vit() -> nn.Module:
+    return BatchOneViT().eval()

@@ -71,6 +71,7 @@ def test_rpi4_ships_full_int8_tflite_first(tflite_bundles):
 
 def test_integer_io_round_trips_through_the_agent(tflite_bundles, validation_arrays, tmp_path):
     """Agent (LiteRT backend and `edgepack-agent predict`) == the interpreter called directly."""
+    from agent.runtime import run_in_batches
     from agent.runtime.litert_backend import LiteRTBackend
 
     _, int8 = tflite_bundles
@@ -90,7 +91,8 @@ def test_integer_io_round_trips_through_the_agent(tflite_bundles, validation_arr
 
     backend = LiteRTBackend(tmp_path / "m.tflite", threads=2, integer_io=True)
     assert backend.inputs[0].dtype == "int8"
-    raw = backend.run({backend.inputs[0].name: np.clip(np.round(images[:3] / in_scale) + in_zero, -128, 127).astype(np.int8)})[0]
+    assert backend.batch_size == 1  # exported at batch 1: the one splitter runs N samples one by one
+    raw = run_in_batches(backend, {backend.inputs[0].name: np.clip(np.round(images[:3] / in_scale) + in_zero, -128, 127).astype(np.int8)})[0]
     assert raw.dtype == np.int8 and raw.shape == (3, 10)
     np.testing.assert_allclose((raw.astype(np.float32) - out_zero) * out_scale, direct[:3], atol=1e-6)
 

@@ -179,10 +179,11 @@ sys.modules["tflite_runtime"] = type(sys)("tflite_runtime")
 sys.modules["tflite_runtime.interpreter"] = real
 sys.modules["ai_edge_litert"] = None
 sys.modules["ai_edge_litert.interpreter"] = None
+from agent.runtime import run_in_batches
 from agent.runtime.litert_backend import LiteRTBackend
 import numpy as np
 backend = LiteRTBackend(sys.argv[1], threads=1)
-print(backend.run({backend.inputs[0].name: np.zeros((2, 1, 8, 8), np.float32)})[0].shape)
+print(run_in_batches(backend, {backend.inputs[0].name: np.zeros((2, 1, 8, 8), np.float32)})[0].shape)
 sys.modules["tflite_runtime.interpreter"] = None
 try:
     LiteRTBackend(sys.argv[1])
@@ -210,6 +211,7 @@ def test_litert_backend_is_safe_under_concurrent_callers(digits, digits_tflite, 
     """Many threads at once: every caller gets its own rows back, whatever interpreter ran them."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from agent.runtime import run_in_batches
     from agent.runtime.litert_backend import LiteRTBackend
 
     images = np.load(digits / "validation.npz")["input"][:48]
@@ -218,9 +220,9 @@ def test_litert_backend_is_safe_under_concurrent_callers(digits, digits_tflite, 
     expected = [backend.run({name: images[i:i + 1]})[0] for i in range(len(images))]
 
     def call(index: int) -> bool:
-        count = 1 + index % 3  # batch-1 model: the backend loops over the rows
+        count = 1 + index % 3  # batch-1 model: the one splitter runs the rows one by one
         rows = images[index:index + count]
-        got = backend.run({name: rows})[0]
+        got = run_in_batches(backend, {name: rows})[0]
         return np.array_equal(got, np.concatenate(expected[index:index + len(rows)]))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
