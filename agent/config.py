@@ -95,6 +95,9 @@ class ServerConfig(_Strict):
     offload_bytes: int = Field(
         1024 * 1024, ge=0, description="bodies (and responses) larger than this are decoded (encoded) in a "
         "helper process, so one large request never stalls the event loop; 0 decodes everything inline")
+    switch_interval_ms: float = Field(
+        0.5, gt=0, le=100, description="Python's GIL switch interval in the daemon (default 5 ms in Python): how "
+        "long the event loop may wait for the GIL while inference threads hold it")
     max_large_requests: int = Field(
         4, ge=1, le=1024, description="large bodies (over offload_bytes) accepted at once; more get 503")
 

@@ -404,7 +404,10 @@ def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None)
     tools = package_versions("ai-edge-litert", "tflite-runtime")
     notes = ["packaged as given: a .tflite MODEL is not re-converted or re-quantized"]
     if reference is None:
-        return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs, backend.run, notes, tools)
+        from agent.runtime import run_in_batches
+
+        return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs,
+                           lambda feeds: run_in_batches(backend, feeds), notes, tools)
     folder = workdir / "reference"
     folder.mkdir(parents=True, exist_ok=True)
     original = load_source(reference, folder, {})
@@ -424,7 +427,8 @@ def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None)
     outputs = [TensorSpec(o.name, m.dtype, m.shape, m.quantization) for m, o in zip(outputs, original.outputs)]
     notes.append(f"accuracy gate: compared with --reference {Path(reference).name} ({original.kind})")
     return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs, original.reference,
-                       notes + original.notes, tools | original.tools, compared_with=Path(reference).name)
+                       notes + original.notes, tools | original.tools, compared_with=Path(reference).name,
+                       reference_batch=original.reference_batch)
 
 
 def package_versions(*packages: str) -> dict[str, str]:

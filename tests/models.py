@@ -134,3 +134,20 @@ class BatchOneViT(BakedBatchCNN):
 
 def batch_one_vit() -> nn.Module:
     return BatchOneViT().eval()
+
+
+class DigitsThree(nn.Module):
+    """Takes what the digits CNN takes ([N, 1, 8, 8]) but answers 3 scores under another output name:
+    a second version whose output specs differ from the first (version-pinning tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+    def forward(self, x):
+        return {"three": self.body(x)}
+
+
+def digits_three() -> nn.Module:
+    return DigitsThree().eval()

@@ -15,6 +15,7 @@ import time
 
 import orjson
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -24,6 +25,7 @@ from edgepack.errors import DataError, EdgepackError
 
 from ..config import AgentConfig
 from .codec import BodyTooLarge, Codec
+from .shared_buffers import SharedBody
 from .metrics import ServingMetrics
 from .oip import CONFIG_TYPES, HEADER_LENGTH, RequestError, oip_datatype, oip_shape
 from .registry import ModelRegistry
@@ -52,11 +54,24 @@ class TooManySamples(Exception):
     """A request carries more samples than ``max_samples_per_request``."""
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing anything over ``limit`` bytes without reading it all."""
+async def _read_body(request: Request, limit: int, codec: Codec):
+    """The raw body, refusing anything over ``limit`` bytes without reading it all. A large body of
+    declared length goes straight into shared memory for the decoding helper (a SharedBody, which the
+    caller releases); anything else comes back as bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    if declared is not None and declared.isdigit() and codec.offloads(int(declared)):
+        shared = SharedBody(int(declared))
+        try:
+            async for chunk in request.stream():
+                if not shared.write(chunk):
+                    raise RequestError("the body is longer than its Content-Length")
+                await asyncio.sleep(0)  # let requests that arrived meanwhile in between the chunks
+        except BaseException:
+            shared.release()
+            raise
+        return shared
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -224,12 +239,12 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
                           f"(server.max_large_requests); retry later"}, 503, {"retry-after": "1"})
         large["in_flight"] += is_large
         served = scheduler.pin()
+        body, release_feeds = None, None
         try:
-            body = await asyncio.wait_for(_read_body(request, max_body), config.server.body_timeout_s)
-            decoded, feeds = await codec.decode(body, request.headers.get("content-encoding", "identity"),
-                                                request.headers.get(HEADER_LENGTH), served.model.inputs,
-                                                options.nonfinite_inputs == "allow")
-            del body
+            body = await asyncio.wait_for(_read_body(request, max_body, codec), config.server.body_timeout_s)
+            decoded, feeds, release_feeds = await codec.decode(
+                body, request.headers.get("content-encoding", "identity"), request.headers.get(HEADER_LENGTH),
+                served.model.inputs, options.nonfinite_inputs == "allow")
             first = next(iter(feeds.values()))
             samples = len(first) if first.ndim and served.model.backend.batched else 1
             if samples > options.max_samples_per_request:
@@ -242,8 +257,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             deadline = started + min(limits) if limits else None
             result = await _unless_disconnected(request, scheduler.infer(feeds, served, deadline))
             # Encoded with the specs and version of the model that computed the answer.
-            payload, headers = await codec.encode(name, result.version, decoded, result.outputs,
-                                                  result.served.model.outputs)
+            payload, headers, release_payload = await codec.encode(name, result.version, decoded, result.outputs,
+                                                                   result.served.model.outputs)
         except Overloaded as exc:
             metrics.observe_request(name, "overloaded")
             return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
@@ -277,8 +292,14 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         finally:
             scheduler.unpin(served)
             large["in_flight"] -= is_large
+            if isinstance(body, SharedBody):
+                body.release()
+            feeds = None
+            if release_feeds is not None:
+                release_feeds()
         metrics.observe_request(name, "ok", time.perf_counter() - started, result.queue_seconds)
-        return Response(payload, 200, headers=headers)
+        # A large payload lies in shared memory: released once the response is sent.
+        return Response(payload, 200, headers=headers, background=BackgroundTask(release_payload))
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), 200, headers={"content-type": metrics.content_type})
@@ -304,6 +325,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
     @contextlib.asynccontextmanager
     async def lifespan_and_codec(app):
         try:
+            await codec.start()
             if lifespan is None:
                 yield
             else:

@@ -14,7 +14,8 @@ All bookkeeping runs on the event loop thread; only the model runs on the model'
   the same one, so a swap never makes a new version compute an answer checked against the old one's
   specs. A retired version closes only after its queued and running work is done.
 - **Batching.** Requests merge up to ``max_batch_size`` samples, never beyond a fixed batch, and never
-  for a model whose outputs depend on the rest of the batch (``LoadedModel.merge_limit``).
+  for a model whose outputs depend on the rest of the batch (``LoadedModel.merge_limit``). A request of
+  more samples than one run takes runs a run's worth at a time, queueing again between chunks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ log = logging.getLogger("edgepack.agent.serving")
 
 #: bounds of the default queue size (requests)
 MIN_QUEUE, MAX_QUEUE = 8, 4096
+#: a request with more samples runs this many at a time (in as few runtime calls as the model allows),
+#: yielding the model to waiting requests in between, so one huge request shares the model with the
+#: small ones instead of holding it for seconds; large enough that the runtime, not Python, dominates
+CHUNK_SAMPLES = 64
 
 
 class Overloaded(Exception):
@@ -92,6 +97,10 @@ class Work:
     future: asyncio.Future
     deadline: float | None = None
     queued_at: float = field(default_factory=time.perf_counter)
+    #: samples already computed (large requests run in chunks) and their outputs, allocated whole on
+    #: the first chunk and filled chunk by chunk (no concatenation of thousands of parts at the end)
+    done: int = 0
+    outputs: dict | None = None
 
 
 @dataclass
@@ -212,11 +221,12 @@ class ModelScheduler:
         first = self._pending.popleft()
         batch, total = [first], first.count
         limit = first.served.model.merge_limit(self.options.batching.max_batch_size) if self.options.batching.enabled else 1
-        if limit > 1 and total < limit:
+        if limit > 1 and total < limit and first.done == 0:
             kept = collections.deque()
             while self._pending:
                 work = self._pending.popleft()
-                if work.served is first.served and total + work.count <= limit and not work.future.done():
+                if (work.served is first.served and total + work.count <= limit and not work.done
+                        and not work.future.done()):
                     batch.append(work)
                     total += work.count
                 else:
@@ -255,6 +265,9 @@ class ModelScheduler:
                     continue
             batch = self._take_batch()
             self.metrics.queue_depth.labels(self.name).dec(len(batch))
+            if len(batch) == 1 and batch[0].count > self._chunk(batch[0]) and batch[0].served.model.backend.batched:
+                await self._run_chunk(batch[0])
+                continue
             served = batch[0].served
             served.acquire()
             started = time.perf_counter()
@@ -276,6 +289,52 @@ class ModelScheduler:
                 offset += work.count
                 if not work.future.done():  # the client may have gone away
                     work.future.set_result(Result(part, served, started - work.queued_at, elapsed))
+
+    def _chunk(self, work: Work) -> int:
+        """Samples of a large request that run at a time."""
+        return CHUNK_SAMPLES
+
+    async def _run_chunk(self, work: Work) -> None:
+        """Run a large request chunk by chunk until it is done or other work is waiting; then the rest
+        queues behind that work. The chunks run back to back on the worker thread, so the event loop
+        stays free for the small requests arriving meanwhile."""
+        served, started = work.served, time.perf_counter()
+        chunk = self._chunk(work)
+
+        def run_chunks() -> int:
+            ran = 0
+            while work.done < work.count:
+                rows = slice(work.done, min(work.count, work.done + chunk))
+                # One runtime call per chunk where the model allows it: no other request shares it.
+                part = served.model.run({name: array[rows] for name, array in work.feeds.items()}, chunk)
+                if work.outputs is None:
+                    work.outputs = {name: np.empty((work.count, *value.shape[1:]), value.dtype)
+                                    for name, value in part.items()}
+                for name, value in part.items():
+                    work.outputs[name][rows] = value
+                work.done, ran = rows.stop, ran + rows.stop - rows.start
+                if self._pending:  # someone is waiting (a read of the deque's length: safe across threads)
+                    break
+            return ran
+
+        served.acquire()
+        try:
+            ran = await asyncio.get_running_loop().run_in_executor(self._executor, run_chunks)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting request
+            if not work.future.done():
+                work.future.set_exception(exc)
+            return
+        finally:
+            served.release()
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_batch(self.name, ran, elapsed)
+        if work.future.done():
+            return  # cancelled or past its deadline meanwhile
+        if work.done < work.count:
+            self._pending.append(work)
+            self.metrics.queue_depth.labels(self.name).inc()
+            return
+        work.future.set_result(Result(work.outputs, served, started - work.queued_at, elapsed))
 
     @staticmethod
     def _run(model: LoadedModel, batch: list[Work], max_batch: int) -> dict[str, np.ndarray]:
