@@ -54,6 +54,13 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     registry = ModelRegistry(config, metrics, bundles)
     startup_error: list[str] = []
 
+    def reported_here(record: logging.LogRecord) -> bool:
+        # A refused bundle at startup is a user error, reported below as one "error:" line; uvicorn
+        # would also log it with a traceback.
+        return not (startup_error and "Traceback" in record.getMessage())
+
+    logging.getLogger("uvicorn.error").addFilter(reported_here)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         try:
@@ -88,6 +95,9 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     server = _Server(uv_config)
     try:
         server.run(sockets=[sock])
+    except SystemExit:  # uvicorn exits with status 3 when startup fails; the reason is printed below
+        if not startup_error:
+            raise
     finally:
         sock.close()
     if startup_error:

@@ -195,3 +195,28 @@ def test_verify_cli_and_exit_codes(tmp_path, keys):
     assert broken.returncode == 1 and broken.stderr.startswith("error:") and "Traceback" not in broken.stderr
     inspect = run_cli("inspect", tmp_path / "missing.edgepack")
     assert inspect.returncode == 2 and "does not exist" in inspect.stderr
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "signatures.json"])
+def test_deeply_nested_json_is_a_one_line_error(tmp_path, keys, member):
+    """JSON nested 100 000 deep (RecursionError in the parser) in the manifest or the signatures:
+    `edgepack verify` and `edgepack-agent run --bundle` refuse it in one line, no traceback."""
+    from .conftest import run_cli
+
+    private, _, _, _ = keys
+    public_file = Path(private).with_name("edgepack-signing.pub")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    files = {"model/model.onnx": b"model"}
+    members = {"manifest.json": deep if member == "manifest.json" else _manifest_for(files), **files}
+    if member == "signatures.json":
+        members["signatures.json"] = b'{"schema": "edgepack.signatures/v1", "signatures": ' + deep + b"}"
+    path = _raw_zip(tmp_path / "deep.edgepack", members)
+    expected = "not valid JSON" if member == "manifest.json" else "signatures.json"
+    for result, reason in ((run_cli("verify", path, "--key", public_file), "signatures.json|not signed"),
+                           (run_cli("inspect", path), expected),
+                           (run_cli("run", "--bundle", path, "--port", "0", program="edgepack-agent"), expected)):
+        assert result.returncode in (1, 2), result.stderr
+        assert "Traceback" not in result.stderr and "RecursionError" not in result.stderr, result.stderr[-500:]
+        lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("{")]  # agent logs: JSON
+        assert len(lines) == 1 and lines[0].startswith("error:"), lines
+        assert any(word in lines[0] for word in reason.split("|")), lines[0]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.serving.oip import InferRequest, RequestError, decode_request, encode_response, validate_inputs
+from agent.serving.oip import DATATYPES, InferRequest, RequestError, decode_request, encode_response, validate_inputs
 from edgepack.tensors import TensorSpec
 
 SPECS = [TensorSpec("x", "float32", (None, 3)), TensorSpec("ids", "int64", (None,))]
@@ -126,3 +126,55 @@ def test_fuzzed_bytes_raise_only_request_errors(body, length):
         decode_request(body, length)
     except RequestError:
         pass
+
+
+# -- hostile families: each must be a RequestError (a 400), never anything else ---------------------
+
+ALL_TYPES = sorted(DATATYPES)
+
+
+def _deep(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+hostile = st.one_of(
+    # BYTES whose data length does not match its shape (once a 500)
+    st.builds(lambda n, shape: json.dumps({"inputs": [{"name": "s", "datatype": "BYTES", "shape": shape,
+                                                       "data": ["a"] * n}]}).encode(),
+              st.integers(0, 6), st.lists(st.integers(0, 3), max_size=3)),
+    # deep nesting anywhere: the body, a tensor's data, parameters
+    st.builds(lambda d: _deep(d).encode(), st.integers(500, 200_000)),
+    st.builds(lambda d: ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": ' + _deep(d) + "}]}").encode(),
+              st.integers(500, 200_000)),
+    st.builds(lambda d: ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}], '
+                         '"parameters": {"p": ' + _deep(d) + "}}").encode(), st.integers(500, 200_000)),
+    # oversized shapes
+    st.builds(lambda shape, t: json.dumps({"inputs": [{"name": "x", "datatype": t, "shape": shape, "data": [1]}]}).encode(),
+              st.lists(st.integers(2**20, 2**62), min_size=1, max_size=4), st.sampled_from(ALL_TYPES)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=hostile)
+def test_hostile_json_families_are_request_errors(body):
+    with pytest.raises(RequestError) as error:
+        validate_inputs(decode_request(body, None).inputs, SPECS + [TensorSpec("s", "str", (None,))], False)
+    assert "\n" not in str(error.value)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(datatype=st.sampled_from(ALL_TYPES), shape=st.lists(st.integers(0, 5), max_size=3),
+       size=st.integers(-3, 200) | st.none(), blob=st.binary(max_size=160), header_shift=st.integers(-5, 300))
+def test_binary_size_and_header_length_mismatches_are_request_errors(datatype, shape, size, blob, header_shift):
+    """Every datatype with a binary_data_size that may disagree with its shape or the body, and an
+    Inference-Header-Content-Length that may point anywhere, past the body included."""
+    params = {} if size is None else {"binary_data_size": size}
+    header = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "parameters": params}]}).encode()
+    try:
+        decoded = decode_request(header + blob, str(len(header) + header_shift))
+    except RequestError as exc:
+        assert "\n" not in str(exc)
+        return
+    # Accepted only when everything added up: the tensor holds exactly what its shape says.
+    (array,) = decoded.inputs.values()
+    assert list(array.shape) == shape
