@@ -220,3 +220,38 @@ def test_deeply_nested_json_is_a_one_line_error(tmp_path, keys, member):
         lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("{")]  # agent logs: JSON
         assert len(lines) == 1 and lines[0].startswith("error:"), lines
         assert any(word in lines[0] for word in reason.split("|")), lines[0]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"runtime": {"name": "onnxruntime", "threads": 0}}, "runtime.threads"),
+    ({"runtime": {"name": "tensorflow"}}, "runtime.name"),
+    ({"inputs": [{"name": "x", "dtype": "float32", "shape": ["a", 4]}]}, "inputs.0.shape"),
+    ({"inputs": [{"name": "x", "dtype": "complex256", "shape": [None, 4]}]}, "inputs.0.dtype"),
+    ({"samples": {"count": 1, "inputs": {"x": "samples/input_0.npy"}, "outputs": {},
+                  "tolerance": {"y": {"atol": -1}}}}, "samples.tolerance.y.atol"),
+    ({"samples": {"count": 1, "inputs": {"x": "samples/missing.npy"}, "outputs": {}}}, "samples.inputs.x"),
+    ({"batch": {"mode": "fixed", "invariant": True}}, "batch"),
+    ({"format": "pickle"}, "format"),
+])
+def test_signed_but_malformed_manifest_is_refused_with_the_field_named(tmp_path, keys, changes, field):
+    """The signature is valid (the builder held a trusted key) but the manifest does not fit the schema."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from edgepack.bundle.signing import sign_manifest
+
+    private, public, _, _ = keys
+    files = {"model/model.onnx": b"model", "samples/input_0.npy": _npy(np.zeros((1, 4), np.float32))}
+    manifest = _manifest_for(files, **changes)
+    key = load_pem_private_key(Path(private).read_bytes(), None)
+    members = {"manifest.json": manifest, "signatures.json": canonical_json(sign_manifest(manifest, key)), **files}
+    path = _raw_zip(tmp_path / "malformed.edgepack", members)
+    with pytest.raises(BundleError) as error:
+        open_bundle(path, public_keys=[load_public_key(Path(private).with_name("edgepack-signing.pub"))])
+    message = str(error.value)
+    assert message.startswith("manifest.json: ") and field in message and "\n" not in message, message
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

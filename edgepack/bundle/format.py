@@ -32,19 +32,6 @@ MAX_MEMBERS = 4096
 #: File name extensions that mean pickled content; never accepted in a bundle.
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt")
 
-REQUIRED_MANIFEST_KEYS = {
-    "schema": str,
-    "name": str,
-    "version": str,
-    "profile": str,
-    "runtime": dict,
-    "format": str,
-    "precision": str,
-    "model_file": str,
-    "files": dict,
-    "inputs": list,
-    "outputs": list,
-}
 
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import BundleError, InputFileError, SignatureError
 from . import format as fmt
 from .container import check_container
+from .manifest import check_manifest
 from .signing import verify_manifest_signatures
 
 
@@ -61,30 +62,18 @@ def _read_bounded(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -
 def _validate_manifest(manifest) -> None:
     if not isinstance(manifest, dict):
         raise BundleError("manifest.json is not a JSON object; refusing the bundle")
-    for key, kind in fmt.REQUIRED_MANIFEST_KEYS.items():
-        if key not in manifest:
-            raise BundleError(f"manifest.json lacks the key {key!r}; refusing the bundle")
-        if not isinstance(manifest[key], kind):
-            raise BundleError(f"manifest.json: {key!r} must be a {kind.__name__}; refusing the bundle")
-    if manifest["schema"] not in fmt.SUPPORTED_SCHEMAS:
+    if manifest.get("schema") not in fmt.SUPPORTED_SCHEMAS:
         raise BundleError(
-            f"bundle schema {manifest['schema']!r} is not supported by this edgepack "
+            f"bundle schema {manifest.get('schema')!r} is not supported by this edgepack "
             f"(supports {', '.join(fmt.SUPPORTED_SCHEMAS)}); upgrade edgepack"
         )
+    check_manifest(manifest)
     if not fmt.is_valid_name(manifest["name"]) or not fmt.is_valid_semver(manifest["version"]):
         raise BundleError("manifest.json: name or version is malformed; refusing the bundle")
-    for name, entry in manifest["files"].items():
+    for name in manifest["files"]:
         _check_member_name(name)
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-        ):
-            raise BundleError(f"manifest.json: files[{name!r}] needs an integer size and a sha256")
         if name.lower().endswith(fmt.PICKLE_SUFFIXES):
             raise BundleError(f"bundle member {name!r} is pickled content, which is never accepted")
-    if manifest["model_file"] not in manifest["files"]:
-        raise BundleError("manifest.json: model_file is not among the bundle's files; refusing the bundle")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write
+from .manifest import check_manifest
 from .format import (
     CREATE_SYSTEM,
     FILE_MODE,
@@ -52,6 +53,7 @@ class BundleWriter:
         manifest = dict(manifest)
         manifest.setdefault("schema", SCHEMA)
         manifest["files"] = self.file_entries()
+        check_manifest(manifest)  # a builder bug is caught here, not on the device
         manifest_bytes = canonical_json(manifest)
         return pack_members(manifest_bytes, self._files, signatures), manifest_bytes
 
