@@ -162,3 +162,56 @@ def measure_latency(run, feeds: dict[str, np.ndarray], min_runs: int = 20, budge
         times.append((time.perf_counter() - start) * 1000)
     times.sort()
     return Latency(statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.95))], len(times))
+
+
+#: a candidate counts as slower (or faster) than fp32 only beyond this margin outside the noise
+LATENCY_MARGIN = 0.05
+
+
+@dataclass
+class LatencyRatio:
+    """Candidate latency / fp32 latency, measured interleaved, with a 95% confidence interval."""
+
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+
+    def slower_than(self, limit: float) -> bool:
+        """Slower than ``limit`` beyond the margin, even at the low end of the interval."""
+        return self.low > limit * (1 + LATENCY_MARGIN)
+
+    def describe(self) -> str:
+        return f"{self.ratio:.2f}x (95% CI {self.low:.2f}-{self.high:.2f}, {self.rounds} rounds)"
+
+
+def compare_latency(run, baseline, feeds: dict[str, np.ndarray], min_rounds: int = 9, per_round: int = 7,
+                    max_seconds: float = 3.0, halfwidth: float = 0.02) -> LatencyRatio:
+    """Time ``run`` against ``baseline`` in one loop: each round alternates single calls of the two and
+    keeps the ratio of their medians, so load on the machine hits both alike. Rounds go on until the
+    95% interval of the median ratio is within ``halfwidth`` (relative) or ``max_seconds`` pass."""
+    for _ in range(3):
+        run(feeds)
+        baseline(feeds)
+    ratios: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    while True:
+        mine, theirs = [], []
+        for index in range(per_round):
+            # Alternate which goes first, so neither always runs on a cache the other warmed.
+            for call, into in ((run, mine), (baseline, theirs)) if index % 2 == 0 else ((baseline, theirs), (run, mine)):
+                started = time.perf_counter()
+                call(feeds)
+                into.append(time.perf_counter() - started)
+        # The fastest call of each: noise from other load only ever adds time, so the minimum of a few
+        # calls is the least disturbed estimate of what each model costs.
+        ratios.append(min(mine) / min(theirs))
+        if len(ratios) >= min_rounds:
+            ordered = sorted(ratios)
+            n = len(ordered)
+            # Order-statistic interval of the median (normal approximation of the binomial).
+            spread = 0.98 * n ** 0.5
+            low, high = ordered[max(0, int(n / 2 - spread))], ordered[min(n - 1, int(n / 2 + spread))]
+            middle = statistics.median(ordered)
+            if (high - low) / 2 <= halfwidth * middle or time.perf_counter() > deadline:
+                return LatencyRatio(middle, low, high, n)

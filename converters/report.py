@@ -40,7 +40,7 @@ def render_tables(results: list[ProfileResult], console) -> None:
             table.add_row(
                 row.recipe, f"[{styles.get(row.status, '')}]{row.status}[/]",
                 _fmt(row.size_bytes / 1024 if row.size_bytes else None, "{:.1f} KiB"), _fmt(row.size_ratio, "{:.2f}x"),
-                _fmt(row.p50_ms, "{:.3f}"), _fmt(row.latency_ratio, "{:.2f}x"), _fmt(metrics.get("agreement"), "{:.2%}"),
+                _fmt(row.p50_ms, "{:.3f}"), _ratio(row), _fmt(metrics.get("agreement"), "{:.2%}"),
                 _fmt(cosine, "{:.5f}"), _fmt(max_err, "{:.2e}"), why,
             )
         console.print(table)
@@ -48,3 +48,11 @@ def render_tables(results: list[ProfileResult], console) -> None:
             console.print(f"  note: {note}")
         for warning in (result.coverage or {}).get("warnings", []):
             console.print(f"  [yellow]op coverage:[/] {warning}")
+
+
+def _ratio(row) -> str:
+    """The latency ratio, with its 95% interval where it was measured interleaved."""
+    interval = (row.details or {}).get("latency_ratio_ci")
+    if row.latency_ratio is None:
+        return "-"
+    return f"{row.latency_ratio:.2f}x [{interval[0]:.2f}-{interval[1]:.2f}]" if interval else f"{row.latency_ratio:.2f}x"

@@ -64,9 +64,11 @@ def test_report_shows_every_candidate(converted):
             assert row.size_bytes and row.p50_ms and row.metrics["outputs"]
         if row.status == "rejected":
             assert row.reasons and row.reasons != ["met the budget"]
-    # x86-64 enforces the host latency rule: a shipped quantized model is not slower than fp32.
+    # x86-64 enforces the host latency rule: a shipped quantized model is not slower than fp32 beyond
+    # the 5% margin, at the low end of its measured interval.
     if shipped[0].recipe != "onnx-fp32":
-        assert shipped[0].latency_ratio <= 1.0
+        low, high = shipped[0].details["latency_ratio_ci"]
+        assert low <= 1.05 and low <= shipped[0].latency_ratio <= high
     rpi4 = converted["rpi4"]
     # TFLite and ONNX candidates side by side; full int8 TFLite first; host timing not enforced for a Pi.
     recipes = {row.recipe: row for row in rpi4.candidates}
@@ -186,3 +188,35 @@ def test_op_coverage_flags_ops_the_accelerator_lacks(tmp_path):
     report = check_coverage(source.onnx_path, get_profile("jetson-orin-nano"))
     assert any("ai.onnx.ml:TreeEnsemble" in w and "TensorrtExecutionProvider" in w for w in report.warnings), report.warnings
     assert not report.errors
+
+
+def test_same_conversion_twice_ships_the_same_recipe_even_under_load(tmp_path):
+    """x86-64 refuses a quantized model slower than fp32: timed interleaved with fp32 until the ratio is
+    known within a few percent, so a CPU hog during one run does not flip any verdict."""
+    import subprocess
+    import sys
+
+    # The wide MLP: int8-static is ~0.78x of fp32 here, int8-mixed ~1.15x (its float islands cost more
+    # than they save); both far enough from the 5% margin that only noise could flip them.
+    features, labels = digits_features(300)
+    np.savez(tmp_path / "data.npz", input=features, labels=labels)
+    args = ["convert", "tests.models:wide_mlp", "--input-shape", "input=1,64", "--profile", "x86-64",
+            "--calibration", tmp_path / "data.npz", "--try-all", "--json"]
+    first = run_cli(*args, "--out", tmp_path / "a")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        second = run_cli(*args, "--out", tmp_path / "b")
+    finally:
+        hog.kill()
+    reports = []
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr
+        (report,) = json.loads(result.stdout)["profiles"]
+        reports.append(report)
+    verdicts = [{row["recipe"]: row["status"] for row in report["candidates"]} for report in reports]
+    assert reports[0]["chosen"] == reports[1]["chosen"] and verdicts[0] == verdicts[1], verdicts
+    timed = [row for row in reports[0]["candidates"] if "latency_ratio_ci" in row.get("details", {})]
+    assert timed, reports[0]["candidates"]  # the verdicts above were made on measured intervals
+    for row in timed:
+        low, high = row["details"]["latency_ratio_ci"]
+        assert low <= row["latency_ratio"] <= high
