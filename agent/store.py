@@ -127,6 +127,8 @@ class ModelStore:
             model.close()
             with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=False) as bundle:
                 manifest, manifest_bytes = bundle.manifest, bundle.manifest_bytes
+            if manifest["name"] != name:  # the file changed while it was being copied
+                raise StoreError(f"{bundle_path} changed during the install; install it again")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

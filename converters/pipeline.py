@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import platform
 import shutil
@@ -192,7 +193,7 @@ class _Job:
         dynamic = source.onnx_path if declared is None else set_graph_batch(
             source.onnx_path, self.workdir / "source-dynamic.onnx", None)
         try:
-            backend = OnnxBackend(dynamic, threads=1)
+            backend = OnnxBackend(dynamic, threads=1, log_severity=4)  # its failure is expected and reported
             why = agrees_per_sample(backend, reference, feeds)
             backend.close()
         except EdgepackError as exc:
@@ -211,12 +212,18 @@ class _Job:
 
     def _run_reference(self, data: Dataset) -> list[np.ndarray]:
         count = len(data)
-        # The original runs at the batch it was exported at (any batch when it has none).
-        step = self.source.reference_batch or 64
+        # The original runs at the batch it was exported at (any batch when it has none); a last partial
+        # chunk of a fixed batch is padded with copies of its last sample, whose outputs are dropped.
+        fixed = self.source.reference_batch
+        step = fixed or 64
         chunks = []
         try:
             for start in range(0, count, step):
-                chunks.append(self.source.reference({k: v[start : start + step] for k, v in data.inputs.items()}))
+                feeds = {k: v[start : start + step] for k, v in data.inputs.items()}
+                real = len(next(iter(feeds.values())))
+                if fixed and real < fixed:
+                    feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in feeds.items()}
+                chunks.append([np.asarray(output)[:real] for output in self.source.reference(feeds)])
         except Exception as exc:
             raise ConversionError(f"the original model failed on the validation data: {type(exc).__name__}: {exc}") from None
         return [np.concatenate([np.asarray(chunk[i]) for chunk in chunks]) for i in range(len(chunks[0]))]
@@ -244,14 +251,16 @@ class _Job:
         key = (file_sha256(Path(path)), threads, repr(self.budgets), self.options.min_agreement)
         if key not in self.evaluations:
             backend = self.backend_for(path, threads)
-            outputs = run_in_batches(backend, self.validation.inputs)
+            invariant, deviation = batch_invariance(backend, {k: v[:CHECK_SAMPLES] for k, v in self.validation.inputs.items()})
+            # A batch-dependent candidate is served one sample at a time: gate what will be served.
+            outputs = run_in_batches(backend, self.validation.inputs, 64 if invariant else 1)
             result = gate_module.evaluate(
                 self.reference, outputs, self.output_names, self.budgets, self.options.min_agreement, self.validation.labels
             )
-            result.batch_invariant, result.batch_deviation = batch_invariance(
-                backend, {k: v[:CHECK_SAMPLES] for k, v in self.validation.inputs.items()})
+            result.batch_invariant, result.batch_deviation = invariant, deviation
             one = {k: v[:1] for k, v in self.validation.inputs.items()}
-            latency = gate_module.measure_latency(backend.run, one)
+            # A fixed-batch model answers one sample with one padded run of its batch, as on the device.
+            latency = gate_module.measure_latency(lambda feeds: run_in_batches(backend, feeds), one)
             backend.close()
             self.evaluations[key] = (result, latency)
         return self.evaluations[key]
@@ -263,7 +272,8 @@ class _Job:
             candidate, baseline = self.backend_for(path, threads), self.backend_for(base, threads)
             one = {k: v[:1] for k, v in self.validation.inputs.items()}
             try:
-                self.comparisons[key] = gate_module.compare_latency(candidate.run, baseline.run, one)
+                self.comparisons[key] = gate_module.compare_latency(lambda feeds: run_in_batches(candidate, feeds),
+                                                                    lambda feeds: run_in_batches(baseline, feeds), one)
             finally:
                 candidate.close()
                 baseline.close()
@@ -411,11 +421,14 @@ class _Job:
         model_file = writer.add_file("model/model.tflite" if tflite else "model/model.onnx", candidate.path)
         backend = self.backend_for(candidate.path, threads)
         gate_result, _ = self.evaluate(candidate.path, threads)
+        deviation = gate_result.batch_deviation
         batch = {"mode": "fixed" if backend.batch_size else "dynamic", "size": backend.batch_size,
                  "invariant": bool(gate_result.batch_invariant),
-                 "max_relative_deviation": float(f"{gate_result.batch_deviation:.3g}")}
+                 # None when alone and batched differ in shape or in integer outputs (no finite measure)
+                 "max_relative_deviation": float(f"{deviation:.3g}") if math.isfinite(deviation) else None}
         sample_inputs = {k: v[:SAMPLE_COUNT] for k, v in self.validation.inputs.items()}
-        sample_outputs = run_in_batches(backend, sample_inputs)
+        # The expected outputs are computed as the agent will compute them (alone when batch-dependent).
+        sample_outputs = run_in_batches(backend, sample_inputs, 64 if batch["invariant"] else 1)
         samples = {"count": len(next(iter(sample_inputs.values()))), "inputs": {}, "outputs": {}, "tolerance": {}}
         for index, (spec, array) in enumerate(zip(backend.inputs, sample_inputs.values())):
             samples["inputs"][spec.name] = writer.add_array(f"samples/input_{index}.npy", array)
@@ -453,6 +466,8 @@ class _Job:
             "metrics": {**(row.metrics or {}), "validation": {"source": Path(self.validation.source).name if self.real_data else "random",
                                                               "samples": len(self.validation), "labels": self.validation.labels is not None}},
             "host_latency": {"p50_ms": row.p50_ms, "fp32_p50_ms": fp32_latency.p50_ms, "ratio_vs_fp32": row.latency_ratio,
+                             # the ratio that decided, where measured interleaved (one thread, with its interval)
+                             "ratio_interval": row.details.get("latency_ratio_ci"),
                              "threads": threads, "machine": platform.machine(), "batch": 1},
             "size": {"bytes": row.size_bytes, "ratio_vs_fp32": row.size_ratio},
             "samples": samples,

@@ -32,7 +32,9 @@ class OnnxBackend(Backend):
 
     runtime = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None,
+                 log_severity: int = 3):
+        """``log_severity``: ONNX Runtime's own stderr logging (3: errors, 4: fatal only)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -40,7 +42,7 @@ class OnnxBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = log_severity
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types

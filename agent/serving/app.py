@@ -15,7 +15,6 @@ import time
 
 import orjson
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -255,10 +254,14 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
                       decoded.timeout_us / 1e6 if decoded.timeout_us is not None else None]
             limits = [limit for limit in limits if limit is not None]
             deadline = started + min(limits) if limits else None
-            result = await _unless_disconnected(request, scheduler.infer(feeds, served, deadline))
+            # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
+            handed, release_feeds = release_feeds, None
+            queued = scheduler.infer(feeds, served, deadline, handed)
+            del feeds, first
+            result = await _unless_disconnected(request, queued)
             # Encoded with the specs and version of the model that computed the answer.
-            payload, headers, release_payload = await codec.encode(name, result.version, decoded, result.outputs,
-                                                                   result.served.model.outputs)
+            payload, headers = await codec.encode(name, result.version, decoded, result.outputs,
+                                                  result.served.model.outputs)
         except Overloaded as exc:
             metrics.observe_request(name, "overloaded")
             return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
@@ -294,12 +297,10 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             large["in_flight"] -= is_large
             if isinstance(body, SharedBody):
                 body.release()
-            feeds = None
             if release_feeds is not None:
                 release_feeds()
         metrics.observe_request(name, "ok", time.perf_counter() - started, result.queue_seconds)
-        # A large payload lies in shared memory: released once the response is sent.
-        return Response(payload, 200, headers=headers, background=BackgroundTask(release_payload))
+        return Response(payload, 200, headers=headers)
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), 200, headers={"content-type": metrics.content_type})

@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing.shared_memory import SharedMemory
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -23,7 +22,7 @@ from edgepack.tensors import TensorSpec
 
 from .oip import InferRequest, RequestError, decode_request, encode_response, validate_inputs
 
-from .shared_buffers import SharedBody, attach, disown, map_arrays, pack_arrays, release
+from .shared_buffers import SharedBody, attach, map_arrays, pack_arrays, release
 
 
 def _nothing() -> None:
@@ -64,36 +63,28 @@ def decode_and_validate(body: bytes, encoding: str, header_length: str | None, s
 def decode_shared(name: str, length: int, encoding: str, header_length: str | None, specs: list[TensorSpec],
                   allow_nonfinite: bool, limit: int):
     """In the helper: decode a body that lies in shared block ``name``; the checked feeds go into a
-    new shared block (returned as its name and layout), or come back pickled when they hold objects."""
+    new shared block (returned as its name and layout), or come back pickled when they hold objects.
+
+    Every view of the block is gone before it is closed, also on errors (an exception's traceback
+    would keep them alive, and the block's file descriptor with them), so errors are raised afresh."""
     shm = attach(name)  # the daemon's block: it unlinks it
+    error = None
+    view = shm.buf[:length]
     try:
-        body = shm.buf[:length] if encoding.lower() == "identity" else bytes(shm.buf[:length])
+        body = view if encoding.lower() == "identity" else bytes(view)
         request, feeds = decode_and_validate(body, encoding, header_length, specs, allow_nonfinite, limit)
         packed = pack_arrays(feeds)
-        if packed is None:
-            feeds = {key: np.array(value, copy=True) for key, value in feeds.items()}  # off the block
-        else:
-            feeds = None
-        del body
-    finally:
-        try:
-            shm.close()
-        except BufferError:  # an exception's traceback still maps it; collected with the traceback
-            pass
-    return (request, None, packed) if packed else (request, feeds, None)
-
-
-def encode_shared(model_name: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
-                  specs: list[TensorSpec]):
-    """In the helper: encode a response into a new shared block; (its name, length, headers)."""
-    payload, headers = encode_response(model_name, version, request, outputs, specs)
-    shm = SharedMemory(create=True, size=max(1, len(payload)))
-    try:
-        shm.buf[:len(payload)] = payload
-        disown(shm)
-        return shm.name, len(payload), headers
-    finally:
-        shm.close()
+        result = (request, None, packed) if packed else (request, {k: np.array(v) for k, v in feeds.items()}, None)
+        del body, feeds
+    except (RequestError, BodyTooLarge) as exc:
+        error, result = type(exc)(*exc.args), None
+    except Exception as exc:  # noqa: BLE001 - a bug: reported as such, without the views in its traceback
+        error, result = RuntimeError(f"decoding failed: {type(exc).__name__}: {exc}"), None
+    view.release()
+    shm.close()
+    if error is not None:
+        raise error
+    return result
 
 
 def _lower_priority() -> None:
@@ -131,11 +122,14 @@ class Codec:
         return bool(self.offload_bytes) and size > self.offload_bytes
 
     async def _call(self, function, *args):
+        pool = self._executor()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor(), function, *args)
+            return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
         except BrokenProcessPool:
-            # The helper died (killed, out of memory): start a new one for the next request.
-            self._pool = None
+            # The helper died (killed, out of memory): the next request starts a new one (only this
+            # pool is dropped; a late failure must not throw away a newer one).
+            if self._pool is pool:
+                self._pool = None
             raise RuntimeError("the decoding helper process died; retry the request") from None
 
     async def decode(self, body, encoding: str, header_length: str | None, specs: list[TensorSpec],
@@ -157,16 +151,13 @@ class Codec:
         return request, feeds, _nothing
 
     async def encode(self, model_name: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
-                     specs: list[TensorSpec]):
-        """(body, headers, release): a large body lies in shared memory (a memoryview the response
-        sends from); call ``release()`` once it is sent."""
+                     specs: list[TensorSpec]) -> tuple[bytes, dict[str, str]]:
+        """The response body and headers; a large one is encoded in the helper (the bytes come back in
+        one copy, made on the pool's result thread, not on the event loop)."""
         size = sum(np.asarray(array).nbytes for array in outputs.values())
         if self.offloads(size):
-            name, length, headers = await self._call(encode_shared, model_name, version, request, outputs, specs)
-            shm = attach(name)
-            return shm.buf[:length], headers, lambda: release(shm)
-        payload, headers = encode_response(model_name, version, request, outputs, specs)
-        return payload, headers, _nothing
+            return await self._call(encode_response, model_name, version, request, outputs, specs)
+        return encode_response(model_name, version, request, outputs, specs)
 
     def close(self) -> None:
         if self._pool is not None:

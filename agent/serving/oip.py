@@ -21,6 +21,8 @@ from edgepack.tensors import TensorSpec
 HEADER_LENGTH = "inference-header-content-length"
 #: More elements than any body within server.max_body_bytes can describe (a BOOL is one byte).
 MAX_ELEMENTS = 2**31
+#: the longest request deadline accepted (a day, in microseconds)
+MAX_TIMEOUT_US = 86_400_000_000
 
 #: OIP datatype -> numpy dtype (little-endian, as the binary extension specifies).
 DATATYPES = {
@@ -68,7 +70,7 @@ def _loads(data: bytes) -> dict:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         try:  # NaN/Infinity are not JSON, but clients (Python's json) send them; the NaN policy decides
-            value = json.loads(data)
+            value = json.loads(bytes(data))
         except (ValueError, RecursionError) as exc:
             raise RequestError(f"the request body is not valid JSON ({exc})") from None
     except RecursionError:
@@ -208,8 +210,9 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         raise RequestError(f"the body holds {len(binary) - offset} bytes of binary data that no input claims")
     binary_default = bool(params.get("binary_data_output", False))
     timeout_us = params.get("timeout")
-    if timeout_us is not None and (not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0):
-        raise RequestError("parameters.timeout must be a non-negative integer (microseconds)")
+    if timeout_us is not None and (not isinstance(timeout_us, int) or isinstance(timeout_us, bool)
+                                   or not 0 <= timeout_us <= MAX_TIMEOUT_US):
+        raise RequestError(f"parameters.timeout must be an integer from 0 to {MAX_TIMEOUT_US} (microseconds)")
     outputs: dict[str, bool] = {}
     requested = header.get("outputs")
     if requested is not None:

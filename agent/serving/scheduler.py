@@ -101,6 +101,15 @@ class Work:
     #: the first chunk and filled chunk by chunk (no concatenation of thousands of parts at the end)
     done: int = 0
     outputs: dict | None = None
+    #: frees the memory the feeds live in (shared memory of a large body); called exactly once, when
+    #: the scheduler is done with the work: answered, failed, dropped, or cancelled and not running
+    on_release: object = None
+
+    def release(self) -> None:
+        callback, self.on_release = self.on_release, None
+        self.feeds = {}
+        if callback is not None:
+            callback()
 
 
 @dataclass
@@ -186,15 +195,24 @@ class ModelScheduler:
     def unpin(served: ServedVersion) -> None:
         served.release()
 
-    async def infer(self, feeds: dict[str, np.ndarray], served: ServedVersion, deadline: float | None = None) -> Result:
+    async def infer(self, feeds: dict[str, np.ndarray], served: ServedVersion, deadline: float | None = None,
+                    on_release=None) -> Result:
         """Queue ``feeds`` (validated against the pinned ``served``) and wait for their outputs.
 
         ``deadline``: a ``time.perf_counter()`` moment after which the work is dropped (DeadlineExceeded).
-        Cancelling the caller's task cancels the queued work."""
-        self.check_capacity()
+        Cancelling the caller's task cancels the queued work. ``on_release`` (the scheduler owns it from
+        here on) is called once nothing reads the feeds any more, never while a run still uses them."""
+        try:
+            self.check_capacity()
+        except Overloaded:
+            if on_release is not None:
+                on_release()
+            raise
         first = next(iter(feeds.values()))
         count = first.shape[0] if first.ndim else 1
-        work = Work(feeds, count, served, asyncio.get_running_loop().create_future(), deadline)
+        work = Work(feeds, count, served, asyncio.get_running_loop().create_future(), deadline,
+                    on_release=on_release)
+        del feeds, first  # the work holds them, until it is released
         self._pending.append(work)
         self.metrics.queue_depth.labels(self.name).inc()
         self._wakeup.set()
@@ -207,11 +225,13 @@ class ModelScheduler:
         for work in self._pending:
             if work.future.done():
                 self.metrics.queue_depth.labels(self.name).dec()
+                work.release()
                 continue
             if work.deadline is not None and now >= work.deadline:
                 self.metrics.queue_depth.labels(self.name).dec()
                 work.future.set_exception(DeadlineExceeded(
                     f"the request waited {now - work.queued_at:.3f} s, past its deadline; retry or allow more time"))
+                work.release()
                 continue
             alive.append(work)
         self._pending = alive
@@ -281,6 +301,8 @@ class ModelScheduler:
                 continue
             finally:
                 served.release()
+                for work in batch:  # the run is over: nothing reads the feeds any more
+                    work.release()
             elapsed = time.perf_counter() - started
             self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed)
             offset = 0
@@ -291,8 +313,9 @@ class ModelScheduler:
                     work.future.set_result(Result(part, served, started - work.queued_at, elapsed))
 
     def _chunk(self, work: Work) -> int:
-        """Samples of a large request that run at a time."""
-        return CHUNK_SAMPLES
+        """Samples of a large request that run at a time (a whole number of a fixed batch)."""
+        fixed = work.served.model.batch_size or 1
+        return max(1, -(-CHUNK_SAMPLES // fixed)) * fixed
 
     async def _run_chunk(self, work: Work) -> None:
         """Run a large request chunk by chunk until it is done or other work is waiting; then the rest
@@ -313,7 +336,9 @@ class ModelScheduler:
                 for name, value in part.items():
                     work.outputs[name][rows] = value
                 work.done, ran = rows.stop, ran + rows.stop - rows.start
-                if self._pending:  # someone is waiting (a read of the deque's length: safe across threads)
+                # Someone is waiting, or the client went away (reads of a deque's length and of a
+                # future's state: safe across threads; at worst one more chunk runs).
+                if self._pending or work.future.done():
                     break
             return ran
 
@@ -323,18 +348,22 @@ class ModelScheduler:
         except Exception as exc:  # noqa: BLE001 - handed to the waiting request
             if not work.future.done():
                 work.future.set_exception(exc)
+            work.release()
             return
         finally:
             served.release()
         elapsed = time.perf_counter() - started
         self.metrics.observe_batch(self.name, ran, elapsed)
         if work.future.done():
-            return  # cancelled or past its deadline meanwhile
+            work.release()  # cancelled or past its deadline meanwhile; the run is over
+            return
         if work.done < work.count:
             self._pending.append(work)
             self.metrics.queue_depth.labels(self.name).inc()
             return
-        work.future.set_result(Result(work.outputs, served, started - work.queued_at, elapsed))
+        outputs, work.outputs = work.outputs, None
+        work.release()
+        work.future.set_result(Result(outputs, served, started - work.queued_at, elapsed))
 
     @staticmethod
     def _run(model: LoadedModel, batch: list[Work], max_batch: int) -> dict[str, np.ndarray]:

@@ -40,16 +40,24 @@ class SharedBody:
         release(self.shm)
 
 
+#: blocks unlinked while arrays still mapped them: closed on a later release, once those are gone
+#: (dropping them instead would make SharedMemory.__del__ print an ignored BufferError on stderr)
+_closing: list[SharedMemory] = []
+
+
 def release(shm: SharedMemory) -> None:
-    """Unlink ``shm`` now; its memory goes once the last array mapping it is gone."""
+    """Unlink ``shm`` now and close it as soon as no array maps it any more."""
     try:
         shm.unlink()
     except FileNotFoundError:
         pass
-    try:
-        shm.close()
-    except BufferError:  # arrays still map it (a queued request's feeds): freed when they are collected
-        pass
+    _closing.append(shm)
+    for block in list(_closing):
+        try:
+            block.close()
+        except BufferError:  # still mapped by an array someone holds: retried on the next release
+            continue
+        _closing.remove(block)
 
 
 def disown(shm: SharedMemory) -> None:
@@ -87,4 +95,11 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[str, list] | None:
 def map_arrays(name: str, layout: list) -> tuple[SharedMemory, dict[str, np.ndarray]]:
     """The arrays ``pack_arrays`` wrote, mapped in place (no copy); release the block when done."""
     shm = SharedMemory(name=name)
-    return shm, {key: np.ndarray(tuple(shape), np.dtype(dtype), shm.buf, start) for key, dtype, shape, start in layout}
+    arrays = {}
+    for key, dtype, shape, start in layout:
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        # frombuffer holds a buffer export: closing the block while an array maps it raises BufferError
+        # (release() then leaves it to the collector) instead of unmapping memory still in use.
+        arrays[key] = np.frombuffer(shm.buf, dtype, count, start).reshape(tuple(shape))
+    return shm, arrays

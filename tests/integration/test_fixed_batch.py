@@ -166,3 +166,22 @@ def test_batch_dependent_recipe_is_never_merged(data, tmp_path):
                         program="edgepack-agent")
     assert predicted.returncode == 0, predicted.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy")[:8], np.concatenate(alone))
+
+
+def test_onnx_declared_at_batch_4_stays_fixed_and_pads(data, tmp_path):
+    """An ONNX graph traced at batch 4 with the batch baked in: the original runs in chunks of 4 (the
+    last one padded), the bundle records fixed 4, and the agent pads 37 samples into 10 runs."""
+    folder, images = data
+    module = baked_batch_cnn()
+    path = tmp_path / "baked4.onnx"
+    torch.onnx.export(module, (torch.randn(4, 1, 8, 8),), str(path), dynamo=False, input_names=["x"], opset_version=17)
+    converted = run_cli("convert", path, "--profile", "x86-64", "--recipe", "onnx-fp32", "--calibration",
+                        folder / "calibration.npz", "--name", "net", "--out", tmp_path / "out", "--json")
+    assert converted.returncode == 0, converted.stderr
+    bundle = tmp_path / "out" / "net-1.0.0-x86-64.edgepack"
+    with open_bundle(bundle) as opened:
+        assert opened.manifest["batch"] == {"mode": "fixed", "size": 4, "invariant": True, "max_relative_deviation": 0.0}
+    predicted = run_cli("predict", "--bundle", bundle, "--input", folder / "inputs.npy", "--output", tmp_path / "out.npy",
+                        program="edgepack-agent")
+    assert predicted.returncode == 0, predicted.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), _per_sample(module, images), rtol=1e-4, atol=1e-4)

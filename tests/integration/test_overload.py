@@ -230,3 +230,59 @@ def test_small_requests_stay_fast_while_a_60_mib_body_is_decoded(serving_bundles
         # it). This bound catches a return of event-loop blocking, which pushes p95 past 20x.
         assert np.percentile(loaded, 95) <= 8 * np.percentile(unloaded, 95), (np.percentile(unloaded, 95), trace)
         assert running.stop() == 0
+
+
+def test_large_bodies_that_are_not_json_or_hold_nan_are_400(serving_bundles, tmp_path, many_images):
+    """Bodies over offload_bytes are decoded by the helper from shared memory: bad JSON, bare NaN (what
+    Python's json sends) and an absurd timeout are still 400s, and the daemon's stderr stays JSON."""
+    config = _config(tmp_path, max_samples_per_request=100_000)
+    rows = many_images[:3000]
+    with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
+        url = f"{running.url}/v2/models/digits/infer"
+        good = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape), "data": rows.ravel().tolist()}]}
+        text = json.dumps(good)
+        assert len(text) > 2**20
+        with_nan = text.replace("0.0,", "NaN,", 1)
+        broken = text[:-3]
+        for body, needle in ((with_nan, "NaN"), (broken, "not valid JSON")):
+            response = httpx.post(url, content=body.encode(), timeout=60)
+            assert response.status_code == 400 and needle in response.json()["error"], response.text[:300]
+        late = dict(good, parameters={"timeout": 10**400})
+        response = httpx.post(url, content=json.dumps(late).encode(), timeout=60)
+        assert response.status_code == 400 and "timeout" in response.json()["error"]
+        assert httpx.post(url, content=text.encode(), timeout=60).status_code == 200
+        assert running.stop() == 0
+    assert all(line.startswith("{") for line in running.lines), [l for l in running.lines if not l.startswith("{")][:3]
+
+
+def test_client_leaving_during_a_large_run_does_not_hurt_the_daemon(serving_bundles, tmp_path, many_images):
+    """A large request (shared-memory feeds, run in chunks) whose client disconnects mid-run: the daemon
+    keeps serving, its stderr stays JSON (no ignored BufferError), and no shared memory is left behind."""
+    import glob
+
+    config = _config(tmp_path, max_samples_per_request=1_000_000, batching={"enabled": False})
+    big = np.concatenate([many_images] * 20)  # 90k samples, 23 MB binary: offloaded, seconds of work
+    before = set(glob.glob("/dev/shm/psm_*"))
+    with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
+        body, headers = _binary_request(big)
+        request = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                   + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", running.port)) as sock:
+                sock.sendall(request)
+                time.sleep(0.8)  # decoded and running by now
+        small, small_headers = _binary_request(many_images[:4])
+        for _ in range(20):
+            assert httpx.post(f"{running.url}/v2/models/digits/infer", content=small, headers=small_headers).status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = httpx.get(f"{running.url}/metrics").text
+            if _metric(metrics, "edgepack_requests_total", outcome="disconnected") >= 3:
+                break
+            time.sleep(0.1)
+        assert _metric(metrics, "edgepack_requests_total", outcome="disconnected") == 3
+        # Abandoned runs stop at the next chunk: far fewer than 3 x 90k samples were computed.
+        assert _metric(metrics, "edgepack_batch_size_sum") < 3 * len(big)
+        assert running.stop() == 0
+    assert all(line.startswith("{") for line in running.lines), [l for l in running.lines if not l.startswith("{")][:3]
+    assert set(glob.glob("/dev/shm/psm_*")) <= before
