@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgepack.errors import UsageError
+from edgepack.errors import UsageError, first_line
 from edgepack.profiles import validation_problems
 
 
@@ -161,7 +161,7 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
+            raise ConfigError(f"{path}: not valid YAML ({first_line(exc)}); fix the syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping of keys to values")
     for dotted, value in (overrides or {}).items():

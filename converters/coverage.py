@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepack.errors import first_line
 from edgepack.profiles import Profile
 
 
@@ -78,7 +79,7 @@ def _host_kernel_check(path: Path) -> list[str]:
     try:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         return [f"ONNX Runtime (CPU) cannot run the graph: {text[:300]}"]
     return []
 

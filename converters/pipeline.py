@@ -27,7 +27,7 @@ from agent.runtime.onnx_backend import OnnxBackend
 from edgepack import __version__
 from edgepack.bundle import BundleWriter, bundle_filename
 from edgepack.bundle.format import is_valid_name, is_valid_semver
-from edgepack.errors import ConversionError, EdgepackError, GateError, UsageError
+from edgepack.errors import ConversionError, EdgepackError, GateError, UsageError, first_line
 from edgepack.profiles import Profile, get_profile
 
 from . import gate as gate_module
@@ -537,7 +537,7 @@ def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
         except Exception as exc:
             raise ConversionError(
                 f"the graph uses opset {opset} and cannot be converted down to opset {max_opset} for this profile's "
-                f"runtime ({str(exc).splitlines()[0][:160]})"
+                f"runtime ({first_line(exc, 160)})"
             ) from None
     onnx.save(model, str(converted))
     target = folder / "fp32.onnx"

@@ -158,7 +158,7 @@ def _load_onnx(model: str, workdir: Path, input_shapes) -> SourceModel:
         loaded = onnx.load(str(path))
         onnx.checker.check_model(loaded)
     except Exception as exc:
-        raise InputFileError(f"{path.name} is not a valid ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        raise InputFileError(f"{path.name} is not a valid ONNX model ({first_line(exc, 200)})") from None
     onnx.save(loaded, str(target))
     inputs, outputs = specs_from_onnx(target)
     inputs = _apply_shape_overrides(inputs, input_shapes)
@@ -219,7 +219,7 @@ def _check_runs(module, examples: dict) -> None:
             module(*examples.values())
     except Exception as exc:
         shapes = " ".join(f"{name}={','.join(map(str, t.shape))}" for name, t in examples.items())
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise UsageError(f"the model fails on inputs {shapes} ({first}); check --input-shape") from None
 
 
@@ -275,7 +275,7 @@ def _load_torch_export(model: str, workdir: Path, input_shapes) -> SourceModel:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
-        raise InputFileError(f"{path.name} is not a torch.export program ({str(exc).splitlines()[0][:200]})") from None
+        raise InputFileError(f"{path.name} is not a torch.export program ({first_line(exc, 200)})") from None
     signature_names = [spec.arg.name for spec in program.graph_signature.input_specs
                        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     examples = getattr(program, "example_inputs", None)
@@ -325,7 +325,7 @@ def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | 
         module = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:
         raise InputFileError(
-            f"{path.name} is not a TorchScript model ({str(exc).splitlines()[0][:160]}); "
+            f"{path.name} is not a TorchScript model ({first_line(exc, 160)}); "
             "save with torch.jit.save, or export with torch.export and pass a .pt2"
         ) from None
     feeds = _example_inputs(input_shapes)
@@ -337,7 +337,7 @@ def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | 
         torch.onnx.export(module, tuple(feeds.values()), str(target), dynamo=False, input_names=names,
                           opset_version=min(17, max_opset or 17), dynamic_axes={n: {0: "batch"} for n in names})
     except Exception as exc:
-        raise ConversionError(f"torch.onnx.export of the TorchScript model failed: {str(exc).splitlines()[0][:300]}") from None
+        raise ConversionError(f"torch.onnx.export of the TorchScript model failed: {first_line(exc, 300)}") from None
     inputs, outputs = specs_from_onnx(target)
     # A trace may have its batch baked in: the original runs at the traced batch only.
     return SourceModel("torchscript", str(path), file_sha256(path), target, inputs, outputs,
@@ -474,7 +474,7 @@ def _load_sklearn(model: str, workdir: Path, input_shapes) -> SourceModel:
             options=options, target_opset={"": 17, "ai.onnx.ml": 3},
         )
     except Exception as exc:
-        raise ConversionError(f"skl2onnx cannot convert {type(estimator).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        raise ConversionError(f"skl2onnx cannot convert {type(estimator).__name__}: {first_line(exc, 300)}") from None
     target = workdir / "source.onnx"
     onnx.save(proto, str(target))
     inputs, outputs = specs_from_onnx(target)

@@ -21,11 +21,14 @@ from edgepack.errors import EdgepackError
 
 from ..config import AgentConfig
 from ..loader import load_bundle
+from ..model import release_freed_memory
 from ..store import ModelStore
 from .metrics import ServingMetrics
 from .scheduler import ModelScheduler, ServedVersion
 
 log = logging.getLogger("edgepack.agent.serving")
+#: how often freed memory is handed back to the OS (malloc_trim; a few ms of work)
+TRIM_INTERVAL_S = 10.0
 
 
 class ModelRegistry:
@@ -134,12 +137,18 @@ class ModelRegistry:
             self._scheduler(name).swap(served)
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        trimmed = loop.time()
         while True:
             await asyncio.sleep(self.config.watch_interval_s)
             try:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the watcher must survive anything the disk does
                 log.exception("store watch failed")
+            if loop.time() - trimmed > TRIM_INTERVAL_S:
+                # After a burst (a flood of large bodies) glibc keeps the freed memory; hand it back.
+                trimmed = loop.time()
+                await loop.run_in_executor(None, release_freed_memory)
 
     async def close(self) -> None:
         """Stop watching, finish queued requests, close every session, remove temporary files."""

@@ -38,9 +38,10 @@ log = logging.getLogger("edgepack.agent.serving")
 
 #: bounds of the default queue size (requests)
 MIN_QUEUE, MAX_QUEUE = 8, 4096
-#: a request with more samples runs this many at a time (in as few runtime calls as the model allows),
-#: yielding the model to waiting requests in between, so one huge request shares the model with the
-#: small ones instead of holding it for seconds; large enough that the runtime, not Python, dominates
+#: a large request runs in chunks of about this much compute (at most CHUNK_SAMPLES samples, in as few
+#: runtime calls as the model allows), yielding the model to waiting requests in between, so one huge
+#: request shares the model with the small ones instead of holding it for seconds
+CHUNK_SECONDS = 0.004
 CHUNK_SAMPLES = 64
 
 
@@ -157,9 +158,10 @@ class ModelScheduler:
         seconds = self.current.model.sample_seconds if self.current else None
         if not seconds:
             return 64
-        per_run = max(1, self.max_batch)
-        budget = self.options.queue_budget_ms / 1000 * self.options.instances * per_run / seconds
-        return int(min(MAX_QUEUE, max(MIN_QUEUE, 2 * per_run * self.options.instances, budget)))
+        # Requests (of one sample: the common case) the model gets through in the budget, and at least
+        # enough to keep every instance's next batch full.
+        budget = self.options.queue_budget_ms / 1000 * self.options.instances / seconds
+        return int(min(MAX_QUEUE, max(MIN_QUEUE, 2 * max(1, self.max_batch) * self.options.instances, budget)))
 
     def swap(self, served: ServedVersion) -> ServedVersion | None:
         """Route new requests to ``served``; the old version closes once nothing holds it."""
@@ -285,7 +287,8 @@ class ModelScheduler:
                     continue
             batch = self._take_batch()
             self.metrics.queue_depth.labels(self.name).dec(len(batch))
-            if len(batch) == 1 and batch[0].count > self._chunk(batch[0]) and batch[0].served.model.backend.batched:
+            if (len(batch) == 1 and batch[0].count > max(self._chunk(batch[0]), self.max_batch)
+                    and batch[0].served.model.backend.batched):
                 await self._run_chunk(batch[0])
                 continue
             served = batch[0].served
@@ -313,9 +316,12 @@ class ModelScheduler:
                     work.future.set_result(Result(part, served, started - work.queued_at, elapsed))
 
     def _chunk(self, work: Work) -> int:
-        """Samples of a large request that run at a time (a whole number of a fixed batch)."""
+        """Samples of a large request that run at a time: about CHUNK_SECONDS of work at the latency
+        measured at load, a whole number of a fixed batch."""
+        seconds = work.served.model.sample_seconds
+        samples = CHUNK_SAMPLES if not seconds else int(min(CHUNK_SAMPLES, max(1, CHUNK_SECONDS / seconds)))
         fixed = work.served.model.batch_size or 1
-        return max(1, -(-CHUNK_SAMPLES // fixed)) * fixed
+        return max(1, -(-samples // fixed)) * fixed
 
     async def _run_chunk(self, work: Work) -> None:
         """Run a large request chunk by chunk until it is done or other work is waiting; then the rest

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 
+from edgepack.errors import first_line
+
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 
 
@@ -47,7 +49,7 @@ class Fp16Recipe(Recipe):
                 disable_shape_infer=False,
             )
         except Exception as exc:
-            raise RecipeFailed(f"fp16 conversion failed: {str(exc).splitlines()[0][:200]}") from None
+            raise RecipeFailed(f"fp16 conversion failed: {first_line(exc, 200)}") from None
         _sort_topologically(converted.graph)
         onnx.save(converted, str(target))
         return Candidate(self.name, target, "onnx", self.precision, self.config_dict())

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepack.errors import first_line
+
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
@@ -75,7 +77,7 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
     except RecipeFailed:
         raise
     except Exception as exc:
-        raise RecipeFailed(f"static quantization failed: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise RecipeFailed(f"static quantization failed: {first_line(exc, 200)}") from None
 
 
 @dataclass
@@ -130,7 +132,7 @@ class DynamicInt8Recipe(Recipe):
                 op_types_to_quantize=list(self.config.op_types),
             )
         except Exception as exc:
-            raise RecipeFailed(f"dynamic quantization failed: {str(exc).strip().splitlines()[0][:200]}") from None
+            raise RecipeFailed(f"dynamic quantization failed: {first_line(exc, 200)}") from None
         if count_quantized(target) == 0:
             raise RecipeFailed(f"nothing to quantize: no {'/'.join(self.config.op_types)} ops in the graph")
         return Candidate(self.name, target, "onnx", self.precision, self.config_dict())

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepack.errors import first_line
+
 from ..sources import package_versions
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 
@@ -162,7 +164,7 @@ class TfliteFp16Recipe(Recipe):
             try:
                 result = engine.quantize()
             except Exception as exc:  # noqa: BLE001 - report the quantizer's own message
-                raise RecipeFailed(f"ai-edge-quantizer could not cast the weights to fp16: {str(exc).splitlines()[0][:300]}") from None
+                raise RecipeFailed(f"ai-edge-quantizer could not cast the weights to fp16: {first_line(exc, 300)}") from None
         path = ctx.workdir / f"{self.name}.tflite"
         path.write_bytes(bytes(result.quantized_model))
         quantizer_version = package_versions("ai-edge-quantizer").get("ai-edge-quantizer", "?")
