@@ -45,12 +45,6 @@ def _error(message: str, status: int) -> Response:
     return _json({"error": message}, status)
 
 
-def _shed_headers(retry_after: int, declared: str) -> dict:
-    # The connection stays open: closing it on an unread body saves the server reading the body, but
-    # the client then sees a reset instead of the 503 (measured in benchmarks/overload.py).
-    return {"retry-after": str(retry_after)}
-
-
 class Disconnected(Exception):
     """The client closed the connection before its answer was ready."""
 
@@ -236,12 +230,14 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             scheduler.check_capacity()
         except Overloaded as exc:
             metrics.observe_request(name, "overloaded")
-            return _json({"error": str(exc)}, 503, _shed_headers(exc.retry_after, declared))
+            # The connection stays open: closing it on the unread body would spare the server reading it,
+            # but clients would see a reset instead of this 503 (tried in benchmarks/overload.py).
+            return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
         is_large = codec.offloads(int(declared)) if declared.isdigit() else False
         if is_large and large["in_flight"] >= config.server.max_large_requests:
             metrics.observe_request(name, "overloaded")
             return _json({"error": f"{large['in_flight']} large requests are in progress "
-                          f"(server.max_large_requests); retry later"}, 503, _shed_headers(1, declared))
+                          f"(server.max_large_requests); retry later"}, 503, {"retry-after": "1"})
         large["in_flight"] += is_large
         served = scheduler.pin()
         body, release_feeds = None, None

@@ -223,6 +223,8 @@ class ModelScheduler:
     def _drop_dead(self) -> None:
         """Remove cancelled work and work whose deadline passed from the queue head and anywhere in it."""
         now = time.perf_counter()
+        if not any(w.future.done() or (w.deadline is not None and now >= w.deadline) for w in self._pending):
+            return  # the common case: nothing to drop, no new queue built
         alive = collections.deque()
         for work in self._pending:
             if work.future.done():

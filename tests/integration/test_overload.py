@@ -44,6 +44,22 @@ def _metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def _raw_request(body: bytes, headers: dict) -> bytes:
+    """The bytes of one infer request, for a raw socket that hangs up without reading the answer."""
+    head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    return (head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+
+
+def _metrics_once(url: str, disconnected: int, timeout: float = 10) -> str:
+    """/metrics once it counts ``disconnected`` requests of clients that left (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = httpx.get(f"{url}/metrics").text
+        if _metric(metrics, "edgepack_requests_total", outcome="disconnected") >= disconnected or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def many_images(digits):
     with np.load(digits / "validation.npz") as data:
@@ -101,20 +117,14 @@ def test_work_of_disconnected_clients_is_dropped(serving_bundles, tmp_path, many
         worker.start()
         time.sleep(0.3)
         small, small_headers = _binary_request(many_images[:2000])
-        request = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(small)}\r\n"
-                   + "".join(f"{k}: {v}\r\n" for k, v in small_headers.items()) + "\r\n").encode() + small
+        request = _raw_request(small, small_headers)
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", running.port)) as sock:
                 sock.sendall(request)
             # closed at once: the client is gone before its answer is ready
         worker.join(120)
         assert result["r"].status_code == 200
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            metrics = httpx.get(f"{running.url}/metrics").text
-            if _metric(metrics, "edgepack_requests_total", outcome="disconnected") >= 5:
-                break
-            time.sleep(0.1)
+        metrics = _metrics_once(running.url, disconnected=5)
         assert _metric(metrics, "edgepack_requests_total", outcome="disconnected") == 5
         computed = _metric(metrics, "edgepack_batch_size_sum")
         # The big request's 12000 samples, and at most one abandoned request that a worker had already taken.
@@ -265,8 +275,7 @@ def test_client_leaving_during_a_large_run_does_not_hurt_the_daemon(serving_bund
     before = set(glob.glob("/dev/shm/psm_*"))
     with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
         body, headers = _binary_request(big)
-        request = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                   + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+        request = _raw_request(body, headers)
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", running.port)) as sock:
                 sock.sendall(request)
@@ -274,12 +283,7 @@ def test_client_leaving_during_a_large_run_does_not_hurt_the_daemon(serving_bund
         small, small_headers = _binary_request(many_images[:4])
         for _ in range(20):
             assert httpx.post(f"{running.url}/v2/models/digits/infer", content=small, headers=small_headers).status_code == 200
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            metrics = httpx.get(f"{running.url}/metrics").text
-            if _metric(metrics, "edgepack_requests_total", outcome="disconnected") >= 3:
-                break
-            time.sleep(0.1)
+        metrics = _metrics_once(running.url, disconnected=3)
         assert _metric(metrics, "edgepack_requests_total", outcome="disconnected") == 3
         # Abandoned runs stop at the next chunk: far fewer than 3 x 90k samples were computed.
         assert _metric(metrics, "edgepack_batch_size_sum") < 3 * len(big)
