@@ -15,16 +15,27 @@ import click
 from edgepack import __version__
 from edgepack.errors import EdgepackError
 
-store_option = click.option("--store", type=click.Path(path_type=Path), help="store folder (default: $EDGEPACK_STORE or a per-user folder)")
-key_option = click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="trusted public key (repeatable); bundles must be signed by one")
+CONFIG_ENV = "EDGEPACK_AGENT_CONFIG"
+store_option = click.option("--store", type=click.Path(path_type=Path), help="store folder (default: the config's, else $EDGEPACK_STORE or a per-user folder)")
+key_option = click.option("--key", "keys", multiple=True, type=click.Path(path_type=Path), help="trusted public key (repeatable); bundles must be signed by one (added to the config's trusted_keys)")
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), envvar=CONFIG_ENV,
+                             help=f"the daemon's agent.yaml (default ${CONFIG_ENV}): its store, trusted_keys and profile apply")
 
 
-def _store(store, keys=(), profile=None):
+def _store(store=None, keys=(), profile=None, config_path=None):
+    """The store as the daemon sees it: the config's store, keys and profile, with the options on top."""
     from edgepack.bundle.signing import load_public_key
 
+    from .config import load_config
     from .store import ModelStore
 
-    return ModelStore(store, [load_public_key(k) for k in keys] or None, profile)
+    config = load_config(config_path) if config_path else None
+    root = store or (config.store if config else None)
+    key_paths = list(config.trusted_keys if config else []) + list(keys)
+    store_object = ModelStore(root, [load_public_key(k) for k in key_paths] or None,
+                              profile or (config.profile if config else None))
+    store_object.recover()  # finish or undo whatever a crash interrupted before looking
+    return store_object
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +45,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="agent.yaml (see examples/device/agent.yaml)")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), envvar=CONFIG_ENV, help=f"agent.yaml (see examples/device/agent.yaml; default ${CONFIG_ENV})")
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path), help="serve this bundle file directly (repeatable)")
 @store_option
 @click.option("--host", help="address to bind (default 127.0.0.1; anything else needs server.token)")
@@ -61,9 +72,10 @@ def run(config_path, bundles, store, host, port, token_file, keys) -> None:
 @store_option
 @key_option
 @click.option("--profile", help="this device's profile; bundles for another profile are refused")
-def install(bundle, store, keys, profile) -> None:
+@config_option
+def install(bundle, store, keys, profile, config_path) -> None:
     """Verify BUNDLE, stage it in the inactive slot, smoke-test it, then make it active."""
-    model_store = _store(store, keys, profile)
+    model_store = _store(store, keys, profile, config_path)
     state = model_store.install(bundle)
     slot = state["slots"][state["active"]]
     click.echo(f"installed {state['name']} {slot['version']} ({slot['precision']}, {slot['profile']}) in slot "
@@ -80,19 +92,18 @@ def install(bundle, store, keys, profile) -> None:
 @click.option("--threads", type=int, help="intra-op threads (default: the bundle's profile)")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--integer-io", is_flag=True, help="full-int8 TFLite models: read and write raw int8 tensors, not floats")
-def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size, integer_io) -> None:
+@config_option
+def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size, integer_io, config_path) -> None:
     """Batch-score an input file offline with the active model (or --bundle)."""
-    from edgepack.bundle.signing import load_public_key
-
     from .batch_io import read_inputs, write_outputs
     from .loader import load_bundle
 
     with tempfile.TemporaryDirectory(prefix="edgepack-predict-") as temp:
         if bundle:
-            trusted = [load_public_key(k) for k in keys] or None
+            trusted = _store(store, keys, config_path=config_path).trusted_keys
             model = load_bundle(bundle, Path(temp), keys=trusted, threads=threads)
         else:
-            model_store = _store(store, keys)
+            model_store = _store(store, keys, config_path=config_path)
             model = model_store.load_active(model_store.resolve_name(model_name), threads, smoke=True)
         try:
             if integer_io and not model.use_integer_io():
@@ -109,10 +120,11 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
 @cli.command()
 @store_option
 @click.option("--json", "as_json", is_flag=True)
-def status(store, as_json) -> None:
-    """Slots, versions and health of every model in the store."""
-    model_store = _store(store)
-    states = {name: model_store.state(name) for name in model_store.model_names()}
+@config_option
+def status(store, as_json, config_path) -> None:
+    """Slots, versions, health and update state of every model in the store."""
+    model_store = _store(store, config_path=config_path)
+    states = {name: model_store.state(name) for name in model_store.model_names(with_empty=True)}
     for name, state in states.items():
         for slot, info in state["slots"].items():
             info["health"] = model_store.slot_health(name, slot)
@@ -122,7 +134,10 @@ def status(store, as_json) -> None:
     if not states:
         click.echo(f"store {model_store.root}: no models installed")
     for name, state in states.items():
-        click.echo(f"{name}: active slot {state['active']}, previous {state['previous'] or 'none'}")
+        update = state["update"]
+        last = f", last update {update['result']}" + (f" ({update['reason']})" if update.get("reason") else "") if update.get("result") else ""
+        click.echo(f"{name}: active slot {state['active'] or 'none'}, previous {state['previous'] or 'none'}, "
+                   f"update {update['state']}{last}")
         for slot, info in sorted(state["slots"].items()):
             marker = "*" if slot == state["active"] else " "
             click.echo(f"  {marker} {slot}: {info['version']} {info['precision']} for {info['profile']} ({info['health']})")
@@ -131,9 +146,11 @@ def status(store, as_json) -> None:
 @cli.command()
 @store_option
 @click.option("--model", "model_name", help="model name (when the store holds several)")
-def rollback(store, model_name) -> None:
-    """Switch back to the previously active version."""
-    model_store = _store(store)
+@key_option
+@config_option
+def rollback(store, model_name, keys, config_path) -> None:
+    """Switch back to the previously active version (after loading and smoke-testing it)."""
+    model_store = _store(store, keys, config_path=config_path)
     name = model_store.resolve_name(model_name)
     state = model_store.rollback(name)
     click.echo(f"rolled {name} back to {state['slots'][state['active']]['version']} (slot {state['active']})")

@@ -1,33 +1,47 @@
-"""The model store: A/B slots per model on disk, switched atomically.
+"""The model store: A/B slots per model on disk, changed only through the update lifecycle.
 
 Layout under the store folder::
 
-    models/<name>/state.json        which slot is active, which one was active before
+    .lock                           held (flock) by whoever changes the store
+    models/<name>/state.json        slots, active and previous slot, the update record (agent.lifecycle)
+    models/<name>/staging/          a bundle being verified, extracted and smoke-tested
     models/<name>/slots/a|b/        bundle.edgepack and its verified, extracted files
+    downloads/                      bundles arriving over the air (agent.updates)
 
-A new bundle is written into the inactive slot, verified, loaded and smoke-tested before
-``state.json`` is replaced (temp file, fsync, rename), so a crash at any point leaves the old model
-active or the new one committed, never a half-installed one.
+Every change is a lifecycle transition written durably before its side effect, so a crash anywhere
+resumes (:meth:`ModelStore.recover`) to the old model active or the new one committed. The
+rollback target (the previous slot) is never touched until a new version has been fully staged, and a
+failed or interrupted install leaves it as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
-from edgepack.atomic import write_json_atomic
+from edgepack.atomic import copy_durably, fsync_dir, fsync_tree, write_json_atomic
 from edgepack.bundle import open_bundle
-from edgepack.errors import EdgepackError, StoreError, UsageError
+from edgepack.errors import EdgepackError, StoreError, UsageError, first_line
 
+from . import lifecycle
+from .lifecycle import UpdateState
 from .loader import check_profile, load_bundle
 from .model import LoadedModel
 
 SLOTS = ("a", "b")
 STORE_ENV = "EDGEPACK_STORE"
+#: how long a command waits for another one changing the same store
+LOCK_WAIT_S = 30.0
+
+#: called after every persisted transition with (model name, history entry, new state)
+Listener = Callable[[str, dict, dict], None]
 
 
 def default_store() -> Path:
@@ -39,6 +53,11 @@ def default_store() -> Path:
     return Path(user_data_dir("edgepack")) / "store"
 
 
+def _empty_state(name: str) -> dict:
+    return {"schema": lifecycle.SCHEMA, "name": name, "active": None, "previous": None, "slots": {},
+            "update": lifecycle.idle_record()}
+
+
 class ModelStore:
     """The slots and state of every model in one store folder."""
 
@@ -46,24 +65,51 @@ class ModelStore:
         self.root = Path(root) if root else default_store()
         self.trusted_keys = trusted_keys or None
         self.profile = profile
+        self.listeners: list[Listener] = []
+        self._lock_depth = 0
+        self._lock_handle = None
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def model_names(self) -> list[str]:
+    def model_names(self, with_empty: bool = False) -> list[str]:
+        """Models with an active version (``with_empty``: every model folder with a state file)."""
         folder = self.root / "models"
-        return sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file()) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        names = sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file())
+        return names if with_empty else [n for n in names if self._active_or_busy(n)]
+
+    def _active_or_busy(self, name: str) -> bool:
+        try:
+            state = self.state(name)
+        except StoreError:
+            return True  # reported where it is used
+        return bool(state.get("active"))
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
 
     def state(self, name: str) -> dict:
-        path = self.root / "models" / name / "state.json"
+        """The model's state.json (an empty state when it was never installed)."""
+        path = self.model_dir(name) / "state.json"
         try:
-            return json.loads(path.read_text())
+            state = json.loads(path.read_text())
         except FileNotFoundError:
-            return {"active": None, "previous": None, "slots": {}}
+            return _empty_state(name)
         except (OSError, ValueError) as exc:
             raise StoreError(f"store state {path} is unreadable ({exc}); reinstall the model") from None
+        if not isinstance(state, dict):
+            raise StoreError(f"store state {path} is not a JSON object; reinstall the model")
+        schema = state.get("schema", 1)
+        if schema > lifecycle.SCHEMA:
+            raise StoreError(f"store state {path} has schema {schema}, newer than this agent reads "
+                             f"({lifecycle.SCHEMA}); upgrade edgepack")
+        if schema < 2:  # the pointer file of edgepack 0.1: no update record yet
+            state = {**_empty_state(name), **state, "schema": lifecycle.SCHEMA}
+        return state
 
     def slot_dir(self, name: str, slot: str) -> Path:
-        return self.root / "models" / name / "slots" / slot
+        return self.model_dir(name) / "slots" / slot
 
     def slot_health(self, name: str, slot: str) -> str:
         """"ok" when the slot's bundle verifies and its extracted files match their hashes, else why not."""
@@ -74,7 +120,7 @@ class ModelStore:
                     on_disk = folder / "files" / member
                     if not on_disk.is_file():
                         return f"missing extracted file {member}"
-                    if hashlib.sha256(on_disk.read_bytes()).hexdigest() != entry["sha256"]:
+                    if _sha256_file(on_disk) != entry["sha256"]:
                         return f"extracted file {member} is corrupted"
         except EdgepackError as exc:
             return exc.message
@@ -98,63 +144,243 @@ class ModelStore:
         state = self.state(name)
         if not state.get("active"):
             raise StoreError(f"model {name!r} has no active slot")
-        folder = self.slot_dir(name, state["active"])
+        return self._load_slot(name, state["active"], threads, smoke, instances)
+
+    def _load_slot(self, name: str, slot: str, threads=None, smoke=True, instances: int = 1) -> LoadedModel:
+        folder = self.slot_dir(name, slot)
         try:
             return load_bundle(folder / "bundle.edgepack", folder / "files", keys=self.trusted_keys, threads=threads,
                                instances=instances, extracted=True, smoke=smoke)
         except StoreError as exc:
-            raise StoreError(f"slot {state['active']} of {name!r}: {exc.message}") from None
+            raise StoreError(f"slot {slot} of {name!r}: {exc.message}") from None
 
-    # -- changing ----------------------------------------------------------------------------------
+    # -- the lock and the lifecycle ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, wait_s: float = LOCK_WAIT_S):
+        """Hold the store's lock (re-entrant in this object); another holder makes this wait, then fail."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise StoreError(f"another install or update is changing the store {self.root}; "
+                                     "try again when it has finished") from None
+                time.sleep(0.05)
+        self._lock_depth, self._lock_handle = 1, handle
+        try:
+            yield
+        finally:
+            self._lock_depth, self._lock_handle = 0, None
+            handle.close()  # releases the flock
+
+    def transition(self, name: str, event: str, reason: str | None = None, *, pointers: dict | None = None,
+                   **fields) -> dict:
+        """Apply lifecycle ``event`` to model ``name``, persist the state durably, tell the listeners,
+        and return the new state. ``pointers`` updates active/previous/slots in the same write."""
+        state = self.state(name)
+        update = lifecycle.step(state["update"], event, reason, **fields)
+        new_state = {**state, **(pointers or {}), "schema": lifecycle.SCHEMA, "name": name, "update": update}
+        write_json_atomic(self.model_dir(name) / "state.json", new_state)
+        entry = update["history"][-1]
+        for listener in list(self.listeners):
+            try:
+                listener(name, entry, new_state)
+            except Exception:  # noqa: BLE001 - a listener (telemetry) never breaks the lifecycle
+                pass
+        return new_state
+
+    def busy(self, name: str) -> str | None:
+        """The update state of ``name`` when an update is under way, else None."""
+        state = self.state(name)["update"]["state"]
+        return None if state == UpdateState.IDLE.value else state
+
+    def recover(self) -> list[str]:
+        """Finish or undo what a crash interrupted, for every model, and remove leftovers; return the
+        names of the models that needed it. Downloads stay (they resume)."""
+        touched = []
+        with self.locked():
+            for name in self.model_names(with_empty=True):
+                try:
+                    state = self.state(name)
+                except StoreError:
+                    continue
+                event = lifecycle.recovery_event(state["update"])
+                if event:
+                    touched.append(name)
+                    self._resume(name, state, event)
+                self._clean(name)
+        return touched
+
+    def _resume(self, name: str, state: dict, event: str) -> None:
+        current = UpdateState(state["update"]["state"])
+        if current is UpdateState.DOWNLOADING:
+            self.transition(name, event, "the agent restarted; the download resumes")
+        elif current in (UpdateState.STAGING, UpdateState.SWITCHING):
+            # The old model is still the active one; the half-staged copy is a leftover.
+            self.transition(name, event, f"the agent restarted during {current.value}; the old version stays active")
+        elif current is UpdateState.PROBATION:
+            # A crash while the new version serves may be the new version's fault: roll back.
+            self._roll_back(name, "the agent restarted during probation", event)
+        elif current is UpdateState.ROLLING_BACK:
+            self._roll_back(name, state["update"].get("reason") or "rollback interrupted", event)
+
+    def _clean(self, name: str) -> None:
+        """Remove a staging folder no update is using and slots no pointer names."""
+        state = self.state(name)
+        folder = self.model_dir(name)
+        if state["update"]["state"] != UpdateState.STAGING.value:
+            shutil.rmtree(folder / "staging", ignore_errors=True)
+        keep = {state.get("active"), state.get("previous")}
+        if state["update"]["state"] == UpdateState.SWITCHING.value:
+            keep.add(state["update"].get("slot"))
+        for slot in SLOTS:
+            if slot not in keep and self.slot_dir(name, slot).exists():
+                shutil.rmtree(self.slot_dir(name, slot), ignore_errors=True)
+        for leftover in folder.glob(".state.json.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    # -- installing --------------------------------------------------------------------------------
 
     def install(self, bundle_path: Path, threads: int | None = None) -> dict:
-        """Verify, stage, load and smoke-test a bundle, then make it active; return the new state."""
+        """Verify, stage, load and smoke-test a bundle file, then make it active; return the new state.
+
+        Local installs commit at once (this process loaded and smoke-tested the staged copy); over the
+        air the daemon stages with :meth:`stage` and commits after a probation window."""
         with open_bundle(bundle_path, public_keys=self.trusted_keys, verify_files=False) as bundle:
-            # The manifest is signature-checked here; its files are checked when the staged copy loads.
+            # The manifest is signature-checked here; the files are checked when the staged copy loads.
             check_profile(bundle.manifest, self.profile)
             name = bundle.manifest["name"]
-        state = self.state(name)
-        active = state.get("active")
-        slot = next(s for s in SLOTS if s != active)
-        folder = self.slot_dir(name, slot)
-        shutil.rmtree(folder, ignore_errors=True)
+        with self.locked():
+            self._refuse_busy(name)
+            self.transition(name, "install", target={"source": str(bundle_path)})
+            self.stage(name, bundle_path, threads)
+            return self.transition(name, "commit", pointers=self._switched_pointers(name))
+
+    def _refuse_busy(self, name: str) -> None:
+        busy = self.busy(name)
+        if busy:
+            raise StoreError(f"an update of {name!r} is under way ({busy}); wait for it to finish "
+                             "(edgepack-agent status shows it)")
+
+    def stage(self, name: str, bundle_path: Path, threads: int | None = None) -> dict:
+        """In state ``staging``: copy, verify, extract, load and smoke-test ``bundle_path`` in the
+        staging folder, fsync it, then (state ``switching``) move it into the inactive slot. A failure
+        removes the staged copy, records ``fail`` and raises; the active and previous slots are as before."""
+        staging = self.model_dir(name) / "staging"
         try:
-            folder.mkdir(parents=True)
-            shutil.copyfile(bundle_path, folder / "bundle.edgepack")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            copy_durably(bundle_path, staging / "bundle.edgepack")
             # The copy is what stays: verify, profile-check, extract, load and smoke-test that.
-            model = load_bundle(folder / "bundle.edgepack", folder / "files", keys=self.trusted_keys,
+            model = load_bundle(staging / "bundle.edgepack", staging / "files", keys=self.trusted_keys,
                                 profile=self.profile, threads=threads)
+            sample_seconds = model.sample_seconds
             model.close()
-            with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=False) as bundle:
+            with open_bundle(staging / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=False) as bundle:
                 manifest, manifest_bytes = bundle.manifest, bundle.manifest_bytes
             if manifest["name"] != name:  # the file changed while it was being copied
                 raise StoreError(f"{bundle_path} changed during the install; install it again")
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            fsync_tree(staging)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            reason = exc.message if isinstance(exc, EdgepackError) else first_line(exc)
+            self.transition(name, "fail", reason)
             raise
-        slots = dict(state.get("slots", {}))
-        slots[slot] = {"version": manifest["version"], "profile": manifest["profile"],
-                       "precision": manifest["precision"], "installed_at": int(time.time()),
-                       "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
-        new_state = {"name": name, "active": slot, "previous": active, "slots": slots}
-        write_json_atomic(self.root / "models" / name / "state.json", new_state)
-        return new_state
-
-    def rollback(self, name: str) -> dict:
-        """Make the previous slot active again (it is verified first); return the new state."""
         state = self.state(name)
+        slot = next(s for s in SLOTS if s != state.get("active"))
+        info = {"version": manifest["version"], "profile": manifest["profile"], "precision": manifest["precision"],
+                "installed_at": int(time.time()), "sample_seconds": sample_seconds,
+                "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                "bundle_sha256": _sha256_file(staging / "bundle.edgepack")}
+        # The inactive slot is the rollback target until now; from this write on it is being replaced.
         previous = state.get("previous")
-        if not previous or previous not in state.get("slots", {}):
-            raise StoreError(f"model {name!r} has no previous version to roll back to")
-        folder = self.slot_dir(name, previous)
-        with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=True) as bundle:
+        pointers = {"previous": None if previous == slot else previous,
+                    "slots": {k: v for k, v in state.get("slots", {}).items() if k != slot}}
+        self.transition(name, "staged", pointers=pointers, slot=slot, staged=info)
+        target = self.slot_dir(name, slot)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+        return info
+
+    def _switched_pointers(self, name: str) -> dict:
+        """active/previous/slots once the staged slot becomes active (state ``switching``)."""
+        state = self.state(name)
+        update = state["update"]
+        slot = update["slot"]
+        return {"active": slot, "previous": state.get("active"),
+                "slots": {**state.get("slots", {}), slot: update["staged"]}}
+
+    def switch(self, name: str, reason: str | None = None) -> dict:
+        """Over the air: make the staged slot active and enter probation (the daemon then loads it)."""
+        return self.transition(name, "switched", reason, pointers=self._switched_pointers(name))
+
+    def commit(self, name: str, reason: str | None = None) -> dict:
+        """End probation: the new version stays; the old one stays in the other slot for manual rollback."""
+        return self.transition(name, "commit", reason)
+
+    def regress(self, name: str, reason: str) -> dict:
+        """End probation by rolling back to the previous version; the new slot is removed."""
+        return self._roll_back(name, reason, "regressed")
+
+    def _roll_back(self, name: str, reason: str, event: str) -> dict:
+        state = self.state(name)
+        failed_slot = state["update"].get("slot")
+        if UpdateState(state["update"]["state"]) is not UpdateState.ROLLING_BACK:
+            old = state.get("previous")
+            pointers = {"active": old, "previous": None,
+                        "slots": {k: v for k, v in state.get("slots", {}).items() if k == old}}
+            state = self.transition(name, event, reason, pointers=pointers)
+        else:
+            state = self.transition(name, event, reason)  # restart: still rolling back
+        if failed_slot and failed_slot != state.get("active"):
+            shutil.rmtree(self.slot_dir(name, failed_slot), ignore_errors=True)
+            fsync_dir(self.slot_dir(name, failed_slot).parent)
+        return self.transition(name, "rolled_back", reason)
+
+    # -- manual rollback ---------------------------------------------------------------------------
+
+    def rollback(self, name: str, threads: int | None = None) -> dict:
+        """Make the previous slot active again after loading and smoke-testing it; return the new state."""
+        with self.locked():
+            self._refuse_busy(name)
+            state = self.state(name)
+            previous = state.get("previous")
+            if not previous or previous not in state.get("slots", {}):
+                raise StoreError(f"model {name!r} has no previous version to roll back to")
+            folder = self.slot_dir(name, previous)
             if self.slot_health(name, previous) != "ok":
-                # The bundle itself verified: rebuild the extracted copy from it rather than refuse.
-                fresh = folder / "files.new"
-                shutil.rmtree(fresh, ignore_errors=True)
-                bundle.extract_to(fresh)
+                # Rebuild the extracted copy from the bundle (which must verify) rather than refuse.
+                with open_bundle(folder / "bundle.edgepack", public_keys=self.trusted_keys, verify_files=True) as bundle:
+                    fresh = folder / "files.new"
+                    shutil.rmtree(fresh, ignore_errors=True)
+                    bundle.extract_to(fresh)
+                    fsync_tree(fresh)
                 shutil.rmtree(folder / "files", ignore_errors=True)
                 os.replace(fresh, folder / "files")
-        new_state = {**state, "active": previous, "previous": state["active"]}
-        write_json_atomic(self.root / "models" / name / "state.json", new_state)
-        return new_state
+                fsync_dir(folder)
+            self._load_slot(name, previous, threads, smoke=True).close()
+            return self.transition(name, "rollback", "manual rollback",
+                                   pointers={"active": previous, "previous": state["active"]})
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -63,3 +63,29 @@ def atomic_write(path: Path, data: bytes, mode: int | None = 0o666) -> None:
 def write_json_atomic(path: Path, data) -> None:
     """``atomic_write`` of ``data`` as indented, key-sorted JSON."""
     atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o644)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk (before a state file points at them)."""
+    folder = Path(folder)
+    for parent, folders, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                continue
+            handle = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+        fsync_dir(Path(parent))
+    fsync_dir(folder.parent)
+
+
+def copy_durably(source: Path, target: Path, block: int = 1 << 20) -> None:
+    """Copy ``source`` to ``target`` and fsync it (the target is new; the caller owns its folder)."""
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        for chunk in iter(lambda: reader.read(block), b""):
+            writer.write(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())

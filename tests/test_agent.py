@@ -82,8 +82,12 @@ def test_tampered_bundle_leaves_active_model(bundles, tmp_path):
     bad.write_bytes(data)
     with pytest.raises(EdgepackError):
         store.install(bad)
-    assert store.state("digits") == before
+    after = store.state("digits")
+    assert {k: after[k] for k in ("active", "previous", "slots")} == {k: before[k] for k in ("active", "previous", "slots")}
+    assert after["update"]["state"] == "idle" and after["update"]["result"] == "failed"
+    assert "CRC" in after["update"]["reason"] or "sha256" in after["update"]["reason"]
     assert not store.slot_dir("digits", "b").exists()  # nothing half-installed
+    assert not (store.model_dir("digits") / "staging").exists()
 
 
 def test_wrong_profile_and_failed_smoke_test(bundles, tmp_path):

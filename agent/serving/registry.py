@@ -99,6 +99,10 @@ class ModelRegistry:
     async def start(self) -> None:
         """Load every bundle file and store model (a bad one is reported, the others still serve)."""
         loop = asyncio.get_running_loop()
+        # Finish or undo what a crash interrupted (an install, an update on probation) before loading.
+        recovered = await loop.run_in_executor(None, self.store.recover)
+        if recovered:
+            log.warning("recovered interrupted updates", extra={"models": recovered})
         for path in self.bundles:
             try:
                 served = await loop.run_in_executor(None, self._load_bundle_file, path)
