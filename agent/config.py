@@ -125,6 +125,64 @@ class ServerConfig(_Strict):
         return self.token
 
 
+class MqttConfig(_Strict):
+    """The connection to the fleet's MQTT broker (absent: the agent runs offline, as without a network)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="auto: MQTT 5, else 3.1.1")
+    keepalive_s: float = Field(30, ge=5, le=3600)
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    tls: bool = Field(False, description="TLS with the system's CA certificates (or ca_file)")
+    ca_file: Path | None = None
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = None
+    session_expiry_s: float = Field(7 * 24 * 3600, ge=0, description="how long the broker keeps the session offline")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60)
+    reconnect_max_s: float = Field(60.0, gt=0, le=3600)
+    max_inflight: int = Field(20, ge=1, le=1000, description="QoS 1 messages sent and not yet acknowledged")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "MqttConfig":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        if self.password and self.password_file:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+    def secret(self) -> str | None:
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror}") from None
+        return self.password
+
+
+class TelemetryConfig(_Strict):
+    """Periodic telemetry, spooled on disk until the broker has it."""
+
+    interval_s: float = Field(10.0, gt=0, le=86400)
+    spool: Path | None = Field(None, description="SQLite spool file (default: <store>/spool.sqlite)")
+    max_messages: int = Field(100_000, ge=10)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+
+
+class UpdatesConfig(_Strict):
+    """Model updates over MQTT (need trusted_keys) and the probation window after each."""
+
+    enabled: bool = True
+    groups: list[str] = Field([], description="groups whose desired state this device follows")
+    probation_s: float = Field(60.0, ge=0, le=86400, description="how long a new version is watched before it commits")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="failed runs / runs above this rolls back")
+    max_latency_ratio: float = Field(3.0, gt=1, description="new per-sample latency above this x the old rolls back")
+    min_runs: int = Field(20, ge=1, description="runs needed before error rate and live latency are judged")
+    download_window: int = Field(4, ge=1, le=64, description="chunks requested at once")
+    chunk_timeout_s: float = Field(10.0, gt=0, description="a requested chunk not received by then is asked again")
+
+
 class AgentConfig(_Strict):
     """The whole ``agent.yaml``."""
 
@@ -137,6 +195,9 @@ class AgentConfig(_Strict):
     serve_all: bool = Field(True, description="serve every model in the store, not only the listed ones")
     watch_interval_s: float = Field(0.2, gt=0, le=60, description="how often the store is checked for installs")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mqtt: MqttConfig | None = Field(None, description="the fleet broker; absent: no telemetry or updates")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
 
     @model_validator(mode="after")
     def _unique_models(self) -> "AgentConfig":
@@ -185,7 +246,13 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
             model.bundle = _relative(base, model.bundle)
         for key in ("token_file", "tls_cert", "tls_key"):
             setattr(config.server, key, _relative(base, getattr(config.server, key)))
+        if config.mqtt:
+            for key in ("password_file", "ca_file", "cert_file", "key_file"):
+                setattr(config.mqtt, key, _relative(base, getattr(config.mqtt, key)))
+        config.telemetry.spool = _relative(base, config.telemetry.spool)
     config.server.bearer_token()  # a missing/short token file is a config error at start, not at request time
+    if config.mqtt:
+        config.mqtt.secret()
     return config
 
 

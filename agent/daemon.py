@@ -63,8 +63,14 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        link = None
         try:
             await registry.start()
+            if config.mqtt:
+                from .fleet.link import FleetLink
+
+                link = FleetLink(config, registry, metrics)
+                await link.start()
         except EdgepackError as exc:
             startup_error.append(exc.message)
             raise
@@ -75,6 +81,8 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
             log.warning("no model to serve yet; install one with 'edgepack-agent install BUNDLE --store "
                         f"{registry.store.root}' and this daemon picks it up")
         yield
+        if link:
+            await link.close()
         await registry.close()
         log.info("stopped", extra={"models": names})
 

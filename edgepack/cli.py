@@ -204,6 +204,15 @@ def profiles_show(name) -> None:
     click.echo(yaml.safe_dump(get_profile(name).model_dump(mode="json"), sort_keys=False))
 
 
+def _fleet_group():
+    from .fleet.cli import fleet
+
+    return fleet
+
+
+cli.add_command(_fleet_group(), "fleet")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -151,3 +151,40 @@ class DigitsThree(nn.Module):
 
 def digits_three() -> nn.Module:
     return DigitsThree().eval()
+
+
+class _Fleet(nn.Module):
+    """The small model of the fleet-update tests: 8 features in, 4 scores out; ``mode`` makes it bad."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.mode = mode
+        self.first = nn.Linear(8, 16)
+        self.last = nn.Linear(16, 4)
+        # "slow": the same answer after many large layers that add nothing (1e-9 weight on their output).
+        self.burden = nn.ModuleList(nn.Linear(512, 512) for _ in range(12)) if mode == "slow" else nn.ModuleList()
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        if self.mode == "nan":
+            # log of the input: fine for the positive calibration data, NaN for negative live inputs
+            hidden = hidden + 0.0 * torch.log(x).sum(dim=1, keepdim=True)
+        if len(self.burden):
+            wide = x.repeat(1, 64)
+            for layer in self.burden:
+                wide = torch.relu(layer(wide))
+            hidden = hidden + 1e-9 * wide[:, :16]
+        return self.last(hidden)
+
+
+def fleet_good() -> nn.Module:
+    return _Fleet("good").eval()
+
+
+def fleet_nan() -> nn.Module:
+    return _Fleet("nan").eval()
+
+
+def fleet_slow() -> nn.Module:
+    return _Fleet("slow").eval()

@@ -44,6 +44,7 @@ class ModelRegistry:
         self._temp = Path(tempfile.mkdtemp(prefix="edgepack-agent-"))
         self._watcher: asyncio.Task | None = None
         self._failed: dict[str, str] = {}  # name -> key of a version that failed, so it is not retried forever
+        self.failures: dict[str, str] = {}  # name -> why that version failed
 
     # -- lookup ------------------------------------------------------------------------------------
 
@@ -131,9 +132,9 @@ class ModelRegistry:
             try:
                 served = await loop.run_in_executor(None, self._load_store_slot, name, key)
             except Exception as exc:  # noqa: BLE001 - keep serving the old version whatever went wrong
-                self._failed[name] = key
                 self.metrics.load_failures.labels(name).inc()
                 message = exc.message if isinstance(exc, EdgepackError) else f"{type(exc).__name__}: {exc}"
+                self._failed[name], self.failures[name] = key, message
                 log.error("new version failed to load; the old one keeps serving", extra={"model": name, "error": message})
                 self._scheduler(name)  # known, so readiness reports it as not ready when nothing serves
                 continue

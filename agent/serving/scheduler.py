@@ -57,11 +57,41 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed before its batch could run."""
 
 
+class VersionHealth:
+    """What a version's runs looked like: the figures an update's probation window compares."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.samples = 0
+        self.errors = 0
+        self.nonfinite = 0  # runs whose outputs held NaN or Inf
+        self.seconds: collections.deque[float] = collections.deque(maxlen=512)  # per sample, per run
+
+    def observe(self, samples: int, seconds: float, outputs: dict | None) -> None:
+        self.runs += 1
+        self.samples += samples
+        if samples:
+            self.seconds.append(seconds / samples)
+        if outputs and any(np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all() for v in outputs.values()):
+            self.nonfinite += 1
+
+    def failed(self) -> None:
+        self.runs += 1
+        self.errors += 1
+
+    def summary(self) -> dict:
+        ordered = sorted(self.seconds)
+        return {"runs": self.runs, "samples": self.samples, "errors": self.errors, "nonfinite": self.nonfinite,
+                "error_rate": self.errors / self.runs if self.runs else 0.0,
+                "sample_seconds_p50": ordered[len(ordered) // 2] if ordered else None}
+
+
 class ServedVersion:
     """One loaded version of a model; closed once it is retired and nothing holds it."""
 
     def __init__(self, model: LoadedModel, slot: str | None, load_seconds: float, key: str):
         self.model = model
+        self.health = VersionHealth()
         self.slot = slot
         self.load_seconds = load_seconds
         #: identifies what was loaded (slot + manifest hash), so the store watcher sees changes
@@ -300,6 +330,7 @@ class ModelScheduler:
                 outputs = await loop.run_in_executor(self._executor, self._run, served.model, batch,
                                                      self.options.batching.max_batch_size)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                served.health.failed()
                 for work in batch:
                     if not work.future.done():
                         work.future.set_exception(exc)
@@ -310,6 +341,7 @@ class ModelScheduler:
                     work.release()
             elapsed = time.perf_counter() - started
             self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed)
+            served.health.observe(sum(w.count for w in batch), elapsed, outputs)
             offset = 0
             for work in batch:
                 part = outputs if len(batch) == 1 else {k: v[offset:offset + work.count] for k, v in outputs.items()}
@@ -354,6 +386,7 @@ class ModelScheduler:
         try:
             ran = await asyncio.get_running_loop().run_in_executor(self._executor, run_chunks)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting request
+            served.health.failed()
             if not work.future.done():
                 work.future.set_exception(exc)
             work.release()
@@ -362,6 +395,7 @@ class ModelScheduler:
             served.release()
         elapsed = time.perf_counter() - started
         self.metrics.observe_batch(self.name, ran, elapsed)
+        served.health.observe(ran, elapsed, None)
         if work.future.done():
             work.release()  # cancelled or past its deadline meanwhile; the run is over
             return

@@ -1,0 +1,295 @@
+"""Model updates over MQTT: signed desired state -> download -> the store's install path -> probation
+-> commit or automatic rollback.
+
+Runs on the daemon's event loop; disk work runs on one worker thread, in order. Every step is a
+transition of the store's persisted lifecycle (agent.lifecycle), so a restart resumes it; what this
+module keeps besides (``<store>/fleet/desired.json``) is which desired-state version each topic last
+had accepted, the bundle each model is wanted at, and the bundles that failed here, so a replayed
+or failed update is not taken again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from edgepack.atomic import write_json_atomic
+from edgepack.errors import EdgepackError, first_line
+from edgepack.fleet import chunks as chunk_frames
+from edgepack.fleet import topics
+from edgepack.fleet.desired import DesiredStateError, verify_desired
+
+from .download import Download, DownloadError
+
+log = logging.getLogger("edgepack.agent.updates")
+
+Emit = Callable[[str, dict], None]
+
+
+class Updater:
+    """Takes desired states from the fleet and drives each accepted one through the lifecycle."""
+
+    def __init__(self, config, registry, device_id: str, publish: Callable[[str, bytes], int | None], emit: Emit):
+        self.config = config
+        self.options = config.updates
+        self.registry = registry
+        self.store = registry.store
+        self.device_id = device_id
+        self.publish = publish
+        self.emit = emit
+        self.keys = registry.keys
+        self.folder = self.store.root / "fleet"
+        self.record_path = self.folder / "desired.json"
+        self.record = self._read_record()
+        self._wake = asyncio.Event()
+        self._frames: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-disk")
+        self._task: asyncio.Task | None = None
+        self.connected = asyncio.Event()
+
+    # -- the persisted record ----------------------------------------------------------------------
+
+    def _read_record(self) -> dict:
+        try:
+            data = json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        return {"accepted": dict(data.get("accepted", {})), "wanted": dict(data.get("wanted", {})),
+                "failed": dict(data.get("failed", {}))}
+
+    def _save_record(self) -> None:
+        write_json_atomic(self.record_path, self.record)
+
+    # -- messages from the fleet (called on the event loop) ----------------------------------------
+
+    def topics(self) -> list[str]:
+        return [topics.desired(self.device_id)] + [topics.group_desired(g) for g in self.options.groups] + [
+            topics.chunk_data(self.device_id)]
+
+    def handle_desired(self, topic: str, payload: bytes) -> None:
+        """Check a desired state and, when it is new and valid, make it the wanted one (persisted)."""
+        if not payload:
+            return  # a cleared retained message
+        try:
+            state = verify_desired(payload, self.keys)
+            if state.device and state.device != self.device_id:
+                raise DesiredStateError("wrong-device", f"desired state is for device {state.device!r}, this is {self.device_id!r}")
+            if state.group and state.group not in self.options.groups:
+                raise DesiredStateError("wrong-group", f"desired state is for group {state.group!r}, which this device does not follow")
+            last = self.record["accepted"].get(topic, 0)
+            if state.version < last:
+                raise DesiredStateError("replayed", f"desired state version {state.version} is older than version "
+                                        f"{last} accepted before (a replayed message)")
+            if state.version == last:
+                return  # the retained copy of what was accepted already (after a reconnect or restart)
+            bundle = state.for_profile(self.config.profile)
+        except DesiredStateError as exc:
+            log.warning("desired state refused", extra={"reason": exc.reason, "error": exc.message, "topic": topic})
+            self.emit("desired_refused", {"reason": exc.reason, "message": exc.message, "topic": topic})
+            return
+        name = state.model.name
+        target = {"name": name, "version": state.model.version, "sha256": bundle.sha256, "size": bundle.size,
+                  "desired_version": state.version, "topic": topic}
+        self.record["accepted"][topic] = state.version
+        self.record["wanted"][name] = target
+        self._save_record()
+        self.emit("desired_accepted", target)
+        self._wake.set()
+
+    def handle_chunk(self, payload: bytes) -> None:
+        try:
+            self._frames.put_nowait(payload)
+        except asyncio.QueueFull:
+            pass  # more than the window asked for: dropped, asked again on time-out
+
+    # -- the update loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        # An update that ended badly while no updater watched (rolled back after a crash during its
+        # probation) is not taken again.
+        for name, target in self.record["wanted"].items():
+            update = self.store.state(name)["update"]
+            same = (update.get("target") or {}).get("sha256") == target["sha256"]
+            if same and update.get("result") in ("failed", "rolled_back") and target["sha256"] not in self.record["failed"]:
+                self._fail(target, "restart", update.get("reason") or update["result"])
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._disk.shutdown(wait=True)
+
+    async def _disk_call(self, fn, *args, **kwargs):
+        def locked():
+            with self.store.locked():
+                return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._disk, locked)
+
+    def _next_target(self) -> dict | None:
+        for name, target in sorted(self.record["wanted"].items()):
+            if target["sha256"] in self.record["failed"]:
+                continue
+            state = self.store.state(name)
+            active = state.get("active")
+            if active and state["slots"].get(active, {}).get("bundle_sha256") == target["sha256"]:
+                continue  # already running it
+            return target
+        return None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                target = self._next_target()
+                if target is None:
+                    await self._wake.wait()
+                    continue
+                await self._update(target)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the updater must survive anything; the model keeps serving
+                log.exception("update failed")
+                self.emit("update_error", {"message": first_line(exc)})
+                await asyncio.sleep(5)
+
+    def _fail(self, target: dict, reason: str, message: str) -> None:
+        self.record["failed"][target["sha256"]] = {"reason": reason, "message": message, "at": time.time()}
+        self._save_record()
+        log.error("update failed", extra={"model": target["name"], "reason": reason, "error": message})
+
+    async def _update(self, target: dict) -> None:
+        name = target["name"]
+        state = self.store.state(name)
+        if state["update"]["state"] == "idle":
+            await self._disk_call(self.store.transition, name, "download", None, target=target)
+        elif state["update"].get("target", {}).get("sha256") != target["sha256"]:
+            if state["update"]["state"] == "downloading":  # a newer desired state replaced it
+                await self._disk_call(self.store.transition, name, "cancel", "a newer desired state replaced it")
+                await self._disk_call(self.store.transition, name, "download", None, target=target)
+            else:
+                return  # finishing another update first (it ends in idle; then this one starts)
+        download = Download(self.store.root / "downloads", target["sha256"], target["size"])
+        try:
+            await self._download(download, target)
+            path = await asyncio.get_running_loop().run_in_executor(self._disk, download.verify)
+        except DownloadError as exc:
+            self._fail(target, exc.reason, exc.message)
+            await self._disk_call(self.store.transition, name, "fail", exc.message)
+            return
+        await self._disk_call(self.store.transition, name, "downloaded")
+        try:
+            await self._disk_call(self.store.stage, name, path, self.config.model(name).threads)
+        except EdgepackError as exc:
+            self._fail(target, "install", exc.message)  # stage() recorded the failure transition
+            download.discard()
+            return
+        download.discard()
+        scheduler = self.registry.schedulers.get(name)
+        old = scheduler.current if scheduler else None
+        old_state = self.store.state(name)
+        old_slot = old_state["slots"].get(old_state.get("active") or "", {})
+        await self._disk_call(self.store.switch, name)
+        await self._probation(name, target, old, old_slot)
+
+    async def _download(self, download: Download, target: dict) -> None:
+        """Request missing chunks, a window at a time, until the file is complete."""
+        loop = asyncio.get_running_loop()
+        asked: dict[int, float] = {}
+        while not download.complete:
+            if not self.connected.is_set():
+                asked.clear()
+                await self.connected.wait()
+            now = time.monotonic()
+            for index in [i for i, at in asked.items() if now - at > self.options.chunk_timeout_s]:
+                del asked[index]
+            wanted = [i for i in download.missing() if i not in asked][: max(0, self.options.download_window - len(asked))]
+            if wanted and self.publish(topics.chunk_requests(self.device_id), chunk_frames.request(target["sha256"], wanted)) is not None:
+                for index in wanted:
+                    asked[index] = now
+            try:
+                payload = await asyncio.wait_for(self._frames.get(), 1.0)
+            except asyncio.TimeoutError:
+                continue
+            try:
+                header, data = chunk_frames.decode_frame(payload)
+            except chunk_frames.ChunkError as exc:
+                self.emit("chunk_refused", {"model": target["name"], "message": str(exc)})
+                if exc.index is not None:
+                    asked.pop(exc.index, None)  # ask again at once
+                continue
+            if header["sha256"] != target["sha256"]:
+                continue  # a chunk of an earlier, cancelled download
+            asked.pop(header["index"], None)
+            await loop.run_in_executor(self._disk, download.write, header, data)
+
+    async def _wait_loaded(self, name: str, timeout: float = 300.0) -> str | None:
+        """None once the daemon serves the store's active version of ``name``, else why not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            key = self.registry._store_key(name)
+            scheduler = self.registry.schedulers.get(name)
+            if scheduler and scheduler.current and scheduler.current.key == key:
+                return None
+            if self.registry._failed.get(name) == key:
+                return self.registry.failures.get(name, "it failed to load")
+            await asyncio.sleep(0.1)
+        return "it did not load within 300 s"
+
+    async def _probation(self, name: str, target: dict, old, old_slot: dict) -> None:
+        problem = await self._wait_loaded(name)
+        if problem:
+            await self._regress(name, target, "load", f"the new version does not load in the daemon: {problem}")
+            return
+        new = self.registry.schedulers[name].current
+        before = old.health.summary() if old else None
+        new_slot = self.store.state(name)["slots"].get(self.store.state(name)["active"], {})
+        ratio = self.options.max_latency_ratio
+        deadline = time.monotonic() + self.options.probation_s
+        while True:
+            health = new.health.summary()
+            reason = None
+            if health["nonfinite"]:
+                reason = ("nonfinite", f"the new version returned NaN or Inf in {health['nonfinite']} of {health['runs']} runs")
+            elif health["runs"] >= self.options.min_runs and health["error_rate"] > self.options.max_error_rate:
+                reason = ("errors", f"error rate {health['error_rate']:.2f} above {self.options.max_error_rate}")
+            elif (old_slot.get("sample_seconds") and new_slot.get("sample_seconds")
+                  and new_slot["sample_seconds"] > ratio * old_slot["sample_seconds"]):
+                reason = ("latency", f"the new version takes {new_slot['sample_seconds'] / old_slot['sample_seconds']:.1f}x "
+                          f"the old one's time per sample at load (limit {ratio}x)")
+            elif (before and before["sample_seconds_p50"] and health["sample_seconds_p50"]
+                  and health["runs"] >= self.options.min_runs and before["runs"] >= self.options.min_runs
+                  and health["sample_seconds_p50"] > ratio * before["sample_seconds_p50"]):
+                reason = ("latency", f"the new version serves at {health['sample_seconds_p50'] / before['sample_seconds_p50']:.1f}x "
+                          f"the old one's latency (limit {ratio}x)")
+            if reason:
+                await self._regress(name, target, *reason)
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        await self._disk_call(self.store.commit, name, f"healthy for {self.options.probation_s:g} s: {health['runs']} runs, "
+                              f"{health['errors']} errors")
+
+    async def _regress(self, name: str, target: dict, reason: str, message: str) -> None:
+        self._fail(target, reason, message)
+        await self._disk_call(self.store.regress, name, message)
+        await self._wait_loaded(name, timeout=120.0)
+
+    # -- state for the fleet -----------------------------------------------------------------------
+
+    def failed_reason(self, sha256: str) -> dict | None:
+        return self.record["failed"].get(sha256)
+
+
+def read_record(store_root: Path) -> dict:
+    """The updater's record of a store (for status displays)."""
+    try:
+        return json.loads((Path(store_root) / "fleet" / "desired.json").read_text())
+    except (OSError, ValueError):
+        return {}

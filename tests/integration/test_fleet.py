@@ -1,0 +1,386 @@
+"""Agent <-> fleet over a real Mosquitto broker: signed updates end to end, refusals, rollbacks by the
+probation window, kill -9 in every update state, and telemetry that survives a broker outage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.store import ModelStore
+from edgepack.bundle.sign import sign_bundle
+from edgepack.bundle.signing import generate_keys, load_private_key
+from edgepack.fleet import chunks, topics
+from edgepack.fleet.controller import Broker as BrokerAddress
+from edgepack.fleet.controller import FleetController, desired_for_bundles, publish_retained
+from edgepack.fleet.desired import sign_desired
+
+from ..conftest import ROOT, run_cli
+from .broker import Broker
+from .daemon import Daemon
+
+DEVICE = "dev1"
+
+
+@pytest.fixture(scope="module")
+def fleet_bundles(tmp_path_factory):
+    """Signed bundles of the small fleet model: good 1.0.0 and 1.1.0, NaN 1.2.0, slow 1.3.0 (x86-64),
+    good 1.1.0 for rpi4; the key pair and an untrusted key."""
+    from converters.pipeline import ConvertOptions, convert
+
+    folder = tmp_path_factory.mktemp("fleet")
+    private, public = generate_keys(folder / "keys")
+    other_private, _ = generate_keys(folder / "other")
+    rng = np.random.default_rng(0)
+    np.save(folder / "calib.npy", rng.uniform(0.1, 1.0, (64, 8)).astype(np.float32))
+    made = {}
+    for factory, version, profile in [("fleet_good", "1.0.0", "x86-64"), ("fleet_good", "1.1.0", "x86-64"),
+                                      ("fleet_nan", "1.2.0", "x86-64"), ("fleet_slow", "1.3.0", "x86-64"),
+                                      ("fleet_good", "1.1.0", "rpi4")]:
+        out = folder / f"{factory}-{version}-{profile}"
+        (result,) = convert(ConvertOptions(model=f"tests.models:{factory}", profiles=[profile], out=out,
+                                           calibration=str(folder / "calib.npy"), input_shapes={"input": [1, 8]},
+                                           name="fleet", version=version, recipes=["onnx-fp32"], signing_key=private))
+        assert result.bundle, result
+        made[(version, profile)] = result.bundle
+    return {"bundles": made, "private": private, "public": public, "other": other_private, "folder": folder}
+
+
+class Fleet:
+    """A broker, a controller (in this process), and one agent daemon with an MQTT config."""
+
+    def __init__(self, tmp: Path, setup: dict, probation_s: float = 2.0, interval_s: float = 0.5):
+        self.tmp, self.setup = tmp, setup
+        self.broker = Broker(tmp / "broker")
+        self.address = BrokerAddress.from_url(self.broker.url)
+        self.store = tmp / "store"
+        self.config = tmp / "agent.yaml"
+        self.config.write_text(json.dumps({
+            "device_id": DEVICE, "profile": "x86-64", "store": str(self.store),
+            "trusted_keys": [str(setup["public"])],
+            "mqtt": {"host": "127.0.0.1", "port": self.broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+            "telemetry": {"interval_s": interval_s},
+            "updates": {"probation_s": probation_s, "min_runs": 5, "chunk_timeout_s": 2.0},
+        }))
+        installed = run_cli("install", setup["bundles"][("1.0.0", "x86-64")], "--config", self.config, program="edgepack-agent")
+        assert installed.returncode == 0, installed.stderr
+        self.controller = None
+        self.agent = None
+
+    def start_controller(self) -> None:
+        self.stop_event = threading.Event()
+        self.controller = FleetController(self.address, f"sqlite:///{self.tmp / 'fleet.db'}", self.tmp / "shelf")
+        self.thread = threading.Thread(target=self.controller.serve, args=(self.stop_event,), daemon=True)
+        self.thread.start()
+        assert self.controller.connected.wait(10)
+
+    def stop_controller(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+    def start_agent(self, python_code: str | None = None) -> Daemon:
+        args = ["--config", self.config]
+        if python_code:
+            self.agent = Daemon(python_code=python_code + f"\nsys.argv=['edgepack-agent','run','--port','0','--config',{str(self.config)!r}]\nmain()\n")
+        else:
+            self.agent = Daemon(*args)
+        return self.agent
+
+    def push(self, version: str, profile: str = "x86-64", desired_version: int | None = None, key=None,
+             expires_s: float = 3600, raw: bytes | None = None) -> None:
+        bundle = self.setup["bundles"][(version, profile)]
+        if self.controller:
+            self.controller.shelf.add(bundle)
+        payload = raw or sign_desired(desired_for_bundles([bundle], device=DEVICE, group=None, version=desired_version,
+                                                          expires_s=expires_s),
+                                      load_private_key(key or self.setup["private"]))
+        publish_retained(self.address, topics.desired(DEVICE), payload, f"pusher-{time.monotonic_ns()}")
+
+    def active(self) -> str | None:
+        state = ModelStore(self.store).state("fleet")
+        return state["slots"].get(state.get("active") or "", {}).get("version")
+
+    def update(self) -> dict:
+        return ModelStore(self.store).state("fleet")["update"]
+
+    def events(self, name: str | None = None) -> list[dict]:
+        rows = self.controller.registry.messages(DEVICE, "event", 10_000)
+        return [r["body"] for r in rows if name is None or r["event"] == name]
+
+    def close(self) -> None:
+        if self.agent:
+            self.agent.stop(signal.SIGKILL if self.agent.process.poll() is None else signal.SIGTERM)
+        if self.controller:
+            self.stop_controller()
+        self.broker.stop()
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def infer(url: str, value: float = 0.5, count: int = 1) -> tuple[int, dict]:
+    body = json.dumps({"inputs": [{"name": "input", "shape": [count, 8], "datatype": "FP32",
+                                   "data": [value] * (8 * count)}]}).encode()
+    request = urllib.request.Request(f"{url}/v2/models/fleet/infer", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except OSError:
+        return 0, {}
+
+
+class Probe(threading.Thread):
+    """Calls the HTTP API every 100 ms; records (status, version)."""
+
+    def __init__(self, fleet: Fleet, value: float = 0.5):
+        super().__init__(daemon=True)
+        self.fleet, self.value, self.seen, self.stopped = fleet, value, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            status, body = infer(self.fleet.agent.url, self.value)
+            self.seen.append((status, body.get("model_version")))
+            time.sleep(0.1)
+
+    def stop(self) -> list:
+        self.stopped.set()
+        self.join(10)
+        return self.seen
+
+
+@pytest.fixture()
+def fleet(tmp_path, fleet_bundles):
+    setup = Fleet(tmp_path, fleet_bundles)
+    yield setup
+    setup.close()
+
+
+def test_signed_update_commits_with_no_failed_request(fleet):
+    fleet.start_controller()
+    agent = fleet.start_agent()
+    probe = Probe(fleet)
+    probe.start()
+    wait_for(lambda: fleet.controller.registry.devices(), 30, "the agent online")
+    fleet.push("1.1.0")
+    wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    time.sleep(0.5)
+    seen = probe.stop()
+    assert seen and all(status == 200 for status, _ in seen), [s for s in seen if s[0] != 200][:5]
+    assert {version for _, version in seen} <= {"1.0.0", "1.1.0"} and seen[-1][1] == "1.1.0"
+    steps = [(e["from"], e["to"]) for e in fleet.events("update")]
+    assert steps[-5:] == [("idle", "downloading"), ("downloading", "staging"), ("staging", "switching"),
+                          ("switching", "probation"), ("probation", "idle")]
+    device = wait_for(lambda: next((d for d in fleet.controller.registry.devices()
+                                    if (d["state"] or {}).get("models", {}).get("fleet", {}).get("active") == "1.1.0"), None),
+                      10, "the retained state to say 1.1.0")
+    assert device["online"] and device["state"]["models"]["fleet"]["update"]["result"] == "committed"
+    telemetry = fleet.controller.registry.messages(DEVICE, "telemetry")
+    assert telemetry and "system" in telemetry[-1]["body"]
+    assert agent.stop() == 0
+    # the Last Will / clean stop leaves the retained state offline
+    wait_for(lambda: not fleet.controller.registry.devices()[0]["online"], 10, "offline state")
+
+
+def _refusal(fleet, reason: str) -> dict:
+    return wait_for(lambda: next((e for e in fleet.events("desired_refused") if e["reason"] == reason), None), 20,
+                    f"a refusal for {reason}")
+
+
+def test_forged_expired_replayed_and_foreign_desired_states_are_refused(fleet, fleet_bundles):
+    fleet.start_controller()
+    fleet.start_agent()
+    bundle = fleet_bundles["bundles"][("1.1.0", "x86-64")]
+    state = desired_for_bundles([bundle], device=DEVICE, group=None, version=10, expires_s=3600)
+    envelope = json.loads(sign_desired(state, load_private_key(fleet_bundles["private"])))
+    unsigned = json.dumps({**envelope, "signatures": {}}).encode()
+    fleet.push("1.1.0", raw=unsigned)
+    _refusal(fleet, "unsigned")
+    fleet.push("1.1.0", key=fleet_bundles["other"], desired_version=11)
+    _refusal(fleet, "untrusted")
+    tampered = json.dumps({**envelope, "desired": envelope["desired"].replace('"version":10', '"version":12')}).encode()
+    fleet.push("1.1.0", raw=tampered)
+    _refusal(fleet, "bad-signature")
+    fleet.push("1.1.0", profile="rpi4", desired_version=14)
+    _refusal(fleet, "profile")
+    assert fleet.active() == "1.0.0"
+    # a valid one is taken; an older one replayed afterwards is refused, also after a restart
+    fleet.push("1.1.0", desired_version=20)
+    wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    fleet.push("1.0.0", desired_version=19)
+    _refusal(fleet, "replayed")
+    fleet.agent.stop(signal.SIGKILL)
+    before = len(fleet.events("desired_refused"))
+    fleet.start_agent()  # the retained desired state is the replayed version 19
+    wait_for(lambda: len(fleet.events("desired_refused")) > before, 20, "the retained replay refused")
+    assert fleet.events("desired_refused")[-1]["reason"] == "replayed"
+    assert fleet.active() == "1.1.0"
+
+
+def test_expired_desired_state_is_refused(fleet, fleet_bundles):
+    fleet.start_controller()
+    fleet.start_agent()
+    bundle = fleet_bundles["bundles"][("1.1.0", "x86-64")]
+    state = desired_for_bundles([bundle], device=DEVICE, group=None, version=5, expires_s=3600)
+    state = state.model_copy(update={"issued_at": time.time() - 7200, "expires_at": time.time() - 60})
+    fleet.push("1.1.0", raw=sign_desired(state, load_private_key(fleet_bundles["private"])))
+    assert "expired" in _refusal(fleet, "expired")["message"]
+    assert fleet.active() == "1.0.0"
+
+
+class EvilFleet(threading.Thread):
+    """A second, real MQTT client that answers chunk requests with damaged data."""
+
+    def __init__(self, address, bundle: Path, damage):
+        super().__init__(daemon=True)
+        self.data = damage(bytearray(bundle.read_bytes()))
+        self.client = address.client("evil")
+        self.client.on_message = self.on_message
+        self.client.connect(address.host, address.port)
+        self.client.subscribe(topics.chunk_requests(DEVICE), 1)
+        self.client.loop_start()
+
+    def on_message(self, client, userdata, message) -> None:
+        sha256, indexes = chunks.parse_request(message.payload)
+        for index in indexes:
+            part = bytes(self.data[index * chunks.CHUNK_BYTES:(index + 1) * chunks.CHUNK_BYTES])
+            if part:
+                client.publish(topics.chunk_data(DEVICE), chunks.encode_frame(sha256, index, part), qos=1)
+        extra = len(self.data) // chunks.CHUNK_BYTES + 1
+        if len(self.data) > 2 * chunks.CHUNK_BYTES:  # an endless stream: chunks beyond the end
+            client.publish(topics.chunk_data(DEVICE), chunks.encode_frame(sha256, extra, b"x" * chunks.CHUNK_BYTES), qos=1)
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _flip(offset_fraction):
+    def damage(data):
+        data[int(len(data) * offset_fraction)] ^= 0x40
+        return data
+    return damage
+
+
+@pytest.mark.parametrize("name,damage,reason", [
+    ("flip-early", _flip(0.05), "sha256"), ("flip-middle", _flip(0.5), "sha256"), ("flip-last", _flip(0.999), "sha256"),
+    ("truncated", lambda d: d[:-10], "size"), ("extra-byte", lambda d: d + b"\0", "size"),
+    ("oversized", lambda d: d + bytes(3 * chunks.CHUNK_BYTES), "oversized"),
+])
+def test_damaged_bundle_in_transit_is_refused(fleet, fleet_bundles, name, damage, reason):
+    bundle = fleet_bundles["bundles"][("1.1.0", "x86-64")]
+    fleet.start_controller()
+    fleet.controller.shelf = type(fleet.controller.shelf)(fleet.tmp / "empty-shelf")  # only the evil one answers
+    evil = EvilFleet(fleet.address, bundle, damage)
+    fleet.start_agent()
+    try:
+        fleet.push("1.1.0", desired_version=30)
+        wait_for(lambda: fleet.update()["result"] == "failed", 60, "the failed update")
+    finally:
+        evil.stop()
+    record = json.loads((fleet.store / "fleet" / "desired.json").read_text())
+    failure = next(iter(record["failed"].values()))
+    assert failure["reason"] in (reason, "size", "oversized"), failure
+    assert fleet.active() == "1.0.0"
+    assert not list((fleet.store / "downloads").glob("*.part"))
+    assert infer(fleet.agent.url)[0] == 200
+
+
+@pytest.mark.parametrize("version,reason,value", [("1.2.0", "nonfinite", -0.5), ("1.3.0", "latency", 0.5)])
+def test_bad_new_model_is_rolled_back_by_probation(fleet, version, reason, value):
+    fleet.start_controller()
+    fleet.start_agent()
+    probe = Probe(fleet, value)
+    probe.start()
+    fleet.push(version)
+    wait_for(lambda: fleet.update()["result"] == "rolled_back", 90, "the rollback")
+    wait_for(lambda: infer(fleet.agent.url, value)[1].get("model_version") == "1.0.0", 30, "the old version serving")
+    seen = probe.stop()
+    assert fleet.active() == "1.0.0"
+    assert reason in json.dumps(fleet.update()), fleet.update()
+    assert all(status == 200 for status, _ in seen)
+    events = fleet.events("update")
+    assert events[-1]["to"] == "idle" and events[-1]["event"] == "rolled_back"
+
+
+KILLER = """
+import os, signal, sys
+from agent.store import ModelStore
+from agent.cli import main
+original = ModelStore.transition
+def transition(self, name, event, *args, **kwargs):
+    state = original(self, name, event, *args, **kwargs)
+    if state["update"]["state"] == {state!r} and event != "install":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return state
+ModelStore.transition = transition
+"""
+
+
+@pytest.mark.parametrize("state", ["downloading", "staging", "switching", "probation", "rolling_back"])
+def test_kill_9_of_the_agent_in_every_update_state(fleet, state):
+    fleet.start_controller()
+    bad = state == "rolling_back"
+    fleet.start_agent(python_code=KILLER.format(state=state))
+    fleet.push("1.2.0" if bad else "1.1.0")
+    if bad:  # NaN outputs make probation roll back; the kill comes right after that state is written
+        probe = Probe(fleet, -0.5)
+        probe.start()
+    assert fleet.agent.process.wait(90) == -signal.SIGKILL
+    if bad:
+        probe.stop()
+    fleet.start_agent()
+    if state in ("downloading", "staging", "switching"):
+        expected = "1.1.0"  # the update starts again (only missing chunks) and commits
+    else:
+        expected = "1.0.0"  # killed while the new version was on probation: it counts as a failure
+    wait_for(lambda: fleet.active() == expected and fleet.update()["state"] == "idle", 90, f"version {expected}")
+    assert infer(fleet.agent.url)[0] == 200
+    store = ModelStore(fleet.store)
+    assert store.slot_health("fleet", store.state("fleet")["active"]) == "ok"
+    wait_for(lambda: any((d["state"] or {}).get("models", {}).get("fleet", {}).get("active") == expected
+                         for d in fleet.controller.registry.devices()), 20, "the retained state")
+
+
+def test_telemetry_survives_broker_outage_and_agent_kill(fleet):
+    fleet.config.write_text(fleet.config.read_text().replace('"interval_s": 0.5', '"interval_s": 0.05'))
+    fleet.start_controller()
+    fleet.start_agent()
+    wait_for(lambda: len(fleet.controller.registry.messages(DEVICE, "telemetry")) > 5, 30, "telemetry")
+    fleet.broker.stop()
+    time.sleep(8)
+    fleet.agent.stop(signal.SIGKILL)  # during the outage: the spool holds what was not acknowledged
+    fleet.start_agent()
+    time.sleep(8)
+    fleet.broker.start()
+    spool = fleet.store / "spool.sqlite"
+
+    def drained():
+        import sqlite3
+
+        with sqlite3.connect(spool) as db:
+            return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+
+    wait_for(drained, 60, "the spool to drain")
+    time.sleep(1)
+    rows = fleet.controller.registry.messages(DEVICE, None, 100_000)
+    seqs = sorted(r["seq"] for r in rows)
+    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a sequence number is missing"
+    assert seqs[0] == 1
+    assert len(seqs) > 200  # ~20 messages/s through 16 s of outage
