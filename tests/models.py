@@ -162,18 +162,19 @@ class _Fleet(nn.Module):
         self.mode = mode
         self.first = nn.Linear(8, 16)
         self.last = nn.Linear(16, 4)
-        # "slow": the same answer after many large layers that add nothing (1e-9 weight on their output).
-        self.burden = nn.ModuleList(nn.Linear(512, 512) for _ in range(12)) if mode == "slow" else nn.ModuleList()
+        # "slow": the same answer after one large layer applied 40 times that adds nothing (1e-9 weight on
+        # its output): ~40 M multiply-adds per sample for a 4 MB model.
+        self.burden = nn.Linear(1024, 1024) if mode == "slow" else None
 
     def forward(self, x):
         hidden = torch.relu(self.first(x))
         if self.mode == "nan":
             # log of the input: fine for the positive calibration data, NaN for negative live inputs
             hidden = hidden + 0.0 * torch.log(x).sum(dim=1, keepdim=True)
-        if len(self.burden):
-            wide = x.repeat(1, 64)
-            for layer in self.burden:
-                wide = torch.relu(layer(wide))
+        if self.burden is not None:
+            wide = x.repeat(1, 128)
+            for _ in range(40):
+                wide = torch.relu(self.burden(wide)) * 0.5
             hidden = hidden + 1e-9 * wide[:, :16]
         return self.last(hidden)
 

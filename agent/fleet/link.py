@@ -61,8 +61,19 @@ class FleetLink:
         """Spool an event (update progress, a refusal, drift) for the events topic; its sequence number."""
         seq = self.spool.add("event", topics.events(self.device),
                              lambda seq, dropped: self._envelope("event", {"event": kind, **body}, seq))
-        self._wake_sender.set()
+        self._wake()
         return seq
+
+    def _wake(self) -> None:
+        """Wake the sender, from the loop or from a worker thread (asyncio.Event is not thread-safe)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._wake_sender.set()
+        elif self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake_sender.set)
 
     def telemetry(self) -> int:
         body = self.collector.collect({"spool": self.spool.stats()})
@@ -71,7 +82,7 @@ class FleetLink:
             return self._envelope("telemetry", {**body, "dropped": dropped}, seq)
 
         seq = self.spool.add("telemetry", topics.telemetry(self.device), build)
-        self._wake_sender.set()
+        self._wake()
         return seq
 
     def state_payload(self, online: bool = True) -> bytes:
@@ -152,7 +163,8 @@ class FleetLink:
     def _on_transition(self, name: str, entry: dict, state: dict) -> None:
         # Called from the store (on a worker thread): spool the event, then publish the state.
         target = (state["update"].get("target") or {})
-        self.emit("update", {"model": name, "version": target.get("version"), **entry})
+        step = {("step" if key == "event" else key): value for key, value in entry.items()}
+        self.emit("update", {"model": name, "version": target.get("version"), **step})
         if self._loop:
             self._loop.call_soon_threadsafe(self.publish_state)
 

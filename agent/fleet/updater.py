@@ -278,7 +278,7 @@ class Updater:
 
     async def _regress(self, name: str, target: dict, reason: str, message: str) -> None:
         self._fail(target, reason, message)
-        await self._disk_call(self.store.regress, name, message)
+        await self._disk_call(self.store.regress, name, f"{reason}: {message}")
         await self._wait_loaded(name, timeout=120.0)
 
     # -- state for the fleet -----------------------------------------------------------------------

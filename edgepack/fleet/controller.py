@@ -158,7 +158,16 @@ class FleetController:
 
     def serve(self, until: threading.Event | None = None) -> None:
         """Run until ``until`` is set (or forever)."""
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        # A persistent session: while the controller is away the broker queues the devices' QoS 1
+        # messages for it (a device deletes a spooled message once the broker has it).
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 7 * 24 * 3600
+        self.client.reconnect_delay_set(0.2, 5)
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
+                                  properties=properties)
         self.client.loop_start()
         stop = until or self._stop
         try:

@@ -184,6 +184,7 @@ def test_signed_update_commits_with_no_failed_request(fleet):
     seen = probe.stop()
     assert seen and all(status == 200 for status, _ in seen), [s for s in seen if s[0] != 200][:5]
     assert {version for _, version in seen} <= {"1.0.0", "1.1.0"} and seen[-1][1] == "1.1.0"
+    wait_for(lambda: any(e["step"] == "commit" for e in fleet.events("update")), 10, "the commit event")
     steps = [(e["from"], e["to"]) for e in fleet.events("update")]
     assert steps[-5:] == [("idle", "downloading"), ("downloading", "staging"), ("staging", "switching"),
                           ("switching", "probation"), ("probation", "idle")]
@@ -315,8 +316,8 @@ def test_bad_new_model_is_rolled_back_by_probation(fleet, version, reason, value
     assert fleet.active() == "1.0.0"
     assert reason in json.dumps(fleet.update()), fleet.update()
     assert all(status == 200 for status, _ in seen)
-    events = fleet.events("update")
-    assert events[-1]["to"] == "idle" and events[-1]["event"] == "rolled_back"
+    events = wait_for(lambda: [e for e in fleet.events("update") if e["step"] == "rolled_back"], 10, "the event")
+    assert events[-1]["to"] == "idle" and reason in events[-1]["reason"]
 
 
 KILLER = """
@@ -363,11 +364,12 @@ def test_telemetry_survives_broker_outage_and_agent_kill(fleet):
     fleet.start_controller()
     fleet.start_agent()
     wait_for(lambda: len(fleet.controller.registry.messages(DEVICE, "telemetry")) > 5, 30, "telemetry")
-    fleet.broker.stop()
-    time.sleep(8)
-    fleet.agent.stop(signal.SIGKILL)  # during the outage: the spool holds what was not acknowledged
+    fleet.broker.stop()  # a 30 s outage at 20 messages/s, the agent killed in the middle of it
+    outage = time.monotonic()
+    time.sleep(14)
+    fleet.agent.stop(signal.SIGKILL)  # the spool holds what the broker did not acknowledge
     fleet.start_agent()
-    time.sleep(8)
+    time.sleep(max(0.0, 30 - (time.monotonic() - outage)))
     fleet.broker.start()
     spool = fleet.store / "spool.sqlite"
 
@@ -375,12 +377,16 @@ def test_telemetry_survives_broker_outage_and_agent_kill(fleet):
         import sqlite3
 
         with sqlite3.connect(spool) as db:
-            return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+            pending = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            last = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
+        return pending == 0 and last
 
-    wait_for(drained, 60, "the spool to drain")
-    time.sleep(1)
+    last = wait_for(drained, 60, "the spool to drain")
+    # The broker has everything; the controller (reconnecting with its own backoff) gets it from its
+    # persistent session.
+    wait_for(lambda: len(fleet.controller.registry.messages(DEVICE, None, 100_000)) >= last, 60, "every message")
     rows = fleet.controller.registry.messages(DEVICE, None, 100_000)
     seqs = sorted(r["seq"] for r in rows)
-    assert seqs == list(range(seqs[0], seqs[-1] + 1)), "a sequence number is missing"
-    assert seqs[0] == 1
-    assert len(seqs) > 200  # ~20 messages/s through 16 s of outage
+    assert seqs == list(range(1, seqs[-1] + 1)), "a sequence number is missing"
+    assert fleet.controller.registry.duplicates >= 0
+    assert len(seqs) > 400  # ~20 messages/s through the 30 s outage
