@@ -68,6 +68,11 @@ class ModelConfig(_Strict):
         "(a request's parameters.timeout, in microseconds as Triton's, may ask for less)")
     max_samples_per_request: int = Field(
         1024, ge=1, le=10_000_000, description="more samples in one request are refused with 413")
+    stream: bool = Field(False, description="take requests over MQTT on .../stream/{model}/in, answer on .../out")
+    stream_max_in_flight: int = Field(16, ge=1, le=10_000, description="streamed requests in progress at once")
+    drift_window: int = Field(500, ge=10, le=1_000_000, description="samples in the drift sliding window")
+    drift_threshold: float = Field(
+        0.25, gt=0, description="a drift score (PSI) above this is an event (0.1: moderate, 0.25: significant)")
     integer_io: bool = Field(
         False, description="full-int8 TFLite models: take and return raw int8 tensors instead of floats "
         "(callers quantize with the scale/zero point in the model metadata)")

@@ -436,7 +436,8 @@ class _Job:
             samples["outputs"][spec.name] = writer.add_array(f"samples/output_{index}.npy", _storable(array))
             samples["tolerance"][spec.name] = _tolerance(array)
         stats_data = self.calibration or self.validation
-        writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(stats_data.inputs, stats_data.source)))
+        reference_outputs = dict(zip(self.output_names, self.reference))
+        writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(stats_data.inputs, stats_data.source, reference_outputs)))
         runtime = profile.runtime("litert" if tflite else "onnxruntime")
         file_io = self.backend_for(candidate.path, threads, integer_io=True) if tflite else backend
         import onnxruntime

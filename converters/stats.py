@@ -30,6 +30,20 @@ def tensor_stats(array: np.ndarray) -> dict:
     return stats
 
 
-def dataset_stats(inputs: dict[str, np.ndarray], source: str) -> dict:
-    """Statistics per input name."""
-    return {"schema": "edgepack.stats/v1", "source": source, "inputs": {name: tensor_stats(a) for name, a in inputs.items()}}
+def output_stats(array: np.ndarray) -> dict:
+    """The original model's outputs on the validation data: for class scores (2-D, 2..4096 columns) how
+    often each class wins, the reference of on-device prediction drift; else value statistics."""
+    values = np.asarray(array)
+    stats = tensor_stats(values)
+    if values.ndim == 2 and 2 <= values.shape[1] <= 4096 and values.shape[0] and np.isfinite(values).all():
+        counts = np.bincount(values.argmax(axis=1), minlength=values.shape[1])
+        stats["classes"] = {"count": int(values.shape[0]), "frequency": (counts / counts.sum()).round(6).tolist()}
+    return stats
+
+
+def dataset_stats(inputs: dict[str, np.ndarray], source: str, outputs: dict[str, np.ndarray] | None = None) -> dict:
+    """Statistics per input name (and per output name, of the original model on the validation data)."""
+    stats = {"schema": "edgepack.stats/v1", "source": source, "inputs": {name: tensor_stats(a) for name, a in inputs.items()}}
+    if outputs:
+        stats["outputs"] = {name: output_stats(a) for name, a in outputs.items()}
+    return stats

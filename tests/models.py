@@ -189,3 +189,9 @@ def fleet_nan() -> nn.Module:
 
 def fleet_slow() -> nn.Module:
     return _Fleet("slow").eval()
+
+
+def fleet_large() -> nn.Module:
+    """The fleet model with a ~5 MB weight matrix (for benchmarks/update.py)."""
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(8, 1280), nn.ReLU(), nn.Linear(1280, 1000), nn.ReLU(), nn.Linear(1000, 4)).eval()

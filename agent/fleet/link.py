@@ -40,6 +40,7 @@ class FleetLink:
         self.boot = uuid.uuid4().hex[:12]
         self.spool = Spool(config.telemetry.spool or self.store.root / "spool.sqlite",
                            config.telemetry.max_messages, config.telemetry.max_bytes)
+        self.metrics = metrics
         self.collector = TelemetryCollector(metrics, registry, self.store)
         self.transport: Transport | None = None
         self.updater: Updater | None = None
@@ -122,9 +123,13 @@ class FleetLink:
             self.updater = Updater(self.config, self.registry, self.device, self.transport.publish, self.emit)
             for topic in self.updater.topics():
                 self.transport.subscribe(topic, 1)
+        from .streaming import StreamServer
+
+        self.streams = StreamServer(self.config, self.registry, self.metrics, self)
         for topic in self.handlers:
             self.transport.subscribe(topic, 1)
         self.store.listeners.append(self._on_transition)
+        self.registry.event_listeners.append(self.emit)
         self.transport.start()
         if self.updater:
             self.updater.start()
@@ -147,6 +152,8 @@ class FleetLink:
             await asyncio.get_running_loop().run_in_executor(None, transport.stop, last)
         if self._on_transition in self.store.listeners:
             self.store.listeners.remove(self._on_transition)
+        if self.emit in self.registry.event_listeners:
+            self.registry.event_listeners.remove(self.emit)
         self.spool.close()
 
     async def _drain(self, timeout: float) -> None:

@@ -107,8 +107,8 @@ class TelemetryCollector:
                 if scheduler.current:
                     entry["version"] = scheduler.current.version
                     entry["health"] = scheduler.current.health.summary()
-                if getattr(scheduler, "drift", None) is not None:
-                    entry["drift"] = scheduler.drift.scores()
+                    if scheduler.current.drift is not None:
+                        entry["drift"] = scheduler.current.drift.scores()
         if self.store is not None:
             for name in models:
                 try:

@@ -40,6 +40,8 @@ class ServingMetrics:
         self.active = Gauge("edgepack_model_active", "1 for the active version of each model",
                             ["model", "version", "slot"], registry=r)
         self.swaps = Counter("edgepack_model_swaps", "Times a new version took over traffic", ["model"], registry=r)
+        self.drift = Gauge("edgepack_drift_psi", "Population stability index of live inputs/predictions vs the "
+                           "bundle's reference data (sliding window)", ["model", "score"], registry=r)
         self.load_failures = Counter("edgepack_model_load_failures", "Versions that failed to load or smoke-test",
                                      ["model"], registry=r)
 

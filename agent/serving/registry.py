@@ -20,6 +20,7 @@ from edgepack.bundle.signing import load_public_key
 from edgepack.errors import EdgepackError
 
 from ..config import AgentConfig
+from ..drift import monitor_for
 from ..loader import load_bundle
 from ..model import release_freed_memory
 from ..store import ModelStore
@@ -45,6 +46,9 @@ class ModelRegistry:
         self._watcher: asyncio.Task | None = None
         self._failed: dict[str, str] = {}  # name -> key of a version that failed, so it is not retried forever
         self.failures: dict[str, str] = {}  # name -> why that version failed
+        #: called with (event kind, body) for drift events; the fleet link adds itself
+        self.event_listeners: list = []
+        self._drifting: set[tuple[str, str]] = set()
 
     # -- lookup ------------------------------------------------------------------------------------
 
@@ -66,14 +70,19 @@ class ModelRegistry:
         model = load_bundle(path, folder, keys=self.keys, profile=self.config.profile, threads=options.threads,
                             instances=options.instances)
         self._apply_options(model)
-        return ServedVersion(model, None, time.perf_counter() - started, f"file:{path}")
+        return self._served(model, None, started, f"file:{path}")
+
+    def _served(self, model, slot, started: float, key: str) -> ServedVersion:
+        served = ServedVersion(model, slot, time.perf_counter() - started, key)
+        served.drift = monitor_for(model, self.config.model(model.name).drift_window)
+        return served
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:
         started = time.perf_counter()
         options = self.config.model(name)
         model = self.store.load_active(name, options.threads, smoke=True, instances=options.instances)
         self._apply_options(model)
-        return ServedVersion(model, self.store.state(name).get("active"), time.perf_counter() - started, key)
+        return self._served(model, self.store.state(name).get("active"), started, key)
 
     def _apply_options(self, model) -> None:
         # After the smoke test, which runs the bundle's float samples.
@@ -150,10 +159,33 @@ class ModelRegistry:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the watcher must survive anything the disk does
                 log.exception("store watch failed")
+            self.check_drift()
             if loop.time() - trimmed > TRIM_INTERVAL_S:
                 # After a burst (a flood of large bodies) glibc keeps the freed memory; hand it back.
                 trimmed = loop.time()
                 await loop.run_in_executor(None, release_freed_memory)
+
+    def check_drift(self) -> None:
+        """Publish drift scores to /metrics; an event when one crosses its threshold (and when it clears)."""
+        for name, scheduler in self.schedulers.items():
+            served = scheduler.current
+            if not served or served.drift is None:
+                continue
+            threshold = self.config.model(name).drift_threshold
+            scores = served.drift.scores()
+            for score, value in scores["psi"].items():
+                if value is None:
+                    continue
+                self.metrics.drift.labels(name, score).set(value)
+                key = (name, score)
+                crossed = value > threshold and scores["window_samples"] >= min(100, served.drift.window)
+                if crossed != (key in self._drifting):
+                    (self._drifting.add if crossed else self._drifting.discard)(key)
+                    body = {"model": name, "version": served.version, "score": score, "psi": value,
+                            "threshold": threshold, "window_samples": scores["window_samples"]}
+                    log.warning("drift" if crossed else "drift cleared", extra=body)
+                    for listener in list(self.event_listeners):
+                        listener("drift" if crossed else "drift_cleared", body)
 
     async def close(self) -> None:
         """Stop watching, finish queued requests, close every session, remove temporary files."""

@@ -92,6 +92,8 @@ class ServedVersion:
     def __init__(self, model: LoadedModel, slot: str | None, load_seconds: float, key: str):
         self.model = model
         self.health = VersionHealth()
+        #: the version's DriftMonitor (agent.drift), when its bundle has reference statistics
+        self.drift = None
         self.slot = slot
         self.load_seconds = load_seconds
         #: identifies what was loaded (slot + manifest hash), so the store watcher sees changes
@@ -327,7 +329,7 @@ class ModelScheduler:
             served.acquire()
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, served.model, batch,
+                outputs = await loop.run_in_executor(self._executor, self._run, served, batch,
                                                      self.options.batching.max_batch_size)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 served.health.failed()
@@ -369,7 +371,10 @@ class ModelScheduler:
             while work.done < work.count:
                 rows = slice(work.done, min(work.count, work.done + chunk))
                 # One runtime call per chunk where the model allows it: no other request shares it.
-                part = served.model.run({name: array[rows] for name, array in work.feeds.items()}, chunk)
+                feeds = {name: array[rows] for name, array in work.feeds.items()}
+                part = served.model.run(feeds, chunk)
+                if served.drift is not None:
+                    served.drift.observe(feeds, part)
                 if work.outputs is None:
                     work.outputs = {name: np.empty((work.count, *value.shape[1:]), value.dtype)
                                     for name, value in part.items()}
@@ -408,13 +413,16 @@ class ModelScheduler:
         work.future.set_result(Result(outputs, served, started - work.queued_at, elapsed))
 
     @staticmethod
-    def _run(model: LoadedModel, batch: list[Work], max_batch: int) -> dict[str, np.ndarray]:
+    def _run(served: ServedVersion, batch: list[Work], max_batch: int) -> dict[str, np.ndarray]:
         if len(batch) == 1:
             feeds = batch[0].feeds
         else:
             feeds = {name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds}
         # A request larger than the batch limit is split by the model's one splitter.
-        return model.run(feeds, max_batch)
+        outputs = served.model.run(feeds, max_batch)
+        if served.drift is not None:
+            served.drift.observe(feeds, outputs)  # on the worker thread, off the event loop
+        return outputs
 
     async def close(self) -> None:
         """Finish queued work, stop the workers and close the active version."""

@@ -133,9 +133,9 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def infer(url: str, value: float = 0.5, count: int = 1) -> tuple[int, dict]:
-    body = json.dumps({"inputs": [{"name": "input", "shape": [count, 8], "datatype": "FP32",
-                                   "data": [value] * (8 * count)}]}).encode()
+def infer(url: str, value: float | list = 0.5, count: int = 1) -> tuple[int, dict]:
+    data = value if isinstance(value, list) else [value] * (8 * count)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [count, 8], "datatype": "FP32", "data": data}]}).encode()
     request = urllib.request.Request(f"{url}/v2/models/fleet/infer", body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -390,3 +390,125 @@ def test_telemetry_survives_broker_outage_and_agent_kill(fleet):
     assert seqs == list(range(1, seqs[-1] + 1)), "a sequence number is missing"
     assert fleet.controller.registry.duplicates >= 0
     assert len(seqs) > 400  # ~20 messages/s through the 30 s outage
+
+
+def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
+    fleet.start_controller()
+    agent = fleet.start_agent()
+    rng = np.random.default_rng(1)
+    for _ in range(100):  # like the calibration data (uniform 0.1..1), 4 samples a request
+        assert infer(agent.url, rng.uniform(0.1, 1.0, 32).tolist(), 4)[0] == 200
+    time.sleep(1.5)
+    assert not fleet.events("drift"), fleet.events("drift")
+    for _ in range(120):  # far outside it
+        assert infer(agent.url, rng.uniform(5.0, 9.0, 32).tolist(), 4)[0] == 200
+    event = wait_for(lambda: next(iter(fleet.events("drift")), None), 20, "a drift event")
+    assert event["score"] == "input:input" and event["psi"] > event["threshold"]
+    metrics = urllib.request.urlopen(f"{agent.url}/metrics").read().decode()
+    assert 'edgepack_drift_psi{model="fleet",score="input:input"}' in metrics
+    wait_for(lambda: [t for t in fleet.controller.registry.messages(DEVICE, "telemetry")
+                      if ((t["body"]["models"].get("fleet", {}).get("drift") or {}).get("psi", {}).get("input:input") or 0) > 0.25],
+             10, "the drift score in telemetry")
+
+
+def test_streaming_inference_over_mqtt(fleet):
+    config = json.loads(fleet.config.read_text())
+    config["models"] = [{"name": "fleet", "stream": True, "stream_max_in_flight": 4}]
+    fleet.config.write_text(json.dumps(config))
+    agent = fleet.start_agent()
+    answers: dict = {}
+    client = fleet.address.client("stream-client")
+    client.on_message = lambda c, u, m: answers.setdefault(json.loads(m.payload).get("id"), json.loads(m.payload))
+    client.connect(fleet.address.host, fleet.address.port)
+    client.subscribe(topics.stream(DEVICE, "fleet", "out"), 1)
+    client.loop_start()
+    try:
+        time.sleep(1.0)
+        topic = topics.stream(DEVICE, "fleet", "in")
+        good = {"id": "ok-1", "inputs": [{"name": "input", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 16}]}
+        client.publish(topic, json.dumps(good), qos=1)
+        client.publish(topic, b"{not json", qos=1)
+        client.publish(topic, json.dumps({"id": "bad-shape", "inputs": [{"name": "input", "shape": [1, 3],
+                                                                          "datatype": "FP32", "data": [1, 2, 3]}]}), qos=1)
+        client.publish(topic, json.dumps({"id": "nan", "inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32",
+                                                                    "data": ["NaN"] * 8}]}), qos=1)
+        wait_for(lambda: {"ok-1", None, "bad-shape", "nan"} <= set(answers), 20, "every answer")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert answers["ok-1"]["outputs"][0]["shape"] == [2, 4]
+    direct = infer(agent.url, 0.5, 2)[1]["outputs"][0]["data"]
+    assert np.allclose(answers["ok-1"]["outputs"][0]["data"], direct, atol=1e-6)
+    assert answers[None]["code"] == 400 and answers["bad-shape"]["code"] == 400 and answers["nan"]["code"] == 400
+    assert agent.process.poll() is None and infer(agent.url)[0] == 200
+
+
+ACL = """
+user edgepack-fleet
+topic readwrite edgepack/#
+
+pattern write edgepack/v1/devices/%u/state
+pattern write edgepack/v1/devices/%u/telemetry
+pattern write edgepack/v1/devices/%u/events
+pattern write edgepack/v1/devices/%u/chunks/req
+pattern read edgepack/v1/devices/%u/desired
+pattern read edgepack/v1/devices/%u/chunks/data
+pattern read edgepack/v1/groups/+/desired
+pattern readwrite edgepack/v1/devices/%u/stream/#
+"""
+
+
+def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_path, fleet_bundles):
+    from .tls import certificate_authority
+
+    certs = certificate_authority(tmp_path / "pki", ["server", DEVICE, "dev2", "edgepack-fleet"])
+    (tmp_path / "acl").write_text(ACL)
+    tls = (f"cafile {certs['ca'][0]}\ncertfile {certs['server'][0]}\nkeyfile {certs['server'][1]}\n"
+           f"require_certificate true\nuse_identity_as_username true\nacl_file {tmp_path / 'acl'}\n")
+    fleet = Fleet.__new__(Fleet)
+    fleet.tmp, fleet.setup, fleet.agent, fleet.controller = tmp_path, fleet_bundles, None, None
+    fleet.broker = Broker(tmp_path / "broker", extra=tls)
+    try:
+        fleet.address = BrokerAddress("127.0.0.1", fleet.broker.port, True, ca_file=str(certs["ca"][0]),
+                                      cert_file=str(certs["edgepack-fleet"][0]), key_file=str(certs["edgepack-fleet"][1]))
+        fleet.store = tmp_path / "store"
+        fleet.config = tmp_path / "agent.yaml"
+        fleet.config.write_text(json.dumps({
+            "device_id": DEVICE, "profile": "x86-64", "store": str(fleet.store), "trusted_keys": [str(fleet_bundles["public"])],
+            "mqtt": {"host": "127.0.0.1", "port": fleet.broker.port, "ca_file": str(certs["ca"][0]),
+                     "cert_file": str(certs[DEVICE][0]), "key_file": str(certs[DEVICE][1]), "reconnect_min_s": 0.2},
+            "telemetry": {"interval_s": 0.3}, "updates": {"probation_s": 1.0, "chunk_timeout_s": 2.0}}))
+        assert run_cli("install", fleet_bundles["bundles"][("1.0.0", "x86-64")], "--config", fleet.config,
+                       program="edgepack-agent").returncode == 0
+        fleet.start_controller()
+        fleet.start_agent()
+        wait_for(lambda: len(fleet.controller.registry.messages(DEVICE, "telemetry")) >= 2, 30, "telemetry over TLS")
+        fleet.push("1.1.0")  # the controller may write desired topics; the update goes through over TLS
+        wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+
+        # A real second device, with its own valid certificate, tries to write where it must not.
+        intruder = BrokerAddress("127.0.0.1", fleet.broker.port, True, ca_file=str(certs["ca"][0]),
+                                 cert_file=str(certs["dev2"][0]), key_file=str(certs["dev2"][1])).client("dev2")
+        acks: dict = {}
+        intruder.on_publish = lambda c, u, mid, rc, p=None: acks.__setitem__(mid, rc)
+        intruder.connect("127.0.0.1", fleet.broker.port)
+        intruder.loop_start()
+        forged = {"schema": 1, "kind": "telemetry", "device": DEVICE, "boot": "forged", "seq": 999999}
+        attempts = {
+            "other device's telemetry": intruder.publish(topics.telemetry(DEVICE), json.dumps(forged), qos=1).mid,
+            "own desired": intruder.publish(topics.desired("dev2"), b"{}", qos=1, retain=True).mid,
+            "other device's desired": intruder.publish(topics.desired(DEVICE), b"{}", qos=1, retain=True).mid,
+            "group desired": intruder.publish(topics.group_desired("all"), b"{}", qos=1, retain=True).mid,
+        }
+        allowed = intruder.publish(topics.telemetry("dev2"), json.dumps({**forged, "device": "dev2"}), qos=1).mid
+        wait_for(lambda: len(acks) == 5, 10, "the broker's answers")
+        intruder.loop_stop()
+        intruder.disconnect()
+        for what, mid in attempts.items():
+            assert acks[mid].value == 135, f"{what}: {acks[mid]}"  # MQTT 5 "Not authorized"
+        assert not acks[allowed].is_failure
+        time.sleep(1.0)
+        assert not [m for m in fleet.controller.registry.messages(DEVICE, None) if m["boot"] == "forged"]
+        assert fleet.active() == "1.1.0" and fleet.agent.process.poll() is None
+    finally:
+        fleet.close()
