@@ -52,6 +52,9 @@ def main() -> None:
     rows = []
     for label, version, cut in [("clean transfer", "2.0.0", False), ("broker cut at ~50%", "2.1.0", True)]:
         fleet = Fleet(work / f"run-{version}", setup, probation_s=1.0, interval_s=10.0)
+        config = json.loads(fleet.config.read_text())
+        config["updates"].pop("chunk_timeout_s")  # the default (10 s), not the tests' short one
+        fleet.config.write_text(json.dumps(config))
         try:
             fleet.start_controller()
             agent = fleet.start_agent()
@@ -68,7 +71,11 @@ def main() -> None:
                 fleet.broker.stop()
                 time.sleep(2.0)
                 fleet.broker.start()
-            wait_for(lambda: fleet.active() == version and fleet.update()["result"] == "committed", 300, "the commit")
+            try:
+                wait_for(lambda: fleet.active() == version and fleet.update()["result"] == "committed", 300, "the commit")
+            except AssertionError:
+                print("\n".join(agent.lines[-15:]), json.dumps(fleet.update())[:3000], file=sys.stderr)
+                raise
             elapsed = time.monotonic() - started
             # MQTT framing per chunk message: fixed header (<= 5), topic length + topic, packet id (QoS 1)
             framing = fleet.controller.chunks_sent * (5 + 2 + len(f"edgepack/v1/devices/{'dev1'}/chunks/data") + 2)

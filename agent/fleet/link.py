@@ -192,6 +192,7 @@ class FleetLink:
             self.publish_state()
             self._wake_sender.set()
             if self.updater:
+                self.updater.session_lost = self.updater.session_lost or not event[1]
                 self.updater.connected.set()
         elif kind == "disconnected":
             log.warning("mqtt disconnected", extra={"reason": event[1]})

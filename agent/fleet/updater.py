@@ -51,6 +51,8 @@ class Updater:
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-disk")
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
+        #: set when a reconnect came without the broker's session: chunks asked before are lost
+        self.session_lost = False
 
     # -- the persisted record ----------------------------------------------------------------------
 
@@ -203,8 +205,12 @@ class Updater:
         asked: dict[int, float] = {}
         while not download.complete:
             if not self.connected.is_set():
-                asked.clear()
                 await self.connected.wait()
+            if self.session_lost:
+                # Without the session the broker kept, chunks asked before will not come: ask again.
+                # With it, they arrive from the session's queue and are not fetched twice.
+                self.session_lost = False
+                asked.clear()
             now = time.monotonic()
             for index in [i for i, at in asked.items() if now - at > self.options.chunk_timeout_s]:
                 del asked[index]
