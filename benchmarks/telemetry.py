@@ -126,7 +126,7 @@ def main() -> None:
     print(f"| agent serving ~40 req/s for {args.seconds:g} s | CPU share (CPU s per s) |")
     print("|---|---|")
     print(f"| without mqtt | {without:.3f} |")
-    print(f"| with mqtt, telemetry every 10 s (default) | {with_link:.3f} (+{with_link - without:.3f}) |")
+    print(f"| with mqtt, telemetry every 10 s (default) | {with_link:.3f} ({with_link - without:+.3f}) |")
 
 
 if __name__ == "__main__":

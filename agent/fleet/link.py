@@ -45,6 +45,7 @@ class FleetLink:
         self.transport: Transport | None = None
         self.updater: Updater | None = None
         self._inflight: dict[int, int] = {}  # mid -> seq
+        self._acked: list[int] = []  # acknowledged, not yet deleted from the spool
         self._sent_upto = 0
         self._wake_sender = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -201,8 +202,10 @@ class FleetLink:
         elif kind == "puback":
             seq = self._inflight.pop(event[1], None)
             if seq is not None:
-                self.spool.ack(seq)
-                self._wake_sender.set()
+                # Acks that arrive together are deleted in one transaction (one fsync, not one each).
+                if not self._acked:
+                    self._loop.call_soon(self._flush_acks)
+                self._acked.append(seq)
         elif kind == "message":
             _, topic, payload, _retained = event
             if self.updater and topic == topics.chunk_data(self.device):
@@ -213,6 +216,11 @@ class FleetLink:
                 self.handlers[topic](topic, payload)
 
     # -- sending -----------------------------------------------------------------------------------
+
+    def _flush_acks(self) -> None:
+        acked, self._acked = self._acked, []
+        self.spool.ack(acked)
+        self._wake_sender.set()
 
     async def _sender(self) -> None:
         window = self.config.mqtt.max_inflight

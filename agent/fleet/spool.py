@@ -96,14 +96,27 @@ class Spool:
             return self._db.execute("SELECT seq, topic, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (after, limit)).fetchall()
 
-    def ack(self, seq: int) -> None:
-        """The broker has the message: forget it."""
+    def ack(self, seqs) -> None:
+        """The broker has these messages: forget them (one transaction, one fsync, for all of them;
+        a crash before it only means they are sent again, and the fleet drops the duplicates)."""
+        seqs = [seqs] if isinstance(seqs, int) else list(seqs)
+        if not seqs:
+            return
         with self._lock:
-            row = self._db.execute("SELECT LENGTH(payload) FROM outbox WHERE seq = ?", (seq,)).fetchone()
-            if row:
-                self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-                self._count -= 1
-                self._bytes -= row[0]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = freed = 0
+                for seq in seqs:
+                    row = self._db.execute("SELECT LENGTH(payload) FROM outbox WHERE seq = ?", (seq,)).fetchone()
+                    if row:
+                        self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                        removed, freed = removed + 1, freed + row[0]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._count -= removed
+            self._bytes -= freed
 
     def stats(self) -> dict:
         with self._lock:
