@@ -22,7 +22,7 @@ config_option = click.option("--config", "config_path", type=click.Path(path_typ
                              help=f"the daemon's agent.yaml (default ${CONFIG_ENV}): its store, trusted_keys and profile apply")
 
 
-def _store(store=None, keys=(), profile=None, config_path=None):
+def _store(store=None, keys=(), profile=None, config_path=None, recover: bool = True):
     """The store as the daemon sees it: the config's store, keys and profile, with the options on top."""
     from edgepack.bundle.signing import load_public_key
 
@@ -34,7 +34,10 @@ def _store(store=None, keys=(), profile=None, config_path=None):
     key_paths = list(config.trusted_keys if config else []) + list(keys)
     store_object = ModelStore(root, [load_public_key(k) for k in key_paths] or None,
                               profile or (config.profile if config else None))
-    store_object.recover()  # finish or undo whatever a crash interrupted before looking
+    if recover and not store_object.daemon_running():
+        # Finish or undo what a crash interrupted. Never while a daemon serves the store: its update
+        # in progress (a version on probation) is not a crash.
+        store_object.recover()
     return store_object
 
 
@@ -100,10 +103,10 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
 
     with tempfile.TemporaryDirectory(prefix="edgepack-predict-") as temp:
         if bundle:
-            trusted = _store(store, keys, config_path=config_path).trusted_keys
+            trusted = _store(store, keys, config_path=config_path, recover=False).trusted_keys
             model = load_bundle(bundle, Path(temp), keys=trusted, threads=threads)
         else:
-            model_store = _store(store, keys, config_path=config_path)
+            model_store = _store(store, keys, config_path=config_path, recover=False)
             model = model_store.load_active(model_store.resolve_name(model_name), threads, smoke=True)
         try:
             if integer_io and not model.use_integer_io():
@@ -123,7 +126,7 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
 @config_option
 def status(store, as_json, config_path) -> None:
     """Slots, versions, health and update state of every model in the store."""
-    model_store = _store(store, config_path=config_path)
+    model_store = _store(store, config_path=config_path, recover=False)
     states = {name: model_store.state(name) for name in model_store.model_names(with_empty=True)}
     for name, state in states.items():
         for slot, info in state["slots"].items():

@@ -56,13 +56,16 @@ class DriftMonitor:
 
     def __init__(self, reference: dict, input_names: list[str], output_names: list[str], window: int = 500):
         self.window = window
+        self.errors = 0
         self._lock = threading.Lock()
         self.inputs: dict[str, tuple[np.ndarray, np.ndarray, _Window]] = {}
         for name, stats in (reference.get("inputs") or {}).items():
             histogram = stats.get("histogram") if isinstance(stats, dict) else None
             if name in input_names and histogram and len(histogram.get("edges", [])) >= 3:
                 edges = np.asarray(histogram["edges"], np.float64)
-                counts = np.asarray(histogram["counts"], np.float64)
+                counts = np.asarray(histogram.get("counts", []), np.float64)
+                if counts.shape != (len(edges) - 1,) or not np.all(np.diff(edges) >= 0):
+                    continue  # a malformed reference: no drift score rather than a broken request
                 # inner edges only: values below the first or above the last land in the end bins
                 self.inputs[name] = (edges[1:-1], counts, _Window(len(counts), window))
         self.outputs: dict[str, tuple[np.ndarray, _Window]] = {}
@@ -76,6 +79,13 @@ class DriftMonitor:
     @property
     def enabled(self) -> bool:
         return bool(self.inputs or self.outputs)
+
+    def safe_observe(self, feeds, outputs) -> None:
+        """:meth:`observe`, never failing the request it measures."""
+        try:
+            self.observe(feeds, outputs)
+        except Exception:  # noqa: BLE001 - drift is a measurement; the answer matters more
+            self.errors += 1
 
     def observe(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None) -> None:
         """Bin one run's inputs and predictions (called after the run, on the worker thread)."""

@@ -207,10 +207,43 @@ class ModelStore:
         state = self.state(name)["update"]["state"]
         return None if state == UpdateState.IDLE.value else state
 
-    def recover(self) -> list[str]:
+    @contextlib.contextmanager
+    def daemon_lock(self):
+        """Held by a daemon for its whole life: while it runs, the updates in progress are its own, and
+        other processes must not 'recover' them (a state of probation is not a crash then)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".daemon.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreError(f"another edgepack-agent daemon serves the store {self.root}; stop it first or "
+                             "give this one another store") from None
+        try:
+            yield
+        finally:
+            handle.close()
+
+    def daemon_running(self) -> bool:
+        """Whether a daemon holds this store's daemon lock (checked without taking it for long)."""
+        path = self.root / ".daemon.lock"
+        if not path.exists():
+            return False
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def recover(self, resume_downloads: bool = False) -> list[str]:
         """Finish or undo what a crash interrupted, for every model, and remove leftovers; return the
-        names of the models that needed it. Downloads stay (they resume)."""
+        names of the models that needed it. Downloads resume when ``resume_downloads`` (a daemon with
+        updates on), else they are cancelled. Only for the process that owns the store's updates: the
+        daemon (holding :meth:`daemon_lock`), or a command when no daemon runs."""
         touched = []
+        self._resume_downloads = resume_downloads
         with self.locked():
             for name in self.model_names(with_empty=True):
                 try:
@@ -227,7 +260,10 @@ class ModelStore:
     def _resume(self, name: str, state: dict, event: str) -> None:
         current = UpdateState(state["update"]["state"])
         if current is UpdateState.DOWNLOADING:
-            self.transition(name, event, "the agent restarted; the download resumes")
+            if getattr(self, "_resume_downloads", False):
+                self.transition(name, event, "the agent restarted; the download resumes")
+            else:
+                self.transition(name, "cancel", "no updater runs to finish the download")
         elif current in (UpdateState.STAGING, UpdateState.SWITCHING):
             # The old model is still the active one; the half-staged copy is a leftover.
             self.transition(name, event, f"the agent restarted during {current.value}; the old version stays active")

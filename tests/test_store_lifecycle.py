@@ -63,10 +63,11 @@ def _versions(store: ModelStore) -> tuple[str | None, dict]:
 
 
 def _check_consistent(store_root, outcome_allowed: set[str], update_state: str = "idle") -> str:
-    """Recover through the CLI (as an operator would), then check the store is whole."""
+    """Recover (as the next daemon start or install does; no daemon runs), then check the store is whole."""
     status = run_cli("status", "--store", store_root, "--json", program="edgepack-agent")
-    assert status.returncode == 0, status.stderr
+    assert status.returncode == 0, status.stderr  # status reads; it changes nothing
     store = ModelStore(store_root)
+    store.recover()
     version, state = _versions(store)
     assert version in outcome_allowed, state
     assert state["update"]["state"] == update_state, state["update"]
@@ -108,8 +109,8 @@ def test_kill_9_in_every_update_state(serving_bundles, tmp_path, kill_in, path):
         expected = {"1.0.0"}  # not committed yet: the old version must be the one active
     elif kill_in == "idle" and path in ("commit", "local"):
         expected = {"2.0.0"}
-    # A download resumes: the record still names it until the updater finishes or cancels it.
-    version = _check_consistent(store_root, expected, "downloading" if kill_in == "downloading" else "idle")
+    # Without a daemon to finish it, an interrupted download is cancelled (a daemon resumes it).
+    version = _check_consistent(store_root, expected)
     history = ModelStore(store_root).state("digits")["update"]["history"]
     if kill_in == "probation":
         assert history[-1]["reason"] == "the agent restarted during probation"
@@ -127,6 +128,25 @@ def test_kill_9_at_random_moments_of_a_local_install(serving_bundles, tmp_path, 
     process.send_signal(signal.SIGKILL)
     process.wait(30)
     _check_consistent(store_root, {"1.0.0", "2.0.0"})
+
+
+def test_commands_leave_a_running_daemons_update_alone(serving_bundles, tmp_path):
+    old, new, _ = serving_bundles
+    store = ModelStore(tmp_path / "store")
+    store.install(old)
+    with store.locked():
+        store.transition("digits", "download", target={"version": "2.0.0"})
+        store.transition("digits", "downloaded")
+        store.stage("digits", new)
+        store.switch("digits")
+    with store.daemon_lock():  # a daemon serves the store; its new version is on probation
+        for command in (["status"], ["rollback"], ["install", old]):
+            run_cli(*command, "--store", tmp_path / "store", program="edgepack-agent")
+        state = ModelStore(tmp_path / "store").state("digits")
+        assert state["update"]["state"] == "probation" and state["slots"][state["active"]]["version"] == "2.0.0"
+        with pytest.raises(StoreError, match="another edgepack-agent daemon"):
+            with ModelStore(tmp_path / "store").daemon_lock():
+                pass
 
 
 def test_lock_refuses_a_second_writer(serving_bundles, tmp_path):

@@ -77,7 +77,7 @@ class Download:
             self.discard()
             raise DownloadError("too-much-data", f"received {self.bytes_received} bytes for a bundle of {self.size}; "
                                 "the stream was cut off")
-        if index >= self.count or header["offset"] != index * CHUNK_BYTES:
+        if index < 0 or index >= self.count or header["offset"] != index * CHUNK_BYTES:
             self.discard()
             raise DownloadError("oversized", f"chunk {index} lies beyond the signed size of {self.size} bytes; "
                                 "the stream was cut off")

@@ -201,7 +201,10 @@ class FleetLink:
                 self.updater.connected.clear()
         elif kind == "puback":
             seq = self._inflight.pop(event[1], None)
-            if seq is not None:
+            if seq is not None and event[2]:
+                # Refused (quota, not authorized): it stays spooled and goes again after a reconnect.
+                log.warning("broker refused a message", extra={"seq": seq, "reason": event[2]})
+            elif seq is not None:
                 # Acks that arrive together are deleted in one transaction (one fsync, not one each).
                 if not self._acked:
                     self._loop.call_soon(self._flush_acks)

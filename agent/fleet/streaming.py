@@ -40,7 +40,7 @@ class StreamServer:
 
     def _handler(self, name: str):
         def handle(topic: str, payload: bytes) -> None:
-            request_id = _peek_id(payload)
+            request_id = _peek_id(payload) if len(payload) <= MAX_MESSAGE_BYTES else None
             if self.in_flight.get(name, 0) >= self.config.model(name).stream_max_in_flight:
                 self.metrics.observe_request(name, "overloaded")
                 self._reply(name, {"id": request_id, "error": "too many streamed requests in progress; slow down",

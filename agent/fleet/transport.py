@@ -5,7 +5,8 @@ daemon wires to ``loop.call_soon_threadsafe``), so no agent logic ever runs on t
 
 - ``("connected", session_present)`` / ``("disconnected", reason)``
 - ``("message", topic, payload, retained)``
-- ``("puback", mid)``: the broker acknowledged the QoS 1 message ``mid``
+- ``("puback", mid, failure)``: the broker answered the QoS 1 message ``mid``; ``failure`` is None when
+  it took it, else the MQTT 5 reason (quota exceeded, not authorized…)
 
 Connection policy: MQTT 5 first and 3.1.1 when the broker refuses the protocol version; a persistent
 session (QoS 1 subscriptions and in-flight messages survive a reconnect); a Last Will on the retained
@@ -162,4 +163,5 @@ class Transport:
         self.deliver(("message", message.topic, bytes(message.payload), bool(message.retain)))
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        self.deliver(("puback", mid))
+        failed = bool(reason_code is not None and getattr(reason_code, "is_failure", False))
+        self.deliver(("puback", mid, str(reason_code) if failed else None))

@@ -29,6 +29,11 @@ from .download import Download, DownloadError
 log = logging.getLogger("edgepack.agent.updates")
 
 Emit = Callable[[str, dict], None]
+#: download failures that may be transient (a damaged transfer): tried this many times in all
+DOWNLOAD_REASONS = {"sha256", "size", "oversized", "too-much-data"}
+DOWNLOAD_ATTEMPTS = 3
+#: the reason recorded when the daemon stops during a probation (not counted as a failure)
+STOPPED = "the agent stopped during probation"
 
 
 class Updater:
@@ -61,8 +66,8 @@ class Updater:
             data = json.loads(self.record_path.read_text())
         except (OSError, ValueError):
             data = {}
-        return {"accepted": dict(data.get("accepted", {})), "wanted": dict(data.get("wanted", {})),
-                "failed": dict(data.get("failed", {}))}
+        return {"accepted": dict(data.get("accepted", {})), "models": dict(data.get("models", {})),
+                "wanted": dict(data.get("wanted", {})), "failed": dict(data.get("failed", {}))}
 
     def _save_record(self) -> None:
         write_json_atomic(self.record_path, self.record)
@@ -79,16 +84,23 @@ class Updater:
             return  # a cleared retained message
         try:
             state = verify_desired(payload, self.keys)
-            if state.device and state.device != self.device_id:
-                raise DesiredStateError("wrong-device", f"desired state is for device {state.device!r}, this is {self.device_id!r}")
-            if state.group and state.group not in self.options.groups:
-                raise DesiredStateError("wrong-group", f"desired state is for group {state.group!r}, which this device does not follow")
-            last = self.record["accepted"].get(topic, 0)
-            if state.version < last:
-                raise DesiredStateError("replayed", f"desired state version {state.version} is older than version "
-                                        f"{last} accepted before (a replayed message)")
-            if state.version == last:
+            # The signed target must be the topic's: a group's (older) desired state replayed on the
+            # device topic, or on another group's, is refused.
+            if topic == topics.desired(self.device_id):
+                if state.device != self.device_id:
+                    raise DesiredStateError("wrong-device", f"desired state on this device's topic names "
+                                            f"{'device ' + repr(state.device) if state.device else 'group ' + repr(state.group)}")
+            elif state.group is None or topic != topics.group_desired(state.group) or state.group not in self.options.groups:
+                raise DesiredStateError("wrong-group", f"desired state on {topic} names "
+                                        f"{'group ' + repr(state.group) if state.group else 'device ' + repr(state.device)}")
+            # One version counter per topic and one per model, both only growing.
+            topic_last = self.record["accepted"].get(topic, 0)
+            if state.version == topic_last:
                 return  # the retained copy of what was accepted already (after a reconnect or restart)
+            last = max(topic_last, self.record["models"].get(state.model.name, 0))
+            if state.version <= last:
+                raise DesiredStateError("replayed", f"desired state version {state.version} is not newer than "
+                                        f"version {last} accepted before (a replayed message)")
             bundle = state.for_profile(self.config.profile)
         except DesiredStateError as exc:
             log.warning("desired state refused", extra={"reason": exc.reason, "error": exc.message, "topic": topic})
@@ -98,12 +110,17 @@ class Updater:
         target = {"name": name, "version": state.model.version, "sha256": bundle.sha256, "size": bundle.size,
                   "desired_version": state.version, "topic": topic}
         self.record["accepted"][topic] = state.version
+        self.record["models"][name] = max(self.record["models"].get(name, 0), state.version)
         self.record["wanted"][name] = target
+        self.record["failed"].pop(bundle.sha256, None)  # pushing it again is how an operator retries
         self._save_record()
         self.emit("desired_accepted", target)
         self._wake.set()
 
     def handle_chunk(self, payload: bytes) -> None:
+        if len(payload) > chunk_frames.CHUNK_BYTES + chunk_frames.MAX_HEADER + 8:
+            self.emit("chunk_refused", {"message": f"a chunk message of {len(payload)} bytes is larger than any chunk"})
+            return
         try:
             self._frames.put_nowait(payload)
         except asyncio.QueueFull:
@@ -117,14 +134,26 @@ class Updater:
         for name, target in self.record["wanted"].items():
             update = self.store.state(name)["update"]
             same = (update.get("target") or {}).get("sha256") == target["sha256"]
-            if same and update.get("result") in ("failed", "rolled_back") and target["sha256"] not in self.record["failed"]:
+            retry = (update.get("reason") or "").startswith(STOPPED)
+            if (same and update.get("result") in ("failed", "rolled_back") and not retry
+                    and target["sha256"] not in self.record["failed"]):
                 self._fail(target, "restart", update.get("reason") or update["result"])
+        downloading = {(self.store.state(n)["update"].get("target") or {}).get("sha256")
+                       for n in self.store.model_names(with_empty=True) if self.store.busy(n) == "downloading"}
+        for leftover in (self.store.root / "downloads").glob("*"):
+            if leftover.name.split(".")[0] not in downloading:
+                leftover.unlink(missing_ok=True)
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for name in self.store.model_names(with_empty=True):
+            if self.store.busy(name) == "probation":
+                # A clean stop (SIGTERM, reboot) is not the new version's fault: go back to the old one
+                # now, and start the update again at the next start.
+                await self._disk_call(self.store.regress, name, f"{STOPPED}; the update starts again")
         self._disk.shutdown(wait=True)
 
     async def _disk_call(self, fn, *args, **kwargs):
@@ -135,7 +164,8 @@ class Updater:
 
     def _next_target(self) -> dict | None:
         for name, target in sorted(self.record["wanted"].items()):
-            if target["sha256"] in self.record["failed"]:
+            failure = self.record["failed"].get(target["sha256"])
+            if failure and (failure.get("reason") not in DOWNLOAD_REASONS or failure.get("attempts", 1) >= DOWNLOAD_ATTEMPTS):
                 continue
             state = self.store.state(name)
             active = state.get("active")
@@ -161,7 +191,9 @@ class Updater:
                 await asyncio.sleep(5)
 
     def _fail(self, target: dict, reason: str, message: str) -> None:
-        self.record["failed"][target["sha256"]] = {"reason": reason, "message": message, "at": time.time()}
+        attempts = self.record["failed"].get(target["sha256"], {}).get("attempts", 0) + 1
+        self.record["failed"][target["sha256"]] = {"reason": reason, "message": message, "at": time.time(),
+                                                   "attempts": attempts}
         self._save_record()
         log.error("update failed", extra={"model": target["name"], "reason": reason, "error": message})
 
@@ -172,6 +204,9 @@ class Updater:
             await self._disk_call(self.store.transition, name, "download", None, target=target)
         elif state["update"].get("target", {}).get("sha256") != target["sha256"]:
             if state["update"]["state"] == "downloading":  # a newer desired state replaced it
+                old = state["update"].get("target") or {}
+                if old.get("sha256"):
+                    Download(self.store.root / "downloads", old["sha256"], old.get("size", 1)).discard()
                 await self._disk_call(self.store.transition, name, "cancel", "a newer desired state replaced it")
                 await self._disk_call(self.store.transition, name, "download", None, target=target)
             else:
@@ -203,6 +238,8 @@ class Updater:
         """Request missing chunks, a window at a time, until the file is complete."""
         loop = asyncio.get_running_loop()
         asked: dict[int, float] = {}
+        while not self._frames.empty():  # frames of an earlier download
+            self._frames.get_nowait()
         while not download.complete:
             if not self.connected.is_set():
                 await self.connected.wait()

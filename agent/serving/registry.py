@@ -96,6 +96,12 @@ class ModelRegistry:
             return None
         return f"{active}:{state['slots'].get(active, {}).get('manifest_sha256')}"
 
+    def _store_key_or_none(self, name: str) -> str | None:
+        try:
+            return self._store_key(name)
+        except EdgepackError:
+            return "unreadable"  # keep serving what is loaded
+
     def _scheduler(self, name: str) -> ModelScheduler:
         if name not in self.schedulers:
             self.schedulers[name] = ModelScheduler(name, self.config.model(name), self.metrics)
@@ -109,8 +115,12 @@ class ModelRegistry:
     async def start(self) -> None:
         """Load every bundle file and store model (a bad one is reported, the others still serve)."""
         loop = asyncio.get_running_loop()
-        # Finish or undo what a crash interrupted (an install, an update on probation) before loading.
-        recovered = await loop.run_in_executor(None, self.store.recover)
+        # One daemon per store; it owns the updates in progress, and finishes or undoes what a crash
+        # interrupted (an install, an update on probation) before loading.
+        self._daemon_lock = self.store.daemon_lock()
+        self._daemon_lock.__enter__()
+        updates = bool(self.config.mqtt and self.config.updates.enabled)
+        recovered = await loop.run_in_executor(None, lambda: self.store.recover(resume_downloads=updates))
         if recovered:
             log.warning("recovered interrupted updates", extra={"models": recovered})
         for path in self.bundles:
@@ -125,6 +135,11 @@ class ModelRegistry:
     async def refresh(self) -> None:
         """Load the store's active slot of every model whose state changed since the last look."""
         loop = asyncio.get_running_loop()
+        for name, scheduler in self.schedulers.items():
+            # A model rolled back to nothing (its first version failed its probation): stop serving it.
+            current = scheduler.current
+            if current and not current.key.startswith("file:") and self._store_key_or_none(name) is None:
+                scheduler.unload()
         for name in self._store_names():
             scheduler = self.schedulers.get(name)
             if scheduler and scheduler.current and scheduler.current.key.startswith("file:"):
@@ -194,3 +209,5 @@ class ModelRegistry:
             await asyncio.gather(self._watcher, return_exceptions=True)
         await asyncio.gather(*(s.close() for s in self.schedulers.values()))
         shutil.rmtree(self._temp, ignore_errors=True)
+        if getattr(self, "_daemon_lock", None):
+            self._daemon_lock.__exit__(None, None, None)

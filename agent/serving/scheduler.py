@@ -207,6 +207,17 @@ class ModelScheduler:
                                         "previous": old.version if old else None})
         return old
 
+    def unload(self) -> None:
+        """Stop serving (no version left in the store): new requests get 404/503; queued ones finish."""
+        old, self.current = self.current, None
+        if old is not None:
+            try:
+                self.metrics.active.remove(self.name, old.version, old.slot or "")
+            except KeyError:
+                pass
+            old.retire()
+            log.warning("model unloaded", extra={"model": self.name, "version": old.version})
+
     # -- requests ----------------------------------------------------------------------------------
 
     def check_capacity(self) -> None:
@@ -374,7 +385,7 @@ class ModelScheduler:
                 feeds = {name: array[rows] for name, array in work.feeds.items()}
                 part = served.model.run(feeds, chunk)
                 if served.drift is not None:
-                    served.drift.observe(feeds, part)
+                    served.drift.safe_observe(feeds, part)
                 if work.outputs is None:
                     work.outputs = {name: np.empty((work.count, *value.shape[1:]), value.dtype)
                                     for name, value in part.items()}
@@ -421,7 +432,7 @@ class ModelScheduler:
         # A request larger than the batch limit is split by the model's one splitter.
         outputs = served.model.run(feeds, max_batch)
         if served.drift is not None:
-            served.drift.observe(feeds, outputs)  # on the worker thread, off the event loop
+            served.drift.safe_observe(feeds, outputs)  # on the worker thread, off the event loop
         return outputs
 
     async def close(self) -> None:

@@ -178,8 +178,15 @@ def test_signed_update_commits_with_no_failed_request(fleet):
     probe = Probe(fleet)
     probe.start()
     wait_for(lambda: fleet.controller.registry.devices(), 30, "the agent online")
-    fleet.push("1.1.0")
+    # The operator's commands, as real processes.
+    pushed = run_cli("fleet", "push", fleet.setup["bundles"][("1.1.0", "x86-64")], "--device", DEVICE, "--key",
+                     fleet.setup["private"], "--broker", fleet.broker.url, "--bundles", fleet.tmp / "shelf")
+    assert pushed.returncode == 0 and "fleet 1.1.0 (x86-64)" in pushed.stdout, pushed.stderr
     wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    devices = json.loads(run_cli("fleet", "devices", "--db", f"sqlite:///{fleet.tmp / 'fleet.db'}", "--json").stdout)
+    assert devices[0]["device"] == DEVICE
+    listed = run_cli("fleet", "events", "--db", f"sqlite:///{fleet.tmp / 'fleet.db'}", "--device", DEVICE)
+    assert "desired_accepted" in listed.stdout, listed.stdout
     time.sleep(0.5)
     seen = probe.stop()
     assert seen and all(status == 200 for status, _ in seen), [s for s in seen if s[0] != 200][:5]
@@ -220,6 +227,10 @@ def test_forged_expired_replayed_and_foreign_desired_states_are_refused(fleet, f
     _refusal(fleet, "bad-signature")
     fleet.push("1.1.0", profile="rpi4", desired_version=14)
     _refusal(fleet, "profile")
+    # a group's desired state (validly signed) replayed on the device's own topic
+    group_state = desired_for_bundles([bundle], device=None, group="all", version=15, expires_s=3600)
+    fleet.push("1.1.0", raw=sign_desired(group_state, load_private_key(fleet_bundles["private"])))
+    _refusal(fleet, "wrong-device")
     assert fleet.active() == "1.0.0"
     # a valid one is taken; an older one replayed afterwards is refused, also after a restart
     fleet.push("1.1.0", desired_version=20)
@@ -286,17 +297,22 @@ def _flip(offset_fraction):
 ])
 def test_damaged_bundle_in_transit_is_refused(fleet, fleet_bundles, name, damage, reason):
     bundle = fleet_bundles["bundles"][("1.1.0", "x86-64")]
-    fleet.start_controller()
-    fleet.controller.shelf = type(fleet.controller.shelf)(fleet.tmp / "empty-shelf")  # only the evil one answers
-    evil = EvilFleet(fleet.address, bundle, damage)
+    evil = EvilFleet(fleet.address, bundle, damage)  # the only one answering chunk requests
     fleet.start_agent()
+    record_path = fleet.store / "fleet" / "desired.json"
+
+    def attempts():
+        failed = json.loads(record_path.read_text()).get("failed", {}) if record_path.exists() else {}
+        return next(iter(failed.values()), {}).get("attempts", 0)
+
     try:
         fleet.push("1.1.0", desired_version=30)
-        wait_for(lambda: fleet.update()["result"] == "failed", 60, "the failed update")
+        wait_for(lambda: attempts() >= 3 and fleet.update()["result"] == "failed", 90, "three failed attempts")
+        time.sleep(0.5)
     finally:
         evil.stop()
-    record = json.loads((fleet.store / "fleet" / "desired.json").read_text())
-    failure = next(iter(record["failed"].values()))
+    assert attempts() == 3  # a damaged transfer is tried three times, then left alone
+    failure = next(iter(json.loads(record_path.read_text())["failed"].values()))
     assert failure["reason"] in (reason, "size", "oversized"), failure
     assert fleet.active() == "1.0.0"
     assert not list((fleet.store / "downloads").glob("*.part"))
@@ -337,22 +353,23 @@ ModelStore.transition = transition
 @pytest.mark.parametrize("state", ["downloading", "staging", "switching", "probation", "rolling_back"])
 def test_kill_9_of_the_agent_in_every_update_state(fleet, state):
     fleet.start_controller()
-    bad = state == "rolling_back"
+    bad = state == "rolling_back"  # NaN outputs make probation roll back; the kill follows that write
     fleet.start_agent(python_code=KILLER.format(state=state))
+    probe = Probe(fleet, -0.5 if bad else 0.5)  # every 100 ms, through the kill and the restart
+    probe.start()
     fleet.push("1.2.0" if bad else "1.1.0")
-    if bad:  # NaN outputs make probation roll back; the kill comes right after that state is written
-        probe = Probe(fleet, -0.5)
-        probe.start()
     assert fleet.agent.process.wait(90) == -signal.SIGKILL
-    if bad:
-        probe.stop()
     fleet.start_agent()
     if state in ("downloading", "staging", "switching"):
         expected = "1.1.0"  # the update starts again (only missing chunks) and commits
     else:
         expected = "1.0.0"  # killed while the new version was on probation: it counts as a failure
     wait_for(lambda: fleet.active() == expected and fleet.update()["state"] == "idle", 90, f"version {expected}")
-    assert infer(fleet.agent.url)[0] == 200
+    time.sleep(0.5)
+    seen = probe.stop()
+    # No request failed except while the process was down (connection refused: status 0).
+    assert {status for status, _ in seen} <= {0, 200}, [s for s in seen if s[0] not in (0, 200)][:5]
+    assert seen[-1][0] == 200
     store = ModelStore(fleet.store)
     assert store.slot_health("fleet", store.state("fleet")["active"]) == "ok"
     wait_for(lambda: any((d["state"] or {}).get("models", {}).get("fleet", {}).get("active") == expected
