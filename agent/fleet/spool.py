@@ -63,12 +63,12 @@ class Spool:
                 seq = self._meta("next_seq") + 1
                 dropped = self._meta("dropped") if kind == "telemetry" else 0
                 payload = json.dumps(build(seq, dropped), separators=(",", ":")).encode()
+                if dropped:
+                    self._set_meta("dropped", 0)  # reported in this message; room made for it counts next
                 self._make_room(len(payload))
                 self._db.execute("INSERT INTO outbox(seq, kind, topic, payload, created) VALUES(?, ?, ?, ?, ?)",
                                  (seq, kind, topic, payload, time.time()))
                 self._set_meta("next_seq", seq)
-                if dropped:
-                    self._set_meta("dropped", 0)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgepack.bundle import open_bundle
 from edgepack.bundle.signing import load_public_key
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, StoreError
 
 from ..config import AgentConfig
 from ..drift import monitor_for
@@ -44,6 +44,7 @@ class ModelRegistry:
         self.schedulers: dict[str, ModelScheduler] = {}
         self._temp = Path(tempfile.mkdtemp(prefix="edgepack-agent-"))
         self._watcher: asyncio.Task | None = None
+        self._daemon_lock = None
         self._failed: dict[str, str] = {}  # name -> key of a version that failed, so it is not retried forever
         self.failures: dict[str, str] = {}  # name -> why that version failed
         #: called with (event kind, body) for drift events; the fleet link adds itself
@@ -117,12 +118,21 @@ class ModelRegistry:
         loop = asyncio.get_running_loop()
         # One daemon per store; it owns the updates in progress, and finishes or undoes what a crash
         # interrupted (an install, an update on probation) before loading.
-        self._daemon_lock = self.store.daemon_lock()
-        self._daemon_lock.__enter__()
         updates = bool(self.config.mqtt and self.config.updates.enabled)
-        recovered = await loop.run_in_executor(None, lambda: self.store.recover(resume_downloads=updates))
-        if recovered:
-            log.warning("recovered interrupted updates", extra={"models": recovered})
+        lock = self.store.daemon_lock()
+        try:
+            lock.__enter__()
+            self._daemon_lock = lock
+        except StoreError:
+            if updates:
+                raise  # two daemons taking updates into one store would undo each other's work
+            # Another daemon owns this store (its updates, its recovery); this one only serves it.
+            log.warning("another daemon owns the store; serving it without recovering or updating",
+                        extra={"store": str(self.store.root)})
+        if self._daemon_lock:
+            recovered = await loop.run_in_executor(None, lambda: self.store.recover(resume_downloads=updates))
+            if recovered:
+                log.warning("recovered interrupted updates", extra={"models": recovered})
         for path in self.bundles:
             try:
                 served = await loop.run_in_executor(None, self._load_bundle_file, path)
@@ -209,5 +219,5 @@ class ModelRegistry:
             await asyncio.gather(self._watcher, return_exceptions=True)
         await asyncio.gather(*(s.close() for s in self.schedulers.values()))
         shutil.rmtree(self._temp, ignore_errors=True)
-        if getattr(self, "_daemon_lock", None):
+        if self._daemon_lock:
             self._daemon_lock.__exit__(None, None, None)

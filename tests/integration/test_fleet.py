@@ -529,3 +529,24 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
         assert fleet.active() == "1.1.0" and fleet.agent.process.poll() is None
     finally:
         fleet.close()
+
+
+def test_group_desired_state_updates_a_member(fleet, fleet_bundles):
+    config = json.loads(fleet.config.read_text())
+    config["updates"]["groups"] = ["kitchen"]
+    fleet.config.write_text(json.dumps(config))
+    fleet.start_controller()
+    fleet.start_agent()
+    bundle = fleet_bundles["bundles"][("1.1.0", "x86-64")]
+    fleet.controller.shelf.add(bundle)
+    state = desired_for_bundles([bundle, fleet_bundles["bundles"][("1.1.0", "rpi4")]], device=None, group="kitchen",
+                                version=None, expires_s=3600)
+    publish_retained(fleet.address, topics.group_desired("kitchen"),
+                     sign_desired(state, load_private_key(fleet_bundles["private"])), "group-pusher")
+    wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    # a group this device does not follow is not its business (not even subscribed)
+    other = desired_for_bundles([bundle], device=None, group="garage", version=None, expires_s=3600)
+    publish_retained(fleet.address, topics.group_desired("garage"),
+                     sign_desired(other, load_private_key(fleet_bundles["private"])), "group-pusher-2")
+    time.sleep(1.0)
+    assert fleet.active() == "1.1.0" and not fleet.events("desired_refused")
