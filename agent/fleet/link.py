@@ -172,6 +172,7 @@ class FleetLink:
         # Called from the store (on a worker thread): spool the event, then publish the state.
         target = (state["update"].get("target") or {})
         step = {("step" if key == "event" else key): value for key, value in entry.items()}
+        log.info("update step", extra={"model": name, "version": target.get("version"), **step})
         self.emit("update", {"model": name, "version": target.get("version"), **step})
         if self._loop:
             self._loop.call_soon_threadsafe(self.publish_state)

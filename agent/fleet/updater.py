@@ -115,6 +115,8 @@ class Updater:
         self.record["failed"].pop(bundle.sha256, None)  # pushing it again is how an operator retries
         self._save_record()
         self.emit("desired_accepted", target)
+        log.info("desired state accepted", extra={"model": name, "version": target["version"],
+                                                  "sha256": target["sha256"], "desired_version": state.version})
         self._wake.set()
 
     def handle_chunk(self, payload: bytes) -> None:
@@ -253,6 +255,7 @@ class Updater:
                 del asked[index]
             wanted = [i for i in download.missing() if i not in asked][: max(0, self.options.download_window - len(asked))]
             if wanted and self.publish(topics.chunk_requests(self.device_id), chunk_frames.request(target["sha256"], wanted)) is not None:
+                log.debug("chunks asked", extra={"chunks": wanted, "missing": len(download.missing())})
                 for index in wanted:
                     asked[index] = now
             try:

@@ -104,6 +104,14 @@ class Fleet:
                                       load_private_key(key or self.setup["private"]))
         publish_retained(self.address, topics.desired(DEVICE), payload, f"pusher-{time.monotonic_ns()}")
 
+    def wait_commit(self, version: str, timeout: float = 60) -> None:
+        """Wait for ``version`` committed; on time-out the agent's log tail goes into the failure."""
+        try:
+            wait_for(lambda: self.active() == version and self.update()["result"] == "committed", timeout, "the commit")
+        except AssertionError:
+            tail = "\n".join(line[:300] for line in (self.agent.lines[-25:] if self.agent else []))
+            raise AssertionError(f"{version} not committed; update {json.dumps(self.update())[-1500:]}\n{tail}") from None
+
     def active(self) -> str | None:
         state = ModelStore(self.store).state("fleet")
         return state["slots"].get(state.get("active") or "", {}).get("version")
@@ -182,7 +190,7 @@ def test_signed_update_commits_with_no_failed_request(fleet):
     pushed = run_cli("fleet", "push", fleet.setup["bundles"][("1.1.0", "x86-64")], "--device", DEVICE, "--key",
                      fleet.setup["private"], "--broker", fleet.broker.url, "--bundles", fleet.tmp / "shelf")
     assert pushed.returncode == 0 and "fleet 1.1.0 (x86-64)" in pushed.stdout, pushed.stderr
-    wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    fleet.wait_commit("1.1.0")
     devices = json.loads(run_cli("fleet", "devices", "--db", f"sqlite:///{fleet.tmp / 'fleet.db'}", "--json").stdout)
     assert devices[0]["device"] == DEVICE
     listed = run_cli("fleet", "events", "--db", f"sqlite:///{fleet.tmp / 'fleet.db'}", "--device", DEVICE)
@@ -234,7 +242,7 @@ def test_forged_expired_replayed_and_foreign_desired_states_are_refused(fleet, f
     assert fleet.active() == "1.0.0"
     # a valid one is taken; an older one replayed afterwards is refused, also after a restart
     fleet.push("1.1.0", desired_version=20)
-    wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    fleet.wait_commit("1.1.0")
     fleet.push("1.0.0", desired_version=19)
     _refusal(fleet, "replayed")
     fleet.agent.stop(signal.SIGKILL)
@@ -501,7 +509,7 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
         fleet.start_agent()
         wait_for(lambda: len(fleet.controller.registry.messages(DEVICE, "telemetry")) >= 2, 30, "telemetry over TLS")
         fleet.push("1.1.0")  # the controller may write desired topics; the update goes through over TLS
-        wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+        fleet.wait_commit("1.1.0")
 
         # A real second device, with its own valid certificate, tries to write where it must not.
         intruder = BrokerAddress("127.0.0.1", fleet.broker.port, True, ca_file=str(certs["ca"][0]),
@@ -543,7 +551,7 @@ def test_group_desired_state_updates_a_member(fleet, fleet_bundles):
                                 version=None, expires_s=3600)
     publish_retained(fleet.address, topics.group_desired("kitchen"),
                      sign_desired(state, load_private_key(fleet_bundles["private"])), "group-pusher")
-    wait_for(lambda: fleet.active() == "1.1.0" and fleet.update()["result"] == "committed", 60, "the commit")
+    fleet.wait_commit("1.1.0")
     # a group this device does not follow is not its business (not even subscribed)
     other = desired_for_bundles([bundle], device=None, group="garage", version=None, expires_s=3600)
     publish_retained(fleet.address, topics.group_desired("garage"),
