@@ -116,8 +116,16 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
         # One sample at a time: a batch of samples would grow the runtime's memory arena for good.
         started = time.perf_counter()
         outputs = model.run(checked, max_batch=1)
-        count = len(next(iter(checked.values()))) if model.backend.batched else 1
-        model.sample_seconds = (time.perf_counter() - started) / max(1, count)
+        count = max(1, len(next(iter(checked.values()))) if model.backend.batched else 1)
+        # The first run pays for warm-up (allocations, kernel selection), and one timing is noise: the
+        # fastest of a few more runs (at most ~0.3 s of them) is what an update's probation compares.
+        timings, spent = [], time.perf_counter() - started
+        while len(timings) < 5 and spent < 0.3:
+            began = time.perf_counter()
+            model.run(checked, max_batch=1)
+            timings.append(time.perf_counter() - began)
+            spent += timings[-1]
+        model.sample_seconds = min(timings or [spent]) / count
     except Exception as exc:
         raise StoreError(f"smoke test failed: the model cannot run its sample inputs ({exc})") from None
     for name, path in samples["outputs"].items():
