@@ -5,10 +5,10 @@ smoke test. A failure at any step raises an EdgepackError with the reason, and n
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from edgepack.bundle import open_bundle
+from edgepack.bundle.format import sha256_file
 from edgepack.errors import StoreError
 
 from .model import LoadedModel, load_model, release_freed_memory, smoke_test
@@ -27,14 +27,11 @@ def check_extracted(manifest: dict, folder: Path) -> None:
     """The extracted model file is what gets loaded: check it has not rotted or been replaced."""
     model_file = manifest["model_file"]
     on_disk = Path(folder) / model_file
-    digest = hashlib.sha256()
     try:
-        with open(on_disk, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        actual = sha256_file(on_disk)
     except OSError:
         raise StoreError(f"the extracted model file {model_file} is missing; reinstall or roll back") from None
-    if digest.hexdigest() != manifest["files"][model_file]["sha256"]:
+    if actual != manifest["files"][model_file]["sha256"]:
         raise StoreError(f"the extracted model file {model_file} is corrupted; reinstall or roll back")
 
 

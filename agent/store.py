@@ -28,6 +28,7 @@ from typing import Callable
 
 from edgepack.atomic import copy_durably, fsync_dir, fsync_tree, write_json_atomic
 from edgepack.bundle import open_bundle
+from edgepack.bundle.format import sha256_file
 from edgepack.errors import EdgepackError, StoreError, UsageError, first_line
 
 from . import lifecycle
@@ -120,7 +121,7 @@ class ModelStore:
                     on_disk = folder / "files" / member
                     if not on_disk.is_file():
                         return f"missing extracted file {member}"
-                    if _sha256_file(on_disk) != entry["sha256"]:
+                    if sha256_file(on_disk) != entry["sha256"]:
                         return f"extracted file {member} is corrupted"
         except EdgepackError as exc:
             return exc.message
@@ -340,7 +341,7 @@ class ModelStore:
         info = {"version": manifest["version"], "profile": manifest["profile"], "precision": manifest["precision"],
                 "installed_at": int(time.time()), "sample_seconds": sample_seconds,
                 "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                "bundle_sha256": _sha256_file(staging / "bundle.edgepack")}
+                "bundle_sha256": sha256_file(staging / "bundle.edgepack")}
         # The inactive slot is the rollback target until now; from this write on it is being replaced.
         previous = state.get("previous")
         pointers = {"previous": None if previous == slot else previous,
@@ -413,10 +414,3 @@ class ModelStore:
             return self.transition(name, "rollback", "manual rollback",
                                    pointers={"active": previous, "previous": state["active"]})
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgepack.bundle.format import sha256_file
 from edgepack.errors import ConversionError, InputFileError, UsageError, first_line
 from edgepack.tensors import TensorSpec
 
@@ -67,11 +68,8 @@ def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of the source model file."""
+    return sha256_file(path)
 
 
 def detect_kind(model: str) -> str:

@@ -6,10 +6,10 @@ wrong size, or far more data than the bundle needs cuts the download off and rem
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from edgepack.bundle.format import sha256_file
 from edgepack.atomic import fsync_dir, write_json_atomic
 from edgepack.errors import EdgepackError
 from edgepack.fleet.chunks import CHUNK_BYTES, chunk_count
@@ -105,11 +105,7 @@ class Download:
             actual = self.part.stat().st_size if self.part.exists() else 0
             self.discard()
             raise DownloadError("size", f"the downloaded bundle has {actual} bytes, the desired state says {self.size}")
-        digest = hashlib.sha256()
-        with open(self.part, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != self.sha256:
+        if sha256_file(self.part) != self.sha256:
             self.discard()
             raise DownloadError("sha256", "the downloaded bundle's sha256 does not match the signed desired state")
         return self.part

@@ -47,6 +47,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read a block at a time (bundles and models can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_valid_semver(version: str) -> bool:
     """True for a semantic version such as ``1.2.3`` or ``1.0.0-rc.1``."""
     return bool(_SEMVER.match(version))

@@ -6,7 +6,6 @@ paho's callbacks only enqueue; one thread handles the messages in order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from edgepack.bundle.format import sha256_file
 from edgepack.errors import UsageError
 
 from . import chunks, topics
@@ -76,7 +76,7 @@ class BundleShelf:
             if self._seen.get(path) == key:
                 continue
             self._seen[path] = key
-            self._index[_sha256_file(path)] = path
+            self._index[sha256_file(path)] = path
 
     def find(self, sha256: str) -> Path | None:
         if sha256 not in self._index:
@@ -227,16 +227,9 @@ def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str |
         model = this
         if manifest["profile"] in refs:
             raise UsageError(f"two bundles for profile {manifest['profile']!r}; give one per profile")
-        refs[manifest["profile"]] = BundleRef(sha256=_sha256_file(path), size=Path(path).stat().st_size,
+        refs[manifest["profile"]] = BundleRef(sha256=sha256_file(path), size=Path(path).stat().st_size,
                                               file=Path(path).name)
     now = time.time()
     return DesiredState(version=version or int(now * 1000), device=device, group=group, issued_at=now,
                         expires_at=now + expires_s, model=ModelRef(name=model[0], version=model[1]), bundles=refs)
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
