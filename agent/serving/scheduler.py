@@ -67,12 +67,15 @@ class VersionHealth:
         self.nonfinite = 0  # runs whose outputs held NaN or Inf
         self.seconds: collections.deque[float] = collections.deque(maxlen=512)  # per sample, per run
 
-    def observe(self, samples: int, seconds: float, outputs: dict | None) -> None:
+    def observe(self, samples: int, seconds: float) -> None:
         self.runs += 1
         self.samples += samples
         if samples:
             self.seconds.append(seconds / samples)
-        if outputs and any(np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all() for v in outputs.values()):
+
+    def check_outputs(self, outputs: dict) -> None:
+        """Count a run whose outputs hold NaN or Inf (called on the worker thread, off the event loop)."""
+        if any(np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all() for v in outputs.values()):
             self.nonfinite += 1
 
     def failed(self) -> None:
@@ -354,7 +357,7 @@ class ModelScheduler:
                     work.release()
             elapsed = time.perf_counter() - started
             self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed)
-            served.health.observe(sum(w.count for w in batch), elapsed, outputs)
+            served.health.observe(sum(w.count for w in batch), elapsed)
             offset = 0
             for work in batch:
                 part = outputs if len(batch) == 1 else {k: v[offset:offset + work.count] for k, v in outputs.items()}
@@ -384,6 +387,7 @@ class ModelScheduler:
                 # One runtime call per chunk where the model allows it: no other request shares it.
                 feeds = {name: array[rows] for name, array in work.feeds.items()}
                 part = served.model.run(feeds, chunk)
+                served.health.check_outputs(part)
                 if served.drift is not None:
                     served.drift.safe_observe(feeds, part)
                 if work.outputs is None:
@@ -411,7 +415,7 @@ class ModelScheduler:
             served.release()
         elapsed = time.perf_counter() - started
         self.metrics.observe_batch(self.name, ran, elapsed)
-        served.health.observe(ran, elapsed, None)
+        served.health.observe(ran, elapsed)
         if work.future.done():
             work.release()  # cancelled or past its deadline meanwhile; the run is over
             return
@@ -431,6 +435,7 @@ class ModelScheduler:
             feeds = {name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds}
         # A request larger than the batch limit is split by the model's one splitter.
         outputs = served.model.run(feeds, max_batch)
+        served.health.check_outputs(outputs)
         if served.drift is not None:
             served.drift.safe_observe(feeds, outputs)  # on the worker thread, off the event loop
         return outputs
