@@ -11,15 +11,27 @@ import numpy as np
 from edgepack.profiles import Budgets
 
 
+#: what an output is, which decides how it is judged
+OUTPUT_KINDS = ("classes", "embedding", "regression", "labels", "other")
+
+
 @dataclass
 class OutputMetrics:
     """How one output of a candidate compares with the original."""
 
     name: str
+    kind: str = "other"
     cosine: float | None = None
     max_abs_error: float | None = None
     mean_abs_error: float | None = None
     top1_agreement: float | None = None
+    #: top-1 agreement on the samples the original is confident about (top-1 beats top-2 by a margin)
+    confident_agreement: float | None = None
+    confident_samples: int | None = None
+    #: embeddings: how often a sample's nearest neighbour in the validation set stays the same
+    neighbour_agreement: float | None = None
+    #: regression: mean |error| relative to the mean |original output|
+    relative_error: float | None = None
     exact_agreement: float | None = None
 
     def to_dict(self) -> dict:
@@ -44,8 +56,15 @@ class GateResult:
 
     @property
     def agreement(self) -> float | None:
-        values = [m.top1_agreement for m in self.outputs if m.top1_agreement is not None]
-        values += [m.exact_agreement for m in self.outputs if m.exact_agreement is not None]
+        """The worst agreement of any output: top-1 for class scores, nearest neighbour for embeddings,
+        exact for labels."""
+        values = [v for m in self.outputs for v in (m.top1_agreement, m.neighbour_agreement, m.exact_agreement)
+                  if v is not None]
+        return min(values) if values else None
+
+    @property
+    def confident_agreement(self) -> float | None:
+        values = [m.confident_agreement for m in self.outputs if m.confident_agreement is not None]
         return min(values) if values else None
 
     @property
@@ -57,6 +76,8 @@ class GateResult:
         data = {"outputs": [m.to_dict() for m in self.outputs], "passed": self.passed, "failures": self.failures}
         if self.agreement is not None:
             data["agreement"] = self.agreement
+        if self.confident_agreement is not None:
+            data["confident_agreement"] = self.confident_agreement
         if self.batch_invariant is not None:
             data["batch_invariant"] = self.batch_invariant
             finite = np.isfinite(self.batch_deviation)
@@ -68,52 +89,119 @@ class GateResult:
 
 
 def is_classifier_output(array: np.ndarray) -> bool:
-    """Float [N, C] with C > 1: scores or probabilities over classes."""
+    """Float [N, C] with C > 1: scores or probabilities over classes (or an embedding: see output_kind)."""
     return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
 
 
-def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputMetrics:
-    """Cosine, errors and agreement of one output (the reference is reshaped when only its layout differs)."""
+def output_kind(reference: np.ndarray, declared: str | None = None) -> str:
+    """What an output is: ``classes`` (float [N, C] scores), ``embedding`` (float [N, D] whose rows all
+    have unit length, as sentence and image encoders return them), ``regression`` (one float per
+    sample), ``labels`` (integers or strings) or ``other`` (maps, boxes, ...). ``declared`` wins."""
+    if declared:
+        return declared
+    reference = np.asarray(reference)
+    if reference.dtype.kind in "iubUSO":
+        return "labels"
+    if reference.dtype.kind != "f":
+        return "other"
+    if reference.ndim == 1 or (reference.ndim == 2 and reference.shape[1] == 1):
+        return "regression"
+    if is_classifier_output(reference):
+        norms = np.linalg.norm(reference.astype(np.float64), axis=1)
+        if len(norms) and np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=1e-3):
+            return "embedding"
+        return "classes"
+    return "other"
+
+
+def top_margin(scores: np.ndarray) -> np.ndarray:
+    """How far each sample's top-1 score beats its top-2, in logits. Probabilities (rows of non-negative
+    values summing to 1) are compared as log-probabilities, so a margin means the same either way."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) and (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+        scores = np.log(np.maximum(scores, 1e-12))
+    top = np.sort(scores, axis=1)[:, -2:]
+    return top[:, 1] - top[:, 0]
+
+
+def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
+    """Index of each row's most similar other row (cosine)."""
+    rows = np.asarray(embeddings, dtype=np.float64)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    similarity = rows @ rows.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity.argmax(axis=1)
+
+
+def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, kind: str | None = None,
+                   confident_margin: float = 1.0) -> OutputMetrics:
+    """Cosine, errors and the metric that fits what the output is (the reference is reshaped when only
+    its layout differs); ``kind`` declares what it is, else it is detected (``output_kind``)."""
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     if reference.shape != candidate.shape and reference.size == candidate.size:
         reference = reference.reshape(candidate.shape)
-    metrics = OutputMetrics(name)
+    metrics = OutputMetrics(name, output_kind(reference, kind))
     if reference.shape != candidate.shape:
         metrics.exact_agreement = 0.0
         return metrics
     if candidate.dtype.kind in "iub" or candidate.dtype.kind in "USO":
+        metrics.kind = "labels"
         metrics.exact_agreement = float(np.mean(reference.astype(candidate.dtype) == candidate)) if reference.size else 1.0
         return metrics
     ref = reference.astype(np.float64).reshape(len(reference), -1) if reference.ndim else reference.astype(np.float64).reshape(1, -1)
     cand = candidate.astype(np.float64).reshape(ref.shape)
-    finite = np.isfinite(cand).all()
+    finite = bool(np.isfinite(cand).all())
     diff = np.abs(ref - cand)
     metrics.max_abs_error = float(diff.max()) if finite else float("inf")
     metrics.mean_abs_error = float(diff.mean()) if finite else float("inf")
+    if metrics.kind == "regression":
+        # One number per sample: a per-sample cosine would only compare signs.
+        scale = float(np.abs(ref).mean())
+        metrics.relative_error = (float(diff.mean()) / scale if scale > 0 else float(diff.mean())) if finite else float("inf")
+        return metrics
     num = (ref * cand).sum(axis=1)
     den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     # Samples whose reference and candidate are both all-zero agree perfectly.
     cos = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(np.abs(ref).sum(1) + np.abs(cand).sum(1) == 0, 1.0, 0.0))
     metrics.cosine = float(np.mean(cos)) if finite else 0.0
-    if is_classifier_output(candidate):
-        metrics.top1_agreement = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))) if finite else 0.0
+    if metrics.kind == "embedding" and ref.ndim == 2:
+        if len(ref) > 2:
+            metrics.neighbour_agreement = (float(np.mean(nearest_neighbours(ref) == nearest_neighbours(cand)))
+                                           if finite else 0.0)
+    elif metrics.kind == "classes" and is_classifier_output(reference):
+        agree = reference.argmax(axis=1) == candidate.argmax(axis=1)
+        metrics.top1_agreement = float(np.mean(agree)) if finite else 0.0
+        confident = top_margin(reference) > confident_margin
+        metrics.confident_samples = int(confident.sum())
+        if confident.any():
+            metrics.confident_agreement = float(np.mean(agree[confident])) if finite else 0.0
     return metrics
 
 
 def evaluate(reference_outputs: list[np.ndarray], candidate_outputs: list[np.ndarray], output_names: list[str],
-             budgets: Budgets, min_agreement: float | None = None, labels: np.ndarray | None = None) -> GateResult:
-    """Compare every output; list every budget miss at once."""
+             budgets: Budgets, min_agreement: float | None = None, labels: np.ndarray | None = None,
+             kinds: dict[str, str] | None = None) -> GateResult:
+    """Compare every output; list every budget miss at once. ``kinds`` declares what outputs are."""
     min_agreement = budgets.min_agreement if min_agreement is None else min_agreement
-    metrics = [compare_output(name, ref, cand) for name, ref, cand in zip(output_names, reference_outputs, candidate_outputs)]
+    kinds = kinds or {}
+    metrics = [compare_output(name, ref, cand, kinds.get(name), budgets.confident_margin)
+               for name, ref, cand in zip(output_names, reference_outputs, candidate_outputs)]
     result = GateResult(metrics)
     for m in metrics:
         if m.max_abs_error is not None and not np.isfinite(m.max_abs_error):
             result.failures.append(f"{m.name}: non-finite outputs (NaN/Inf)")
         if m.cosine is not None and m.cosine < budgets.min_cosine:
             result.failures.append(f"{m.name}: cosine {m.cosine:.4f} < {budgets.min_cosine}")
-        for label, value in (("top-1 agreement", m.top1_agreement), ("agreement", m.exact_agreement)):
-            if value is not None and value < min_agreement:
-                result.failures.append(f"{m.name}: {label} {value:.2%} < {min_agreement:.2%}")
+        budgeted = (("top-1 agreement", m.top1_agreement, min_agreement),
+                    (f"agreement on confident samples (margin > {budgets.confident_margin:g})", m.confident_agreement,
+                     budgets.min_confident_agreement),
+                    ("nearest-neighbour agreement", m.neighbour_agreement, budgets.min_neighbour_agreement),
+                    ("agreement", m.exact_agreement, min_agreement))
+        for label, value, limit in budgeted:
+            if value is not None and limit is not None and value < limit:
+                result.failures.append(f"{m.name}: {label} {value:.2%} < {limit:.2%}")
+        if m.relative_error is not None and m.relative_error > budgets.max_relative_error:
+            result.failures.append(f"{m.name}: relative error {m.relative_error:.2%} > {budgets.max_relative_error:.2%}")
     if labels is not None:
         scores = _prediction_output(candidate_outputs)
         ref_scores = _prediction_output(reference_outputs)

@@ -58,6 +58,10 @@ class ConvertOptions:
     name: str | None = None
     version: str = "1.0.0"
     min_agreement: float | None = None
+    #: budgets that override the profile's (e.g. {"min_confident_agreement": 1.0})
+    budget_overrides: dict = field(default_factory=dict)
+    #: what named outputs are (classes, embedding, regression, labels, other); detected when not named
+    output_kinds: dict = field(default_factory=dict)
     recipes: list[str] | None = None
     image: ImagePreprocessing | None = None
     signing_key: Path | None = None
@@ -171,6 +175,7 @@ class _Job:
         if source.kind in ("torch-export", "torchscript", "torch-factory", "onnx") and source.onnx_path is not None:
             progress("settling the batch dimension")
             self._settle_batch()
+        _check_output_kinds(options.output_kinds, [spec.name for spec in source.outputs])
         progress("running the original model on the validation data")
         self.reference = self._run_reference(self.validation)
         self.output_names = [spec.name for spec in source.outputs]
@@ -248,14 +253,15 @@ class _Job:
 
     def evaluate(self, path: Path, threads: int):
         # Keyed by content: two profiles may write different graphs under the same candidate name.
-        key = (file_sha256(Path(path)), threads, repr(self.budgets), self.options.min_agreement)
+        key = (file_sha256(Path(path)), threads, repr(self.budgets))
         if key not in self.evaluations:
             backend = self.backend_for(path, threads)
             invariant, deviation = batch_invariance(backend, {k: v[:CHECK_SAMPLES] for k, v in self.validation.inputs.items()})
             # A batch-dependent candidate is served one sample at a time: gate what will be served.
             outputs = run_in_batches(backend, self.validation.inputs, 64 if invariant else 1)
             result = gate_module.evaluate(
-                self.reference, outputs, self.output_names, self.budgets, self.options.min_agreement, self.validation.labels
+                self.reference, outputs, self.output_names, self.budgets, labels=self.validation.labels,
+                kinds=self.options.output_kinds,
             )
             result.batch_invariant, result.batch_deviation = invariant, deviation
             one = {k: v[:1] for k, v in self.validation.inputs.items()}
@@ -283,7 +289,10 @@ class _Job:
 
     def run_profile(self, profile: Profile) -> ProfileResult:
         result = ProfileResult(profile.name, notes=list(self.notes))
-        self.budgets = profile.budgets
+        overrides = dict(self.options.budget_overrides)
+        if self.options.min_agreement is not None:
+            overrides["min_agreement"] = self.options.min_agreement
+        self.budgets = profile.budgets.model_copy(update=overrides)
         threads = max(1, min(profile.threads, os.cpu_count() or 1))
         try:
             if self.source.kind == "tflite":
@@ -312,7 +321,7 @@ class _Job:
             if chosen is None:
                 if not profile.fallback_to_fp32 or not fp32_gate.passed:
                     raise GateError(
-                        f"{profile.name}: no recipe met the budget (min agreement {self.options.min_agreement or profile.budgets.min_agreement:.2%}) "
+                        f"{profile.name}: no recipe met the budget "
                         "and the profile does not allow an fp32 fallback; see the report"
                     )
                 row = self._row("onnx-fp32", {}, base, fp32_gate, fp32_latency, fp32_latency, fp32_size, {})
@@ -519,6 +528,14 @@ def tflite_precision(path: Path) -> str:
     if np.dtype(np.float16) in dtypes:
         return "fp16"
     return "fp32"
+
+
+def _check_output_kinds(kinds: dict, names: list[str]) -> None:
+    for name, kind in kinds.items():
+        if name not in names:
+            raise UsageError(f"--output-kind names output {name!r}; the model's outputs are {', '.join(names)}")
+        if kind not in gate_module.OUTPUT_KINDS:
+            raise UsageError(f"--output-kind {name}={kind}: use one of {', '.join(gate_module.OUTPUT_KINDS)}")
 
 
 def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:

@@ -25,7 +25,7 @@ def render_tables(results: list[ProfileResult], console) -> None:
     for result in results:
         title = f"{result.profile}: " + (f"shipped {result.chosen} -> {result.bundle}" if result.bundle else f"no bundle ({result.error})")
         table = Table(title=title, title_justify="left", show_lines=False)
-        for column in ("recipe", "status", "size", "size vs fp32", "p50 ms", "vs fp32", "agreement", "cosine", "max abs err", "why"):
+        for column in ("recipe", "status", "size", "size vs fp32", "p50 ms", "vs fp32", "agreement", "confident", "cosine", "max abs err", "why"):
             table.add_column(column, overflow="fold")
         for row in result.candidates:
             metrics = row.metrics or {}
@@ -40,7 +40,7 @@ def render_tables(results: list[ProfileResult], console) -> None:
             table.add_row(
                 row.recipe, f"[{styles.get(row.status, '')}]{row.status}[/]",
                 _fmt(row.size_bytes / 1024 if row.size_bytes else None, "{:.1f} KiB"), _fmt(row.size_ratio, "{:.2f}x"),
-                _fmt(row.p50_ms, "{:.3f}"), _ratio(row), _fmt(metrics.get("agreement"), "{:.2%}"),
+                _fmt(row.p50_ms, "{:.3f}"), _ratio(row), _fmt(metrics.get("agreement"), "{:.2%}"), _confident(outputs),
                 _fmt(cosine, "{:.5f}"), _fmt(max_err, "{:.2e}"), why,
             )
         console.print(table)
@@ -56,3 +56,12 @@ def _ratio(row) -> str:
     if row.latency_ratio is None:
         return "-"
     return f"{row.latency_ratio:.2f}x [{interval[0]:.2f}-{interval[1]:.2f}]" if interval else f"{row.latency_ratio:.2f}x"
+
+
+def _confident(outputs: list[dict]) -> str:
+    """Agreement on the samples the original is confident about, with how many there were."""
+    rows = [o for o in outputs if "confident_agreement" in o]
+    if not rows:
+        return "-"
+    worst = min(rows, key=lambda o: o["confident_agreement"])
+    return f"{worst['confident_agreement']:.2%} of {worst['confident_samples']}"

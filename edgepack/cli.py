@@ -37,6 +37,12 @@ def cli() -> None:
 @click.option("--version", "version", default="1.0.0", show_default=True, help="semantic version of the bundle")
 @click.option("--out", default="out", show_default=True, type=click.Path(path_type=Path), help="output folder")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="top-1 agreement budget (default: the profile's)")
+@click.option("--min-confident-agreement", type=click.FloatRange(0, 1),
+              help="top-1 agreement budget on the samples the original is confident about (default: the profile's)")
+@click.option("--confident-margin", type=click.FloatRange(0), help="how far (in logits) the original's top-1 must beat "
+              "its top-2 for a sample to count as confident (default: the profile's, 1.0)")
+@click.option("--output-kind", "output_kinds", multiple=True, help="NAME=classes|embedding|regression|labels|other: "
+              "what an output is, which decides how the gate judges it (default: detected)")
 @click.option("--recipe", "recipes", multiple=True, help="recipes to try, in order (overrides the profile's list)")
 @click.option("--try-all", is_flag=True, help="evaluate every recipe, not only up to the first that passes")
 @click.option("--key", "signing_key", type=click.Path(path_type=Path), help="ed25519 private key to sign the bundles")
@@ -48,8 +54,9 @@ def cli() -> None:
 @click.option("--color", type=click.Choice(["rgb", "gray"]), default="rgb", show_default=True)
 @click.option("--reference", help="for a .tflite MODEL: the original model it was made from (the accuracy gate compares with it)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def convert(model, profiles, calibration, validation, input_shapes, name, version, out, min_agreement, recipes,
-            try_all, signing_key, resize, mean, std, scale, layout, color, reference, as_json) -> None:
+def convert(model, profiles, calibration, validation, input_shapes, name, version, out, min_agreement,
+            min_confident_agreement, confident_margin, output_kinds, recipes, try_all, signing_key, resize, mean, std,
+            scale, layout, color, reference, as_json) -> None:
     """Export, quantize and check MODEL; write one bundle per --profile into --out."""
     from rich.console import Console
 
@@ -70,6 +77,9 @@ def convert(model, profiles, calibration, validation, input_shapes, name, versio
         model=model, profiles=list(profiles), out=out, calibration=calibration, validation=validation,
         input_shapes=parse_input_shapes(input_shapes), name=name, version=version, min_agreement=min_agreement,
         recipes=list(recipes) or None, image=image, signing_key=signing_key, try_all=try_all, reference=reference,
+        budget_overrides={key: value for key, value in (("min_confident_agreement", min_confident_agreement),
+                                                        ("confident_margin", confident_margin)) if value is not None},
+        output_kinds=_pairs(output_kinds, "--output-kind"),
     )
     console = Console(stderr=True)
     with console.status("converting") as status:
@@ -202,6 +212,17 @@ def profiles_show(name) -> None:
     from .profiles import get_profile
 
     click.echo(yaml.safe_dump(get_profile(name).model_dump(mode="json"), sort_keys=False))
+
+
+def _pairs(values, option: str) -> dict[str, str]:
+    """NAME=VALUE options as a dict."""
+    pairs = {}
+    for value in values:
+        name, sep, kind = value.partition("=")
+        if not sep or not name or not kind:
+            raise click.BadParameter(f"{value!r}: use NAME=VALUE", param_hint=option)
+        pairs[name] = kind
+    return pairs
 
 
 def _fleet_group():

@@ -86,7 +86,16 @@ class RecipeSpec(_Strict):
 class Budgets(_Strict):
     """What a candidate must meet to ship."""
 
-    min_agreement: float = Field(0.99, ge=0, le=1, description="top-1 agreement with the original model")
+    min_agreement: float | None = Field(
+        0.99, ge=0, le=1, description="top-1 agreement with the original model over all samples (null: not budgeted)")
+    min_confident_agreement: float | None = Field(
+        None, ge=0, le=1,
+        description="top-1 agreement on the samples the original is confident about: its top-1 beats its top-2 by "
+                    "more than confident_margin (null: not budgeted)")
+    confident_margin: float = Field(1.0, ge=0, description="logits (log-probabilities for probability outputs)")
+    min_neighbour_agreement: float | None = Field(
+        0.95, ge=0, le=1, description="embeddings: nearest neighbour in the validation set unchanged")
+    max_relative_error: float = Field(0.02, ge=0, description="regression outputs: mean |error| / mean |output|")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="cosine similarity per output")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="when labels are given")
     max_latency_ms: float | None = Field(None, gt=0, description="p50 latency on the device, if known")
