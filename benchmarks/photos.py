@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 #: colour photographs (grey ones are repeated into three channels)
-CALIBRATION_PHOTOS = ("astronaut", "coffee", "rocket", "china", "camera", "coins", "brick", "gravel")
-VALIDATION_PHOTOS = ("chelsea", "flower", "hubble_deep_field", "immunohistochemistry", "clock", "moon", "grass", "retina")
+CALIBRATION_PHOTOS = ("astronaut", "china", "camera", "coins", "brick", "gravel", "moon", "hubble_deep_field")
+#: more subjects an ImageNet model knows (a cat, coffee, a rocket, a flower, a clock), and some it does not
+VALIDATION_PHOTOS = ("chelsea", "coffee", "rocket", "flower", "clock", "immunohistochemistry", "grass", "retina")
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

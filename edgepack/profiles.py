@@ -94,7 +94,10 @@ class Budgets(_Strict):
                     "more than confident_margin (null: not budgeted)")
     confident_margin: float = Field(1.0, ge=0, description="logits (log-probabilities for probability outputs)")
     min_neighbour_agreement: float | None = Field(
-        0.95, ge=0, le=1, description="embeddings: nearest neighbour in the validation set unchanged")
+        0.8, ge=0, le=1, description="embeddings: nearest neighbour in the validation set unchanged, over all samples "
+                                     "(samples whose nearest neighbour beats the next by neighbour_margin are budgeted "
+                                     "by min_confident_agreement)")
+    neighbour_margin: float = Field(0.02, ge=0, description="embeddings: cosine similarity")
     max_relative_error: float = Field(0.02, ge=0, description="regression outputs: mean |error| / mean |output|")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="cosine similarity per output")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="when labels are given")

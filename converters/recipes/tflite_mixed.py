@@ -27,6 +27,7 @@ class TfliteMixedInt8Recipe(Recipe):
         calibration_samples: int = 256
         sensitivity_samples: int = 16
         max_float_fraction: float = 0.25
+        bias_correction: bool = True
 
     def run(self, ctx: RecipeContext) -> Candidate:
         import torch
@@ -49,7 +50,8 @@ class TfliteMixedInt8Recipe(Recipe):
             keep = list(dict.fromkeys(name for item in ranked[:count] for name in item.group))
             path = convert_to_tflite(
                 ctx, ctx.workdir / f"{self.name}-{count}.tflite",
-                lambda m, e: _pt2e(m, e, ctx, False, config.per_channel, config.calibration_samples, keep),
+                lambda m, e: _pt2e(m, e, ctx, False, config.per_channel, config.calibration_samples, keep,
+                                   bias_correction=config.bias_correction),
             )
             gate, latency = ctx.evaluate(path)
             tried.append({"float_layers": count, "passed": gate.passed, "failures": gate.failures[:2]})

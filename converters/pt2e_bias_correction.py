@@ -1,0 +1,105 @@
+"""Bias correction of a PT2E-quantized PyTorch graph before it becomes a full-integer TFLite model.
+
+The same correction as ``converters.bias_correction`` (Nagel et al. 2019), on the graph
+``convert_pt2e(..., fold_quantize=False)`` returns: there every convolution and linear layer reads its
+weight through ``dequantize_per_channel(quantize_per_channel(W))``, so the int8 weights the TFLite model
+will hold are known exactly. The mean input of each layer is measured on the calibration data by
+running that graph; the mean output shift ``conv(E[x], Wq - W)`` is subtracted from the layer's float
+bias, which litert-torch then quantizes to int32 as before. The graph keeps its structure: the fully
+integer XNNPACK path and the model size do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LAYERS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
+
+
+def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
+    """Correct the biases of ``converted`` in place from ``samples`` (tuples of input tensors)."""
+    layers = []
+    for node in converted.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in _LAYERS or len(node.args) < 3:
+            continue
+        weight_dq, bias = node.args[1], node.args[2]
+        if not (_is(weight_dq, "dequantize_per_channel") and _is(weight_dq.args[0], "quantize_per_channel")):
+            continue
+        if getattr(bias, "op", None) != "get_attr" or getattr(weight_dq.args[0].args[0], "op", None) != "get_attr":
+            continue
+        layers.append(node)
+    if not layers:
+        return {"layers": 0}
+    watched = {node.args[0] for node in layers}
+    sums: dict = {}
+    count = 0
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in watched:
+                total = value.detach().double().sum(dim=0)
+                sums[n] = sums[n] + total if n in sums else total
+            return value
+
+    with torch.no_grad():
+        for sample in samples:
+            Recorder(converted).run(*sample)
+            count += len(sample[0])
+    shifts = []
+    with torch.no_grad():
+        for node in layers:
+            if node.args[0] not in sums:
+                continue
+            mean = sums[node.args[0]] / max(count, 1)
+            weight_dq = node.args[1]
+            float_weight = _attr(converted, weight_dq.args[0].args[0].target)
+            dequantized = _dequantize(converted, weight_dq, float_weight)
+            delta = (dequantized.double() - float_weight.double())
+            if str(node.target) == "aten.linear.default":
+                shift = mean.reshape(-1, delta.shape[1]).mean(dim=0) @ delta.T
+            else:
+                shift = _conv_shift(node, mean, delta)
+            bias = _attr(converted, node.args[2].target)
+            if bias.shape != shift.shape:
+                continue
+            bias.sub_(shift.to(bias.dtype))
+            shifts.append(float(shift.abs().max()))
+    return {"layers": len(shifts), "max_shift": round(max(shifts, default=0.0), 6)}
+
+
+def _is(node, name: str) -> bool:
+    return getattr(node, "op", None) == "call_function" and name in str(node.target)
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _value(module, arg):
+    return _attr(module, arg.target) if getattr(arg, "op", None) == "get_attr" else arg
+
+
+def _dequantize(module, weight_dq, float_weight):
+    """Run the weight's quantize/dequantize pair on the float weight: the weights TFLite will hold."""
+    quantize = weight_dq.args[0]
+    quantized = quantize.target(float_weight, *(_value(module, a) for a in quantize.args[1:]), **quantize.kwargs)
+    return weight_dq.target(quantized, *(_value(module, a) for a in weight_dq.args[1:]), **weight_dq.kwargs)
+
+
+def _conv_shift(node, mean, delta):
+    import torch.nn.functional as F
+
+    args = list(node.args) + [None] * (7 - len(node.args))
+    spatial = delta.dim() - 2
+    stride = args[3] if args[3] is not None else [1] * spatial
+    padding = args[4] if args[4] is not None else [0] * spatial
+    dilation = args[5] if args[5] is not None else [1] * spatial
+    groups = args[6] if args[6] is not None else 1
+    if isinstance(padding, str):
+        return torch.zeros(delta.shape[0], dtype=torch.float64)  # "same"/"valid": not worth the special case
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    out = conv(mean[None], delta, None, stride, padding, dilation, groups)
+    return out[0].reshape(out.shape[1], -1).mean(dim=1)
