@@ -16,8 +16,42 @@ import torch
 _LAYERS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
 
 
+def correct_if_better(converted: torch.fx.GraphModule, original, samples, checks) -> dict:
+    """Correct the biases, then keep the correction only if the quantized graph's outputs on ``checks``
+    (tuples of input tensors) came closer to ``original``'s. On a graph with float islands (the mixed
+    recipe) the fake-quantized graph measured here and the TFLite model can differ; measuring both ways
+    means the correction never makes a candidate worse than it would have been."""
+    with torch.no_grad():
+        expected = [_leaves(original(*sample)) for sample in checks]
+        before = _error(converted, checks, expected)
+        info = correct_pt2e_biases(converted, samples)
+        after = _error(converted, checks, expected)
+        if after > before:
+            for target, value in info.pop("originals", {}).items():
+                _set_attr(converted, target, value)
+            return {"layers": 0, "kept": False, "error_before": before, "error_after": after}
+    info.pop("originals", None)
+    return info | {"kept": True, "error_before": before, "error_after": after}
+
+
+def _leaves(value) -> list:
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf.detach().double() for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _error(module, checks, expected) -> float:
+    total, count = 0.0, 0
+    for sample, reference in zip(checks, expected):
+        for got, want in zip(_leaves(module(*sample)), reference):
+            total += float((got - want).abs().sum())
+            count += want.numel()
+    return total / max(count, 1)
+
+
 def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
-    """Correct the biases of ``converted`` in place from ``samples`` (tuples of input tensors)."""
+    """Correct the biases of ``converted`` in place from ``samples`` (tuples of input tensors); the
+    result's ``originals`` holds the biases as they were."""
     layers = []
     for node in converted.graph.nodes:
         if node.op != "call_function" or str(node.target) not in _LAYERS or len(node.args) < 3:
@@ -46,7 +80,7 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
         for sample in samples:
             Recorder(converted).run(*sample)
             count += len(sample[0])
-    shifts = []
+    shifts, originals = [], {}
     with torch.no_grad():
         for node in layers:
             if node.args[0] not in sums:
@@ -63,9 +97,12 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
             bias = _attr(converted, node.args[2].target)
             if bias.shape != shift.shape:
                 continue
-            bias.sub_(shift.to(bias.dtype))
+            # A new tensor, never an in-place change: the graph's bias may be the source module's own
+            # parameter (torch.export shares them), which later recipes convert again.
+            originals.setdefault(node.args[2].target, bias)
+            _set_attr(converted, node.args[2].target, bias.detach() - shift.to(bias.dtype))
             shifts.append(float(shift.abs().max()))
-    return {"layers": len(shifts), "max_shift": round(max(shifts, default=0.0), 6)}
+    return {"layers": len(shifts), "max_shift": round(max(shifts, default=0.0), 6), "originals": originals}
 
 
 def _is(node, name: str) -> bool:
@@ -76,6 +113,18 @@ def _attr(module, target: str):
     for part in target.split("."):
         module = getattr(module, part)
     return module
+
+
+def _set_attr(module, target: str, value) -> None:
+    *path, name = target.split(".")
+    for part in path:
+        module = getattr(module, part)
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        setattr(module, name, value)
 
 
 def _value(module, arg):

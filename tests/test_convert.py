@@ -127,7 +127,10 @@ def test_sklearn_pipeline_pickled_with_joblib(tmp_path):
     report = json.loads(result.stdout)["profiles"][0]
     outputs = bundle_outputs(Path(report["bundle"]), {"input": features[1200:]}, tmp_path)
     assert float(np.mean(outputs["label"] == pipeline.predict(features[1200:]))) >= 0.99
-    np.testing.assert_allclose(outputs["probabilities"], pipeline.predict_proba(features[1200:]), atol=0.05)
+    # int8 may ship (the profile budgets confident answers): probabilities stay close on average, and a
+    # near-tie may move a little more.
+    deviation = np.abs(outputs["probabilities"] - pipeline.predict_proba(features[1200:]))
+    assert deviation.mean() < 0.01 and deviation.max() < 0.15, (deviation.mean(), deviation.max())
 
 
 def test_torchscript_and_onnx_sources(digits, digits_module, validation_arrays, tmp_path):

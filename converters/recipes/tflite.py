@@ -31,6 +31,8 @@ from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 
 #: calibration samples the bias correction averages layer inputs over (batch 1: each is one run)
 BIAS_CORRECTION_SAMPLES = 64
+#: of those, the samples that decide whether the correction is kept
+BIAS_CHECK_SAMPLES = 16
 
 WHY_NOT = {
     "onnx": "the model was given as ONNX; litert-torch converts PyTorch programs only (an ONNX graph would "
@@ -214,10 +216,15 @@ def _annotate_conv_clamp(model, config, keep) -> None:
 
     convs = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
     clamps = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+    relu6 = {torch.ops.aten.relu6.default}  # F.relu6 exports as its own op, nn.ReLU6 as hardtanh
     for clamp in model.graph.nodes:
-        if clamp.op != "call_function" or clamp.target not in clamps:
+        if clamp.op != "call_function" or clamp.target not in clamps | relu6:
             continue
-        bounds = (float(clamp.args[1]) if len(clamp.args) > 1 else -1.0, float(clamp.args[2]) if len(clamp.args) > 2 else 1.0)
+        if clamp.target in relu6:
+            bounds = (0.0, 6.0)
+        else:
+            bounds = (float(clamp.args[1]) if len(clamp.args) > 1 else -1.0,
+                      float(clamp.args[2]) if len(clamp.args) > 2 else 1.0)
         conv = clamp.args[0]
         if (bounds not in _FUSED_CLAMPS or getattr(conv, "op", None) != "call_function" or conv.target not in convs
                 or len(conv.users) != 1):
@@ -259,11 +266,12 @@ def _pt2e(module, example, ctx: RecipeContext, dynamic: bool, per_channel: bool,
     converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
     _mark_eval(converted)
     if bias_correction and not dynamic:
-        from ..pt2e_bias_correction import correct_pt2e_biases
+        from ..pt2e_bias_correction import correct_if_better
 
-        feeds = ctx.calibration_batches(limit=min(samples, BIAS_CORRECTION_SAMPLES), batch=1)
+        feeds = [tuple(torch.from_numpy(a) for a in f.values())
+                 for f in ctx.calibration_batches(limit=min(samples, BIAS_CORRECTION_SAMPLES), batch=1)]
         try:
-            correct_pt2e_biases(converted, [tuple(torch.from_numpy(a) for a in f.values()) for f in feeds])
+            correct_if_better(converted, module, feeds, feeds[:BIAS_CHECK_SAMPLES])
         except Exception as exc:  # noqa: BLE001 - a graph this pass does not understand
             raise RecipeFailed(f"bias correction failed: {first_line(exc, 200)}") from None
     return converted, quant_config.QuantConfig(pt2e_quantizer=quantizer)
