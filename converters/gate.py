@@ -134,7 +134,7 @@ def similarities(embeddings: np.ndarray) -> np.ndarray:
 
 
 def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, kind: str | None = None,
-                   confident_margin: float = 1.0, neighbour_margin: float = 0.02) -> OutputMetrics:
+                   confident_margin: float = 1.0, neighbour_margin: float = 0.05) -> OutputMetrics:
     """Cosine, errors and the metric that fits what the output is (the reference is reshaped when only
     its layout differs); ``kind`` declares what it is, else it is detected (``output_kind``)."""
     reference, candidate = np.asarray(reference), np.asarray(candidate)

@@ -97,7 +97,7 @@ class Budgets(_Strict):
         0.8, ge=0, le=1, description="embeddings: nearest neighbour in the validation set unchanged, over all samples "
                                      "(samples whose nearest neighbour beats the next by neighbour_margin are budgeted "
                                      "by min_confident_agreement)")
-    neighbour_margin: float = Field(0.02, ge=0, description="embeddings: cosine similarity")
+    neighbour_margin: float = Field(0.05, ge=0, description="embeddings: cosine similarity")
     max_relative_error: float = Field(0.02, ge=0, description="regression outputs: mean |error| / mean |output|")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="cosine similarity per output")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="when labels are given")

