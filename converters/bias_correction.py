@@ -52,11 +52,12 @@ def correct_biases(float_path: Path, qdq_path: Path, target: Path, batches: list
         if mean is None:
             continue
         shift = _output_shift(layer, mean)
+        if not np.isfinite(shift).all() or not (np.abs(layer.bias_scale) > 0).all():
+            continue
         bias = initializers[layer.bias_quantized]
         values = numpy_helper.to_array(bias).astype(np.int64)
-        corrected = values - np.round(shift / layer.bias_scale).astype(np.int64)
         info = np.iinfo(np.int32)
-        corrected = np.clip(corrected, info.min, info.max).astype(np.int32)
+        corrected = np.clip(values - np.round(shift / layer.bias_scale), info.min, info.max).astype(np.int32)
         bias.CopyFrom(numpy_helper.from_array(corrected, bias.name))
         shifts.append(float(np.abs(shift).max()))
     onnx.save(qdq, str(target))
@@ -70,6 +71,10 @@ def _layers(floating, qdq) -> list[_Layer]:
     float_inits = {init.name: init for init in floating.graph.initializer}
     inits = {init.name: init for init in qdq.graph.initializer}
     producers = {out: node for node in qdq.graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     layers = []
     for node in qdq.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.name not in float_nodes:
@@ -80,6 +85,8 @@ def _layers(floating, qdq) -> list[_Layer]:
         weight_dq, bias_dq = producers.get(node.input[1]), producers.get(node.input[2])
         if not _dequantizes_initializer(weight_dq, inits) or not _dequantizes_initializer(bias_dq, inits):
             continue
+        if readers.get(node.input[2], 0) > 1 or readers.get(bias_dq.input[0], 0) > 1:
+            continue  # a bias shared by several layers cannot take each one's correction
         attributes = {a.name: _attribute(a) for a in node.attribute}
         if attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue  # implicit padding: the mean map cannot be padded the same way here
@@ -138,7 +145,7 @@ def _input_means(floating, names: list[str], batches: list[dict]) -> dict[str, n
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     fetch = [name for name in wanted if name not in graph_inputs]
     sums: dict[str, np.ndarray] = {}
-    count = 0
+    rows: dict[str, int] = {}
     # A graph with a fixed batch takes only full batches.
     size = len(next(iter(batches[0].values()))) if batches else 0
     for feeds in (feeds for feeds in batches if len(next(iter(feeds.values()))) == size):
@@ -146,9 +153,10 @@ def _input_means(floating, names: list[str], batches: list[dict]) -> dict[str, n
         values.update({name: feeds[name] for name in wanted if name in graph_inputs})
         for name in wanted:
             array = np.asarray(values[name], dtype=np.float64)
+            # Rows, not samples: a Gemm may read a reshaped (batch x tokens, K) tensor.
             sums[name] = sums.get(name, 0.0) + array.sum(axis=0)
-        count += len(next(iter(feeds.values())))
-    return {name: total / max(count, 1) for name, total in sums.items()}
+            rows[name] = rows.get(name, 0) + array.shape[0]
+    return {name: total / max(rows[name], 1) for name, total in sums.items()}
 
 
 def _output_shift(layer: _Layer, mean: np.ndarray) -> np.ndarray:

@@ -107,7 +107,10 @@ def output_kind(reference: np.ndarray, declared: str | None = None) -> str:
     if reference.ndim == 1 or (reference.ndim == 2 and reference.shape[1] == 1):
         return "regression"
     if is_classifier_output(reference):
-        norms = np.linalg.norm(reference.astype(np.float64), axis=1)
+        rows = reference.astype(np.float64)
+        if _probabilities(rows):
+            return "classes"  # near-one-hot probabilities also have unit length
+        norms = np.linalg.norm(rows, axis=1)
         if len(norms) and np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=1e-3):
             return "embedding"
         return "classes"
@@ -118,10 +121,19 @@ def top_margin(scores: np.ndarray) -> np.ndarray:
     """How far each sample's top-1 score beats its top-2, in logits. Probabilities (rows of non-negative
     values summing to 1) are compared as log-probabilities, so a margin means the same either way."""
     scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) and (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
+    if _probabilities(scores):
         scores = np.log(np.maximum(scores, 1e-12))
     top = np.sort(scores, axis=1)[:, -2:]
     return top[:, 1] - top[:, 0]
+
+
+def _probabilities(rows: np.ndarray) -> bool:
+    """Rows of non-negative values that sum to 1 (a softmax output)."""
+    return bool(len(rows)) and bool((rows >= 0).all()) and bool(np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+
+
+#: nearest neighbours are searched among at most this many validation samples (memory grows as N^2)
+NEIGHBOUR_SAMPLES = 2000
 
 
 def similarities(embeddings: np.ndarray) -> np.ndarray:
@@ -168,8 +180,8 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, kind
         if len(ref) > 2:
             # The embedding's "answer" is its nearest neighbour among the validation samples; a sample
             # whose two nearest neighbours are almost equally near is a near-tie, as for class scores.
-            original = similarities(ref)
-            agree = original.argmax(axis=1) == similarities(cand).argmax(axis=1)
+            original = similarities(ref[:NEIGHBOUR_SAMPLES])
+            agree = original.argmax(axis=1) == similarities(cand[:NEIGHBOUR_SAMPLES]).argmax(axis=1)
             metrics.neighbour_agreement = float(np.mean(agree)) if finite else 0.0
             top = np.sort(original, axis=1)[:, -2:]
             confident = top[:, 1] - top[:, 0] > neighbour_margin
@@ -200,12 +212,18 @@ def evaluate(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
             result.failures.append(f"{m.name}: non-finite outputs (NaN/Inf)")
         if m.cosine is not None and m.cosine < budgets.min_cosine:
             result.failures.append(f"{m.name}: cosine {m.cosine:.4f} < {budgets.min_cosine}")
+        margin = budgets.neighbour_margin if m.kind == "embedding" else budgets.confident_margin
+        confident = (f"agreement on confident samples (margin > {margin:g})", m.confident_agreement)
+        overall = m.top1_agreement if m.top1_agreement is not None else m.neighbour_agreement
+        if m.confident_samples == 0 and overall is not None:
+            # No answer clears the margin (e.g. sigmoid or multi-label scores): every answer is then
+            # held to the confident budget rather than none.
+            confident = (f"agreement (no sample has a margin > {margin:g}, so every one counts as confident)", overall)
         budgeted = (("top-1 agreement", m.top1_agreement, min_agreement),
-                    (f"agreement on confident samples (margin > "
-                     f"{budgets.neighbour_margin if m.kind == 'embedding' else budgets.confident_margin:g})",
-                     m.confident_agreement, budgets.min_confident_agreement),
+                    (*confident, budgets.min_confident_agreement),
                     ("nearest-neighbour agreement", m.neighbour_agreement, budgets.min_neighbour_agreement),
-                    ("agreement", m.exact_agreement, min_agreement))
+                    # Labels have no margin to tell near-ties from confident answers: their own budget.
+                    ("agreement", m.exact_agreement, budgets.min_label_agreement))
         for label, value, limit in budgeted:
             if value is not None and limit is not None and value < limit:
                 result.failures.append(f"{m.name}: {label} {value:.2%} < {limit:.2%}")

@@ -292,7 +292,10 @@ class _Job:
         overrides = dict(self.options.budget_overrides)
         if self.options.min_agreement is not None:
             overrides["min_agreement"] = self.options.min_agreement
-        self.budgets = profile.budgets.model_copy(update=overrides)
+        try:
+            self.budgets = type(profile.budgets).model_validate({**profile.budgets.model_dump(), **overrides})
+        except ValueError as exc:
+            raise UsageError(f"budget override: {first_line(exc, 200)}") from None
         threads = max(1, min(profile.threads, os.cpu_count() or 1))
         try:
             if self.source.kind == "tflite":

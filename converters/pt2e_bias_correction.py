@@ -19,18 +19,27 @@ _LAYERS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", 
 def correct_if_better(converted: torch.fx.GraphModule, original, samples, checks) -> dict:
     """Correct the biases, then keep the correction only if the quantized graph's outputs on ``checks``
     (tuples of input tensors) came closer to ``original``'s. On a graph with float islands (the mixed
-    recipe) the fake-quantized graph measured here and the TFLite model can differ; measuring both ways
-    means the correction never makes a candidate worse than it would have been."""
+    recipe) the fake-quantized graph measured here and the TFLite model can differ, so this is a guard
+    measured on the graph, not a promise about the TFLite file; the gate still judges that file.
+    A graph the correction cannot handle is left exactly as it was."""
+    originals: dict = {}
+
+    def restore():
+        for target, value in originals.items():
+            _set_attr(converted, target, value)
+
     with torch.no_grad():
         expected = [_leaves(original(*sample)) for sample in checks]
         before = _error(converted, checks, expected)
-        info = correct_pt2e_biases(converted, samples)
+        try:
+            info = correct_pt2e_biases(converted, samples, originals)
+        except Exception as exc:  # noqa: BLE001 - a graph this pass does not understand: leave it as it was
+            restore()
+            return {"layers": 0, "kept": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
         after = _error(converted, checks, expected)
-        if after > before:
-            for target, value in info.pop("originals", {}).items():
-                _set_attr(converted, target, value)
+        if not after <= before:  # worse, or not a number
+            restore()
             return {"layers": 0, "kept": False, "error_before": before, "error_after": after}
-    info.pop("originals", None)
     return info | {"kept": True, "error_before": before, "error_after": after}
 
 
@@ -49,9 +58,9 @@ def _error(module, checks, expected) -> float:
     return total / max(count, 1)
 
 
-def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
-    """Correct the biases of ``converted`` in place from ``samples`` (tuples of input tensors); the
-    result's ``originals`` holds the biases as they were."""
+def correct_pt2e_biases(converted: torch.fx.GraphModule, samples, originals: dict | None = None) -> dict:
+    """Correct the biases of ``converted`` from ``samples`` (tuples of input tensors). Each corrected
+    bias is a new tensor; ``originals`` (when given) receives the ones it replaced, by target."""
     layers = []
     for node in converted.graph.nodes:
         if node.op != "call_function" or str(node.target) not in _LAYERS or len(node.args) < 3:
@@ -62,11 +71,16 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
         if getattr(bias, "op", None) != "get_attr" or getattr(weight_dq.args[0].args[0], "op", None) != "get_attr":
             continue
         layers.append(node)
+    # A bias several layers read (a module called twice) cannot take each one's correction.
+    users: dict = {}
+    for node in layers:
+        users[node.args[2].target] = users.get(node.args[2].target, 0) + 1
+    layers = [node for node in layers if users[node.args[2].target] == 1]
     if not layers:
         return {"layers": 0}
     watched = {node.args[0] for node in layers}
     sums: dict = {}
-    count = 0
+    rows: dict = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
@@ -74,18 +88,20 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
             if n in watched:
                 total = value.detach().double().sum(dim=0)
                 sums[n] = sums[n] + total if n in sums else total
+                # Rows, not samples: a linear layer may read a (tokens, K) tensor at batch 1.
+                rows[n] = rows.get(n, 0) + value.shape[0]
             return value
 
     with torch.no_grad():
         for sample in samples:
             Recorder(converted).run(*sample)
-            count += len(sample[0])
-    shifts, originals = [], {}
+    shifts = []
+    originals = {} if originals is None else originals
     with torch.no_grad():
         for node in layers:
             if node.args[0] not in sums:
                 continue
-            mean = sums[node.args[0]] / max(count, 1)
+            mean = sums[node.args[0]] / max(rows[node.args[0]], 1)
             weight_dq = node.args[1]
             float_weight = _attr(converted, weight_dq.args[0].args[0].target)
             dequantized = _dequantize(converted, weight_dq, float_weight)
@@ -95,14 +111,14 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples) -> dict:
             else:
                 shift = _conv_shift(node, mean, delta)
             bias = _attr(converted, node.args[2].target)
-            if bias.shape != shift.shape:
+            if bias.shape != shift.shape or not torch.isfinite(shift).all():
                 continue
             # A new tensor, never an in-place change: the graph's bias may be the source module's own
             # parameter (torch.export shares them), which later recipes convert again.
             originals.setdefault(node.args[2].target, bias)
             _set_attr(converted, node.args[2].target, bias.detach() - shift.to(bias.dtype))
             shifts.append(float(shift.abs().max()))
-    return {"layers": len(shifts), "max_shift": round(max(shifts, default=0.0), 6), "originals": originals}
+    return {"layers": len(shifts), "max_shift": round(max(shifts, default=0.0), 6)}
 
 
 def _is(node, name: str) -> bool:

@@ -218,9 +218,11 @@ def _pairs(values, option: str) -> dict[str, str]:
     """NAME=VALUE options as a dict."""
     pairs = {}
     for value in values:
-        name, sep, kind = value.partition("=")
+        name, sep, kind = (part.strip() for part in value.partition("="))
         if not sep or not name or not kind:
             raise click.BadParameter(f"{value!r}: use NAME=VALUE", param_hint=option)
+        if name in pairs:
+            raise click.BadParameter(f"{name} is given twice", param_hint=option)
         pairs[name] = kind
     return pairs
 

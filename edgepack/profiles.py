@@ -93,6 +93,8 @@ class Budgets(_Strict):
         description="top-1 agreement on the samples the original is confident about: its top-1 beats its top-2 by "
                     "more than confident_margin (null: not budgeted)")
     confident_margin: float = Field(1.0, ge=0, description="logits (log-probabilities for probability outputs)")
+    min_label_agreement: float | None = Field(
+        0.99, ge=0, le=1, description="label outputs (integers, strings): exact agreement with the original")
     min_neighbour_agreement: float | None = Field(
         0.8, ge=0, le=1, description="embeddings: nearest neighbour in the validation set unchanged, over all samples "
                                      "(samples whose nearest neighbour beats the next by neighbour_margin are budgeted "

@@ -64,6 +64,37 @@ def test_near_ties_flipping_is_not_a_confident_answer_changing():
     assert gate.evaluate([reference], [candidate], ["scores"], Budgets(min_agreement=0.5, min_cosine=0.9)).passed
 
 
+def test_label_outputs_keep_a_strict_budget_of_their_own():
+    labels = np.arange(200) % 7
+    changed = labels.copy()
+    changed[:10] = (changed[:10] + 1) % 7  # 95% agreement: above the 85% floor of class scores
+    result = gate.evaluate([labels], [changed], ["label"], Budgets(min_agreement=0.85))
+    assert result.outputs[0].kind == "labels"
+    assert any("label: agreement 95.00% < 99.00%" in failure for failure in result.failures), result.failures
+
+
+def test_scores_with_no_confident_sample_are_all_held_to_the_confident_budget():
+    rng = np.random.default_rng(5)
+    # Sigmoid scores: in [0, 1], rows not summing to 1, margins far below one logit.
+    reference = 1 / (1 + np.exp(-rng.normal(size=(300, 5))))
+    candidate = reference.copy()
+    ties = np.flatnonzero(gate.top_margin(reference) < 0.05)[:15]
+    for row in ties:
+        first, second = np.argsort(reference[row])[-2:][::-1]
+        candidate[row, first], candidate[row, second] = reference[row, second], reference[row, first]
+    budgets = Budgets(min_agreement=0.85, min_confident_agreement=0.995, min_cosine=0.9)
+    result = gate.evaluate([reference], [candidate], ["scores"], budgets)
+    assert result.outputs[0].confident_samples == 0
+    assert any("every one counts as confident" in failure for failure in result.failures), result.failures
+
+
+def test_near_one_hot_probabilities_are_classes_not_an_embedding():
+    rng = np.random.default_rng(6)
+    probabilities = np.full((50, 10), 1e-5)
+    probabilities[np.arange(50), rng.integers(0, 10, 50)] = 1 - 9e-5
+    assert gate.output_kind(probabilities) == "classes"
+
+
 def test_an_embedding_is_judged_by_cosine_and_neighbours_never_argmax():
     rng = np.random.default_rng(3)
     # Pairs of close sentences: each one's nearest neighbour is clearly its pair.
@@ -199,6 +230,29 @@ def test_pt2e_quantizes_relu6_after_the_clamp_not_before(activation):
             (user,) = node.users
             assert "hardtanh" in str(user.target) or "relu6" in str(user.target), user
     assert error < 0.7 * stock_error, (error, stock_error)
+
+
+def test_pt2e_bias_correction_never_touches_the_source_module():
+    import torch
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    from converters.pt2e_bias_correction import correct_if_better
+    from converters.recipes.tflite import _quantizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    data = torch.randn(64, 16) + 0.5
+    prepared = quantize_pt2e.prepare_pt2e(torch.export.export(model, (data[:1],)).module(), _quantizer(False, True))
+    with torch.no_grad():
+        for index in range(32):
+            prepared(data[index:index + 1])
+    converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
+    samples = [(data[index:index + 1],) for index in range(32)]
+    outcome = correct_if_better(converted, model, samples, samples[:16])
+    assert outcome["kept"] and outcome["layers"] == 2 and outcome["error_after"] <= outcome["error_before"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_unknown_output_kind_is_one_clear_line(tmp_path):

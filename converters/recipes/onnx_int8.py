@@ -53,8 +53,9 @@ def _calibration_batch(ctx: RecipeContext) -> int:
     return first[0].dim_value if first and first[0].HasField("dim_value") else 16
 
 
-def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclude: list[str] | None = None) -> None:
-    """Static QDQ quantization of the context's base model into ``target``."""
+def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclude: list[str] | None = None) -> dict:
+    """Static QDQ quantization of the context's base model into ``target``; returns what bias
+    correction did (for the report)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if ctx.calibration is None or not ctx.calibration_is_real:
@@ -86,9 +87,10 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
         batches = list(ctx.calibration_batches(min(config.calibration_samples, BIAS_CORRECTION_SAMPLES),
                                                _calibration_batch(ctx)))
         try:
-            correct_biases(ctx.base_model, target, target, batches)
-        except Exception as exc:
-            raise RecipeFailed(f"bias correction failed: {first_line(exc, 200)}") from None
+            return {"bias_correction": correct_biases(ctx.base_model, target, target, batches)}
+        except Exception as exc:  # noqa: BLE001 - target is written only at the end: it stays uncorrected
+            return {"bias_correction": {"layers": 0, "error": first_line(exc, 200)}}
+    return {}
 
 
 @dataclass
@@ -115,10 +117,10 @@ class StaticInt8Recipe(Recipe):
 
     def run(self, ctx: RecipeContext) -> Candidate:
         target = ctx.workdir / f"{self.name}-{hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]}.onnx"
-        quantize_static_qdq(ctx, target, self.config)
+        details = quantize_static_qdq(ctx, target, self.config)
         if count_quantized(target) == 0:
             raise RecipeFailed("nothing to quantize: the graph has no Conv/MatMul/Gemm the quantizer handles")
-        return Candidate(self.name, target, "onnx", self.precision, self.config_dict())
+        return Candidate(self.name, target, "onnx", self.precision, self.config_dict(), details)
 
 
 class DynamicInt8Recipe(Recipe):

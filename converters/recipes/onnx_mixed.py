@@ -51,7 +51,7 @@ class MixedInt8Recipe(Recipe):
                     "a float recipe is the honest choice"
                 )
             target = ctx.workdir / f"{self.name}-{count}.onnx"
-            quantize_static_qdq(ctx, target, self.config, nodes_to_exclude=excluded)
+            corrected = quantize_static_qdq(ctx, target, self.config, nodes_to_exclude=excluded)
             gate, latency = ctx.evaluate(target)
             tried.append({"float_layers": count, "passed": gate.passed, "failures": gate.failures[:2]})
             if gate.passed or count >= limit:
@@ -62,6 +62,7 @@ class MixedInt8Recipe(Recipe):
                               "added_noise_db": round(item.added_db, 2)}
                              for item in ranked[:count]],
             "search": tried,
+            **corrected,
         }
         candidate = Candidate(self.name, target, "onnx", self.precision, self.config_dict(), details)
         candidate.gate, candidate.latency = gate, latency
