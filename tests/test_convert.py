@@ -203,8 +203,10 @@ def test_same_conversion_twice_ships_the_same_recipe_even_under_load(tmp_path):
     # than they save); both far enough from the 5% margin that only noise could flip them.
     features, labels = digits_features(300)
     np.savez(tmp_path / "data.npz", input=features, labels=labels)
+    # An untrained MLP: no answer clears the confident margin, so every one is held to the confident
+    # budget; relaxed here so that the int8 candidates pass on accuracy and reach the timing verdicts.
     args = ["convert", "tests.models:wide_mlp", "--input-shape", "input=1,64", "--profile", "x86-64",
-            "--calibration", tmp_path / "data.npz", "--try-all", "--json"]
+            "--calibration", tmp_path / "data.npz", "--try-all", "--json", "--min-confident-agreement", "0.9"]
     first = run_cli(*args, "--out", tmp_path / "a")
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
