@@ -229,6 +229,8 @@ def _annotate_conv_clamp(model, config, keep) -> None:
         if (bounds not in _FUSED_CLAMPS or getattr(conv, "op", None) != "call_function" or conv.target not in convs
                 or len(conv.users) != 1):
             continue
+        if conv.target == torch.ops.aten.convolution.default and len(conv.args) > 6 and conv.args[6]:
+            continue  # a transposed convolution: TFLite does not fuse a clamp into it
         inputs = {conv.args[0]: utils.get_input_act_qspec(config), conv.args[1]: utils.get_weight_qspec(config)}
         partition = [clamp, conv, conv.args[1]]
         bias = conv.args[2] if len(conv.args) > 2 else None
