@@ -166,15 +166,23 @@ def _output_shift(layer: _Layer, mean: np.ndarray) -> np.ndarray:
         delta = delta.T if layer.attributes.get("transB") else delta
         return mean.reshape(-1) @ delta
     import torch
+
+    spatial = mean.ndim - 1
+    pads = list(layer.attributes.get("pads", [0] * (2 * spatial)))  # ONNX: (begin..., end...)
+    return conv_mean_shift(torch.from_numpy(mean), torch.from_numpy(delta),
+                           list(layer.attributes.get("strides", [1] * spatial)), pads[:spatial], pads[spatial:],
+                           list(layer.attributes.get("dilations", [1] * spatial)),
+                           int(layer.attributes.get("group", 1))).numpy()
+
+
+def conv_mean_shift(mean, delta, strides, pads_begin, pads_end, dilations, groups: int):
+    """Per-output-channel mean of conv(mean, delta): the average output shift a weight change ``delta``
+    causes on inputs whose mean map is ``mean`` (C, *spatial). Shared by the ONNX and PT2E passes."""
     import torch.nn.functional as F
 
-    pads = list(layer.attributes.get("pads", [0] * (2 * (mean.ndim - 1))))
-    spatial = mean.ndim - 1
-    begin, end = pads[:spatial], pads[spatial:]
-    x = torch.from_numpy(mean[None])
-    # ONNX pads are (begin..., end...); F.pad takes (last dim begin, end, previous dim begin, end, ...).
-    x = F.pad(x, [value for pair in zip(reversed(begin), reversed(end)) for value in pair])
+    spatial = mean.dim() - 1
+    # F.pad takes (last dim begin, end, previous dim begin, end, ...).
+    x = F.pad(mean[None], [value for pair in zip(reversed(pads_begin), reversed(pads_end)) for value in pair])
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    out = conv(x, torch.from_numpy(delta), stride=list(layer.attributes.get("strides", [1] * spatial)),
-               dilation=list(layer.attributes.get("dilations", [1] * spatial)), groups=int(layer.attributes.get("group", 1)))
-    return out[0].reshape(out.shape[1], -1).mean(axis=1).numpy()
+    out = conv(x, delta, None, list(strides), 0, list(dilations), groups)
+    return out[0].reshape(out.shape[1], -1).mean(dim=1)

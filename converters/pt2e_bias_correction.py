@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .pt2e_sensitivity import _is_dequantize, _is_quantize
+
 _LAYERS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
 
 
@@ -66,7 +68,7 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples, originals: dic
         if node.op != "call_function" or str(node.target) not in _LAYERS or len(node.args) < 3:
             continue
         weight_dq, bias = node.args[1], node.args[2]
-        if not (_is(weight_dq, "dequantize_per_channel") and _is(weight_dq.args[0], "quantize_per_channel")):
+        if not (_is_dequantize(weight_dq) and _is_quantize(weight_dq.args[0])):
             continue
         if getattr(bias, "op", None) != "get_attr" or getattr(weight_dq.args[0].args[0], "op", None) != "get_attr":
             continue
@@ -111,7 +113,7 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples, originals: dic
             else:
                 shift = _conv_shift(node, mean, delta)
             bias = _attr(converted, node.args[2].target)
-            if bias.shape != shift.shape or not torch.isfinite(shift).all():
+            if shift is None or bias.shape != shift.shape or not torch.isfinite(shift).all():
                 continue
             # A new tensor, never an in-place change: the graph's bias may be the source module's own
             # parameter (torch.export shares them), which later recipes convert again.
@@ -119,10 +121,6 @@ def correct_pt2e_biases(converted: torch.fx.GraphModule, samples, originals: dic
             _set_attr(converted, node.args[2].target, bias.detach() - shift.to(bias.dtype))
             shifts.append(float(shift.abs().max()))
     return {"layers": len(shifts), "max_shift": round(max(shifts, default=0.0), 6)}
-
-
-def _is(node, name: str) -> bool:
-    return getattr(node, "op", None) == "call_function" and name in str(node.target)
 
 
 def _attr(module, target: str):
@@ -155,16 +153,14 @@ def _dequantize(module, weight_dq, float_weight):
 
 
 def _conv_shift(node, mean, delta):
-    import torch.nn.functional as F
+    """The layer's mean output shift, or None for string padding ("same"/"valid"), left uncorrected."""
+    from .bias_correction import conv_mean_shift
 
     args = list(node.args) + [None] * (7 - len(node.args))
     spatial = delta.dim() - 2
-    stride = args[3] if args[3] is not None else [1] * spatial
     padding = args[4] if args[4] is not None else [0] * spatial
-    dilation = args[5] if args[5] is not None else [1] * spatial
-    groups = args[6] if args[6] is not None else 1
     if isinstance(padding, str):
-        return torch.zeros(delta.shape[0], dtype=torch.float64)  # "same"/"valid": not worth the special case
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    out = conv(mean[None], delta, None, stride, padding, dilation, groups)
-    return out[0].reshape(out.shape[1], -1).mean(dim=1)
+        return None
+    padding = list(padding) * (spatial if len(padding) == 1 else 1)
+    return conv_mean_shift(mean, delta, args[3] or [1] * spatial, padding, padding, args[5] or [1] * spatial,
+                           args[6] or 1)
