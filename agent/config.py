@@ -59,9 +59,10 @@ class ModelConfig(_Strict):
     max_queue_size: int | None = Field(
         None, ge=1, le=1_000_000,
         description="requests that may wait for this model; more are answered 503 with Retry-After "
-        "(default: what the model gets through in queue_budget_ms, measured at load)")
+        "(default: what the model gets through in queue_budget_ms at the speed of its recent runs)")
     queue_budget_ms: float = Field(
-        50.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much work")
+        25.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much "
+        "work (and at least one full batch per instance); under a flood every accepted request waits about this long")
     deadline_ms: float | None = Field(
         None, gt=0, le=3_600_000,
         description="default per-request deadline: queued work older than this is dropped with 504 "

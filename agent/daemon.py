@@ -40,7 +40,7 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     import uvicorn
 
     from .logs import setup_logging
-    from .serving.app import build_app
+    from .serving.app import build_app, build_front_door
     from .serving.metrics import ServingMetrics
     from .serving.protocol import guarded_protocol
     from .serving.registry import ModelRegistry
@@ -90,8 +90,11 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     port = sock.getsockname()[1]
     app = build_app(config, registry, metrics, lifespan)
     uv_config = uvicorn.Config(
-        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s),
+        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s, build_front_door(config, registry, metrics)),
         lifespan="on", access_log=False, log_config=None, server_header=False,
+        # No client addresses are used (no access log, no per-client policy): spare every request the
+        # X-Forwarded-For middleware.
+        proxy_headers=False,
         timeout_graceful_shutdown=config.server.graceful_shutdown_s,
         ssl_certfile=str(config.server.tls_cert) if config.server.tls_cert else None,
         ssl_keyfile=str(config.server.tls_key) if config.server.tls_key else None,

@@ -1,6 +1,6 @@
 """Benchmark: the agent under overload (admission control) and beside one 60 MiB request.
 
-    python benchmarks/overload.py [--duration 60] [--size 96] [--skip-threshold]
+    python benchmarks/overload.py [--duration 60] [--size 96] [--layout split|shared|both] [--skip-big]
 
 One MobileNetV2-style CNN (random weights), input 1x3xSIZExSIZE, fp32 bundle for x86-64, the agent
 daemon with its defaults (dynamic batching up to 8, queue sized from the measured latency), binary
@@ -8,6 +8,11 @@ tensors over HTTP, load from benchmarks/loadgen.py in another process.
 
 (a) capacity: closed loop at 1/4/16/32 connections, 5 s each; capacity = the best throughput, latency
     at capacity = p99 at the first concurrency within 95% of it
+Core layout (--layout): "split" (the default) gives the agent the first half of the cores and the load
+generator and the health probe the other half, as when the flood comes from the network: on a 2-core
+host the Python load generator needs about a core to offer 4x, and sharing the cores measures that
+competition as much as the agent. "shared" runs everything on every core; "both" prints both tables.
+
 (b) flood: 256 connections paced at 4x capacity for --duration s. Targets: every request answered 200
     or 503 (no other 5xx, no timeouts), p99 of the accepted <= 2x the p99 at capacity,
     /v2/health/ready answered within 100 ms throughout (probed every 50 ms by another process), RSS
@@ -80,31 +85,54 @@ def binary_body(sample: np.ndarray) -> tuple[bytes, dict]:
 LOAD_NICENESS = 0
 
 
+def layouts(name: str) -> list[tuple[str, set[int] | None, set[int] | None]]:
+    """(label, the agent's cores, the load generator's cores) for --layout; None: every core."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    split = (f"split: agent on cores {cores[:half]}, load generator and probe on {cores[half:]}",
+             set(cores[:half]), set(cores[half:]))
+    shared = (f"shared: agent, load generator and probe on all cores {cores}", None, None)
+    if len(cores) < 2:
+        return [shared]
+    return {"split": [split], "shared": [shared], "both": [split, shared]}[name]
+
+
+def _pinned(cpus: set[int] | None, niceness: int = 0):
+    def setup() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        if niceness:
+            os.nice(niceness)
+    return setup if cpus or niceness else None
+
+
 def loadgen(url: str, body_file: Path, headers: dict, connections: int, rate: float, duration: float,
-            niceness: int = 0) -> dict:
+            niceness: int = 0, cpus: set[int] | None = None) -> dict:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), url, str(body_file), json.dumps(headers),
                            "--connections", str(connections), "--rate", str(rate), "--duration", str(duration)],
-                          capture_output=True, text=True, check=True,
-                          preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
+                          capture_output=True, text=True, check=True, preexec_fn=_pinned(cpus, niceness))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def agent(bundle: Path, work: Path, extra: str = "") -> Server:
+def agent(bundle: Path, work: Path, extra: str = "", cpus: set[int] | None = None) -> Server:
     config = work / "agent.yaml"
-    config.write_text(f"store: {work / 'store'}\nlog_level: warning\nmodels:\n  - name: cnn\n    threads: 2\n{extra}")
+    threads = len(cpus) if cpus else 2
+    config.write_text(f"store: {work / 'store'}\nlog_level: warning\nmodels:\n  - name: cnn\n    threads: {threads}\n{extra}")
     return Server([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--bundle", str(bundle)],
-                  "/v2/health/ready")
+                  "/v2/health/ready", cpus=cpus)
 
 
-def capacity_and_flood(bundle: Path, work: Path, sample: np.ndarray, duration: float) -> None:
+def capacity_and_flood(bundle: Path, work: Path, sample: np.ndarray, duration: float, layout: tuple) -> None:
+    label, agent_cpus, load_cpus = layout
     body, headers = binary_body(sample)
     body_file = work / "body.bin"
     body_file.write_bytes(body)
-    server = agent(bundle, work)
+    server = agent(bundle, work, cpus=agent_cpus)
     url = f"{server.url}/v2/models/cnn/infer"
+    print(f"\n=== layout {label}; the model runs on {len(agent_cpus) if agent_cpus else 2} thread(s)")
     try:
-        loadgen(url, body_file, headers, 8, 0, 3)  # warm-up
-        rows = [loadgen(url, body_file, headers, c, 0, 5) for c in (1, 4, 16, 32)]
+        loadgen(url, body_file, headers, 8, 0, 3, cpus=load_cpus)  # warm-up
+        rows = [loadgen(url, body_file, headers, c, 0, 5, cpus=load_cpus) for c in (1, 4, 16, 32)]
         best = max(r["ok_per_s"] for r in rows)
         at_capacity = next(r for r in rows if r["ok_per_s"] >= 0.95 * best)
         print("\n(a) capacity (closed loop, 5 s each)")
@@ -117,7 +145,8 @@ def capacity_and_flood(bundle: Path, work: Path, sample: np.ndarray, duration: f
         rss_start = server.rss_mb()
         until = time.time() + duration + 2
         probe_out = work / "probe.json"
-        probe = subprocess.Popen([sys.executable, "-c", PROBE, f"{server.url}/v2/health/ready", str(until), str(probe_out)])
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, f"{server.url}/v2/health/ready", str(until), str(probe_out)],
+                                 preexec_fn=_pinned(load_cpus))
         peak = [rss_start]
         flood = {}
 
@@ -130,7 +159,7 @@ def capacity_and_flood(bundle: Path, work: Path, sample: np.ndarray, duration: f
 
         watcher = threading.Thread(target=sample_rss, daemon=True)
         watcher.start()
-        flood = loadgen(url, body_file, headers, 256, 4 * best, duration, LOAD_NICENESS)
+        flood = loadgen(url, body_file, headers, 256, 4 * best, duration, LOAD_NICENESS, load_cpus)
         probe.wait(duration + 30)
         health = json.loads(probe_out.read_text())
         time.sleep(10)
@@ -250,6 +279,8 @@ def main() -> None:
     parser.add_argument("--skip-threshold", action="store_true")
     parser.add_argument("--skip-big", action="store_true", help="skip the 60 MiB request beside small ones")
     parser.add_argument("--nice-load", type=int, default=0, help="run the flood's load generator at this niceness")
+    parser.add_argument("--layout", choices=["split", "shared", "both"], default="split",
+                        help="cores of the agent and of the load generator (see the module docstring)")
     args = parser.parse_args()
     global LOAD_NICENESS
     LOAD_NICENESS = args.nice_load
@@ -260,7 +291,8 @@ def main() -> None:
         work = Path(temp)
         bundle, _ = build_bundle(work, args.size)
         sample = np.random.default_rng(1).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
-        capacity_and_flood(bundle, work, sample, args.duration)
+        for layout in layouts(args.layout):
+            capacity_and_flood(bundle, work, sample, args.duration, layout)
         if not args.skip_big:
             big_beside_small(bundle, work, sample)
         if not args.skip_threshold:

@@ -167,10 +167,11 @@ def wait_http(url: str, timeout: float = 60, body: bytes | None = None, headers=
 class Server:
     """A server subprocess on a free port."""
 
-    def __init__(self, args: list[str], ready_path: str, cwd=ROOT):
+    def __init__(self, args: list[str], ready_path: str, cwd=ROOT, cpus: set[int] | None = None):
         self.port = free_port()
         self.process = subprocess.Popen([*args, "--port", str(self.port)], cwd=cwd, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL,
+                                        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.url = f"http://127.0.0.1:{self.port}"
         wait_http(self.url + ready_path)
 

@@ -128,6 +128,51 @@ def _tensor_metadata(spec) -> dict:
     return entry
 
 
+def build_front_door(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics):
+    """Answers given from the request head alone, without the ASGI application (see
+    ``agent.serving.protocol``): the health probes, and 503 for an inference request to a model whose
+    queue is full. Under a flood those are most requests; this keeps their cost a small fraction of an
+    accepted request's, so refusing never starves the accepted work or the probes. Anything else,
+    including a request whose bearer token is wrong (401 from the application), passes on."""
+    expected = f"Bearer {config.server.bearer_token()}".encode() if config.server.bearer_token() else None
+    json_type = [(b"content-type", b"application/json")]
+
+    def front_door(method: bytes, path: bytes, headers: list):
+        if method == b"GET":
+            if path == b"/v2/health/live":
+                return 200, json_type, b'{"live":true}'
+            if path == b"/v2/health/ready":
+                ok = registry.ready
+                return (200 if ok else 503), json_type, b'{"ready":true}' if ok else b'{"ready":false}'
+            return None
+        if method != b"POST" or not path.startswith(b"/v2/models/") or not path.endswith(b"/infer"):
+            return None
+        parts = path.split(b"/")  # b"", b"v2", b"models", NAME, [b"versions", VERSION,] b"infer"
+        if len(parts) == 5:
+            version = None
+        elif len(parts) == 7 and parts[4] == b"versions":
+            version = parts[5]
+        else:
+            return None
+        if b"%" in path:
+            return None  # percent-encoded names: the application decodes and routes them
+        scheduler = registry.get(parts[3].decode("latin-1"))
+        if scheduler is None or (version is not None and version.decode("latin-1") != scheduler.current.version):
+            return None  # 404 from the application
+        if expected is not None:
+            given = next((value for name, value in headers if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, expected):
+                return None  # 401 from the application; the queue's state is not for strangers
+        try:
+            scheduler.check_capacity()
+        except Overloaded as exc:
+            metrics.observe_request(scheduler.name, "overloaded")
+            return 503, [*json_type, (b"retry-after", str(exc.retry_after).encode())], orjson.dumps({"error": str(exc)})
+        return None
+
+    return front_door
+
+
 def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics, lifespan=None):
     """The ASGI application serving ``registry``'s models (``lifespan`` loads and closes them)."""
     max_body = config.server.max_body_bytes
@@ -227,7 +272,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         declared = request.headers.get("content-length", "")
         try:
             # Shed load before reading the body: a full queue costs the client one round trip, no more.
-            scheduler.check_capacity()
+            # (Usually the front door has answered already; this is the race with a queue filling since.)
+            scheduler.reserve()
         except Overloaded as exc:
             metrics.observe_request(name, "overloaded")
             # The connection stays open: closing it on the unread body would spare the server reading it,
@@ -235,9 +281,11 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
         is_large = codec.offloads(int(declared)) if declared.isdigit() else False
         if is_large and large["in_flight"] >= config.server.max_large_requests:
+            scheduler.unreserve()
             metrics.observe_request(name, "overloaded")
             return _json({"error": f"{large['in_flight']} large requests are in progress "
                           f"(server.max_large_requests); retry later"}, 503, {"retry-after": "1"})
+        reserved = True
         large["in_flight"] += is_large
         served = scheduler.pin()
         body, release_feeds = None, None
@@ -258,7 +306,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             deadline = started + min(limits) if limits else None
             # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
             handed, release_feeds = release_feeds, None
-            queued = scheduler.infer(feeds, served, deadline, handed)
+            reserved = False  # submit uses the place, whatever happens in it
+            queued = scheduler.submit(feeds, served, deadline, handed, reserved=True)
             del feeds, first
             result = await _unless_disconnected(request, queued)
             # Encoded with the specs and version of the model that computed the answer.
@@ -295,6 +344,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             log.exception("inference failed", extra={"model": name})
             return _error(f"internal error: {type(exc).__name__}", 500)
         finally:
+            if reserved:
+                scheduler.unreserve()
             scheduler.unpin(served)
             large["in_flight"] -= is_large
             if isinstance(body, SharedBody):

@@ -1,19 +1,51 @@
-"""uvicorn's httptools protocol with a deadline on the request head (slow-loris clients).
+"""uvicorn's httptools protocol with a deadline on the request head and a front door.
 
-uvicorn closes idle keep-alive connections, but a client that connects and sends nothing, or trickles
-a header byte every few seconds, holds a connection (and a slot of ``limit_concurrency``) forever:
-every byte received cancels the keep-alive timer. This protocol closes a connection whose request
-head is not complete within ``header_timeout_s`` of the connection or of the previous response.
+**Head deadline (slow-loris clients).** uvicorn closes idle keep-alive connections, but a client that
+connects and sends nothing, or trickles a header byte every few seconds, holds a connection (and a slot
+of ``limit_concurrency``) forever: every byte received cancels the keep-alive timer. This protocol
+closes a connection whose request head is not complete within ``header_timeout_s`` of the connection or
+of the previous response.
+
+**Front door.** Some answers are known as soon as the request head is parsed: a 503 for a model whose
+queue is full, the health probes. Under a flood those are most of the traffic, and taking each through
+an ASGI task and Starlette's middleware stack costs several times the model's own share of the event
+loop, so the refusals themselves starve the requests that were accepted (goodput collapse) and the
+health probes queue behind them. ``front_door(method, path, headers)`` (see ``agent.serving.app``)
+returns a complete response for those, written straight to the transport; the rest of such a request's
+body is read and dropped by the parser, and the connection stays open for the next request.
 """
 
 from __future__ import annotations
 
+from typing import Callable
 
-def guarded_protocol(header_timeout_s: float):
+#: ``front_door(method, raw_path, headers) -> (status, headers, body) | None``: an answer given without
+#: the ASGI application, or None to pass the request on
+FrontDoor = Callable[[bytes, bytes, list], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
+
+REASONS = {200: b"OK", 503: b"Service Unavailable"}
+
+
+class _Answered:
+    """Stands in for uvicorn's request/response cycle of a request the front door answered: its
+    response is complete, so the parser drops the rest of the body and the next request starts."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = True
+
+    class message_event:  # noqa: N801 - the attribute name uvicorn uses
+        @staticmethod
+        def set() -> None:
+            pass
+
+
+def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = None):
     """The protocol class for ``uvicorn.Config(http=...)``; "h11" when httptools is not installed."""
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # h11 only: uvicorn's own protocol, without the head deadline
+    except ImportError:  # h11 only: uvicorn's own protocol, without the head deadline or the front door
         return "h11"
 
     class HeadDeadlineProtocol(HttpToolsProtocol):
@@ -44,7 +76,37 @@ def guarded_protocol(header_timeout_s: float):
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            # Only a request that is next in line may be answered here (a pipelined one waits its turn),
+            # and never a protocol upgrade.
+            if (front_door is not None and (self.cycle is None or self.cycle.response_complete)
+                    and not self.parser.should_upgrade()):
+                try:
+                    path = httptools.parse_url(self.url).path
+                except httptools.HttpParserInvalidURLError:
+                    path = None
+                answer = front_door(self.parser.get_method(), path, self.headers) if path is not None else None
+                if answer is not None:
+                    self._answer(*answer)
+                    return
             super().on_headers_complete()
+
+        def _answer(self, status: int, headers: list, body: bytes) -> None:
+            keep_alive = (self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+                          and not self.expect_100_continue)  # a client waiting for 100 may not send the body
+            head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
+            for name, value in (*self.server_state.default_headers, *headers):
+                head += [name, b": ", value, b"\r\n"]
+            head.append(b"content-length: %d\r\n" % len(body))
+            if not keep_alive:
+                head.append(b"connection: close\r\n")
+            head += [b"\r\n", body]
+            self.transport.write(b"".join(head))
+            self.cycle = _Answered()
+            if keep_alive:
+                self.on_response_complete()
+            else:
+                self.server_state.total_requests += 1
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

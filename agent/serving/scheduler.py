@@ -4,8 +4,11 @@ All bookkeeping runs on the event loop thread; only the model runs on the model'
 (ONNX Runtime and LiteRT release the GIL while they compute).
 
 - **Admission.** The queue is bounded (``max_queue_size`` requests, by default what the model gets
-  through in ``queue_budget_ms``); a full queue answers at once with :class:`Overloaded` (HTTP 503 with
-  ``Retry-After``), as Triton's ``max_queue_size`` does, instead of a queue that grows without end.
+  through in ``queue_budget_ms`` at the per-sample time of its recent runs, so a queue never holds more
+  time than the budget even when the host is slower than at load); a full queue answers at once with
+  :class:`Overloaded` (HTTP 503 with ``Retry-After``), as Triton's ``max_queue_size`` does, instead of a
+  queue that grows without end. A request admitted from its head holds its place (:meth:`reserve`) while
+  its body is read and decoded, so a burst of heads cannot all pass a queue that is nearly full.
 - **Deadlines.** A request may carry a deadline; queued work whose deadline passed is dropped with
   :class:`DeadlineExceeded` (504) before it costs a run. Work of a client that went away is cancelled
   and skipped the same way.
@@ -38,6 +41,8 @@ log = logging.getLogger("edgepack.agent.serving")
 
 #: bounds of the default queue size (requests)
 MIN_QUEUE, MAX_QUEUE = 8, 4096
+#: weight of the newest run in the running per-sample time the queue is sized from
+LIVE_WEIGHT = 0.2
 #: a large request runs in chunks of about this much compute (at most CHUNK_SAMPLES samples, in as few
 #: runtime calls as the model allows), yielding the model to waiting requests in between, so one huge
 #: request shares the model with the small ones instead of holding it for seconds
@@ -172,6 +177,11 @@ class ModelScheduler:
         self.current: ServedVersion | None = None
         self._pending: collections.deque[Work] = collections.deque()
         self._wakeup = asyncio.Event()
+        #: requests admitted from their head whose body is still being read and decoded
+        self._reserved = 0
+        #: seconds per sample of the recent runs of the current version (running average), under whatever
+        #: else the host is doing; None until the first run
+        self._live_sample_seconds: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix=f"infer-{name}")
         self._workers = [asyncio.ensure_future(self._worker()) for _ in range(options.instances)]
         self._closing = False
@@ -190,17 +200,32 @@ class ModelScheduler:
         """Requests that may wait: ``max_queue_size``, else what the model serves in ``queue_budget_ms``."""
         if self.options.max_queue_size:
             return self.options.max_queue_size
-        seconds = self.current.model.sample_seconds if self.current else None
+        seconds = self.sample_seconds
         if not seconds:
             return 64
         # Requests (of one sample: the common case) the model gets through in the budget, and at least
-        # enough to keep every instance's next batch full.
+        # enough for every instance's next batch to be full when its current run ends. More than that
+        # only adds waiting: under a flood every accepted request waits for the whole queue ahead of it.
         budget = self.options.queue_budget_ms / 1000 * self.options.instances / seconds
-        return int(min(MAX_QUEUE, max(MIN_QUEUE, 2 * max(1, self.max_batch) * self.options.instances, budget)))
+        return int(min(MAX_QUEUE, max(MIN_QUEUE, max(1, self.max_batch) * self.options.instances, budget)))
+
+    @property
+    def sample_seconds(self) -> float | None:
+        """Seconds per sample: of the recent runs, else as measured when the current version loaded."""
+        if self._live_sample_seconds is not None:
+            return self._live_sample_seconds
+        return self.current.model.sample_seconds if self.current else None
+
+    def _observe_run(self, served: ServedVersion, samples: int, seconds: float) -> None:
+        if served is self.current and samples:
+            per = seconds / samples
+            live = self._live_sample_seconds
+            self._live_sample_seconds = per if live is None else live + LIVE_WEIGHT * (per - live)
 
     def swap(self, served: ServedVersion) -> ServedVersion | None:
         """Route new requests to ``served``; the old version closes once nothing holds it."""
         old, self.current = self.current, served
+        self._live_sample_seconds = None  # the new version's speed is its own
         self.metrics.model_active(self.name, served.version, served.slot, old.version if old else None,
                                   old.slot if old else None)
         self.metrics.model_load_seconds.labels(self.name).set(served.load_seconds)
@@ -224,12 +249,24 @@ class ModelScheduler:
     # -- requests ----------------------------------------------------------------------------------
 
     def check_capacity(self) -> None:
-        """Raise Overloaded when the queue is full (called before reading a body, and at queueing)."""
-        if len(self._pending) >= self.max_queue:
-            seconds = (self.current.model.sample_seconds if self.current else None) or 0.01
-            wait = len(self._pending) * seconds / max(1, self.options.instances)
-            raise Overloaded(f"model {self.name!r} is at capacity ({len(self._pending)} requests queued, "
-                             f"max_queue_size {self.max_queue}); retry later", max(1, math.ceil(wait)))
+        """Raise Overloaded when the queue (with the requests admitted but not yet queued) is full."""
+        waiting = len(self._pending) + self._reserved
+        limit = self.max_queue
+        if waiting >= limit:
+            seconds = self.sample_seconds or 0.01
+            wait = waiting * seconds / max(1, self.options.instances)
+            raise Overloaded(f"model {self.name!r} is at capacity ({waiting} requests queued, "
+                             f"max_queue_size {limit}); retry later", max(1, math.ceil(wait)))
+
+    def reserve(self) -> None:
+        """Admit a request from its head: hold a place in the queue while its body is read and decoded
+        (Overloaded when full). The place is used by :meth:`submit` (``reserved=True``) or given back
+        with :meth:`unreserve`, exactly once."""
+        self.check_capacity()
+        self._reserved += 1
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
 
     def pin(self) -> ServedVersion:
         """The current version, held until :meth:`unpin`; validate the request against it."""
@@ -245,17 +282,26 @@ class ModelScheduler:
 
     async def infer(self, feeds: dict[str, np.ndarray], served: ServedVersion, deadline: float | None = None,
                     on_release=None) -> Result:
-        """Queue ``feeds`` (validated against the pinned ``served``) and wait for their outputs.
+        """Queue ``feeds`` (validated against the pinned ``served``) and wait for their outputs."""
+        return await self.submit(feeds, served, deadline, on_release)
+
+    def submit(self, feeds: dict[str, np.ndarray], served: ServedVersion, deadline: float | None = None,
+               on_release=None, reserved: bool = False) -> asyncio.Future:
+        """Queue ``feeds`` (validated against the pinned ``served``); the future gets a :class:`Result`.
 
         ``deadline``: a ``time.perf_counter()`` moment after which the work is dropped (DeadlineExceeded).
-        Cancelling the caller's task cancels the queued work. ``on_release`` (the scheduler owns it from
-        here on) is called once nothing reads the feeds any more, never while a run still uses them."""
-        try:
-            self.check_capacity()
-        except Overloaded:
-            if on_release is not None:
-                on_release()
-            raise
+        Cancelling the future drops the queued work. ``on_release`` (the scheduler owns it from here on)
+        is called once nothing reads the feeds any more, never while a run still uses them.
+        ``reserved``: the request holds a place from :meth:`reserve`, used here (no second check)."""
+        if reserved:
+            self._reserved -= 1
+        else:
+            try:
+                self.check_capacity()
+            except Overloaded:
+                if on_release is not None:
+                    on_release()
+                raise
         first = next(iter(feeds.values()))
         count = first.shape[0] if first.ndim else 1
         work = Work(feeds, count, served, asyncio.get_running_loop().create_future(), deadline,
@@ -264,7 +310,7 @@ class ModelScheduler:
         self._pending.append(work)
         self.metrics.queue_depth.labels(self.name).inc()
         self._wakeup.set()
-        return await work.future
+        return work.future
 
     def _drop_dead(self) -> None:
         """Remove cancelled work and work whose deadline passed from the queue head and anywhere in it."""
@@ -358,6 +404,7 @@ class ModelScheduler:
             elapsed = time.perf_counter() - started
             self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed)
             served.health.observe(sum(w.count for w in batch), elapsed)
+            self._observe_run(served, sum(w.count for w in batch), elapsed)
             offset = 0
             for work in batch:
                 part = outputs if len(batch) == 1 else {k: v[offset:offset + work.count] for k, v in outputs.items()}
@@ -416,6 +463,7 @@ class ModelScheduler:
         elapsed = time.perf_counter() - started
         self.metrics.observe_batch(self.name, ran, elapsed)
         served.health.observe(ran, elapsed)
+        self._observe_run(served, ran, elapsed)
         if work.future.done():
             work.release()  # cancelled or past its deadline meanwhile; the run is over
             return

@@ -91,6 +91,63 @@ def test_full_queue_answers_503_with_retry_after(serving_bundles, tmp_path, many
         assert running.stop() == 0
 
 
+def _read_response(stream) -> tuple[int, dict, bytes]:
+    """One HTTP/1.1 response from a socket's file: status, headers (lower-case), body."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers.get("content-length", 0)))
+
+
+def test_refusals_from_the_request_head_keep_the_connection_and_pipelining(serving_bundles, tmp_path, many_images):
+    """A full queue is answered from the request head (the front door); the refused body is read and
+    dropped, so the same keep-alive connection serves the next requests, pipelined ones in order, and a
+    wrong token is still a 401, never a 503 that would tell a stranger about the queue."""
+    token = "front-door-token-0123456789"
+    config = _config(tmp_path, server={"token": token}, max_queue_size=1, max_samples_per_request=100_000,
+                     batching={"enabled": False})
+    auth = {"Authorization": f"Bearer {token}"}
+    big, big_headers = _binary_request(np.concatenate([many_images] * 4)[:12000])
+    small, small_headers = _binary_request(many_images[:3])
+    request = _raw_request(small, {**small_headers, **auth})
+    with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
+        url = f"{running.url}/v2/models/digits/infer"
+        with ThreadPoolExecutor(2) as pool, socket.create_connection(("127.0.0.1", running.port)) as sock:
+            stream = sock.makefile("rb")
+            busy = [pool.submit(httpx.post, url, content=big, headers={**big_headers, **auth}, timeout=120)
+                    for _ in range(2)]
+            statuses, deadline = [], time.monotonic() + 30
+            while 503 not in statuses and time.monotonic() < deadline and not all(f.done() for f in busy):
+                sock.sendall(request)
+                statuses.append(_read_response(stream)[0])
+            assert 503 in statuses, f"the queue never filled: {statuses}"
+            # Two requests in one write while the queue is full, and a wrong token between them.
+            wrong = _raw_request(small, {**small_headers, "Authorization": "Bearer not-the-token-000000"})
+            sock.sendall(request + wrong + request)
+            answers = [_read_response(stream) for _ in range(3)]
+            assert [a[0] for a in answers][1] == 401, [a[0] for a in answers]
+            for status, headers, body in (answers[0], answers[2]):
+                assert status in (200, 503), status
+                if status == 503:
+                    assert int(headers["retry-after"]) >= 1 and "max_queue_size 1" in json.loads(body)["error"]
+            busy = sorted(f.result().status_code for f in busy)
+            assert busy[0] == 200 and busy[1] in (200, 503), busy  # the second may find the one place taken
+            # The bodies of the refused requests were dropped whole: this request parses and is answered.
+            sock.sendall(request)
+            status, headers, body = _read_response(stream)
+            assert status == 200, body
+            assert json.loads(body)["outputs"][0]["shape"] == [3, 10]
+        health = httpx.get(f"{running.url}/v2/health/ready")
+        assert health.status_code == 200 and health.json() == {"ready": True}
+        assert health.headers["content-type"] == "application/json"
+        assert httpx.get(f"{running.url}/v2/health/live").json() == {"live": True}
+        metrics = httpx.get(f"{running.url}/metrics", headers=auth).text
+        assert _metric(metrics, "edgepack_requests_total", outcome="overloaded") >= 1
+        assert running.stop() == 0
+
+
 def test_deadline_and_sample_cap(serving_bundles, tmp_path, many_images):
     config = _config(tmp_path, max_samples_per_request=16)
     with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:

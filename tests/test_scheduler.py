@@ -1,0 +1,122 @@
+"""Admission logic of the per-model scheduler: places held by requests whose body is still being read,
+and a default queue that follows the model's speed under the current load. A stand-in model keeps
+these fast; the daemon tests (tests/integration/test_overload.py) run the same paths on real models."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from agent.config import ModelConfig
+from agent.serving.metrics import ServingMetrics
+from agent.serving.scheduler import ModelScheduler, Overloaded, ServedVersion
+
+
+class SlowDouble:
+    """A model that doubles its input and takes ``seconds`` per sample; ``gate`` holds runs back."""
+
+    batch_size = None
+    batch_invariant = True
+    version = "1"
+
+    def __init__(self, seconds: float):
+        self.sample_seconds = seconds  # as measured at load
+        self.per_sample = seconds
+        self.backend = SimpleNamespace(batched=True)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def merge_limit(self, configured: int) -> int:
+        return configured
+
+    def run(self, feeds, max_batch):
+        self.gate.wait(10)
+        x = feeds["x"]
+        threading.Event().wait(self.per_sample * len(x))
+        return {"y": x * 2}
+
+    def close(self) -> None:
+        pass
+
+
+def _scheduler(model, **options) -> ModelScheduler:
+    scheduler = ModelScheduler("m", ModelConfig(name="m", **options), ServingMetrics())
+    scheduler.swap(ServedVersion(model, None, 0.0, "k"))
+    return scheduler
+
+
+def _feeds(n: int = 1) -> dict:
+    return {"x": np.ones((n, 2), np.float32)}
+
+
+def test_requests_admitted_from_their_head_hold_a_place_until_queued_or_given_back():
+    async def scenario():
+        scheduler = _scheduler(SlowDouble(0.001), max_queue_size=2, batching={"enabled": False})
+        scheduler.reserve()
+        scheduler.reserve()
+        with pytest.raises(Overloaded, match="2 requests queued, max_queue_size 2"):
+            scheduler.reserve()  # two bodies are being read: the queue is full before either is queued
+        scheduler.unreserve()
+        scheduler.reserve()
+        # A reserved request is queued without a second check, even though the queue counts it as full.
+        served = scheduler.pin()
+        futures = [scheduler.submit(_feeds(), served, reserved=True) for _ in range(2)]
+        scheduler.unpin(served)
+        with pytest.raises(Overloaded):
+            scheduler.submit(_feeds(), scheduler.current)  # not reserved: checked, and refused
+        results = await asyncio.gather(*futures)
+        assert [r.outputs["y"].tolist() for r in results] == [[[2.0, 2.0]]] * 2
+        assert scheduler._reserved == 0
+        scheduler.reserve()  # the queue emptied: there is room again
+        scheduler.unreserve()
+        await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_default_queue_follows_the_speed_of_recent_runs():
+    async def scenario():
+        model = SlowDouble(0.0005)
+        scheduler = _scheduler(model, queue_budget_ms=25, batching={"enabled": True, "max_batch_size": 4})
+        assert scheduler.max_queue == 50  # 25 ms at 0.5 ms per sample, as measured at load
+        model.per_sample = 0.005  # the host got ten times slower (a CPU hog, thermal throttling)
+        served = scheduler.pin()
+        for _ in range(6):
+            await scheduler.submit(_feeds(), served)
+        scheduler.unpin(served)
+        # 25 ms now holds about five samples; the floor keeps one full batch (4) waiting.
+        assert 4 <= scheduler.max_queue <= 8, scheduler.max_queue
+        model.per_sample = 0.0005
+        served = scheduler.pin()
+        for _ in range(20):
+            await scheduler.submit(_feeds(), served)
+        scheduler.unpin(served)
+        assert scheduler.max_queue >= 25, scheduler.max_queue  # and it grows back when runs speed up
+        # A new version starts again from its own speed measured at load.
+        scheduler.swap(ServedVersion(SlowDouble(0.001), None, 0.0, "k2"))
+        assert scheduler.max_queue == 25
+        await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_queue_full_of_held_places_refuses_with_retry_after_from_the_live_speed():
+    async def scenario():
+        model = SlowDouble(0.002)
+        scheduler = _scheduler(model, queue_budget_ms=10, batching={"enabled": False})
+        limit = scheduler.max_queue
+        assert limit == 8  # 10 ms is 5 samples; the floor is 8 requests
+        for _ in range(limit):
+            scheduler.reserve()
+        with pytest.raises(Overloaded) as refused:
+            scheduler.reserve()
+        assert refused.value.retry_after >= 1
+        for _ in range(limit):
+            scheduler.unreserve()
+        await scheduler.close()
+
+    asyncio.run(scenario())
