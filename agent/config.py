@@ -104,6 +104,10 @@ class ServerConfig(_Strict):
     switch_interval_ms: float = Field(
         0.5, gt=0, le=100, description="Python's GIL switch interval in the daemon (default 5 ms in Python): how "
         "long the event loop may wait for the GIL while inference threads hold it")
+    intra_op_spinning: bool = Field(
+        False, description="let ONNX Runtime's intra-op threads spin while waiting for work: slightly faster "
+        "when the model has the cores to itself, about twice as slow when the event loop or other processes "
+        "want them (benchmarks/overload.py)")
     max_large_requests: int = Field(
         4, ge=1, le=1024, description="large bodies (over offload_bytes) accepted at once; more get 503")
 

@@ -241,16 +241,18 @@ def threshold(sample: np.ndarray) -> None:
     from agent.serving.shared_buffers import SharedBody
     from edgepack.tensors import TensorSpec
 
-    specs = [TensorSpec("input", "float32", (None, *sample.shape[1:]))]
+    width = 256  # rows of 256 floats, so that the body sizes step finely (one image is ~550 KiB of JSON)
+    specs = [TensorSpec("input", "float32", (None, width))]
     print("\n(d) JSON decode: inline (on the event loop) vs the helper process (shared memory), median of 5")
     print(f"{'body':>10} {'inline ms':>10} {'helper ms':>10}")
 
     async def measure():
         codec = Codec(1, 2**31)
         await codec.start()
-        for target in (64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20, 16 * 2**20):
-            count = max(1, int(target / len(json.dumps(np.round(sample, 4).ravel().tolist()))))
-            rows = np.round(np.random.default_rng(0).random((count, *sample.shape[1:]), dtype=np.float32), 4)
+        row_bytes = len(json.dumps(np.round(np.random.default_rng(0).random(width), 4).tolist()))
+        for target in (16 * 2**10, 64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20, 16 * 2**20):
+            count = max(1, int(target / row_bytes))
+            rows = np.round(np.random.default_rng(0).random((count, width), dtype=np.float32), 4)
             body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
                                            "data": rows.ravel().tolist()}]}).encode()
             inline, helper = [], []
