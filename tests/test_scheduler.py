@@ -120,3 +120,41 @@ def test_queue_full_of_held_places_refuses_with_retry_after_from_the_live_speed(
         await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_front_door_answers_only_what_the_request_head_decides():
+    from agent.config import AgentConfig
+    from agent.serving.app import build_front_door
+
+    async def scenario():
+        token = "front-door-unit-token-0123"
+        scheduler = _scheduler(SlowDouble(0.001), max_queue_size=1, batching={"enabled": False})
+        registry = SimpleNamespace(get=lambda name: scheduler if name == "m" else None, ready=True)
+        door = build_front_door(AgentConfig(server={"token": token}), registry, scheduler.metrics)
+        auth = [(b"authorization", f"Bearer {token}".encode())]
+        assert door(b"GET", b"/v2/health/ready", []) == (200, [(b"content-type", b"application/json")], b'{"ready":true}')
+        assert door(b"GET", b"/v2/health/live", [])[2] == b'{"live":true}'
+        assert door(b"GET", b"/v2/models/m", auth) is None  # metadata: the application's
+        assert door(b"POST", b"/v2/models/m/infer", auth) is None  # room in the queue: passed on
+        scheduler.reserve()  # now the queue is full
+        status, headers, body = door(b"POST", b"/v2/models/m/infer", auth)
+        assert status == 503 and dict(headers)[b"retry-after"] == b"1" and b"max_queue_size 1" in body
+        assert door(b"POST", b"/v2/models/m/versions/1/infer", auth)[0] == 503
+        # Everything the application answers differently passes on: a wrong or missing token (401), an
+        # unknown model or version (404), a percent-encoded name, another method or path.
+        for method, path, headers in [
+            (b"POST", b"/v2/models/m/infer", []),
+            (b"POST", b"/v2/models/m/infer", [(b"authorization", b"Bearer wrong-token-00000000000")]),
+            (b"POST", b"/v2/models/other/infer", auth),
+            (b"POST", b"/v2/models/m/versions/2/infer", auth),
+            (b"POST", b"/v2/models/%6d/infer", auth),
+            (b"PUT", b"/v2/models/m/infer", auth),
+            (b"POST", b"/v2/models/m/x/infer", auth),
+        ]:
+            assert door(method, path, headers) is None, (method, path)
+        registry.ready = False
+        assert door(b"GET", b"/v2/health/ready", [])[:1] == (503,)
+        scheduler.unreserve()
+        await scheduler.close()
+
+    asyncio.run(scenario())

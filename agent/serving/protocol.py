@@ -17,7 +17,10 @@ body is read and dropped by the parser, and the connection stays open for the ne
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
+
+log = logging.getLogger("edgepack.agent.serving")
 
 #: ``front_door(method, raw_path, headers) -> (status, headers, body) | None``: an answer given without
 #: the ASGI application, or None to pass the request on
@@ -82,9 +85,12 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
                     and not self.parser.should_upgrade()):
                 try:
                     path = httptools.parse_url(self.url).path
+                    answer = front_door(self.parser.get_method(), path, self.headers)
                 except httptools.HttpParserInvalidURLError:
-                    path = None
-                answer = front_door(self.parser.get_method(), path, self.headers) if path is not None else None
+                    answer = None  # the application answers it as uvicorn always has
+                except Exception:  # noqa: BLE001 - a bug here must cost the shortcut, not the connection
+                    log.exception("front door failed; passing the request on")
+                    answer = None
                 if answer is not None:
                     self._answer(*answer)
                     return
