@@ -45,6 +45,11 @@ def _store(store=None, keys=(), profile=None, config_path=None, recover: bool = 
 @click.version_option(__version__, prog_name="edgepack-agent")
 def cli() -> None:
     """Run edgepack bundles on this device, offline."""
+    from .runtime.onnx_backend import allow_spinning
+
+    # Every agent command measures and runs models as the daemon does by default, so the per-sample
+    # times an install stores compare with the ones the daemon's updater stores (see SPINNING).
+    allow_spinning(False)
 
 
 @cli.command()

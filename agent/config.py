@@ -63,6 +63,10 @@ class ModelConfig(_Strict):
     queue_budget_ms: float = Field(
         25.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much "
         "work (and at least one full batch per instance); under a flood every accepted request waits about this long")
+    place_hold_ms: float = Field(
+        500.0, gt=0, le=3_600_000, description="a request admitted from its head holds a queue place while its "
+        "body arrives, for at most this long; a slower upload is checked again when it queues, so slow "
+        "clients cannot hold the queue shut")
     deadline_ms: float | None = Field(
         None, gt=0, le=3_600_000,
         description="default per-request deadline: queued work older than this is dropped with 504 "

@@ -56,23 +56,43 @@ def _feeds(n: int = 1) -> dict:
 def test_requests_admitted_from_their_head_hold_a_place_until_queued_or_given_back():
     async def scenario():
         scheduler = _scheduler(SlowDouble(0.001), max_queue_size=2, batching={"enabled": False})
-        scheduler.reserve()
-        scheduler.reserve()
+        first, second = scheduler.reserve(), scheduler.reserve()
         with pytest.raises(Overloaded, match="2 requests queued, max_queue_size 2"):
             scheduler.reserve()  # two bodies are being read: the queue is full before either is queued
-        scheduler.unreserve()
-        scheduler.reserve()
-        # A reserved request is queued without a second check, even though the queue counts it as full.
+        scheduler.unreserve(second)
+        with pytest.raises(KeyError):
+            scheduler.unreserve(second)  # given back twice: a bug, not a silent miscount
+        second = scheduler.reserve()
+        # A held place queues its request without a second check, even though the queue counts it as full.
         served = scheduler.pin()
-        futures = [scheduler.submit(_feeds(), served, reserved=True) for _ in range(2)]
+        futures = [scheduler.submit(_feeds(), served, place=place) for place in (first, second)]
         scheduler.unpin(served)
         with pytest.raises(Overloaded):
-            scheduler.submit(_feeds(), scheduler.current)  # not reserved: checked, and refused
+            scheduler.submit(_feeds(), scheduler.current)  # no place: checked, and refused
         results = await asyncio.gather(*futures)
         assert [r.outputs["y"].tolist() for r in results] == [[[2.0, 2.0]]] * 2
-        assert scheduler._reserved == 0
-        scheduler.reserve()  # the queue emptied: there is room again
-        scheduler.unreserve()
+        assert not scheduler._places
+        await scheduler.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_upload_cannot_hold_the_queue_shut():
+    async def scenario():
+        scheduler = _scheduler(SlowDouble(0.001), max_queue_size=1, batching={"enabled": False})
+        slow = scheduler.reserve()
+        with pytest.raises(Overloaded):
+            scheduler.reserve()
+        slow.at -= 0.5  # its body has been arriving for longer than a place counts (place_hold_ms 500)
+        quick = scheduler.reserve()  # admitted: the slow upload's place no longer counts
+        served = scheduler.pin()
+        queued = scheduler.submit(_feeds(), served, place=quick)
+        # The slow request lost its place: when its body is finally in, it is checked like a new one.
+        with pytest.raises(Overloaded):
+            scheduler.submit(_feeds(), served, place=slow)
+        scheduler.unpin(served)
+        assert (await queued).outputs["y"].shape == (1, 2)
+        assert not scheduler._places
         await scheduler.close()
 
     asyncio.run(scenario())
@@ -80,43 +100,39 @@ def test_requests_admitted_from_their_head_hold_a_place_until_queued_or_given_ba
 
 def test_default_queue_follows_the_speed_of_recent_runs():
     async def scenario():
-        model = SlowDouble(0.0005)
-        scheduler = _scheduler(model, queue_budget_ms=25, batching={"enabled": True, "max_batch_size": 4})
+        scheduler = _scheduler(SlowDouble(0.0005), queue_budget_ms=25, batching={"enabled": True, "max_batch_size": 4})
+        served = scheduler.current
         assert scheduler.max_queue == 50  # 25 ms at 0.5 ms per sample, as measured at load
-        model.per_sample = 0.005  # the host got ten times slower (a CPU hog, thermal throttling)
-        served = scheduler.pin()
-        for _ in range(6):
-            await scheduler.submit(_feeds(), served)
-        scheduler.unpin(served)
-        # 25 ms now holds about five samples; the floor keeps one full batch (4) waiting.
-        assert 4 <= scheduler.max_queue <= 8, scheduler.max_queue
-        model.per_sample = 0.0005
-        served = scheduler.pin()
-        for _ in range(20):
-            await scheduler.submit(_feeds(), served)
-        scheduler.unpin(served)
-        assert scheduler.max_queue >= 25, scheduler.max_queue  # and it grows back when runs speed up
-        # A new version starts again from its own speed measured at load.
+        for _ in range(30):  # the host got ten times slower (a CPU hog, thermal throttling)
+            scheduler._observe_run(served, 4, 4 * 0.005)
+        # 25 ms now holds about five samples; the floor (8, and one full batch) applies.
+        assert scheduler.max_queue == 8, scheduler.max_queue
+        scheduler._observe_run(served, 64, 64 * 1e-6)  # a large request's chunk: not the queue's kind of run
+        assert scheduler.max_queue == 8
+        for _ in range(30):
+            scheduler._observe_run(served, 2, 2 * 0.0002)
+        assert 120 <= scheduler.max_queue <= 125, scheduler.max_queue  # it grows back when runs speed up (125)
+        # A new version starts again from its own speed measured at load; the old one's runs do not count.
         scheduler.swap(ServedVersion(SlowDouble(0.001), None, 0.0, "k2"))
+        scheduler._observe_run(served, 1, 1.0)
         assert scheduler.max_queue == 25
         await scheduler.close()
 
     asyncio.run(scenario())
 
 
-def test_queue_full_of_held_places_refuses_with_retry_after_from_the_live_speed():
+def test_retry_after_comes_from_the_speed_of_recent_runs():
     async def scenario():
-        model = SlowDouble(0.002)
-        scheduler = _scheduler(model, queue_budget_ms=10, batching={"enabled": False})
-        limit = scheduler.max_queue
-        assert limit == 8  # 10 ms is 5 samples; the floor is 8 requests
-        for _ in range(limit):
-            scheduler.reserve()
+        scheduler = _scheduler(SlowDouble(0.002), queue_budget_ms=10, batching={"enabled": False})
+        assert scheduler.max_queue == 8  # 10 ms is 5 samples; the floor is 8 requests
+        for _ in range(30):
+            scheduler._observe_run(scheduler.current, 1, 0.5)  # half a second per request now
+        places = [scheduler.reserve() for _ in range(scheduler.max_queue)]
         with pytest.raises(Overloaded) as refused:
             scheduler.reserve()
-        assert refused.value.retry_after >= 1
-        for _ in range(limit):
-            scheduler.unreserve()
+        assert refused.value.retry_after == 4  # 8 requests ahead at ~0.5 s each
+        for place in places:
+            scheduler.unreserve(place)
         await scheduler.close()
 
     asyncio.run(scenario())
@@ -136,7 +152,7 @@ def test_front_door_answers_only_what_the_request_head_decides():
         assert door(b"GET", b"/v2/health/live", [])[2] == b'{"live":true}'
         assert door(b"GET", b"/v2/models/m", auth) is None  # metadata: the application's
         assert door(b"POST", b"/v2/models/m/infer", auth) is None  # room in the queue: passed on
-        scheduler.reserve()  # now the queue is full
+        place = scheduler.reserve()  # now the queue is full
         status, headers, body = door(b"POST", b"/v2/models/m/infer", auth)
         assert status == 503 and dict(headers)[b"retry-after"] == b"1" and b"max_queue_size 1" in body
         assert door(b"POST", b"/v2/models/m/versions/1/infer", auth)[0] == 503
@@ -154,7 +170,7 @@ def test_front_door_answers_only_what_the_request_head_decides():
             assert door(method, path, headers) is None, (method, path)
         registry.ready = False
         assert door(b"GET", b"/v2/health/ready", [])[:1] == (503,)
-        scheduler.unreserve()
+        scheduler.unreserve(place)
         await scheduler.close()
 
     asyncio.run(scenario())

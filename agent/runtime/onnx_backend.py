@@ -30,8 +30,9 @@ def choose_providers(wanted: list[str] | None) -> list[str]:
 #: Whether ONNX Runtime's intra-op threads spin while they wait for work (ORT's default). Spinning saves
 #: a wake-up per call when the model has the cores to itself, and costs twice the time when anything
 #: else wants them: measured on 2 cores, batch 8 of a small CNN takes 8 ms spinning alone, 24 ms spinning
-#: beside one busy process, 12 ms not spinning. The daemon turns it off (``server.intra_op_spinning``):
-#: its own event loop, and usually the application feeding it, share the cores with the model.
+#: beside one busy process, 12 ms not spinning. Every ``edgepack-agent`` command turns it off, the daemon
+#: unless ``server.intra_op_spinning`` says otherwise: its own event loop, and usually the application
+#: feeding it, share the cores with the model. The converter keeps ORT's default.
 SPINNING = {"allowed": True}
 
 

@@ -160,7 +160,8 @@ def build_front_door(config: AgentConfig, registry: ModelRegistry, metrics: Serv
         if scheduler is None or (version is not None and version.decode("latin-1") != scheduler.current.version):
             return None  # 404 from the application
         if expected is not None:
-            given = next((value for name, value in headers if name == b"authorization"), b"")
+            # The last one, as the application's BearerAuth reads them (a dict of the headers).
+            given = next((value for name, value in reversed(headers) if name == b"authorization"), b"")
             if not hmac.compare_digest(given, expected):
                 return None  # 401 from the application; the queue's state is not for strangers
         try:
@@ -270,26 +271,25 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             return error
         options = scheduler.options
         declared = request.headers.get("content-length", "")
+        is_large = codec.offloads(int(declared)) if declared.isdigit() else False
         try:
             # Shed load before reading the body: a full queue costs the client one round trip, no more.
             # (Usually the front door has answered already; this is the race with a queue filling since.)
-            scheduler.reserve()
+            place = scheduler.reserve()
         except Overloaded as exc:
             metrics.observe_request(name, "overloaded")
             # The connection stays open: closing it on the unread body would spare the server reading it,
             # but clients would see a reset instead of this 503 (tried in benchmarks/overload.py).
             return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
-        is_large = codec.offloads(int(declared)) if declared.isdigit() else False
         if is_large and large["in_flight"] >= config.server.max_large_requests:
-            scheduler.unreserve()
+            scheduler.unreserve(place)
             metrics.observe_request(name, "overloaded")
             return _json({"error": f"{large['in_flight']} large requests are in progress "
                           f"(server.max_large_requests); retry later"}, 503, {"retry-after": "1"})
-        reserved = True
         large["in_flight"] += is_large
-        served = scheduler.pin()
-        body, release_feeds = None, None
+        body, release_feeds, served = None, None, None
         try:
+            served = scheduler.pin()
             body = await asyncio.wait_for(_read_body(request, max_body, codec), config.server.body_timeout_s)
             decoded, feeds, release_feeds = await codec.decode(
                 body, request.headers.get("content-encoding", "identity"), request.headers.get(HEADER_LENGTH),
@@ -306,8 +306,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             deadline = started + min(limits) if limits else None
             # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
             handed, release_feeds = release_feeds, None
-            reserved = False  # submit uses the place, whatever happens in it
-            queued = scheduler.submit(feeds, served, deadline, handed, reserved=True)
+            place, held = None, place  # submit uses the place, whatever happens in it
+            queued = scheduler.submit(feeds, served, deadline, handed, held)
             del feeds, first
             result = await _unless_disconnected(request, queued)
             # Encoded with the specs and version of the model that computed the answer.
@@ -344,9 +344,10 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             log.exception("inference failed", extra={"model": name})
             return _error(f"internal error: {type(exc).__name__}", 500)
         finally:
-            if reserved:
-                scheduler.unreserve()
-            scheduler.unpin(served)
+            if place is not None:
+                scheduler.unreserve(place)
+            if served is not None:
+                scheduler.unpin(served)
             large["in_flight"] -= is_large
             if isinstance(body, SharedBody):
                 body.release()

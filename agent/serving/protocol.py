@@ -12,7 +12,11 @@ an ASGI task and Starlette's middleware stack costs several times the model's ow
 loop, so the refusals themselves starve the requests that were accepted (goodput collapse) and the
 health probes queue behind them. ``front_door(method, path, headers)`` (see ``agent.serving.app``)
 returns a complete response for those, written straight to the transport; the rest of such a request's
-body is read and dropped by the parser, and the connection stays open for the next request.
+body is read and dropped by the parser, and the connection stays open for the next request (unless
+the client asked to close it: HTTP/1.0, ``Connection: close``, or ``Expect: 100-continue``, whose
+body will not come). While the client is not reading its answers (the transport's write buffer is
+full) the front door steps aside and uvicorn's own path applies its back-pressure, so a client that
+pipelines probes without reading the replies cannot make the agent buffer answers without end.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
             # Only a request that is next in line may be answered here (a pipelined one waits its turn),
             # and never a protocol upgrade.
             if (front_door is not None and (self.cycle is None or self.cycle.response_complete)
-                    and not self.parser.should_upgrade()):
+                    and not self.flow.write_paused and not self.parser.should_upgrade()):
                 try:
                     path = httptools.parse_url(self.url).path
                     answer = front_door(self.parser.get_method(), path, self.headers)
@@ -116,7 +120,24 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
+            # An answer given before its body arrived (a refusal): the head deadline starts once that
+            # body is in (on_message_complete), so a slow upload of a refused body is not cut off.
+            if not self.transport.is_closing() and not self._body_pending():
+                self._arm()
+
+        def _body_pending(self) -> bool:
+            return self.parser is not None and self._reading_body
+
+        _reading_body = False
+
+        def on_message_begin(self) -> None:
+            self._reading_body = True
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._reading_body = False
+            super().on_message_complete()
+            if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
                 self._arm()
 
     return HeadDeadlineProtocol

@@ -4,11 +4,13 @@ All bookkeeping runs on the event loop thread; only the model runs on the model'
 (ONNX Runtime and LiteRT release the GIL while they compute).
 
 - **Admission.** The queue is bounded (``max_queue_size`` requests, by default what the model gets
-  through in ``queue_budget_ms`` at the per-sample time of its recent runs, so a queue never holds more
-  time than the budget even when the host is slower than at load); a full queue answers at once with
-  :class:`Overloaded` (HTTP 503 with ``Retry-After``), as Triton's ``max_queue_size`` does, instead of a
-  queue that grows without end. A request admitted from its head holds its place (:meth:`reserve`) while
-  its body is read and decoded, so a burst of heads cannot all pass a queue that is nearly full.
+  through in ``queue_budget_ms`` at the per-sample time of its recent runs, with one full batch per
+  instance as the floor, so the queue follows the host's speed instead of the speed measured at load);
+  a full queue answers at once with :class:`Overloaded` (HTTP 503 with ``Retry-After``), as Triton's
+  ``max_queue_size`` does, instead of a queue that grows without end. A request admitted from its head
+  holds a place (:meth:`reserve`) while its body is read and decoded, so a burst of heads cannot all
+  pass a queue that is nearly full; a place counts for ``place_hold_ms`` at most, so slow uploads
+  cannot hold the queue shut.
 - **Deadlines.** A request may carry a deadline; queued work whose deadline passed is dropped with
   :class:`DeadlineExceeded` (504) before it costs a run. Work of a client that went away is cancelled
   and skipped the same way.
@@ -48,6 +50,15 @@ LIVE_WEIGHT = 0.2
 #: request shares the model with the small ones instead of holding it for seconds
 CHUNK_SECONDS = 0.004
 CHUNK_SAMPLES = 64
+
+
+class Place:
+    """A queue place held by a request admitted from its head (see :meth:`ModelScheduler.reserve`)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = time.perf_counter()
 
 
 class Overloaded(Exception):
@@ -177,8 +188,8 @@ class ModelScheduler:
         self.current: ServedVersion | None = None
         self._pending: collections.deque[Work] = collections.deque()
         self._wakeup = asyncio.Event()
-        #: requests admitted from their head whose body is still being read and decoded
-        self._reserved = 0
+        #: places of requests admitted from their head whose body is still being read and decoded
+        self._places: set[Place] = set()
         #: seconds per sample of the recent runs of the current version (running average), under whatever
         #: else the host is doing; None until the first run
         self._live_sample_seconds: float | None = None
@@ -217,7 +228,9 @@ class ModelScheduler:
         return self.current.model.sample_seconds if self.current else None
 
     def _observe_run(self, served: ServedVersion, samples: int, seconds: float) -> None:
-        if served is self.current and samples:
+        # Runs of the queue's kind only: a large request's chunks run many samples at once, faster per
+        # sample than the requests the queue counts.
+        if served is self.current and 0 < samples <= max(1, self.max_batch):
             per = seconds / samples
             live = self._live_sample_seconds
             self._live_sample_seconds = per if live is None else live + LIVE_WEIGHT * (per - live)
@@ -250,7 +263,7 @@ class ModelScheduler:
 
     def check_capacity(self) -> None:
         """Raise Overloaded when the queue (with the requests admitted but not yet queued) is full."""
-        waiting = len(self._pending) + self._reserved
+        waiting = len(self._pending) + self._held()
         limit = self.max_queue
         if waiting >= limit:
             seconds = self.sample_seconds or 0.01
@@ -258,15 +271,24 @@ class ModelScheduler:
             raise Overloaded(f"model {self.name!r} is at capacity ({waiting} requests queued, "
                              f"max_queue_size {limit}); retry later", max(1, math.ceil(wait)))
 
-    def reserve(self) -> None:
-        """Admit a request from its head: hold a place in the queue while its body is read and decoded
-        (Overloaded when full). The place is used by :meth:`submit` (``reserved=True``) or given back
-        with :meth:`unreserve`, exactly once."""
-        self.check_capacity()
-        self._reserved += 1
+    def _held(self) -> int:
+        """Places that still count: held for less than ``place_hold_ms``."""
+        if not self._places:
+            return 0
+        since = time.perf_counter() - self.options.place_hold_ms / 1000
+        return sum(1 for place in self._places if place.at > since)
 
-    def unreserve(self) -> None:
-        self._reserved -= 1
+    def reserve(self) -> Place:
+        """Admit a request from its head: hold a place in the queue while its body is read and decoded
+        (Overloaded when full). The place is used by :meth:`submit` or given back with
+        :meth:`unreserve`, exactly once."""
+        self.check_capacity()
+        place = Place()
+        self._places.add(place)
+        return place
+
+    def unreserve(self, place: Place) -> None:
+        self._places.remove(place)  # KeyError: given back twice, a bug
 
     def pin(self) -> ServedVersion:
         """The current version, held until :meth:`unpin`; validate the request against it."""
@@ -286,16 +308,17 @@ class ModelScheduler:
         return await self.submit(feeds, served, deadline, on_release)
 
     def submit(self, feeds: dict[str, np.ndarray], served: ServedVersion, deadline: float | None = None,
-               on_release=None, reserved: bool = False) -> asyncio.Future:
+               on_release=None, place: Place | None = None) -> asyncio.Future:
         """Queue ``feeds`` (validated against the pinned ``served``); the future gets a :class:`Result`.
 
         ``deadline``: a ``time.perf_counter()`` moment after which the work is dropped (DeadlineExceeded).
         Cancelling the future drops the queued work. ``on_release`` (the scheduler owns it from here on)
         is called once nothing reads the feeds any more, never while a run still uses them.
-        ``reserved``: the request holds a place from :meth:`reserve`, used here (no second check)."""
-        if reserved:
-            self._reserved -= 1
-        else:
+        ``place``: from :meth:`reserve`, used here whatever happens; a place that still counts admits the
+        request without a second check, an expired one (a slow upload) is checked again."""
+        if place is not None:
+            self.unreserve(place)
+        if place is None or place.at <= time.perf_counter() - self.options.place_hold_ms / 1000:
             try:
                 self.check_capacity()
             except Overloaded:
@@ -303,7 +326,8 @@ class ModelScheduler:
                     on_release()
                 raise
         first = next(iter(feeds.values()))
-        count = first.shape[0] if first.ndim else 1
+        # Samples of a model without a batch axis: one per request, whatever its first dimension.
+        count = first.shape[0] if first.ndim and served.model.backend.batched else 1
         work = Work(feeds, count, served, asyncio.get_running_loop().create_future(), deadline,
                     on_release=on_release)
         del feeds, first  # the work holds them, until it is released

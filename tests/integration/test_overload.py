@@ -102,12 +102,14 @@ def _read_response(stream) -> tuple[int, dict, bytes]:
 
 
 def test_refusals_from_the_request_head_keep_the_connection_and_pipelining(serving_bundles, tmp_path, many_images):
-    """A request whose body is still arriving holds its queue place; with the queue full, requests are
-    answered 503 from their head (the front door), their bodies read and dropped, so the same
+    """A request whose body is still arriving holds its queue place (for place_hold_ms, long here); with
+    the queue full, requests are answered 503 from their head (the front door), their bodies read and
+    dropped, so the same
     keep-alive connection serves the next requests, pipelined ones in order; a wrong token is still a
     401, never a 503 that would tell a stranger about the queue."""
     token = "front-door-token-0123456789"
-    config = _config(tmp_path, server={"token": token}, max_queue_size=1, batching={"enabled": False})
+    config = _config(tmp_path, server={"token": token}, max_queue_size=1, place_hold_ms=60_000,
+                     batching={"enabled": False})
     auth = {"Authorization": f"Bearer {token}"}
     small, small_headers = _binary_request(many_images[:3])
     request = _raw_request(small, {**small_headers, **auth})
@@ -115,6 +117,7 @@ def test_refusals_from_the_request_head_keep_the_connection_and_pipelining(servi
         with socket.create_connection(("127.0.0.1", running.port)) as holder, \
                 socket.create_connection(("127.0.0.1", running.port)) as sock:
             holder.sendall(request[:-100])  # the head and most of the body: admitted, holding the one place
+            time.sleep(0.3)  # its head is in before any other request's
             stream = sock.makefile("rb")
             statuses, deadline = [], time.monotonic() + 10
             while 503 not in statuses and time.monotonic() < deadline:
