@@ -46,7 +46,7 @@ from serving import Server, build_bundle  # noqa: E402
 PROBE = r"""
 import json, sys, time, urllib.request
 url, until, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-worst, count, failures = 0.0, 0, 0
+times, failures = [], 0
 while time.time() < until:
     started = time.perf_counter()
     try:
@@ -54,10 +54,11 @@ while time.time() < until:
             response.read()
     except OSError:
         failures += 1
-    worst = max(worst, time.perf_counter() - started)
-    count += 1
+    times.append((time.perf_counter() - started) * 1000)
     time.sleep(0.05)
-json.dump({"max_ms": worst * 1000, "probes": count, "failures": failures}, open(out, "w"))
+times.sort()
+json.dump({"max_ms": times[-1], "p50_ms": times[len(times) // 2], "p99_ms": times[int(len(times) * 0.99)],
+           "over_100": sum(t >= 100 for t in times), "probes": len(times), "failures": failures}, open(out, "w"))
 """
 
 
@@ -177,6 +178,8 @@ def capacity_and_flood(bundle: Path, work: Path, sample: np.ndarray, duration: f
         print(f"{'p99 accepted / p99 at capacity':<44} {ratio:>12.2f} {'<= 2.0':>14}")
         probes = f"{health['max_ms']:.1f}, {health['probes']}, {health['failures']}"
         print(f"{'/v2/health/ready max (ms), probes, failures':<44} {probes:>12} {'< 100':>14}")
+        spread = f"{health['p50_ms']:.1f} / {health['p99_ms']:.1f} / {health['over_100']}"
+        print(f"{'  probes p50 / p99 (ms) / how many >= 100 ms':<44} {spread:>12} {'':>14}")
         memory = f"{rss_start:.0f} / {max(peak):.0f} / {rss_end:.0f}"
         print(f"{'RSS start / peak / 10 s after (MB)':<44} {memory:>12} {'end <= 1.1x':>14}")
         print(f"{'RSS after / start':<44} {rss_end / rss_start:>12.2f} {'<= 1.10':>14}")
