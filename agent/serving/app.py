@@ -134,7 +134,8 @@ def build_front_door(config: AgentConfig, registry: ModelRegistry, metrics: Serv
     queue is full. Under a flood those are most requests; this keeps their cost a small fraction of an
     accepted request's, so refusing never starves the accepted work or the probes. Anything else,
     including a request whose bearer token is wrong (401 from the application), passes on."""
-    expected = f"Bearer {config.server.bearer_token()}".encode() if config.server.bearer_token() else None
+    token = config.server.bearer_token()
+    expected = f"Bearer {token}".encode() if token else None
     json_type = [(b"content-type", b"application/json")]
 
     def front_door(method: bytes, path: bytes, headers: list):

@@ -122,13 +122,10 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
             super().on_response_complete()
             # An answer given before its body arrived (a refusal): the head deadline starts once that
             # body is in (on_message_complete), so a slow upload of a refused body is not cut off.
-            if not self.transport.is_closing() and not self._body_pending():
+            if not self.transport.is_closing() and not self._reading_body:
                 self._arm()
 
-        def _body_pending(self) -> bool:
-            return self.parser is not None and self._reading_body
-
-        _reading_body = False
+        _reading_body = False  # between a request's first byte and the end of its body
 
         def on_message_begin(self) -> None:
             self._reading_body = True

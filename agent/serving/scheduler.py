@@ -271,11 +271,15 @@ class ModelScheduler:
             raise Overloaded(f"model {self.name!r} is at capacity ({waiting} requests queued, "
                              f"max_queue_size {limit}); retry later", max(1, math.ceil(wait)))
 
+    def _places_since(self) -> float:
+        """Places taken after this moment still count (held for less than ``place_hold_ms``)."""
+        return time.perf_counter() - self.options.place_hold_ms / 1000
+
     def _held(self) -> int:
-        """Places that still count: held for less than ``place_hold_ms``."""
+        """Places that still count."""
         if not self._places:
             return 0
-        since = time.perf_counter() - self.options.place_hold_ms / 1000
+        since = self._places_since()
         return sum(1 for place in self._places if place.at > since)
 
     def reserve(self) -> Place:
@@ -318,7 +322,7 @@ class ModelScheduler:
         request without a second check, an expired one (a slow upload) is checked again."""
         if place is not None:
             self.unreserve(place)
-        if place is None or place.at <= time.perf_counter() - self.options.place_hold_ms / 1000:
+        if place is None or place.at <= self._places_since():
             try:
                 self.check_capacity()
             except Overloaded:
