@@ -1,4 +1,4 @@
-"""The device command line: ``edgepack-agent install | predict | status | rollback``.
+"""The device command line: ``edgepack-agent install | predict | status | rollback | reset-updates``.
 
 Light by design: it imports the edgepack core and the agent only (never torch, onnx or converters).
 """
@@ -130,25 +130,72 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
 @click.option("--json", "as_json", is_flag=True)
 @config_option
 def status(store, as_json, config_path) -> None:
-    """Slots, versions, health and update state of every model in the store."""
+    """Slots, versions, health and update state of every model in the store; the fleet link and the
+    update record when a daemon with MQTT uses the store."""
+    from .updates.download import read_progress
+    from .updates.record import RecordCorrupt, read_record
+
     model_store = _store(store, config_path=config_path, recover=False)
     states = {name: model_store.state(name) for name in model_store.model_names(with_empty=True)}
     for name, state in states.items():
         for slot, info in state["slots"].items():
             info["health"] = model_store.slot_health(name, slot)
+    progress = read_progress(model_store.root)
+    for state in states.values():
+        target = (state["update"].get("target") or {}).get("sha256")
+        if state["update"]["state"] == "downloading" and target in progress:
+            state["update"]["download"] = progress[target]
+    fleet: dict = {}
+    try:
+        fleet["link"] = json.loads((model_store.root / "fleet" / "link.json").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        record = read_record(model_store.root)
+        fleet["updates"] = {"blocked": None, "accepted": record["accepted"], "failed": record["failed"]}
+    except RecordCorrupt as exc:
+        fleet["updates"] = {"blocked": str(exc)}
     if as_json:
-        click.echo(json.dumps({"store": str(model_store.root), "models": states}, indent=2))
+        click.echo(json.dumps({"store": str(model_store.root), "models": states, "fleet": fleet}, indent=2))
         return
     if not states:
         click.echo(f"store {model_store.root}: no models installed")
     for name, state in states.items():
         update = state["update"]
         last = f", last update {update['result']}" + (f" ({update['reason']})" if update.get("reason") else "") if update.get("result") else ""
+        download = update.get("download")
+        doing = f" {download['percent']}% ({download['chunks']}/{download['total_chunks']} chunks)" if download else ""
         click.echo(f"{name}: active slot {state['active'] or 'none'}, previous {state['previous'] or 'none'}, "
-                   f"update {update['state']}{last}")
+                   f"update {update['state']}{doing}{last}")
+        if state.get("local"):
+            click.echo(f"  held by a local {state['local']['action']}: the fleet's desired state applies again "
+                       "when it sends a newer one")
         for slot, info in sorted(state["slots"].items()):
             marker = "*" if slot == state["active"] else " "
             click.echo(f"  {marker} {slot}: {info['version']} {info['precision']} for {info['profile']} ({info['health']})")
+    link = fleet.get("link")
+    if link:
+        how = f"connected (MQTT {link.get('protocol')})" if link.get("connected") else \
+            f"not connected after {link.get('attempts')} attempts: {link.get('last_error') or 'connecting'}"
+        click.echo(f"fleet link to {link.get('broker')}: {how}")
+    if (fleet.get("updates") or {}).get("blocked"):
+        click.echo(f"updates refused: {fleet['updates']['blocked']}")
+
+
+@cli.command("reset-updates")
+@store_option
+@config_option
+def reset_updates(store, config_path) -> None:
+    """Start a new update record after a damaged one blocked updates (the damaged file is kept beside
+    it). The per-model counters are seeded from the store's state files, so replays of what was
+    accepted there stay refused; a running daemon picks the new record up by itself."""
+    from .updates.record import reset_record
+
+    model_store = _store(store, config_path=config_path, recover=False)
+    states = {name: model_store.state(name) for name in model_store.model_names(with_empty=True)}
+    with model_store.locked():
+        moved = reset_record(model_store.root, states)
+    click.echo(f"update record reset in {model_store.root / 'fleet'}" + (f" (the old one is {moved})" if moved else ""))
 
 
 @cli.command()

@@ -157,6 +157,11 @@ class MqttConfig(_Strict):
     reconnect_min_s: float = Field(1.0, gt=0, le=60)
     reconnect_max_s: float = Field(60.0, gt=0, le=3600)
     max_inflight: int = Field(20, ge=1, le=1000, description="QoS 1 messages sent and not yet acknowledged")
+    max_packet_bytes: int = Field(
+        1024 * 1024, ge=160 * 1024, le=256 * 1024 * 1024, description="MQTT 5 Maximum Packet Size: the broker never "
+        "sends this agent a larger message; with MQTT 3.1.1 larger ones are dropped unread")
+    receive_maximum: int = Field(32, ge=1, le=65535, description="MQTT 5 Receive Maximum: QoS 1 messages the broker "
+                                 "may have in flight to this agent")
 
     @model_validator(mode="after")
     def _pairs(self) -> "MqttConfig":
@@ -185,14 +190,24 @@ class TelemetryConfig(_Strict):
 
 
 class UpdatesConfig(_Strict):
-    """Model updates over MQTT (need trusted_keys) and the probation window after each."""
+    """Model updates over MQTT (need fleet_keys and trusted_keys) and the probation window after each.
+
+    The probation limits here are the defaults; a signed desired state's ``probation`` budget
+    overrides them. They only catch a broken model unless a budget asks for more."""
 
     enabled: bool = True
     groups: list[str] = Field([], description="groups whose desired state this device follows")
     probation_s: float = Field(60.0, ge=0, le=86400, description="how long a new version is watched before it commits")
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="failed runs / runs above this rolls back")
-    max_latency_ratio: float = Field(3.0, gt=1, description="new per-sample latency above this x the old rolls back")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="failed runs / runs above the old version's rate by "
+                                  "more than this rolls back")
+    max_nonfinite_rate: float = Field(0.05, ge=0, le=1, description="runs with NaN/Inf outputs / runs above the old "
+                                      "version's rate by more than this rolls back")
+    max_latency_ratio: float | None = Field(None, gt=1, description="new per-sample time above this x the old's "
+                                            "(timed side by side) rolls back; default: no limit")
+    max_p95_ms: float | None = Field(None, gt=0, description="a p95 run time above this rolls back; default: none")
     min_runs: int = Field(20, ge=1, description="runs needed before error rate and live latency are judged")
+    download_timeout_s: float = Field(6 * 3600, gt=0, description="a download not finished by then fails (tried "
+                                      "again, 3 times in all)")
     download_window: int = Field(4, ge=1, le=64, description="chunks requested at once")
     chunk_timeout_s: float = Field(10.0, gt=0, description="a requested chunk not received by then is asked again")
 
@@ -203,7 +218,8 @@ class AgentConfig(_Strict):
     device_id: str | None = Field(None, description="this device's id (default: the host name)")
     profile: str | None = Field(None, description="this device's profile; bundles for another are refused")
     store: Path | None = Field(None, description="model store folder (default: $EDGEPACK_STORE or per-user)")
-    trusted_keys: list[Path] = Field([], description="public keys; when set, bundles must be signed by one")
+    trusted_keys: list[Path] = Field([], description="build keys; when set, bundles must be signed by one")
+    fleet_keys: list[Path] = Field([], description="fleet keys: desired states over MQTT must be signed by one")
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: list[ModelConfig] = Field([], description="per-model options; models not listed use defaults")
     serve_all: bool = Field(True, description="serve every model in the store, not only the listed ones")
@@ -219,6 +235,20 @@ class AgentConfig(_Strict):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"models: {', '.join(duplicates)} listed more than once")
+        return self
+
+    @model_validator(mode="after")
+    def _topic_levels(self) -> "AgentConfig":
+        # Names that go into MQTT topics must be one topic level each ('+', '#', '/' would widen a
+        # subscription or change the topic).
+        from edgepack.bundle.format import is_valid_name
+
+        bad = [f"updates.groups: {g!r}" for g in self.updates.groups if not is_valid_name(g)]
+        bad += [f"models: {m.name!r}" for m in self.models if not is_valid_name(m.name)]
+        if self.device_id is not None and not is_valid_name(self.device_id):
+            bad.append(f"device_id: {self.device_id!r}")
+        if bad:
+            raise ValueError("; ".join(bad) + " must be letters, digits, '.', '_' or '-' (one MQTT topic level)")
         return self
 
     def model(self, name: str) -> ModelConfig:
@@ -256,6 +286,7 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
         # Relative paths in the file are relative to the file, as in systemd units and most daemons.
         config.store = _relative(base, config.store)
         config.trusted_keys = [_relative(base, key) for key in config.trusted_keys]
+        config.fleet_keys = [_relative(base, key) for key in config.fleet_keys]
         for model in config.models:
             model.bundle = _relative(base, model.bundle)
         for key in ("token_file", "tls_cert", "tls_key"):
@@ -267,6 +298,11 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
     config.server.bearer_token()  # a missing/short token file is a config error at start, not at request time
     if config.mqtt:
         config.mqtt.secret()
+        # A wrong certificate path would otherwise only surface as a traceback in the MQTT thread.
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(config.mqtt, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{label}: mqtt.{key}: {path} is not a readable file; fix the path")
     return config
 
 

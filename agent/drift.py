@@ -59,6 +59,8 @@ class DriftMonitor:
         self.errors = 0
         self._lock = threading.Lock()
         self.inputs: dict[str, tuple[np.ndarray, np.ndarray, _Window]] = {}
+        #: input name -> (lowest, highest) calibration value (an update's probation uses it)
+        self.ranges: dict[str, tuple[float, float]] = {}
         for name, stats in (reference.get("inputs") or {}).items():
             histogram = stats.get("histogram") if isinstance(stats, dict) else None
             if name in input_names and histogram and len(histogram.get("edges", [])) >= 3:
@@ -68,6 +70,8 @@ class DriftMonitor:
                     continue  # a malformed reference: no drift score rather than a broken request
                 # inner edges only: values below the first or above the last land in the end bins
                 self.inputs[name] = (edges[1:-1], counts, _Window(len(counts), window))
+                if np.isfinite(edges[[0, -1]]).all():
+                    self.ranges[name] = (float(edges[0]), float(edges[-1]))
         self.outputs: dict[str, tuple[np.ndarray, _Window]] = {}
         reference_outputs = list((reference.get("outputs") or {}).values())
         for name, stats in zip(output_names, reference_outputs):

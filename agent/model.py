@@ -93,6 +93,16 @@ def load_model(folder: Path, manifest: dict, threads: int | None = None, instanc
     return LoadedModel(manifest["name"], manifest["version"], manifest, backend, folder)
 
 
+def sample_feeds(model: LoadedModel) -> dict[str, np.ndarray] | None:
+    """The bundle's smoke-test inputs from the extracted folder, checked; None when there are none."""
+    samples = model.manifest.get("samples") or {}
+    try:
+        feeds = {name: np.load(model.folder / path, allow_pickle=False) for name, path in samples.get("inputs", {}).items()}
+        return model.check(feeds) if feeds else None
+    except Exception:  # noqa: BLE001 - no samples to time with
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by Python back to the OS (glibc keeps it otherwise, e.g. after reading a bundle)."""
     try:

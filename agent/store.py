@@ -31,8 +31,8 @@ from edgepack.bundle import open_bundle
 from edgepack.bundle.format import sha256_file
 from edgepack.errors import EdgepackError, StoreError, UsageError, first_line
 
-from . import lifecycle
-from .lifecycle import UpdateState
+from .updates import lifecycle
+from .updates.lifecycle import UpdateState
 from .loader import check_profile, load_bundle
 from .model import LoadedModel
 
@@ -43,6 +43,11 @@ LOCK_WAIT_S = 30.0
 
 #: called after every persisted transition with (model name, history entry, new state)
 Listener = Callable[[str, dict, dict], None]
+
+
+class StoreBusy(StoreError):
+    """Another process holds the store's lock (an install or update); nothing was changed. Transient:
+    the same step can be tried again once that process is done."""
 
 
 def default_store() -> Path:
@@ -61,6 +66,8 @@ def _empty_state(name: str) -> dict:
 
 class ModelStore:
     """The slots and state of every model in one store folder."""
+
+    Busy = StoreBusy
 
     def __init__(self, root: Path | None = None, trusted_keys=None, profile: str | None = None):
         self.root = Path(root) if root else default_store()
@@ -177,7 +184,7 @@ class ModelStore:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     handle.close()
-                    raise StoreError(f"another install or update is changing the store {self.root}; "
+                    raise StoreBusy(f"another install or update is changing the store {self.root}; "
                                      "try again when it has finished") from None
                 time.sleep(0.05)
         self._lock_depth, self._lock_handle = 1, handle
@@ -258,6 +265,19 @@ class ModelStore:
                 self._clean(name)
         return touched
 
+    def recover_model(self, name: str) -> bool:
+        """Under the lock: finish or undo an update of ``name`` that no process is running any more (an
+        install killed while staging); True when there was one. Downloads and probations are the
+        daemon's own and are left alone."""
+        with self.locked():
+            state = self.state(name)
+            if state["update"]["state"] in (UpdateState.STAGING.value, UpdateState.SWITCHING.value,
+                                            UpdateState.ROLLING_BACK.value):
+                self._resume(name, state, "restart")
+                self._clean(name)
+                return True
+        return False
+
     def _resume(self, name: str, state: dict, event: str) -> None:
         current = UpdateState(state["update"]["state"])
         if current is UpdateState.DOWNLOADING:
@@ -301,10 +321,50 @@ class ModelStore:
             check_profile(bundle.manifest, self.profile)
             name = bundle.manifest["name"]
         with self.locked():
+            self._cancel_download_for_local(name, "install")
             self._refuse_busy(name)
             self.transition(name, "install", target={"source": str(bundle_path)})
             self.stage(name, bundle_path, threads)
-            return self.transition(name, "commit", pointers=self._switched_pointers(name))
+            return self.transition(name, "commit", pointers={**self._switched_pointers(name),
+                                                             "local": {"action": "install", "at": time.time()}})
+
+    def _cancel_download_for_local(self, name: str, action: str) -> None:
+        """A local install or rollback takes precedence over a download in progress (DESIGN: the
+        operator's command is the emergency brake); the fleet's next newer desired state wins again."""
+        if self.busy(name) == UpdateState.DOWNLOADING.value:
+            self.transition(name, "cancel", f"a local {action} replaced the download")
+
+    def cancel_download(self, name: str, reason: str) -> dict:
+        """End a download in progress (a newer desired state replaced it)."""
+        return self.transition(name, "cancel", reason)
+
+    def stage_download(self, name: str, bundle_path: Path, threads: int | None = None) -> dict:
+        """Over the air, with the lock held: the download is complete and verified; stage it (verify,
+        extract, load, smoke-test), switch to it and enter probation, in one hold of the lock so no
+        other process sees a half-made state it could take for a leftover."""
+        self.transition(name, "downloaded")
+        self.stage(name, bundle_path, threads)
+        return self.switch(name)
+
+    def reactivate(self, name: str, target: dict) -> bool:
+        """When the inactive slot holds ``target``'s bundle intact (a probation ended by a clean stop),
+        switch to it and enter probation again without a download; False when it does not."""
+        state = self.state(name)
+        previous = state.get("previous")
+        info = state.get("slots", {}).get(previous or "")
+        if state["update"]["state"] != UpdateState.IDLE.value or not info or info.get("bundle_sha256") != target["sha256"]:
+            return False
+        if self.slot_health(name, previous) != "ok":
+            return False
+        self.transition(name, "reactivate", "the new version is in the other slot already", target=target,
+                        slot=previous, staged=info)
+        self.switch(name)
+        return True
+
+    def stop_probation(self, name: str, reason: str) -> dict:
+        """A clean stop during probation: the old version is active again and the new one stays in the
+        other slot (reactivated at the next start, see :meth:`reactivate`)."""
+        return self._roll_back(name, reason, "regressed", keep=True)
 
     def _refuse_busy(self, name: str) -> None:
         busy = self.busy(name)
@@ -374,16 +434,20 @@ class ModelStore:
         """End probation by rolling back to the previous version; the new slot is removed."""
         return self._roll_back(name, reason, "regressed")
 
-    def _roll_back(self, name: str, reason: str, event: str) -> dict:
+    def _roll_back(self, name: str, reason: str, event: str, keep: bool = False) -> dict:
         state = self.state(name)
         failed_slot = state["update"].get("slot")
         if UpdateState(state["update"]["state"]) is not UpdateState.ROLLING_BACK:
             old = state.get("previous")
-            pointers = {"active": old, "previous": None,
-                        "slots": {k: v for k, v in state.get("slots", {}).items() if k == old}}
-            state = self.transition(name, event, reason, pointers=pointers)
+            kept = {old, failed_slot} if keep else {old}
+            pointers = {"active": old, "previous": failed_slot if keep else None,
+                        "slots": {k: v for k, v in state.get("slots", {}).items() if k in kept}}
+            state = self.transition(name, event, reason, pointers=pointers, stopped=keep)
         else:
             state = self.transition(name, event, reason)  # restart: still rolling back
+            keep = bool(state["update"].get("stopped"))
+        if keep:
+            return self.transition(name, "rolled_back", reason)
         if failed_slot and failed_slot != state.get("active"):
             shutil.rmtree(self.slot_dir(name, failed_slot), ignore_errors=True)
             fsync_dir(self.slot_dir(name, failed_slot).parent)
@@ -394,6 +458,7 @@ class ModelStore:
     def rollback(self, name: str, threads: int | None = None) -> dict:
         """Make the previous slot active again after loading and smoke-testing it; return the new state."""
         with self.locked():
+            self._cancel_download_for_local(name, "rollback")
             self._refuse_busy(name)
             state = self.state(name)
             previous = state.get("previous")
@@ -412,5 +477,6 @@ class ModelStore:
                 fsync_dir(folder)
             self._load_slot(name, previous, threads, smoke=True).close()
             return self.transition(name, "rollback", "manual rollback",
-                                   pointers={"active": previous, "previous": state["active"]})
+                                   pointers={"active": previous, "previous": state["active"],
+                                             "local": {"action": "rollback", "at": time.time()}})
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from agent import lifecycle
-from agent.lifecycle import TRANSITIONS, TransitionError, UpdateState, step
+from agent.updates import lifecycle
+from agent.updates.lifecycle import TRANSITIONS, TransitionError, UpdateState, step
 from agent.store import ModelStore
 from edgepack.bundle.signing import generate_keys
 from edgepack.errors import StoreError
@@ -171,12 +171,22 @@ def test_lock_refuses_a_second_writer(serving_bundles, tmp_path):
     assert _versions(other)[0] == "1.0.0"
 
 
-def test_busy_model_refuses_install_and_rollback(serving_bundles, tmp_path):
+def test_local_install_and_rollback_take_precedence_over_a_download(serving_bundles, tmp_path):
     old, new, _ = serving_bundles
     store = ModelStore(tmp_path / "store")
     store.install(old)
     store.install(new)
     store.transition("digits", "download", target={"version": "3.0.0"})
+    state = store.rollback("digits")  # the operator's brake: the download is cancelled, not waited for
+    assert _versions(store)[0] == "1.0.0" and state["local"]["action"] == "rollback"
+    assert [h["event"] for h in state["update"]["history"][-2:]] == ["cancel", "rollback"]
+    store.transition("digits", "download", target={"version": "3.0.0"})
+    assert store.install(new)["local"]["action"] == "install"
+    assert _versions(store)[0] == "2.0.0"
+    # an update past its download (here: on probation) still refuses them
+    store.transition("digits", "reactivate", target={"version": "1.0.0"}, slot=store.state("digits")["previous"],
+                     staged=store.state("digits")["slots"][store.state("digits")["previous"]])
+    store.switch("digits")
     with pytest.raises(StoreError, match="under way"):
         store.install(old)
     with pytest.raises(StoreError, match="under way"):

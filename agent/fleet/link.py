@@ -1,6 +1,11 @@
 """The daemon's link to the fleet: the MQTT transport, the telemetry spool and its sender, the
 retained state, events, and the updater. Everything here runs on the daemon's event loop; the
-transport's thread only hands events over (``loop.call_soon_threadsafe``).
+transport's thread only hands events over (``loop.call_soon_threadsafe``), and the spool's fsynced
+writes run on the spool writer's thread.
+
+Liveness: nothing here may stop serving. Every periodic task survives any exception (logged, counted
+in ``edgepack_background_failures_total``, backed off); :meth:`FleetLink.emit` never raises (a
+message that cannot be spooled, on a full disk, is counted and reported in the next telemetry).
 """
 
 from __future__ import annotations
@@ -8,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import socket
 import time
 import uuid
 
+from edgepack.atomic import write_json_atomic
+from edgepack.bundle.signing import load_public_key
 from edgepack.errors import UsageError
 from edgepack.fleet import topics
 
-from .spool import Spool
+from ..updates.updater import Updater
+from .spool import SpoolWriter, open_spool
 from .telemetry import TelemetryCollector
 from .transport import Transport
-from .updater import Updater
 
 log = logging.getLogger("edgepack.agent.fleet")
 
@@ -27,6 +35,25 @@ def device_id(config) -> str:
     """``device_id`` from agent.yaml, else the host name; checked as one MQTT topic level."""
     value = config.device_id or socket.gethostname().split(".")[0]
     return topics.check_id("device", value)
+
+
+async def survive(name: str, interval: float, work, metrics, max_backoff: float = 300.0) -> None:
+    """Run ``work()`` (sync or async) every ``interval`` seconds for ever; an exception is logged and
+    counted, and the next try waits longer (doubling, with jitter, up to ``max_backoff``)."""
+    delay = interval
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            result = work()
+            if asyncio.iscoroutine(result):
+                await result
+            delay = interval
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a periodic task must outlive anything the disk or a peer does
+            metrics.loop_failures.labels(name).inc()
+            log.exception(f"{name} failed; trying again")
+            delay = min(max(delay * 2, interval), max_backoff) * random.uniform(0.75, 1.0)
 
 
 class FleetLink:
@@ -38,20 +65,26 @@ class FleetLink:
         self.store = registry.store
         self.device = device_id(config)
         self.boot = uuid.uuid4().hex[:12]
-        self.spool = Spool(config.telemetry.spool or self.store.root / "spool.sqlite",
-                           config.telemetry.max_messages, config.telemetry.max_bytes)
         self.metrics = metrics
+        self.spool, aside = open_spool(config.telemetry.spool or self.store.root / "spool.sqlite",
+                                       config.telemetry.max_messages, config.telemetry.max_bytes)
+        self.writer = SpoolWriter(self.spool, self._spooled, self._spool_failed)
+        self.unspooled = 0  # messages that could not be written (a full disk), reported in telemetry
         self.collector = TelemetryCollector(metrics, registry, self.store)
         self.transport: Transport | None = None
         self.updater: Updater | None = None
+        self.link_state: dict = {"connected": False}
         self._inflight: dict[int, int] = {}  # mid -> seq
-        self._acked: list[int] = []  # acknowledged, not yet deleted from the spool
+        self._acked: list[int] = []  # acknowledged, not yet handed to the writer
         self._sent_upto = 0
         self._wake_sender = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue = asyncio.Queue()
         self.handlers: dict[str, object] = {}  # extra topic -> callback(topic, payload) (streaming)
+        if aside:
+            self.emit("spool_reset", {"message": f"the telemetry spool was damaged; moved to {aside} and a new one "
+                                      "started (messages spooled in it were not sent)", "aside": str(aside)})
 
     # -- messages out ------------------------------------------------------------------------------
 
@@ -59,33 +92,42 @@ class FleetLink:
         return {"schema": topics.SCHEMA, "kind": kind, "device": self.device, "boot": self.boot, "seq": seq,
                 "ts": time.time(), **body}
 
-    def emit(self, kind: str, body: dict) -> int:
-        """Spool an event (update progress, a refusal, drift) for the events topic; its sequence number."""
-        seq = self.spool.add("event", topics.events(self.device),
-                             lambda seq, dropped: self._envelope("event", {"event": kind, **body}, seq))
-        self._wake()
-        return seq
-
-    def _wake(self) -> None:
-        """Wake the sender, from the loop or from a worker thread (asyncio.Event is not thread-safe)."""
+    def emit(self, kind: str, body: dict) -> None:
+        """Spool an event (update progress, a refusal, drift) for the events topic. Never raises."""
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self._wake_sender.set()
-        elif self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake_sender.set)
+            ts = time.time()
+            self.writer.add("event", topics.events(self.device),
+                            lambda seq, dropped: {**self._envelope("event", {"event": kind, **body}, seq), "ts": ts})
+        except Exception:  # noqa: BLE001 - reporting must never break what it reports on
+            self.unspooled += 1
+            log.exception("event not spooled", extra={"event": kind})
 
-    def telemetry(self) -> int:
-        body = self.collector.collect({"spool": self.spool.stats()})
+    def _spooled(self) -> None:
+        """Called by the writer thread after each batch: wake the sender on the loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._wake_sender.set)
+            except RuntimeError:
+                pass
+
+    def _spool_failed(self, exc: Exception, lost: int) -> None:
+        self.unspooled += lost
+        self.metrics.loop_failures.labels("spool").inc()
+        log.error("telemetry spool write failed", extra={"error": str(exc), "lost": lost})
+
+    def telemetry(self) -> None:
+        extra = {"spool": self.spool.stats(), "link": self.link_state}
+        if self.updater and self.updater.progress:
+            extra["downloads"] = dict(self.updater.progress)
+        if self.unspooled:
+            extra["unspooled"], self.unspooled = self.unspooled, 0
+        body = self.collector.collect(extra)
+        ts = time.time()
 
         def build(seq, dropped):
-            return self._envelope("telemetry", {**body, "dropped": dropped}, seq)
+            return {**self._envelope("telemetry", {**body, "dropped": dropped}, seq), "ts": ts}
 
-        seq = self.spool.add("telemetry", topics.telemetry(self.device), build)
-        self._wake()
-        return seq
+        self.writer.add("telemetry", topics.telemetry(self.device), build)
 
     def state_payload(self, online: bool = True) -> bytes:
         models = {}
@@ -102,12 +144,22 @@ class FleetLink:
                 "update": {k: state["update"].get(k) for k in ("state", "result", "reason", "since")},
                 "target": (state["update"].get("target") or {}).get("version"),
             }
-        return json.dumps({"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "online": online,
-                           "profile": self.config.profile, "ts": time.time(), "models": models}).encode()
+            if state.get("local"):
+                models[name]["local"] = state["local"]  # an operator's install/rollback holds
+            if self.updater and name in self.updater.progress:
+                models[name]["download"] = self.updater.progress[name]
+        body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "online": online,
+                "profile": self.config.profile, "ts": time.time(), "models": models}
+        if self.updater and self.updater.blocked:
+            body["updates_blocked"] = self.updater.blocked
+        return json.dumps(body).encode()
 
     def publish_state(self) -> None:
         if self.transport:
-            self.transport.publish(topics.state(self.device), self.state_payload(), qos=1, retain=True)
+            try:
+                self.transport.publish(topics.state(self.device), self.state_payload(), qos=1, retain=True)
+            except Exception:  # noqa: BLE001 - the next change publishes it again
+                log.exception("state not published")
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -118,10 +170,12 @@ class FleetLink:
         self.transport = Transport(mqtt, self.device, self._deliver, will=(topics.state(self.device), offline))
         self._offline = offline
         if self.config.updates.enabled:
-            if not self.registry.keys:
-                raise UsageError("updates over MQTT need trusted_keys in agent.yaml (the agent refuses "
-                                 "unsigned updates); add the fleet's public key or set updates.enabled: false")
-            self.updater = Updater(self.config, self.registry, self.device, self.transport.publish, self.emit)
+            if not self.registry.keys or not self.config.fleet_keys:
+                raise UsageError("updates over MQTT need trusted_keys (the build keys bundles are signed with) and "
+                                 "fleet_keys (the keys desired states are signed with) in agent.yaml; add them or "
+                                 "set updates.enabled: false")
+            fleet_keys = [load_public_key(path) for path in self.config.fleet_keys]
+            self.updater = Updater(self.config, self.registry, self.device, self.transport.publish, self.emit, fleet_keys)
             for topic in self.updater.topics():
                 self.transport.subscribe(topic, 1)
         from .streaming import StreamServer
@@ -135,12 +189,17 @@ class FleetLink:
         if self.updater:
             self.updater.start()
         self._tasks = [asyncio.ensure_future(self._dispatch()), asyncio.ensure_future(self._sender()),
-                       asyncio.ensure_future(self._ticker())]
+                       asyncio.ensure_future(survive("telemetry", self.config.telemetry.interval_s, self.telemetry,
+                                                     self.metrics))]
         log.info("fleet link started", extra={"device": self.device, "broker": f"{mqtt.host}:{mqtt.port}",
-                                              "updates": bool(self.updater)})
+                                              "protocol": mqtt.protocol, "updates": bool(self.updater)})
 
     async def close(self) -> None:
-        self.telemetry()  # the last figures go to the spool; sent next time if not now
+        try:
+            self.telemetry()  # the last figures go to the spool; sent next time if not now
+        except Exception:  # noqa: BLE001
+            log.exception("last telemetry not spooled")
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.flush, 5.0)
         if self.transport and self.transport.connected:
             await self._drain(2.0)
         for task in self._tasks:
@@ -155,6 +214,10 @@ class FleetLink:
             self.store.listeners.remove(self._on_transition)
         if self.emit in self.registry.event_listeners:
             self.registry.event_listeners.remove(self.emit)
+        if self._acked:
+            self.writer.ack(self._acked)
+            self._acked = []
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.close, 5.0)
         self.spool.close()
 
     async def _drain(self, timeout: float) -> None:
@@ -183,12 +246,32 @@ class FleetLink:
             try:
                 self._handle(event)
             except Exception:  # noqa: BLE001 - a bad message must not stop the link
+                self.metrics.loop_failures.labels("dispatch").inc()
                 log.exception("fleet message handling failed")
+            finally:
+                if event[0] == "message" and self.transport:
+                    self.transport.delivered()
+
+    def _link_changed(self, state: dict) -> None:
+        self.link_state = {k: state.get(k) for k in ("connected", "protocol", "attempts", "failures", "last_error", "since")}
+        for protocol in ("5", "3.1.1"):
+            self.metrics.mqtt_connected.labels(protocol).set(1 if state.get("connected") and state.get("protocol") == protocol else 0)
+        try:
+            # For 'edgepack-agent status' (another process): how the link stands, at most once a second.
+            now = time.monotonic()
+            if now - getattr(self, "_link_written", 0.0) >= 1.0 or state.get("connected"):
+                self._link_written = now
+                write_json_atomic(self.store.root / "fleet" / "link.json",
+                                  {**self.link_state, "device": self.device, "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+                                   "pid": __import__("os").getpid(), "updated": time.time()})
+        except Exception:  # noqa: BLE001 - a status file is not worth failing for
+            pass
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
         if kind == "connected":
-            log.info("mqtt connected", extra={"session_present": event[1]})
+            log.info("mqtt connected", extra={"session_present": event[1], "protocol": self.transport.protocol})
+            self._link_changed(self.transport.state)
             self._inflight.clear()
             self._sent_upto = 0  # resend whatever is still spooled, in order
             self.publish_state()
@@ -198,8 +281,15 @@ class FleetLink:
                 self.updater.connected.set()
         elif kind == "disconnected":
             log.warning("mqtt disconnected", extra={"reason": event[1]})
+            self._link_changed({**self.transport.state, "connected": False})
             if self.updater:
                 self.updater.connected.clear()
+        elif kind == "link":
+            self.metrics.mqtt_failures.labels(event[2]).inc()
+            self._link_changed(event[1])
+        elif kind == "dropped":
+            self.metrics.dropped_messages.labels(event[2]).inc()
+            log.warning("mqtt message dropped", extra={"topic": event[1], "reason": event[2]})
         elif kind == "puback":
             seq = self._inflight.pop(event[1], None)
             if seq is not None and event[2]:
@@ -223,28 +313,27 @@ class FleetLink:
 
     def _flush_acks(self) -> None:
         acked, self._acked = self._acked, []
-        self.spool.ack(acked)
-        self._wake_sender.set()
+        self.writer.ack(acked)  # on the writer thread; it wakes the sender when done
 
     async def _sender(self) -> None:
         window = self.config.mqtt.max_inflight
         while True:
             await self._wake_sender.wait()
             self._wake_sender.clear()
-            if not self.transport.connected:
-                continue
-            room = window - len(self._inflight)
-            if room <= 0:
-                continue
-            for seq, topic, payload in self.spool.pending(self._sent_upto, room):
-                mid = self.transport.publish(topic, payload, qos=1)
-                if mid is None:
-                    break
-                self._inflight[mid] = seq
-                self._sent_upto = seq
-
-    async def _ticker(self) -> None:
-        interval = self.config.telemetry.interval_s
-        while True:
-            await asyncio.sleep(interval)
-            self.telemetry()
+            try:
+                if not self.transport.connected:
+                    continue
+                room = window - len(self._inflight)
+                if room <= 0:
+                    continue
+                for seq, topic, payload in self.spool.pending(self._sent_upto, room):
+                    mid = self.transport.publish(topic, payload, qos=1)
+                    if mid is None:
+                        break
+                    self._inflight[mid] = seq
+                    self._sent_upto = seq
+            except Exception:  # noqa: BLE001 - the sender must outlive a disk error; the next wake retries
+                self.metrics.loop_failures.labels("sender").inc()
+                log.exception("telemetry sender failed")
+                await asyncio.sleep(1.0)
+                self._wake_sender.set()

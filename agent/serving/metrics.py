@@ -42,6 +42,14 @@ class ServingMetrics:
         self.swaps = Counter("edgepack_model_swaps", "Times a new version took over traffic", ["model"], registry=r)
         self.drift = Gauge("edgepack_drift_psi", "Population stability index of live inputs/predictions vs the "
                            "bundle's reference data (sliding window)", ["model", "score"], registry=r)
+        self.mqtt_connected = Gauge("edgepack_mqtt_connected", "1 while the fleet link is connected to the broker",
+                                    ["protocol"], registry=r)
+        self.mqtt_failures = Counter("edgepack_mqtt_connect_failures", "Failed connection attempts to the broker, "
+                                     "by reason", ["reason"], registry=r)
+        self.loop_failures = Counter("edgepack_background_failures", "Exceptions a periodic task of the daemon "
+                                     "survived (logged), by task", ["task"], registry=r)
+        self.dropped_messages = Counter("edgepack_mqtt_dropped_messages", "Incoming MQTT messages dropped unread "
+                                        "(too large, or the daemon too far behind), by reason", ["reason"], registry=r)
         self.load_failures = Counter("edgepack_model_load_failures", "Versions that failed to load or smoke-test",
                                      ["model"], registry=r)
 

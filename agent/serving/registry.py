@@ -45,6 +45,37 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def time_side_by_side(old, new, rounds: int = 5, budget_s: float = 0.5) -> float | None:
+    """New/old time per sample on each version's own smoke samples, runs interleaved (the fastest of
+    each); None when either has no samples or a run fails."""
+    from ..model import sample_feeds
+
+    pairs = []
+    for model in (old, new):
+        feeds = sample_feeds(model)
+        if not feeds:
+            return None
+        count = max(1, len(next(iter(feeds.values())))) if model.backend.batched else 1
+        pairs.append((model, feeds, count))
+    best = [float("inf"), float("inf")]
+    try:
+        for model, feeds, _ in pairs:
+            model.run(feeds, max_batch=1)  # warm-up
+        spent = 0.0
+        for _ in range(rounds):
+            for i, (model, feeds, count) in enumerate(pairs):
+                began = time.perf_counter()
+                model.run(feeds, max_batch=1)
+                took = time.perf_counter() - began
+                spent += took
+                best[i] = min(best[i], took / count)
+            if spent > budget_s:
+                break
+    except Exception:  # noqa: BLE001 - a measurement; the smoke test already judged that it runs
+        return None
+    return best[1] / best[0] if best[0] > 0 else None
+
+
 class ModelRegistry:
     """Model name -> scheduler; owns loading, the store watcher and shutdown."""
 
@@ -63,6 +94,10 @@ class ModelRegistry:
         #: called with (event kind, body) for drift events; the fleet link adds itself
         self.event_listeners: list = []
         self._drifting: set[tuple[str, str]] = set()
+        #: one refresh at a time (the watcher's and an update's activate)
+        self._refreshing = asyncio.Lock()
+        #: name -> new/old time per sample, timed side by side when the store's version replaced another
+        self.load_ratios: dict[str, float] = {}
 
     # -- lookup ------------------------------------------------------------------------------------
 
@@ -89,6 +124,8 @@ class ModelRegistry:
     def _served(self, model, slot, started: float, key: str) -> ServedVersion:
         served = ServedVersion(model, slot, time.perf_counter() - started, key)
         served.drift = monitor_for(model, self.config.model(model.name).drift_window)
+        if served.drift is not None:
+            served.health.set_reference(served.drift.ranges)
         return served
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:
@@ -161,7 +198,35 @@ class ModelRegistry:
         if await self._refresh():
             settle_heap()
 
+    async def activate(self, name: str) -> str | None:
+        """Load and serve the store's active version of ``name`` now (the update loop awaits this after
+        each switch or rollback); None once it serves, else why it does not (the old version, if any,
+        keeps serving)."""
+        await self.refresh()
+        key = self._store_key(name)
+        scheduler = self.schedulers.get(name)
+        if key is None:
+            return None if not (scheduler and scheduler.current and not scheduler.current.key.startswith("file:")) \
+                else "the store has no active version but one is still loaded"
+        if scheduler and scheduler.current and scheduler.current.key == key:
+            return None
+        if self._failed.get(name) == key:
+            return self.failures.get(name, "it failed to load")
+        if scheduler and scheduler.current and scheduler.current.key.startswith("file:"):
+            return "the daemon serves this model from a bundle file given on the command line"
+        if name not in self._store_names():
+            return "this daemon does not serve the model (not listed in agent.yaml and serve_all is off)"
+        return "it did not load"
+
+    def forget_failure(self, name: str) -> None:
+        """Let a version that failed to load be tried again (an update retries it deliberately)."""
+        self._failed.pop(name, None)
+
     async def _refresh(self) -> bool:
+        async with self._refreshing:
+            return await self._refresh_locked()
+
+    async def _refresh_locked(self) -> bool:
         """refresh(); True when a version was swapped in or unloaded."""
         loop = asyncio.get_running_loop()
         changed = False
@@ -194,6 +259,13 @@ class ModelRegistry:
                 self._scheduler(name)  # known, so readiness reports it as not ready when nothing serves
                 continue
             self._failed.pop(name, None)
+            old = self._scheduler(name).current
+            if old is not None:
+                # Both versions are loaded now: time them side by side, in the same moment, so an
+                # update's probation compares like with like (not two timings taken days apart).
+                ratio = await loop.run_in_executor(None, time_side_by_side, old.model, served.model)
+                if ratio:
+                    self.load_ratios[name] = ratio
             self._scheduler(name).swap(served)
             changed = True
         return changed
@@ -201,17 +273,23 @@ class ModelRegistry:
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         trimmed = loop.time()
+        delay = self.config.watch_interval_s
         while True:
-            await asyncio.sleep(self.config.watch_interval_s)
+            await asyncio.sleep(delay)
             try:
                 await self.refresh()
+                self.check_drift()
+                if loop.time() - trimmed > TRIM_INTERVAL_S:
+                    # After a burst (a flood of large bodies) glibc keeps the freed memory; hand it back.
+                    trimmed = loop.time()
+                    await loop.run_in_executor(None, release_freed_memory)
+                delay = self.config.watch_interval_s
+            except asyncio.CancelledError:
+                raise
             except Exception:  # noqa: BLE001 - the watcher must survive anything the disk does
+                self.metrics.loop_failures.labels("store-watch").inc()
                 log.exception("store watch failed")
-            self.check_drift()
-            if loop.time() - trimmed > TRIM_INTERVAL_S:
-                # After a burst (a flood of large bodies) glibc keeps the freed memory; hand it back.
-                trimmed = loop.time()
-                await loop.run_in_executor(None, release_freed_memory)
+                delay = min(max(delay * 2, self.config.watch_interval_s), 30.0)
 
     def check_drift(self) -> None:
         """Publish drift scores to /metrics; an event when one crosses its threshold (and when it clears)."""

@@ -74,35 +74,79 @@ class DeadlineExceeded(Exception):
 
 
 class VersionHealth:
-    """What a version's runs looked like: the figures an update's probation window compares."""
+    """What a version's runs looked like: the figures an update's probation window compares.
 
-    def __init__(self) -> None:
+    A run whose inputs lie far outside the calibration range (``ranges``: input name -> lowest and
+    highest value accepted) is counted in ``excluded`` and not in ``errors`` or ``nonfinite``: an
+    input of 3e38 overflows any model, and must not make a good version look broken."""
+
+    #: how far beyond the calibration range (in widths of that range) an input still counts
+    RANGE_WIDTHS = 10.0
+
+    def __init__(self, ranges: dict | None = None) -> None:
         self.runs = 0
         self.samples = 0
         self.errors = 0
         self.nonfinite = 0  # runs whose outputs held NaN or Inf
+        self.excluded = 0  # runs left out of the verdict: inputs far outside the calibration range
         self.seconds: collections.deque[float] = collections.deque(maxlen=512)  # per sample, per run
+        self.run_seconds: collections.deque[float] = collections.deque(maxlen=512)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.set_reference(ranges or {})
+
+    def set_reference(self, ranges: dict) -> None:
+        """Calibration ranges per input (lowest, highest), widened by :attr:`RANGE_WIDTHS`."""
+        widened = {}
+        for name, (low, high) in ranges.items():
+            span = max(float(high) - float(low), abs(float(high)), abs(float(low)), 1e-6)
+            widened[name] = (float(low) - self.RANGE_WIDTHS * span, float(high) + self.RANGE_WIDTHS * span)
+        self.ranges = widened
+
+    def out_of_range(self, feeds: dict | None) -> bool:
+        """Whether any input value lies outside its widened calibration range (or is not finite)."""
+        if not feeds or not self.ranges:
+            return False
+        for name, (low, high) in self.ranges.items():
+            value = feeds.get(name)
+            if value is None or not getattr(value, "size", 0) or value.dtype.kind not in "fiu":
+                continue
+            with np.errstate(invalid="ignore"):
+                if not (low <= np.min(value) and np.max(value) <= high):
+                    return True
+        return False
 
     def observe(self, samples: int, seconds: float) -> None:
         self.runs += 1
         self.samples += samples
+        self.run_seconds.append(seconds)
         if samples:
             self.seconds.append(seconds / samples)
 
-    def check_outputs(self, outputs: dict) -> None:
-        """Count a run whose outputs hold NaN or Inf (called on the worker thread, off the event loop)."""
+    def check_outputs(self, outputs: dict, feeds: dict | None = None) -> None:
+        """Count a run whose outputs hold NaN or Inf (called on the worker thread, off the event loop);
+        with ``feeds``, a run on inputs far outside the calibration range is counted as excluded."""
         if any(np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all() for v in outputs.values()):
-            self.nonfinite += 1
+            if self.out_of_range(feeds):
+                self.excluded += 1
+            else:
+                self.nonfinite += 1
 
-    def failed(self) -> None:
+    def failed(self, feeds: dict | None = None) -> None:
         self.runs += 1
-        self.errors += 1
+        if self.out_of_range(feeds):
+            self.excluded += 1
+        else:
+            self.errors += 1
 
     def summary(self) -> dict:
         ordered = sorted(self.seconds)
+        runs = sorted(self.run_seconds)
+        judged = self.runs - self.excluded
         return {"runs": self.runs, "samples": self.samples, "errors": self.errors, "nonfinite": self.nonfinite,
-                "error_rate": self.errors / self.runs if self.runs else 0.0,
-                "sample_seconds_p50": ordered[len(ordered) // 2] if ordered else None}
+                "excluded": self.excluded, "judged_runs": judged,
+                "error_rate": self.errors / judged if judged > 0 else 0.0,
+                "sample_seconds_p50": ordered[len(ordered) // 2] if ordered else None,
+                "run_seconds_p95": runs[min(len(runs) - 1, int(0.95 * len(runs)))] if runs else None}
 
 
 class ServedVersion:
@@ -420,7 +464,7 @@ class ModelScheduler:
                 outputs = await loop.run_in_executor(self._executor, self._run, served, batch,
                                                      self.options.batching.max_batch_size)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                served.health.failed()
+                served.health.failed(batch[0].feeds if len(batch) == 1 else None)
                 for work in batch:
                     if not work.future.done():
                         work.future.set_exception(exc)
@@ -462,7 +506,7 @@ class ModelScheduler:
                 # One runtime call per chunk where the model allows it: no other request shares it.
                 feeds = {name: array[rows] for name, array in work.feeds.items()}
                 part = served.model.run(feeds, chunk)
-                served.health.check_outputs(part)
+                served.health.check_outputs(part, feeds)
                 if served.drift is not None:
                     served.drift.safe_observe(feeds, part)
                 if work.outputs is None:
@@ -481,7 +525,7 @@ class ModelScheduler:
         try:
             ran = await asyncio.get_running_loop().run_in_executor(self._executor, run_chunks)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting request
-            served.health.failed()
+            served.health.failed(work.feeds)
             if not work.future.done():
                 work.future.set_exception(exc)
             work.release()
@@ -511,7 +555,7 @@ class ModelScheduler:
             feeds = {name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds}
         # A request larger than the batch limit is split by the model's one splitter.
         outputs = served.model.run(feeds, max_batch)
-        served.health.check_outputs(outputs)
+        served.health.check_outputs(outputs, feeds)
         if served.drift is not None:
             served.drift.safe_observe(feeds, outputs)  # on the worker thread, off the event loop
         return outputs

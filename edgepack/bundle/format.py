@@ -58,12 +58,13 @@ def sha256_file(path, block: int = 1 << 20) -> str:
 
 def is_valid_semver(version: str) -> bool:
     """True for a semantic version such as ``1.2.3`` or ``1.0.0-rc.1``."""
-    return bool(_SEMVER.match(version))
+    return isinstance(version, str) and bool(_SEMVER.fullmatch(version))
 
 
 def is_valid_name(name: str) -> bool:
     """True for a model name usable in file names, URLs and MQTT topics."""
-    return bool(_NAME.match(name))
+    # fullmatch: with match, "$" also matches before a trailing newline ("model\n" would pass)
+    return isinstance(name, str) and bool(_NAME.fullmatch(name))
 
 
 def bundle_filename(name: str, version: str, profile: str) -> str:

@@ -18,7 +18,9 @@ bundles_option = click.option("--bundles", "bundles_dir", default="fleet-bundles
 
 
 def _auth(function):
-    for option in (click.option("--username"), click.option("--password"),
+    for option in (click.option("--protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto", show_default=True,
+                                help="MQTT version; auto: 5, else 3.1.1 (brokers without MQTT 5)"),
+                   click.option("--username"), click.option("--password"),
                    click.option("--ca", "ca_file", type=click.Path(exists=True), help="CA certificate of the broker"),
                    click.option("--cert", "cert_file", type=click.Path(exists=True), help="client certificate"),
                    click.option("--tls-key", "key_file", type=click.Path(exists=True), help="client certificate key")):
@@ -26,11 +28,11 @@ def _auth(function):
     return function
 
 
-def _broker(url, username, password, ca_file, cert_file, key_file):
+def _broker(url, username, password, ca_file, cert_file, key_file, protocol="auto"):
     from .controller import Broker
 
     return Broker.from_url(url, username=username, password=password, ca_file=ca_file, cert_file=cert_file,
-                           key_file=key_file)
+                           key_file=key_file, protocol=protocol)
 
 
 @click.group()
@@ -43,18 +45,20 @@ def fleet() -> None:
 @db_option
 @bundles_option
 @_auth
-def serve(broker, db_url, bundles_dir, username, password, ca_file, cert_file, key_file) -> None:
+def serve(broker, db_url, bundles_dir, protocol, username, password, ca_file, cert_file, key_file) -> None:
     """Record device state, telemetry and events; answer bundle chunk requests. Runs until SIGTERM."""
     import logging
 
     from .controller import FleetController
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    controller = FleetController(_broker(broker, username, password, ca_file, cert_file, key_file), db_url, bundles_dir)
+    address = _broker(broker, username, password, ca_file, cert_file, key_file, protocol)
+    controller = FleetController(address, db_url, bundles_dir)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    click.echo(f"fleet controller on {broker}, registry {db_url}, bundles in {bundles_dir}", err=True)
+    click.echo(f"fleet controller on {broker} (MQTT {address.protocol}), registry {db_url}, bundles in {bundles_dir}",
+               err=True)
     controller.serve(stop)
 
 
@@ -64,32 +68,46 @@ def serve(broker, db_url, bundles_dir, username, password, ca_file, cert_file, k
 @click.option("--group", help="the group to update (devices list it in updates.groups)")
 @click.option("--key", "private_key", required=True, type=click.Path(exists=True, path_type=Path),
               help="ed25519 private key; devices must trust its public key")
-@click.option("--desired-version", type=click.IntRange(1), help="desired-state version (default: now in ms; must grow)")
+@click.option("--desired-version", type=click.IntRange(1),
+              help="desired-state version (default: one more than the one retained on the topic; must grow)")
+@click.option("--probation", "probation_s", type=click.FloatRange(0), help="seconds devices watch the new version")
+@click.option("--min-runs", type=click.IntRange(1), help="runs before rates are judged")
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), help="failed runs above the old version's rate")
+@click.option("--max-latency-ratio", type=click.FloatRange(1, min_open=True),
+              help="roll back when the new version is slower than this x the old (default: no limit)")
+@click.option("--max-p95-ms", type=click.FloatRange(0, min_open=True), help="roll back above this p95 run time")
 @click.option("--expires", "expires_s", type=click.FloatRange(1), default=7 * 86400, show_default=True,
               help="seconds until the desired state expires")
 @broker_option
 @bundles_option
 @_auth
-def push(bundles, device, group, private_key, desired_version, expires_s, broker, bundles_dir, username, password,
-         ca_file, cert_file, key_file) -> None:
-    """Sign and publish (retained) the desired state: run BUNDLES (one per profile) on a device or group."""
+def push(bundles, device, group, private_key, desired_version, probation_s, min_runs, max_error_rate, max_latency_ratio,
+         max_p95_ms, expires_s, broker, bundles_dir, protocol, username, password, ca_file, cert_file, key_file) -> None:
+    """Sign (with the fleet key) and publish (retained) the desired state: run BUNDLES (one per profile)
+    on a device or group, with the probation budget devices enforce."""
     from edgepack.bundle.signing import load_private_key
     from edgepack.errors import UsageError
 
     from . import topics
-    from .controller import BundleShelf, desired_for_bundles, publish_retained
+    from .controller import BundleShelf, desired_for_bundles, publish_retained, read_retained_version
     from .desired import sign_desired
 
     if bool(device) == bool(group):
         raise UsageError("give exactly one of --device or --group")
     target = topics.desired(topics.check_id("device", device)) if device else topics.group_desired(topics.check_id("group", group))
-    state = desired_for_bundles(list(bundles), device=device, group=group, version=desired_version, expires_s=expires_s)
+    address = _broker(broker, username, password, ca_file, cert_file, key_file, protocol)
+    key = load_private_key(private_key)
+    if desired_version is None:
+        desired_version = read_retained_version(address, target, f"edgepack-push-{threading.get_ident()}-read") + 1
+    budget = {"duration_s": probation_s, "min_runs": min_runs, "max_error_rate": max_error_rate,
+              "max_latency_ratio": max_latency_ratio, "max_p95_ms": max_p95_ms}
+    state = desired_for_bundles(list(bundles), device=device, group=group, version=desired_version, expires_s=expires_s,
+                                probation={k: v for k, v in budget.items() if v is not None} or None)
     shelf = BundleShelf(bundles_dir)
     for bundle in bundles:
         shelf.add(bundle)  # where 'fleet serve' finds it
-    payload = sign_desired(state, load_private_key(private_key))
-    publish_retained(_broker(broker, username, password, ca_file, cert_file, key_file), target, payload,
-                     f"edgepack-push-{threading.get_ident()}")
+    payload = sign_desired(state, key)
+    publish_retained(address, target, payload, f"edgepack-push-{threading.get_ident()}")
     click.echo(f"desired state {state.version}: {state.model.name} {state.model.version} "
                f"({', '.join(sorted(state.bundles))}) -> {target}")
 

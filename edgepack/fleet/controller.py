@@ -38,6 +38,8 @@ class Broker:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    #: "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
+    protocol: str = "auto"
 
     @classmethod
     def from_url(cls, url: str, **options) -> "Broker":
@@ -47,18 +49,73 @@ class Broker:
         tls = parsed.scheme == "mqtts"
         return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls,
                    parsed.username or options.get("username"), parsed.password or options.get("password"),
-                   options.get("ca_file"), options.get("cert_file"), options.get("key_file"))
+                   options.get("ca_file"), options.get("cert_file"), options.get("key_file"),
+                   options.get("protocol") or "auto")
 
-    def client(self, client_id: str):
+    def negotiate(self, timeout: float = 5.0) -> str:
+        """The protocol to use: with ``auto``, MQTT 5 when the broker answers an MQTT 5 CONNECT, else
+        3.1.1 (a broker without MQTT 5 refuses it or closes the socket without a CONNACK). Fixed
+        afterwards, so every later connection of this process uses the same one."""
+        if self.protocol != "auto":
+            return self.protocol
         import paho.mqtt.client as mqtt
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        answered = threading.Event()
+        outcome: list = []
+        probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgepack-probe-{time.monotonic_ns()}",
+                            protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        self._auth(probe)
+
+        def connected(client, userdata, flags, reason_code, properties=None):
+            outcome.append(not reason_code.is_failure)
+            answered.set()
+
+        probe.on_connect = connected
+        probe.on_disconnect = lambda *args: answered.set()
+        try:
+            probe.connect(self.host, self.port, keepalive=30, clean_start=True)
+        except OSError as exc:
+            raise UsageError(f"cannot reach the broker at {self.host}:{self.port} ({exc.strerror or exc}); "
+                             "check --broker") from None
+        probe.loop_start()
+        answered.wait(timeout)
+        probe.disconnect()
+        probe.loop_stop()
+        self.protocol = "5" if outcome and outcome[0] else "3.1.1"
+        log.info("broker protocol: MQTT %s", self.protocol)
+        return self.protocol
+
+    def _auth(self, client) -> None:
         if self.username:
             client.username_pw_set(self.username, self.password)
         if self.tls or self.ca_file or self.cert_file:
             client.tls_set(ca_certs=self.ca_file, certfile=self.cert_file, keyfile=self.key_file,
                            cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+    def client(self, client_id: str, clean: bool = True):
+        """A paho client for the negotiated protocol (3.1.1: ``clean`` is its clean-session flag)."""
+        import paho.mqtt.client as mqtt
+
+        if self.negotiate() == "5":
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                 clean_session=clean)
+        self._auth(client)
         return client
+
+    def connect_kwargs(self, persistent: bool = False) -> dict:
+        """Keyword arguments of ``connect``/``connect_async`` for the negotiated protocol."""
+        if self.negotiate() != "5":
+            return {}
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        if not persistent:
+            return {"clean_start": True}
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 7 * 24 * 3600
+        return {"clean_start": False, "properties": properties}
 
 
 class BundleShelf:
@@ -98,7 +155,7 @@ class FleetController:
         self.broker = broker
         self.registry = FleetRegistry(db_url)
         self.shelf = BundleShelf(bundles)
-        self.client = broker.client(client_id)
+        self.client = broker.client(client_id, clean=False)
         self.inbox: queue.Queue = queue.Queue()
         self.chunks_sent = 0
         self.bytes_sent = 0
@@ -158,16 +215,11 @@ class FleetController:
 
     def serve(self, until: threading.Event | None = None) -> None:
         """Run until ``until`` is set (or forever)."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
         # A persistent session: while the controller is away the broker queues the devices' QoS 1
         # messages for it (a device deletes a spooled message once the broker has it).
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 7 * 24 * 3600
         self.client.reconnect_delay_set(0.2, 5)
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
-                                  properties=properties)
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30,
+                                  **self.broker.connect_kwargs(persistent=True))
         self.client.loop_start()
         stop = until or self._stop
         try:
@@ -191,7 +243,7 @@ def publish_retained(broker: Broker, topic: str, payload: bytes, client_id: str,
     connected = threading.Event()
     client.on_connect = lambda c, u, f, rc, p=None: connected.set() if not rc.is_failure else None
     try:
-        client.connect(broker.host, broker.port, keepalive=30)
+        client.connect(broker.host, broker.port, keepalive=30, **broker.connect_kwargs())
     except OSError as exc:
         raise UsageError(f"cannot reach the broker at {broker.host}:{broker.port} ({exc.strerror or exc}); "
                          "check --broker") from None
@@ -209,12 +261,48 @@ def publish_retained(broker: Broker, topic: str, payload: bytes, client_id: str,
         client.loop_stop()
 
 
-def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str | None, version: int | None,
-                        expires_s: float):
-    """The desired state naming ``bundles`` (one per profile, same model and version)."""
+def read_retained_version(broker: Broker, topic: str, client_id: str, timeout: float = 5.0) -> int:
+    """The version of the desired state retained on ``topic`` (0 when there is none): the next push
+    uses one more, so no pusher's clock decides the counter every device compares against."""
+    client = broker.client(client_id)
+    subscribed, got = threading.Event(), threading.Event()
+    found: list[int] = []
+
+    def on_message(c, u, message):
+        try:
+            document = json.loads(json.loads(message.payload)["desired"])
+            found.append(int(document["version"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # not ours, or cleared: no version to go on from
+        got.set()
+
+    client.on_message = on_message
+    client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(topic, qos=1) if not rc.is_failure else None
+    client.on_subscribe = lambda *args: subscribed.set()
+    try:
+        client.connect(broker.host, broker.port, keepalive=30, **broker.connect_kwargs())
+    except OSError as exc:
+        raise UsageError(f"cannot reach the broker at {broker.host}:{broker.port} ({exc.strerror or exc}); "
+                         "check --broker") from None
+    client.loop_start()
+    try:
+        if not subscribed.wait(timeout):
+            raise UsageError(f"the broker at {broker.host}:{broker.port} did not accept the connection; "
+                             "check --broker and the credentials")
+        got.wait(0.5)  # a retained message comes right after the SUBACK
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return max(found, default=0)
+
+
+def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str | None, version: int,
+                        expires_s: float, probation: dict | None = None):
+    """The desired state naming ``bundles`` (one per profile, same model and version), with the
+    signed chunk list of each and the probation budget devices enforce (``probation``)."""
     from edgepack.bundle import open_bundle
 
-    from .desired import BundleRef, DesiredState, ModelRef
+    from .desired import BundleRef, DesiredState, ModelRef, ProbationBudget, chunk_digests_of
 
     refs, model = {}, None
     for path in bundles:
@@ -228,8 +316,17 @@ def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str |
         if manifest["profile"] in refs:
             raise UsageError(f"two bundles for profile {manifest['profile']!r}; give one per profile")
         refs[manifest["profile"]] = BundleRef(sha256=sha256_file(path), size=Path(path).stat().st_size,
-                                              file=Path(path).name)
+                                              chunk_bytes=chunks.CHUNK_BYTES,
+                                              chunks=chunk_digests_of(path, chunks.CHUNK_BYTES), file=Path(path).name)
     now = time.time()
-    return DesiredState(version=version or int(now * 1000), device=device, group=group, issued_at=now,
-                        expires_at=now + expires_s, model=ModelRef(name=model[0], version=model[1]), bundles=refs)
+    state = DesiredState(version=version, device=device, group=group, issued_at=now, expires_at=now + expires_s,
+                         model=ModelRef(name=model[0], version=model[1]), bundles=refs,
+                         probation=ProbationBudget(**probation) if probation else None)
+    size = len(json.dumps(state.document())) + 512  # the envelope and its signatures
+    from .desired import MAX_DESIRED_BYTES
+
+    if size > MAX_DESIRED_BYTES:
+        raise UsageError(f"the bundles are too large for one signed desired state over MQTT ({size} bytes of chunk "
+                         f"list, devices take {MAX_DESIRED_BYTES}); push fewer profiles at a time")
+    return state
 

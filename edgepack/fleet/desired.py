@@ -4,20 +4,28 @@ The envelope published (retained) on a ``desired`` topic is::
 
     {"schema": 1, "desired": "<the document as a JSON string>", "signatures": {...}}
 
-The signatures are ed25519 over the raw bytes of ``desired`` (the same signature document as a
-bundle's ``signatures.json``), so no JSON canonicalisation is needed to check them. The document
-(:class:`DesiredState`) names the model, its version, one bundle per profile (sha256 and size), an
-expiry, and a desired-state ``version`` that only ever grows: a device refuses anything not newer
-than what it last accepted, which stops replayed (retained) messages and rollback attacks (as TUF's
-and Uptane's version numbers do).
+The signatures are ed25519 over :data:`DOMAIN` followed by the raw bytes of ``desired`` (the same
+signature document as a bundle's ``signatures.json``), so no JSON canonicalisation is needed to check
+them, and the signed bytes of a desired state can never be those of a bundle manifest (which start
+with ``{``): a signature made for one role is never valid in the other. Desired states are checked
+against the device's ``fleet_keys``, bundles against its ``trusted_keys`` (the build keys).
+
+The document (:class:`DesiredState`) names the model, its version, one bundle per profile (sha256,
+size and the digest of every chunk, so a device checks each chunk before it writes it and a forged
+frame costs nothing but itself), the probation budget the device enforces, an expiry, and a
+desired-state ``version`` that only ever grows: a device refuses anything not newer than what it last
+accepted, which stops replayed (retained) messages and rollback attacks (as TUF's and Uptane's
+version numbers do).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from edgepack.bundle.format import is_valid_name, is_valid_semver
 from edgepack.bundle.signing import sign_manifest, verify_manifest_signatures
@@ -25,8 +33,12 @@ from edgepack.errors import EdgepackError, SignatureError
 
 from .topics import SCHEMA
 
-#: a desired-state message larger than this is refused unparsed
-MAX_DESIRED_BYTES = 64 * 1024
+#: a desired-state message larger than this is refused unparsed (AWS IoT Core's limit is 128 KiB)
+MAX_DESIRED_BYTES = 120 * 1024
+#: prefixed to the document before signing (domain separation from bundle manifests)
+DOMAIN = b"edgepack-desired-state-v1\n"
+#: bytes of sha256 kept per chunk in the signed list (128 bits: a second preimage costs 2**128)
+CHUNK_DIGEST_BYTES = 16
 
 
 class DesiredStateError(EdgepackError):
@@ -41,12 +53,56 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def chunk_digest(data: bytes) -> bytes:
+    """The digest of one chunk as the signed list holds it."""
+    return hashlib.sha256(data).digest()[:CHUNK_DIGEST_BYTES]
+
+
+def chunk_digests_of(path, chunk_bytes: int) -> str:
+    """The signed chunk list of a bundle file: base64 of every chunk's :func:`chunk_digest`, in order."""
+    digests = []
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_bytes), b""):
+            digests.append(chunk_digest(block))
+    return base64.b64encode(b"".join(digests)).decode()
+
+
 class BundleRef(_Strict):
-    """One profile's bundle: what the device fetches (by sha256) and how large it may be."""
+    """One profile's bundle: what the device fetches (by sha256), how large it is, and the digest of
+    each of its ``chunk_bytes``-sized chunks (``chunks``: base64 of 16-byte truncated sha256 digests)."""
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(gt=0, le=8 * 1024 ** 3)
+    chunk_bytes: int = Field(gt=0, le=16 * 1024 * 1024)
+    chunks: str = Field(min_length=1)
     file: str | None = None
+
+    @model_validator(mode="after")
+    def _chunk_list(self) -> "BundleRef":
+        try:
+            raw = base64.b64decode(self.chunks, validate=True)
+        except ValueError:
+            raise ValueError("chunks must be base64") from None
+        if len(raw) != -(-self.size // self.chunk_bytes) * CHUNK_DIGEST_BYTES:
+            raise ValueError("chunks must hold one digest per chunk of the bundle")
+        return self
+
+    def chunk_digests(self) -> list[bytes]:
+        """The signed digest of every chunk, in order."""
+        raw = base64.b64decode(self.chunks)
+        return [raw[i:i + CHUNK_DIGEST_BYTES] for i in range(0, len(raw), CHUNK_DIGEST_BYTES)]
+
+
+class ProbationBudget(_Strict):
+    """What a device enforces on a new version before it commits it (absent keys: the device's
+    ``updates`` settings, whose defaults only catch a broken model)."""
+
+    duration_s: float | None = Field(None, ge=0, le=7 * 86400, description="how long the new version is watched")
+    min_runs: int | None = Field(None, ge=1, le=1_000_000, description="runs needed before rates are judged")
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="failed runs / runs, above the old version's")
+    max_nonfinite_rate: float | None = Field(None, ge=0, le=1, description="runs with NaN/Inf outputs / runs, above the old's")
+    max_latency_ratio: float | None = Field(None, gt=1, description="new time per sample / old, measured side by side")
+    max_p95_ms: float | None = Field(None, gt=0, description="absolute limit on the p95 time of one run")
 
 
 class ModelRef(_Strict):
@@ -79,6 +135,10 @@ class DesiredState(_Strict):
     expires_at: float
     model: ModelRef
     bundles: dict[str, BundleRef] = Field(min_length=1, description="profile -> bundle")
+    probation: ProbationBudget | None = None
+    #: sha256 of the signed document's bytes (set by verify_desired): tells a re-signed document
+    #: that reuses an accepted version from the retained copy of that very document
+    _digest: str | None = PrivateAttr(None)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -102,6 +162,11 @@ class DesiredState(_Strict):
                                     f"(only {', '.join(sorted(self.bundles))})")
         return self.bundles[profile]
 
+    @property
+    def digest(self) -> str | None:
+        """sha256 of the signed bytes this state was read from (None for a state built here)."""
+        return self._digest
+
     def document(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True)
 
@@ -109,7 +174,7 @@ class DesiredState(_Strict):
 def sign_desired(state: DesiredState, private_key) -> bytes:
     """The envelope (JSON bytes) of ``state`` signed with ``private_key``."""
     raw = json.dumps(state.document(), sort_keys=True, separators=(",", ":"))
-    signatures = sign_manifest(raw.encode(), private_key)
+    signatures = sign_manifest(DOMAIN + raw.encode(), private_key)
     return json.dumps({"schema": SCHEMA, "desired": raw, "signatures": signatures}).encode()
 
 
@@ -127,17 +192,21 @@ def verify_desired(payload: bytes, public_keys, now: float | None = None) -> Des
         raise DesiredStateError("malformed", "desired state envelope needs a 'desired' string")
     if envelope.get("schema") != SCHEMA:
         raise DesiredStateError("malformed", f"desired state schema {envelope.get('schema')!r} is not {SCHEMA}")
-    raw = envelope["desired"].encode()
+    try:
+        raw = envelope["desired"].encode()
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON, not valid UTF-8)
+        raise DesiredStateError("malformed", "desired state is not valid UTF-8") from None
     signatures = envelope.get("signatures")
     if not signatures or not isinstance(signatures, dict) or not signatures.get("signatures"):
         raise DesiredStateError("unsigned", "desired state is not signed; sign it with 'edgepack fleet push --key'")
     try:
-        valid = verify_manifest_signatures(raw, signatures, public_keys)
+        valid = verify_manifest_signatures(DOMAIN + raw, signatures, public_keys)
     except SignatureError as exc:
         raise DesiredStateError("bad-signature", exc.message.replace("bundle signature", "desired-state signature")
                                 .replace("the manifest", "the desired state")) from None
     if not valid:
-        raise DesiredStateError("untrusted", "desired state is not signed by any of this device's trusted keys")
+        raise DesiredStateError("untrusted", "desired state is not signed by any of this device's fleet keys "
+                                "(fleet_keys in agent.yaml)")
     try:
         state = DesiredState.model_validate(json.loads(raw))
     except ValidationError as exc:
@@ -146,6 +215,7 @@ def verify_desired(payload: bytes, public_keys, now: float | None = None) -> Des
         raise DesiredStateError("malformed", "desired state is invalid: " + "; ".join(validation_problems(exc))) from None
     except (ValueError, RecursionError):
         raise DesiredStateError("malformed", "desired state document is not JSON") from None
+    state._digest = hashlib.sha256(raw).hexdigest()
     now = time.time() if now is None else now
     if state.expires_at <= now:
         raise DesiredStateError("expired", f"desired state version {state.version} expired "

@@ -11,15 +11,18 @@ state           what is happening (side effect after the write)       after a cr
 ==============  ====================================================  ===============================
 idle            nothing; ``result`` says how the last update ended     stays idle
 downloading     chunks of the new bundle are written to disk           resumes (only missing chunks)
-staging         the bundle is verified, extracted into ``staging/``,   staging is removed; idle
-                fsynced, loaded and smoke-tested                       (an OTA update starts again)
-switching       ``staging/`` replaces the inactive slot; the active    idle, the old model active
-                pointer still names the old model
+staging         the bundle is verified, extracted into ``staging/``,   staging is removed; idle (the
+                fsynced, loaded and smoke-tested                       download is kept: no refetch)
+switching       ``staging/`` replaces the inactive slot (on            idle, the old model active
+                ``reactivate``: the intact bundle already there);
+                the active pointer still names the old model
 probation       the pointer names the new model (old = previous);     rolling_back: a restart here
                 the daemon serves it and watches its health            counts as a failure
 rolling_back    the pointer names the old model again; the new slot   rolling_back (finished again)
-                is removed
+                is removed (kept on a clean stop, for ``reactivate``)
 ==============  ====================================================  ===============================
+
+:data:`RESUME` says the same per state, for the code and the README.
 """
 
 from __future__ import annotations
@@ -44,6 +47,24 @@ class UpdateState(str, Enum):
     ROLLING_BACK = "rolling_back"
 
 
+class Event(str, Enum):
+    """What happens to a model's update (the second key of :data:`TRANSITIONS`)."""
+
+    DOWNLOAD = "download"
+    INSTALL = "install"
+    REACTIVATE = "reactivate"
+    RESTART = "restart"
+    ROLLBACK = "rollback"
+    DOWNLOADED = "downloaded"
+    FAIL = "fail"
+    CANCEL = "cancel"
+    STAGED = "staged"
+    SWITCHED = "switched"
+    COMMIT = "commit"
+    REGRESSED = "regressed"
+    ROLLED_BACK = "rolled_back"
+
+
 S = UpdateState
 #: (state, event) -> next state; any other pair is a bug in the caller and raises
 TRANSITIONS: dict[tuple[UpdateState, str], UpdateState] = {
@@ -51,6 +72,7 @@ TRANSITIONS: dict[tuple[UpdateState, str], UpdateState] = {
     (S.IDLE, "install"): S.STAGING,           # a bundle file on this device (edgepack-agent install)
     (S.IDLE, "restart"): S.IDLE,
     (S.IDLE, "rollback"): S.IDLE,             # manual: the previous slot becomes active again
+    (S.IDLE, "reactivate"): S.SWITCHING,      # over the air: the wanted bundle is in the other slot already
     (S.DOWNLOADING, "downloaded"): S.STAGING,
     (S.DOWNLOADING, "fail"): S.IDLE,
     (S.DOWNLOADING, "cancel"): S.IDLE,        # a newer desired state replaced this one
@@ -68,6 +90,20 @@ TRANSITIONS: dict[tuple[UpdateState, str], UpdateState] = {
     (S.ROLLING_BACK, "rolled_back"): S.IDLE,
     (S.ROLLING_BACK, "restart"): S.ROLLING_BACK,
 }
+
+#: what a process that finds a model in each state after a crash does, and why (the ``restart`` event)
+RESUME: dict[UpdateState, str] = {
+    S.IDLE: "nothing was under way",
+    S.DOWNLOADING: "the chunks on disk are kept and only the missing ones are fetched (a daemon with "
+                   "updates on); without an updater the download is cancelled",
+    S.STAGING: "the old version is still active and the staged copy is a leftover: it is removed (the "
+               "verified download is kept, so the update stages again without fetching anything)",
+    S.SWITCHING: "the pointer still names the old version: the half-moved slot is removed",
+    S.PROBATION: "the new version was serving when the process died: that counts against it, roll back",
+    S.ROLLING_BACK: "a rollback never gives up halfway: finish it",
+}
+#: restarts during one target's update before it is given up (a bundle that kills the process)
+MAX_RESTARTS = 3
 
 #: the outcome an event records when it ends an update (shown in status and the retained state)
 RESULTS = {"fail": "failed", "cancel": "cancelled", "commit": "committed", "rolled_back": "rolled_back",
@@ -88,6 +124,7 @@ def step(update: dict, event: str, reason: str | None = None, **fields) -> dict:
     """The record after ``event`` happens in ``update``'s state; ``fields`` update the record
     (``target=...``). Pure: the caller persists the result before acting on it."""
     current = UpdateState(update["state"])
+    event = Event(event).value if event in Event._value2member_map_ else event
     try:
         following = TRANSITIONS[(current, event)]
     except KeyError:

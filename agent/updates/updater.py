@@ -1,0 +1,430 @@
+"""Model updates over MQTT: signed desired state -> download -> the store's install path -> probation
+-> commit or automatic rollback.
+
+Runs on the daemon's event loop; disk work runs on one worker thread, in order. Every step is a
+transition of the store's persisted lifecycle (:mod:`.lifecycle`), so a restart resumes it; what this
+module keeps besides is the record of :mod:`.record`.
+
+Failures are typed (:mod:`.errors`): a transient one (disk full, the store held by another process)
+backs off and tries again without counting against the target; a fatal one records the target as
+failed. Commit and rollback are obligations: retried until done, never given up halfway.
+
+Precedence: an operator's local ``edgepack-agent install`` or ``rollback`` holds until the fleet
+sends a desired state newer than that local action (it also cancels a download in progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from edgepack.errors import EdgepackError, StoreError, first_line
+from edgepack.fleet import chunks as chunk_frames
+from edgepack.fleet import topics
+from edgepack.fleet.desired import DesiredStateError
+
+from . import record as records
+from .download import BadChunk, Download, remove_leftovers
+from .errors import FatalUpdateError, TransientUpdateError
+from .probation import COMMIT, ROLL_BACK, Budget, judge
+
+log = logging.getLogger("edgepack.agent.updates")
+
+Emit = Callable[[str, dict], None]
+#: failures worth another try (a download that ran out of time, a crash while staging): this many in all
+RETRYABLE = {"timeout", "restart"}
+ATTEMPTS = 3
+#: backoff of transient failures, seconds (doubled each time, with jitter)
+BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 300.0
+#: obligations (commit, rollback) are retried at most this far apart
+OBLIGATION_MAX_S = 30.0
+
+
+class _Superseded(Exception):
+    """The download's target is no longer wanted (a newer desired state, or a local install)."""
+
+
+class Updater:
+    """Takes desired states from the fleet and drives each accepted one through the lifecycle."""
+
+    def __init__(self, config, registry, device_id: str, publish: Callable[[str, bytes], int | None], emit: Emit,
+                 fleet_keys):
+        self.config = config
+        self.options = config.updates
+        self.registry = registry
+        self.store = registry.store
+        self.device_id = device_id
+        self.publish = publish
+        self.emit = emit
+        self.keys = fleet_keys
+        self.blocked: str | None = None
+        self.record = self._load_record()
+        #: name -> progress of the download under way (events, telemetry, status)
+        self.progress: dict[str, dict] = {}
+        self._held: dict[str, bytes] = {}  # topic -> a desired state refused while the record was blocked
+        self._wake = asyncio.Event()
+        self._frames: asyncio.Queue = asyncio.Queue(maxsize=256)
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-disk")
+        self._task: asyncio.Task | None = None
+        self.connected = asyncio.Event()
+        #: set when a reconnect came without the broker's session: chunks asked before are lost
+        self.session_lost = False
+        self._clock_warned = False
+
+    # -- the persisted record ----------------------------------------------------------------------
+
+    def _load_record(self) -> dict:
+        try:
+            record = records.read_record(self.store.root)
+            self.blocked = None
+            return record
+        except records.RecordCorrupt as exc:
+            if self.blocked != str(exc):
+                log.error("update record corrupt", extra={"error": str(exc)})
+                self.emit("update_record_corrupt", {"message": str(exc)})
+            self.blocked = str(exc)
+            return records.empty_record()
+
+    def _save_record(self) -> None:
+        records.save_record(self.store.root, self.record)
+
+    def _check_unblocked(self) -> None:
+        """Re-read a corrupt record (an operator may have reset it); take held desired states then."""
+        self.record = self._load_record()
+        if not self.blocked:
+            log.info("update record readable again; updates resume")
+            held, self._held = self._held, {}
+            for topic, payload in held.items():
+                self.handle_desired(topic, payload)
+
+    # -- messages from the fleet (called on the event loop) ----------------------------------------
+
+    def topics(self) -> list[str]:
+        return [topics.desired(self.device_id)] + [topics.group_desired(g) for g in self.options.groups] + [
+            topics.chunk_data(self.device_id)]
+
+    def handle_desired(self, topic: str, payload: bytes) -> None:
+        """Check a desired state and, when it is new and valid, make it the wanted one (persisted)."""
+        if not payload:
+            return  # a cleared retained message
+        if self.blocked:
+            self._held[topic] = payload
+            self.emit("desired_refused", {"reason": "record-corrupt", "message": self.blocked, "topic": topic})
+            return
+        try:
+            checked = records.check_desired(self.record, topic, payload, device=self.device_id,
+                                            groups=self.options.groups, keys=self.keys, profile=self.config.profile)
+        except DesiredStateError as exc:
+            log.warning("desired state refused", extra={"reason": exc.reason, "error": exc.message, "topic": topic})
+            self.emit("desired_refused", {"reason": exc.reason, "message": exc.message, "topic": topic})
+            return
+        if checked is None:
+            return
+        _, behind = records.clock_now(self.record)
+        if behind and not self._clock_warned:
+            self._clock_warned = True
+            log.warning("device clock behind", extra={"floor": self.record["clock"], "now": time.time()})
+            self.emit("clock_behind", {"message": "this device's clock is behind the newest signed desired state; "
+                                       "expiry is judged by that state's issue time until the clock is set"})
+        state, bundle = checked
+        target = records.accept(self.record, topic, state, bundle)
+        self._save_record()
+        public = {k: v for k, v in target.items() if k != "chunks"}
+        self.emit("desired_accepted", public)
+        log.info("desired state accepted", extra={"model": target["name"], "version": target["version"],
+                                                  "sha256": target["sha256"], "desired_version": state.version})
+        self._wake.set()
+
+    def handle_chunk(self, payload: bytes) -> None:
+        if len(payload) > chunk_frames.CHUNK_BYTES + chunk_frames.MAX_HEADER + 8:
+            self.emit("chunk_refused", {"message": f"a chunk message of {len(payload)} bytes is larger than any chunk"})
+            return
+        try:
+            self._frames.put_nowait(payload)
+        except asyncio.QueueFull:
+            pass  # more than the window asked for: dropped, asked again on time-out
+
+    # -- start and stop ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, target in self.record["wanted"].items():
+            update = self.store.state(name)["update"]
+            if (update.get("target") or {}).get("sha256") != target["sha256"] or target["sha256"] in self.record["failed"]:
+                continue
+            if update.get("result") == "rolled_back" and not update.get("stopped"):
+                # Rolled back after a crash during its probation while no updater watched: a failure.
+                self._fail(target, "probation", update.get("reason") or "rolled back")
+            elif update.get("result") == "interrupted":
+                # The agent died during this update (a crash while loading it?): a few tries, then no
+                # more, so a bundle that kills the process cannot make it boot-loop forever.
+                self._fail(target, "restart", update.get("reason") or "interrupted")
+        keep = {t["sha256"] for t in self.record["wanted"].values()}
+        remove_leftovers(self.store.root / "downloads", keep)
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for name in self.store.model_names(with_empty=True):
+            try:
+                if self.store.busy(name) == "probation":
+                    # A clean stop (SIGTERM, reboot) is not the new version's fault: the old one is
+                    # active again, the new one stays in the other slot and its probation starts again
+                    # at the next start, without a download.
+                    await self._disk_call(self.store.stop_probation, name, "the agent stopped during probation")
+            except EdgepackError as exc:
+                log.error("could not end the probation at stop", extra={"model": name, "error": exc.message})
+        self._disk.shutdown(wait=True)
+
+    async def _disk_call(self, fn, *args, **kwargs):
+        def locked():
+            with self.store.locked():
+                return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._disk, locked)
+
+    async def _obligation(self, what: str, fn, *args) -> None:
+        """Run a step that must happen (commit, rollback) until it succeeds: a store held by a CLI
+        install, a full disk or an I/O error only delay it."""
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                await self._disk_call(fn, *args)
+                return
+            except (StoreError, OSError) as exc:
+                message = exc.message if isinstance(exc, EdgepackError) else first_line(exc)
+                log.warning(f"{what} delayed", extra={"error": message, "retry_s": round(delay, 1)})
+                self.emit("update_delayed", {"step": what, "message": message})
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, OBLIGATION_MAX_S)
+
+    # -- the update loop ---------------------------------------------------------------------------
+
+    def _next_target(self) -> dict | None:
+        for name, target in sorted(self.record["wanted"].items()):
+            failure = self.record["failed"].get(target["sha256"])
+            if failure and (failure.get("reason") not in RETRYABLE or failure.get("attempts", 1) >= ATTEMPTS):
+                continue
+            state = self.store.state(name)
+            active = state.get("active")
+            if active and state["slots"].get(active, {}).get("bundle_sha256") == target["sha256"]:
+                continue  # already running it
+            local = state.get("local") or {}
+            if local.get("at", 0) > target.get("accepted_at", 0) and state["update"]["state"] == "idle":
+                continue  # an operator's local install/rollback holds until a newer desired state
+            return target
+        return None
+
+    async def _run(self) -> None:
+        delay = BACKOFF_MIN_S
+        last_reason = None
+        while True:
+            self._wake.clear()
+            try:
+                if self.blocked:
+                    self._check_unblocked()
+                    if self.blocked:
+                        await self._pause(2.0)
+                        continue
+                target = self._next_target()
+                if target is None:
+                    await self._wake.wait()
+                    continue
+                await self._update(target)
+                delay, last_reason = BACKOFF_MIN_S, None
+            except asyncio.CancelledError:
+                raise
+            except TransientUpdateError as exc:
+                if exc.reason != last_reason:  # one event per kind of trouble, not one per retry
+                    log.warning("update waits", extra={"reason": exc.reason, "error": exc.message, "retry_s": round(delay, 1)})
+                    self.emit("update_waiting", {"reason": exc.reason, "message": exc.message})
+                last_reason = exc.reason
+                await self._pause(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+            except Exception as exc:  # noqa: BLE001 - the updater must survive anything; the model keeps serving
+                log.exception("update failed")
+                self.emit("update_error", {"message": first_line(exc)})
+                await self._pause(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, or less when a new desired state arrives."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _fail(self, target: dict, reason: str, message: str) -> None:
+        attempts = self.record["failed"].get(target["sha256"], {}).get("attempts", 0) + 1
+        self.record["failed"][target["sha256"]] = {"reason": reason, "message": message, "at": time.time(),
+                                                   "attempts": attempts}
+        self._save_record()
+        log.error("update failed", extra={"model": target["name"], "reason": reason, "error": message})
+
+    def _busy(self, exc: StoreError) -> TransientUpdateError:
+        return TransientUpdateError("busy", exc.message)
+
+    async def _update(self, target: dict) -> None:
+        name = target["name"]
+        update = self.store.state(name)["update"]
+        current, ours = update["state"], (update.get("target") or {}).get("sha256") == target["sha256"]
+        try:
+            if current == "idle":
+                if await self._disk_call(self.store.reactivate, name, target):
+                    # The bundle is in the other slot already (a probation interrupted by a clean stop).
+                    await self._probation(name, target, self._old_health(name))
+                    return
+                await self._disk_call(self.store.transition, name, "download", None, target=target)
+            elif current == "downloading" and not ours:  # a newer desired state replaced it
+                old = update.get("target") or {}
+                await self._disk_call(self.store.cancel_download, name, "a newer desired state replaced it")
+                if old.get("sha256"):
+                    remove_leftovers(self.store.root / "downloads", {target["sha256"]})
+                await self._disk_call(self.store.transition, name, "download", None, target=target)
+            elif current == "probation" and ours:
+                await self._probation(name, target, None)  # our own, interrupted by an error: watch again
+                return
+            elif current != "downloading":
+                # Another process (an edgepack-agent install) is changing this model, or died doing so:
+                # finish or undo a leftover under the store lock, else wait for it with backoff.
+                await self._disk_call(self.store.recover_model, name)
+                raise TransientUpdateError("busy", f"another update of {name!r} was under way ({current})")
+        except StoreError as exc:
+            raise self._busy(exc) from None
+        download = Download(self.store.root / "downloads", target["sha256"], target["size"], target["chunk_bytes"],
+                            _digests(target))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._disk, download.check_space)
+            await self._download(download, target)
+            path = await loop.run_in_executor(self._disk, download.verify)
+        except _Superseded:
+            return  # the next round starts what is wanted now
+        except FatalUpdateError as exc:
+            self._fail(target, exc.reason, exc.message)
+            await self._obligation("fail", self.store.transition, name, "fail", exc.message)
+            if exc.reason not in RETRYABLE:
+                download.discard()
+            return
+        finally:
+            self.progress.pop(name, None)
+        old_health = self._old_health(name)
+        try:
+            await self._disk_call(self.store.stage_download, name, path, self.config.model(name).threads)
+        except StoreError as exc:
+            if isinstance(exc, self.store.Busy):
+                raise self._busy(exc) from None
+            self._fail(target, "install", exc.message)  # stage() recorded the failure transition
+            download.discard()
+            return
+        except OSError as exc:  # a full disk while staging: the download stays, staging is tried again
+            raise TransientUpdateError("disk-full" if exc.errno == 28 else "disk", first_line(exc)) from None
+        except EdgepackError as exc:
+            self._fail(target, "install", exc.message)
+            download.discard()
+            return
+        download.discard()
+        await self._probation(name, target, old_health)
+
+    def _old_health(self, name: str) -> dict | None:
+        scheduler = self.registry.schedulers.get(name)
+        return scheduler.current.health.summary() if scheduler and scheduler.current else None
+
+    async def _download(self, download: Download, target: dict) -> None:
+        """Request missing chunks, a window at a time, until the file is complete, the target is no
+        longer wanted, or the download deadline passes."""
+        loop = asyncio.get_running_loop()
+        name = target["name"]
+        asked: dict[int, float] = {}
+        deadline = time.monotonic() + self.options.download_timeout_s
+        reported = -1
+        while not self._frames.empty():  # frames of an earlier download
+            self._frames.get_nowait()
+        while not download.complete:
+            wanted = self.record["wanted"].get(name) or {}
+            update = self.store.state(name)["update"]
+            if (wanted.get("sha256") != target["sha256"] or update["state"] != "downloading"
+                    or (update.get("target") or {}).get("sha256") != target["sha256"]):
+                raise _Superseded()
+            if time.monotonic() > deadline:
+                raise FatalUpdateError("timeout", f"the download did not finish within {self.options.download_timeout_s:g} s "
+                                       f"({download.progress()['percent']}% received); it is tried again")
+            self.progress[name] = {"version": target["version"], **download.progress()}
+            step = int(self.progress[name]["percent"] // 10)
+            if step != reported:
+                reported = step
+                self.emit("download_progress", {"model": name, **self.progress[name]})
+            if not self.connected.is_set():
+                try:
+                    await asyncio.wait_for(self.connected.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    continue
+            if self.session_lost:
+                # Without the session the broker kept, chunks asked before will not come: ask again.
+                # With it, they arrive from the session's queue and are not fetched twice.
+                self.session_lost = False
+                asked.clear()
+            now = time.monotonic()
+            for index in [i for i, at in asked.items() if now - at > self.options.chunk_timeout_s]:
+                del asked[index]
+            missing = [i for i in download.missing() if i not in asked][: max(0, self.options.download_window - len(asked))]
+            if missing and self.publish(topics.chunk_requests(self.device_id), chunk_frames.request(target["sha256"], missing)) is not None:
+                for index in missing:
+                    asked[index] = now
+            try:
+                payload = await asyncio.wait_for(self._frames.get(), 1.0)
+            except asyncio.TimeoutError:
+                continue
+            try:
+                header, data = chunk_frames.decode_frame(payload)
+                if header["sha256"] != target["sha256"]:
+                    continue  # a chunk of an earlier, cancelled download
+                await loop.run_in_executor(self._disk, download.write, header["index"], header["offset"], data)
+                asked.pop(header["index"], None)
+            except (chunk_frames.ChunkError, BadChunk) as exc:
+                # Refused by itself: what was written stays, and it costs no attempt.
+                download.refused += 1
+                if download.refused <= 10 or download.refused % 100 == 0:
+                    self.emit("chunk_refused", {"model": name, "message": str(exc), "refused": download.refused})
+
+    async def _probation(self, name: str, target: dict, old_health: dict | None) -> None:
+        problem = await self.registry.activate(name)
+        if problem:
+            await self._roll_back(name, target, "load", f"the new version does not load in the daemon: {problem}")
+            return
+        served = self.registry.schedulers[name].current
+        load_ratio = self.registry.load_ratios.pop(name, None)
+        budget = Budget.of(self.options, target.get("probation"), self.config.model(name).deadline_ms)
+        started = time.monotonic()
+        while True:
+            verdict = judge(budget, served.health.summary(), old_health, time.monotonic() - started, load_ratio)
+            if verdict.decision == ROLL_BACK:
+                await self._roll_back(name, target, verdict.reason, verdict.message)
+                return
+            if verdict.decision == COMMIT:
+                await self._obligation("commit", self.store.commit, name, verdict.message)
+                return
+            await asyncio.sleep(0.25)
+
+    async def _roll_back(self, name: str, target: dict, reason: str, message: str) -> None:
+        self._fail(target, reason, message)
+        await self._obligation("rollback", self.store.regress, name, f"{reason}: {message}")
+        problem = await self.registry.activate(name)
+        if problem:
+            log.error("the old version does not serve after the rollback", extra={"model": name, "error": problem})
+
+    # -- state for the fleet -----------------------------------------------------------------------
+
+    def failed_reason(self, sha256: str) -> dict | None:
+        return self.record["failed"].get(sha256)
+
+
+def _digests(target: dict) -> list[bytes]:
+    from edgepack.fleet.desired import BundleRef
+
+    return BundleRef(sha256=target["sha256"], size=target["size"], chunk_bytes=target["chunk_bytes"],
+                     chunks=target["chunks"]).chunk_digests()
