@@ -38,8 +38,9 @@ from .model import LoadedModel
 
 SLOTS = ("a", "b")
 STORE_ENV = "EDGEPACK_STORE"
-#: how long a command waits for another one changing the same store
-LOCK_WAIT_S = 30.0
+#: how long a command waits for another one changing the same store ($EDGEPACK_LOCK_WAIT_S overrides:
+#: a slow SD card may need longer, the fault tests shorter)
+LOCK_WAIT_S = float(os.environ.get("EDGEPACK_LOCK_WAIT_S", "30"))
 
 #: called after every persisted transition with (model name, history entry, new state)
 Listener = Callable[[str, dict, dict], None]
@@ -165,7 +166,7 @@ class ModelStore:
     # -- the lock and the lifecycle ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def locked(self, wait_s: float = LOCK_WAIT_S):
+    def locked(self, wait_s: float | None = None):
         """Hold the store's lock (re-entrant in this object); another holder makes this wait, then fail."""
         if self._lock_depth:
             self._lock_depth += 1
@@ -176,7 +177,7 @@ class ModelStore:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         handle = open(self.root / ".lock", "a+")
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -165,6 +165,7 @@ class Transport:
         while not self._stop.is_set():
             self._connected_once = False
             self._refused = None
+            self._attempt_protocol = self.protocol
             tcp = False
             try:
                 if self._client is None:
@@ -183,7 +184,9 @@ class Transport:
             else:
                 if tcp and not self._connected_once and not self._stop.is_set():
                     if self._refused:
-                        self._failed("refused", f"the broker refused the connection: {self._refused}")
+                        switched = f"; trying MQTT {self.protocol}" if self.protocol != self._attempt_protocol else ""
+                        self._failed("refused", f"the broker refused the MQTT {self._attempt_protocol} connection: "
+                                     f"{self._refused}{switched}")
                     else:
                         self._no_connack()
             self.connected = False
@@ -222,8 +225,9 @@ class Transport:
         now = time.monotonic()
         if now - self._logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._logged[reason] = now
-            log.warning("mqtt connection failed", extra={"reason": reason, "error": message, "protocol": self.protocol,
-                                                         "attempts": self.state["attempts"]})
+            log.warning("mqtt connection failed", extra={"reason": reason, "error": message,
+                                                         "protocol": getattr(self, "_attempt_protocol", self.protocol),
+                                                         "next_protocol": self.protocol, "attempts": self.state["attempts"]})
         try:
             self.deliver(("link", dict(self.state), reason))
         except Exception:  # noqa: BLE001 - the loop may be gone at shutdown

@@ -159,6 +159,8 @@ class FleetController:
         self.inbox: queue.Queue = queue.Queue()
         self.chunks_sent = 0
         self.bytes_sent = 0
+        #: False: chunk requests are read and not answered (a controller that cannot serve, in tests)
+        self.serve_chunks = True
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
@@ -178,7 +180,8 @@ class FleetController:
             return
         device, leaf = parsed
         if leaf == "chunks/req":
-            self._serve_chunks(device, payload)
+            if self.serve_chunks:
+                self._serve_chunks(device, payload)
             return
         try:
             message = json.loads(payload)

@@ -4,9 +4,7 @@ probation window, kill -9 in every update state, and telemetry that survives a b
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sys
 import threading
 import time
 import urllib.request
@@ -16,50 +14,26 @@ import numpy as np
 import pytest
 
 from agent.store import ModelStore
-from edgepack.bundle.sign import sign_bundle
-from edgepack.bundle.signing import generate_keys, load_private_key
+from edgepack.bundle.signing import load_private_key
 from edgepack.fleet import chunks, topics
 from edgepack.fleet.controller import Broker as BrokerAddress
 from edgepack.fleet.controller import FleetController, desired_for_bundles, publish_retained
 from edgepack.fleet.desired import sign_desired
 
-from ..conftest import ROOT, run_cli
+from ..conftest import run_cli
 from .broker import Broker
 from .daemon import Daemon
 
 DEVICE = "dev1"
 
 
-@pytest.fixture(scope="module")
-def fleet_bundles(tmp_path_factory):
-    """Signed bundles of the small fleet model: good 1.0.0 and 1.1.0, NaN 1.2.0, slow 1.3.0 (x86-64),
-    good 1.1.0 for rpi4; the key pair and an untrusted key."""
-    from converters.pipeline import ConvertOptions, convert
-
-    folder = tmp_path_factory.mktemp("fleet")
-    private, public = generate_keys(folder / "keys")
-    other_private, _ = generate_keys(folder / "other")
-    rng = np.random.default_rng(0)
-    np.save(folder / "calib.npy", rng.uniform(0.1, 1.0, (64, 8)).astype(np.float32))
-    made = {}
-    for factory, version, profile in [("fleet_good", "1.0.0", "x86-64"), ("fleet_good", "1.1.0", "x86-64"),
-                                      ("fleet_nan", "1.2.0", "x86-64"), ("fleet_slow", "1.3.0", "x86-64"),
-                                      ("fleet_good", "1.1.0", "rpi4")]:
-        out = folder / f"{factory}-{version}-{profile}"
-        (result,) = convert(ConvertOptions(model=f"tests.models:{factory}", profiles=[profile], out=out,
-                                           calibration=str(folder / "calib.npy"), input_shapes={"input": [1, 8]},
-                                           name="fleet", version=version, recipes=["onnx-fp32"], signing_key=private))
-        assert result.bundle, result
-        made[(version, profile)] = result.bundle
-    return {"bundles": made, "private": private, "public": public, "other": other_private, "folder": folder}
-
-
 class Fleet:
     """A broker, a controller (in this process), and one agent daemon with an MQTT config."""
 
-    def __init__(self, tmp: Path, setup: dict, probation_s: float = 2.0, interval_s: float = 0.5):
+    def __init__(self, tmp: Path, setup: dict, probation_s: float = 2.0, interval_s: float = 0.5, broker=None,
+                 updates: dict | None = None):
         self.tmp, self.setup = tmp, setup
-        self.broker = Broker(tmp / "broker")
+        self.broker = broker or Broker(tmp / "broker")
         self.address = BrokerAddress.from_url(self.broker.url)
         self.store = tmp / "store"
         self.config = tmp / "agent.yaml"
@@ -68,7 +42,7 @@ class Fleet:
             "trusted_keys": [str(setup["public"])], "fleet_keys": [str(setup["public"])],
             "mqtt": {"host": "127.0.0.1", "port": self.broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
             "telemetry": {"interval_s": interval_s},
-            "updates": {"probation_s": probation_s, "min_runs": 5, "chunk_timeout_s": 2.0},
+            "updates": {"probation_s": probation_s, "min_runs": 5, "chunk_timeout_s": 2.0, **(updates or {})},
         }))
         installed = run_cli("install", setup["bundles"][("1.0.0", "x86-64")], "--config", self.config, program="edgepack-agent")
         assert installed.returncode == 0, installed.stderr
@@ -87,12 +61,13 @@ class Fleet:
         self.stop_event.set()
         self.thread.join(10)
 
-    def start_agent(self, python_code: str | None = None) -> Daemon:
+    def start_agent(self, python_code: str | None = None, env: dict | None = None) -> Daemon:
         args = ["--config", self.config]
         if python_code:
-            self.agent = Daemon(python_code=python_code + f"\nsys.argv=['edgepack-agent','run','--port','0','--config',{str(self.config)!r}]\nmain()\n")
+            self.agent = Daemon(python_code=python_code + f"\nsys.argv=['edgepack-agent','run','--port','0','--config',{str(self.config)!r}]\nmain()\n",
+                                env=env)
         else:
-            self.agent = Daemon(*args)
+            self.agent = Daemon(*args, env=env)
         return self.agent
 
     def push(self, version: str, profile: str = "x86-64", desired_version: int | None = None, key=None,

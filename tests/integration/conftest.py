@@ -1,0 +1,34 @@
+"""Fixtures shared by the integration tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgepack.bundle.signing import generate_keys
+
+
+@pytest.fixture(scope="session")
+def fleet_bundles(tmp_path_factory):
+    """Signed bundles of the small fleet model: good 1.0.0 and 1.1.0, NaN 1.2.0, slow 1.3.0 (x86-64),
+    good 1.1.0 for rpi4; the key pair and an untrusted key."""
+    from converters.pipeline import ConvertOptions, convert
+
+    folder = tmp_path_factory.mktemp("fleet")
+    private, public = generate_keys(folder / "keys")
+    other_private, _ = generate_keys(folder / "other")
+    rng = np.random.default_rng(0)
+    np.save(folder / "calib.npy", rng.uniform(0.1, 1.0, (64, 8)).astype(np.float32))
+    made = {}
+    for factory, version, profile in [("fleet_good", "1.0.0", "x86-64"), ("fleet_good", "1.1.0", "x86-64"),
+                                      ("fleet_nan", "1.2.0", "x86-64"), ("fleet_slow", "1.3.0", "x86-64"),
+                                      ("fleet_good", "1.1.0", "rpi4")]:
+        out = folder / f"{factory}-{version}-{profile}"
+        (result,) = convert(ConvertOptions(model=f"tests.models:{factory}", profiles=[profile], out=out,
+                                           calibration=str(folder / "calib.npy"), input_shapes={"input": [1, 8]},
+                                           name="fleet", version=version, recipes=["onnx-fp32"], signing_key=private))
+        assert result.bundle, result
+        made[(version, profile)] = result.bundle
+    return {"bundles": made, "private": private, "public": public, "other": other_private, "folder": folder}
+
+
