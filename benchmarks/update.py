@@ -5,6 +5,11 @@ the re-fetch after a broker cut mid-transfer, and the agent's peak RSS during it
 
 Targets (issue 11): bytes on the wire <= 1.05x the bundle size; a cut mid-transfer re-fetches at
 most one chunk (beyond the chunks in flight when it was cut).
+
+Second table (issue 17): what probation enforces comes from the signed desired state. A tiny model
+updated to a much slower one commits when the budget allows it (no ``max_latency_ratio``: the default
+only catches a broken model) and is rolled back when the budget says ``max_latency_ratio: 3``; the
+ratio is the one the device timed, both versions side by side at the switch.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def main() -> None:
     private, public = generate_keys(work / "keys")
     np.save(work / "calib.npy", np.random.default_rng(0).uniform(0.1, 1.0, (64, 8)).astype(np.float32))
     made = {}
-    for factory, version in [("fleet_good", "1.0.0"), ("fleet_large", "2.0.0"), ("fleet_large", "2.1.0")]:
+    for factory, version in [("fleet_good", "1.0.0"), ("fleet_large", "2.0.0"), ("fleet_large", "2.1.0"),
+                             ("fleet_slow", "3.0.0"), ("fleet_slow", "3.1.0")]:
         (result,) = convert(ConvertOptions(model=f"tests.models:{factory}", profiles=["x86-64"], out=work / version,
                                            calibration=str(work / "calib.npy"), input_shapes={"input": [1, 8]},
                                            name="fleet", version=version, recipes=["onnx-fp32"], signing_key=private))
@@ -83,6 +89,21 @@ def main() -> None:
                          peak_rss_mib(agent.process.pid)))
         finally:
             fleet.close()
+    verdicts = []
+    for label, version, budget in [("budget allows it (no latency limit)", "3.0.0", None),
+                                   ("budget max_latency_ratio 3", "3.1.0", {"max_latency_ratio": 3.0})]:
+        fleet = Fleet(work / f"run-{version}", setup, probation_s=2.0, interval_s=10.0)
+        try:
+            fleet.start_controller()
+            agent = fleet.start_agent()
+            time.sleep(1.0)
+            fleet.push(version, probation=budget)
+            wait_for(lambda: (fleet.update().get("target") or {}).get("version") == version
+                     and fleet.update()["state"] == "idle" and fleet.update().get("result"), 120, "the verdict")
+            ratio = next((json.loads(line).get("ratio") for line in agent.lines if 'timed side by side' in line), None)
+            verdicts.append((label, fleet.update()["result"], fleet.active(), ratio, fleet.update().get("reason")))
+        finally:
+            fleet.close()
     print(f"CPU: {cpu_flags()}")
     print("| transfer | bundle bytes | chunks | chunks sent | bytes on the wire (frames + MQTT framing) | wire / bundle | re-fetched chunks | "
           "push -> committed (s, incl. 1 s probation) | agent peak RSS (MiB) |")
@@ -90,6 +111,11 @@ def main() -> None:
     for label, size, count, sent, sent_bytes, elapsed, rss in rows:
         print(f"| {label} | {size} | {count} | {sent} | {sent_bytes} | {sent_bytes / size:.4f} | {sent - count} | "
               f"{elapsed:.2f} | {rss:.0f} |")
+    print()
+    print("| 1.0.0 (tiny) -> much slower version | result | active after | new/old time per sample, side by side | reason |")
+    print("|---|---|---|---|---|")
+    for label, result, active, ratio, reason in verdicts:
+        print(f"| {label} | {result} | {active} | {ratio if ratio is None else f'{ratio:.1f}x'} | {(reason or '')[:110]} |")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,12 @@ class FleetLink:
                 "update": {k: state["update"].get(k) for k in ("state", "result", "reason", "since")},
                 "target": (state["update"].get("target") or {}).get("version"),
             }
+            scheduler = self.registry.schedulers.get(name)
+            # What this daemon really serves: it differs from "active" while a version the store names
+            # failed to load here (the old one keeps serving).
+            models[name]["serving"] = scheduler.current.version if scheduler and scheduler.current else None
+            if name in self.registry.failures and models[name]["serving"] != models[name]["active"]:
+                models[name]["load_error"] = self.registry.failures[name]
             if state.get("local"):
                 models[name]["local"] = state["local"]  # an operator's install/rollback holds
             if self.updater and name in self.updater.progress:

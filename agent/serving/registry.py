@@ -266,6 +266,8 @@ class ModelRegistry:
                 ratio = await loop.run_in_executor(None, time_side_by_side, old.model, served.model)
                 if ratio:
                     self.load_ratios[name] = ratio
+                    log.info("timed side by side", extra={"model": name, "old": old.version, "new": served.version,
+                                                          "ratio": round(ratio, 3)})
             self._scheduler(name).swap(served)
             changed = True
         return changed

@@ -89,6 +89,12 @@ class Download:
     def expected_size(self, index: int) -> int:
         return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
 
+    def begin(self) -> None:
+        """Check the room (see :meth:`check_space`) and write the record, so ``status`` shows 0%."""
+        self.check_space()
+        if not self.record.exists():
+            self._save()
+
     def check_space(self) -> None:
         """TransientUpdateError ``disk-full`` when the store lacks the room the update needs."""
         need = SPACE_FACTOR * self.size - (self.part.stat().st_size if self.part.exists() else 0)

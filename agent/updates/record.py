@@ -24,8 +24,6 @@ from edgepack.fleet.desired import DesiredState, DesiredStateError, verify_desir
 
 #: a device clock this far behind the newest issue time accepted is taken as wrong (no RTC, no NTP yet)
 CLOCK_SLACK_S = 300.0
-#: an issue time further ahead of the device's clock than this does not move the clock floor
-MAX_FUTURE_S = 86400.0
 FIELDS = ("accepted", "digests", "models", "wanted", "failed")
 
 
@@ -130,7 +128,8 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
     record["models"][name] = max(record["models"].get(name, 0), state.version)
     record["wanted"][name] = target
     record["failed"].pop(bundle.sha256, None)  # pushing it again is how an operator retries
-    # The clock floor moves with what the fleet signed, but one pusher whose clock runs far ahead
-    # cannot push it beyond a day ahead of this device's own clock.
-    record["clock"] = max(record.get("clock") or 0.0, min(state.issued_at, time.time() + MAX_FUTURE_S))
+    # The clock floor moves with what the fleet signed, never beyond this device's own clock at the
+    # time: one pusher whose clock runs far ahead cannot make every later desired state look expired,
+    # and a clock set back afterwards (a reboot without RTC) cannot revive an expired one.
+    record["clock"] = max(record.get("clock") or 0.0, min(state.issued_at, time.time()))
     return target

@@ -299,7 +299,7 @@ class Updater:
                             _digests(target))
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._disk, download.check_space)
+            await loop.run_in_executor(self._disk, download.begin)
             await self._download(download, target)
             path = await loop.run_in_executor(self._disk, download.verify)
         except _Superseded:
