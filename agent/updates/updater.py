@@ -152,7 +152,11 @@ class Updater:
 
     def start(self) -> None:
         for name, target in self.record["wanted"].items():
-            update = self.store.state(name)["update"]
+            try:
+                update = self.store.state(name)["update"]
+            except EdgepackError as exc:
+                log.error("model state unreadable", extra={"model": name, "error": exc.message})
+                continue
             if (update.get("target") or {}).get("sha256") != target["sha256"] or target["sha256"] in self.record["failed"]:
                 continue
             if update.get("result") == "rolled_back" and not update.get("stopped"):
@@ -206,6 +210,8 @@ class Updater:
 
     def _next_target(self) -> dict | None:
         for name, target in sorted(self.record["wanted"].items()):
+            if "chunks" not in target:
+                continue  # accepted by an agent before signed chunk lists: the fleet must push it again
             failure = self.record["failed"].get(target["sha256"])
             if failure and (failure.get("reason") not in RETRYABLE or failure.get("attempts", 1) >= ATTEMPTS):
                 continue
@@ -287,6 +293,12 @@ class Updater:
                 await self._disk_call(self.store.transition, name, "download", None, target=target)
             elif current == "probation" and ours:
                 await self._probation(name, target, None)  # our own, interrupted by an error: watch again
+                return
+            elif current == "probation":
+                # A probation left behind by an error, and a newer target wanted meanwhile: the old
+                # version comes back first (not counted against the version on probation).
+                await self._obligation("rollback", self.store.stop_probation, name, "a newer desired state replaced it")
+                await self.registry.activate(name)
                 return
             elif current != "downloading":
                 # Another process (an edgepack-agent install) is changing this model, or died doing so:
