@@ -297,3 +297,35 @@ def test_transport_falls_back_to_3_1_1_when_the_broker_drops_an_mqtt5_connect(ca
     finally:
         transport.stop()
         broker.stop()
+
+
+def test_an_expired_desired_state_with_no_newer_one_is_reported_once(tmp_path, keys):
+    from agent.updates.updater import Updater
+
+    private, public, _ = keys
+    _, ref = _bundle(tmp_path)
+    events = []
+
+    class Options:
+        groups = []
+
+    class Config:
+        updates, profile = Options, "x86-64"
+
+    class Store:
+        root = tmp_path / "store"
+
+    class Registry:
+        store, schedulers = Store, {}
+
+    async def scenario():
+        updater = Updater(Config, Registry, "dev1", lambda *a: None, lambda kind, body: events.append((kind, body)), public)
+        state = _state(ref, 3, issued=time.time() - 10).model_copy(update={"expires_at": time.time() + 0.2})
+        updater.handle_desired(topics.desired("dev1"), sign_desired(state, private))
+        assert updater.check_stale() == []
+        await __import__("asyncio").sleep(0.3)
+        assert updater.check_stale() == ["m"] and updater.check_stale() == ["m"]
+
+    __import__("asyncio").run(scenario())
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["desired_accepted", "desired_stale"], kinds

@@ -119,6 +119,10 @@ class FleetLink:
         extra = {"spool": self.spool.stats(), "link": self.link_state}
         if self.updater and self.updater.progress:
             extra["downloads"] = dict(self.updater.progress)
+        if self.updater:
+            stale = self.updater.check_stale()
+            if stale:
+                extra["desired_stale"] = stale
         if self.unspooled:
             extra["unspooled"], self.unspooled = self.unspooled, 0
         body = self.collector.collect(extra)
@@ -319,7 +323,8 @@ class FleetLink:
 
     def _flush_acks(self) -> None:
         acked, self._acked = self._acked, []
-        self.writer.ack(acked)  # on the writer thread; it wakes the sender when done
+        self.writer.ack(acked)  # deleted on the writer thread, batched
+        self._wake_sender.set()  # the window has room now; sending does not wait for the delete
 
     async def _sender(self) -> None:
         window = self.config.mqtt.max_inflight

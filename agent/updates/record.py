@@ -122,7 +122,8 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
     target = {"name": name, "version": state.model.version, "sha256": bundle.sha256, "size": bundle.size,
               "chunk_bytes": bundle.chunk_bytes, "chunks": bundle.chunks,
               "probation": state.probation.model_dump(exclude_none=True) if state.probation else None,
-              "desired_version": state.version, "topic": topic, "accepted_at": time.time()}
+              "desired_version": state.version, "topic": topic, "accepted_at": time.time(),
+              "expires_at": state.expires_at}
     record["accepted"][topic] = state.version
     record["digests"][topic] = state.digest
     record["models"][name] = max(record["models"].get(name, 0), state.version)

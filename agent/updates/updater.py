@@ -74,6 +74,7 @@ class Updater:
         #: set when a reconnect came without the broker's session: chunks asked before are lost
         self.session_lost = False
         self._clock_warned = False
+        self._stale_reported: set = set()
 
     # -- the persisted record ----------------------------------------------------------------------
 
@@ -430,6 +431,25 @@ class Updater:
             log.error("the old version does not serve after the rollback", extra={"model": name, "error": problem})
 
     # -- state for the fleet -----------------------------------------------------------------------
+
+    def check_stale(self) -> list[str]:
+        """Models whose accepted desired state has expired with no newer one since: the fleet re-signs
+        desired states before they expire, so this is what a withheld (frozen) desired state looks like
+        from the device. One event per expired state; the device keeps running what it runs."""
+        now, _ = records.clock_now(self.record)
+        stale = []
+        for name, target in self.record["wanted"].items():
+            expires = target.get("expires_at")
+            if expires and expires < now:
+                stale.append(name)
+                key = (name, target.get("desired_version"))
+                if key not in self._stale_reported:
+                    self._stale_reported.add(key)
+                    log.warning("desired state expired", extra={"model": name, "desired_version": key[1]})
+                    self.emit("desired_stale", {"model": name, "desired_version": key[1], "expired_at": expires,
+                                                "message": "no newer desired state arrived before this one expired; "
+                                                "the fleet may be withholding updates (or stopped re-signing)"})
+        return stale
 
     def failed_reason(self, sha256: str) -> dict | None:
         return self.record["failed"].get(sha256)
