@@ -158,8 +158,9 @@ class MqttConfig(_Strict):
     reconnect_max_s: float = Field(60.0, gt=0, le=3600)
     max_inflight: int = Field(20, ge=1, le=1000, description="QoS 1 messages sent and not yet acknowledged")
     max_packet_bytes: int = Field(
-        1024 * 1024, ge=160 * 1024, le=256 * 1024 * 1024, description="MQTT 5 Maximum Packet Size: the broker never "
-        "sends this agent a larger message; with MQTT 3.1.1 larger ones are dropped unread")
+        4 * 1024 * 1024 + 64 * 1024, ge=160 * 1024, le=256 * 1024 * 1024, description="MQTT 5 Maximum Packet Size: the broker never "
+        "sends this agent a larger message; with MQTT 3.1.1 larger ones are dropped unread (default: a 4 MiB "
+        "streamed request and its topic)")
     receive_maximum: int = Field(32, ge=1, le=65535, description="MQTT 5 Receive Maximum: QoS 1 messages the broker "
                                  "may have in flight to this agent")
 
