@@ -186,6 +186,7 @@ class FleetLink:
                                  "set updates.enabled: false")
             fleet_keys = [load_public_key(path) for path in self.config.fleet_keys]
             self.updater = Updater(self.config, self.registry, self.device, self.transport.publish, self.emit, fleet_keys)
+            self.updater.state_changed = self.publish_state
             for topic in self.updater.topics():
                 self.transport.subscribe(topic, 1)
         from .streaming import StreamServer

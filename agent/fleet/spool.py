@@ -102,7 +102,11 @@ class Spool:
                 for kind, topic, build in items:
                     seq = self._meta("next_seq") + 1
                     dropped = self._meta("dropped") if kind == "telemetry" else 0
-                    payload = json.dumps(build(seq, dropped), separators=(",", ":")).encode()
+                    try:
+                        payload = json.dumps(build(seq, dropped), separators=(",", ":"), default=str).encode()
+                    except (TypeError, ValueError) as exc:  # one bad message does not cost its batch
+                        log.error("message not spooled", extra={"error": str(exc), "kind": kind})
+                        continue
                     if dropped:
                         self._set_meta("dropped", 0)  # reported in this message; room made for it counts next
                     self._make_room(len(payload))
@@ -180,8 +184,10 @@ def open_spool(path: Path, max_messages: int, max_bytes: int) -> tuple[Spool, Pa
         if problem == "ok":
             return spool, None
         spool.close()
+    except sqlite3.OperationalError:
+        raise  # a full disk or an I/O error is not a damaged file: nothing is thrown away for it
     except sqlite3.DatabaseError:
-        pass
+        pass  # SQLITE_NOTADB / SQLITE_CORRUPT
     aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
     for suffix in ("", "-wal", "-shm"):
         if Path(f"{path}{suffix}").exists():

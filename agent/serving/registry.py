@@ -260,6 +260,7 @@ class ModelRegistry:
                 continue
             self._failed.pop(name, None)
             old = self._scheduler(name).current
+            self.load_ratios.pop(name, None)  # only this swap's timing may judge the version swapped in
             if old is not None:
                 # Both versions are loaded now: time them side by side, in the same moment, so an
                 # update's probation compares like with like (not two timings taken days apart).

@@ -45,7 +45,12 @@ def read_record(store_root: Path) -> dict:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise RecordCorrupt(f"the update record {path} is unreadable ({type(exc).__name__}); updates are refused "
                             "until 'edgepack-agent reset-updates' is run") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in FIELDS):
+    counters_ok = isinstance(data, dict) and all(
+        isinstance(v, int) and not isinstance(v, bool)
+        for key in ("accepted", "models") for v in (data.get(key) or {}).values()) if isinstance(data, dict) else False
+    if (not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in FIELDS) or not counters_ok
+            or not isinstance(data.get("clock", 0.0) or 0.0, (int, float))
+            or not all(isinstance(t, dict) and isinstance(t.get("sha256"), str) for t in (data.get("wanted") or {}).values())):
         raise RecordCorrupt(f"the update record {path} is not what this agent writes; updates are refused until "
                             "'edgepack-agent reset-updates' is run")
     record = empty_record()
@@ -113,7 +118,13 @@ def check_desired(record: dict, topic: str, payload: bytes, *, device: str, grou
     if state.version <= last:
         raise DesiredStateError("replayed", f"desired state version {state.version} is not newer than "
                                 f"version {last} accepted before (a replayed message)")
-    return state, state.for_profile(profile)
+    bundle = state.for_profile(profile)
+    from edgepack.fleet.chunks import CHUNK_BYTES
+
+    if bundle.chunk_bytes != CHUNK_BYTES:
+        raise DesiredStateError("malformed", f"the desired state lists chunks of {bundle.chunk_bytes} bytes; this "
+                                f"agent fetches chunks of {CHUNK_BYTES}")
+    return state, bundle
 
 
 def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:

@@ -79,7 +79,7 @@ class SlotOperations:
         if self.slot_health(name, previous) != "ok":
             return False
         self.transition(name, "reactivate", "the new version is in the other slot already", target=target,
-                        slot=previous, staged=info)
+                        slot=previous, staged=info, pointers={"local": None})
         self.switch(name)
         return True
 
@@ -166,7 +166,8 @@ class SlotOperations:
                         "slots": {k: v for k, v in state.get("slots", {}).items() if k in kept}}
             state = self.transition(name, event, reason, pointers=pointers, stopped=keep)
         else:
-            state = self.transition(name, event, reason)  # restart: still rolling back
+            # Still rolling back (a restart, or a retry after a failed write): finish it.
+            state = self.transition(name, "restart", reason)
             keep = bool(state["update"].get("stopped"))
         if keep:
             return self.transition(name, "rolled_back", reason)

@@ -16,6 +16,7 @@ sends a desired state newer than that local action (it also cancels a download i
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import time
@@ -75,6 +76,9 @@ class Updater:
         self.session_lost = False
         self._clock_warned = False
         self._stale_reported: set = set()
+        #: called when what the retained state shows changed outside a transition (download progress,
+        #: the version the daemon serves); the fleet link publishes the state then
+        self.state_changed: Callable[[], None] = lambda: None
 
     # -- the persisted record ----------------------------------------------------------------------
 
@@ -168,6 +172,19 @@ class Updater:
                 # more, so a bundle that kills the process cannot make it boot-loop forever.
                 self._fail(target, "restart", update.get("reason") or "interrupted")
         keep = {t["sha256"] for t in self.record["wanted"].values()}
+        for name in self.store.model_names(with_empty=True):
+            try:
+                update = self.store.state(name)["update"]
+                sha = (update.get("target") or {}).get("sha256")
+                given_up = sha in self.record["failed"] and (self.record["failed"][sha].get("reason") not in RETRYABLE
+                                                             or self.record["failed"][sha].get("attempts", 1) >= ATTEMPTS)
+                if update["state"] == "downloading" and (sha not in keep or given_up):
+                    # Nothing drives this download any more (killed between its failure and the
+                    # transition, or its target is no longer wanted): end it.
+                    with self.store.locked():
+                        self.store.cancel_download(name, "no longer wanted")
+            except EdgepackError as exc:
+                log.error("could not end an orphan download", extra={"model": name, "error": exc.message})
         remove_leftovers(self.store.root / "downloads", keep)
         self._task = asyncio.ensure_future(self._run())
 
@@ -175,16 +192,23 @@ class Updater:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for name in self.store.model_names(with_empty=True):
-            try:
-                if self.store.busy(name) == "probation":
-                    # A clean stop (SIGTERM, reboot) is not the new version's fault: the old one is
-                    # active again, the new one stays in the other slot and its probation starts again
-                    # at the next start, without a download.
-                    await self._disk_call(self.store.stop_probation, name, "the agent stopped during probation")
-            except EdgepackError as exc:
-                log.error("could not end the probation at stop", extra={"model": name, "error": exc.message})
-        self._disk.shutdown(wait=True)
+
+        def end_probations() -> None:
+            # Runs on the disk worker after whatever job was in flight (a staging that ends in
+            # probation, a regress): a clean stop (SIGTERM, reboot) is not the new version's fault, so
+            # the old one is active again and the new one stays in the other slot; its probation starts
+            # again at the next start, without a download.
+            for name in self.store.model_names(with_empty=True):
+                try:
+                    with self.store.locked():
+                        if self.store.busy(name) == "probation":
+                            self.store.stop_probation(name, "the agent stopped during probation")
+                except Exception as exc:  # noqa: BLE001 - the stop must go on (offline state, spool)
+                    log.error("could not end the probation at stop", extra={"model": name, "error": first_line(exc)})
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._disk, end_probations)
+        await loop.run_in_executor(None, self._disk.shutdown, True)
 
     async def _disk_call(self, fn, *args, **kwargs):
         def locked():
@@ -218,6 +242,8 @@ class Updater:
                 continue
             state = self.store.state(name)
             active = state.get("active")
+            if state["update"]["state"] in ("probation", "rolling_back"):
+                return target  # an update left unfinished by an error: watch or finish it
             if active and state["slots"].get(active, {}).get("bundle_sha256") == target["sha256"]:
                 continue  # already running it
             local = state.get("local") or {}
@@ -269,8 +295,11 @@ class Updater:
         attempts = self.record["failed"].get(target["sha256"], {}).get("attempts", 0) + 1
         self.record["failed"][target["sha256"]] = {"reason": reason, "message": message, "at": time.time(),
                                                    "attempts": attempts}
-        self._save_record()
         log.error("update failed", extra={"model": target["name"], "reason": reason, "error": message})
+        try:
+            self._save_record()
+        except OSError as exc:  # a full disk: kept in memory, saved with the next change
+            log.error("update record not saved", extra={"error": first_line(exc)})
 
     def _busy(self, exc: StoreError) -> TransientUpdateError:
         return TransientUpdateError("busy", exc.message)
@@ -285,12 +314,13 @@ class Updater:
                     # The bundle is in the other slot already (a probation interrupted by a clean stop).
                     await self._probation(name, target, self._old_health(name))
                     return
-                await self._disk_call(self.store.transition, name, "download", None, target=target)
+                await self._disk_call(self.store.transition, name, "download", None, target=target,
+                                      pointers={"local": None})
             elif current == "downloading" and not ours:  # a newer desired state replaced it
                 old = update.get("target") or {}
                 await self._disk_call(self.store.cancel_download, name, "a newer desired state replaced it")
                 if old.get("sha256"):
-                    remove_leftovers(self.store.root / "downloads", {target["sha256"]})
+                    remove_leftovers(self.store.root / "downloads", {t["sha256"] for t in self.record["wanted"].values()})
                 await self._disk_call(self.store.transition, name, "download", None, target=target)
             elif current == "probation" and ours:
                 await self._probation(name, target, None)  # our own, interrupted by an error: watch again
@@ -335,9 +365,10 @@ class Updater:
             download.discard()
             return
         except OSError as exc:  # a full disk while staging: the download stays, staging is tried again
-            raise TransientUpdateError("disk-full" if exc.errno == 28 else "disk", first_line(exc)) from None
-        except EdgepackError as exc:
-            self._fail(target, "install", exc.message)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise TransientUpdateError("disk-full" if full else "disk", first_line(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - anything else staging raises is this bundle's failure
+            self._fail(target, "install", exc.message if isinstance(exc, EdgepackError) else first_line(exc))
             download.discard()
             return
         download.discard()
@@ -371,11 +402,15 @@ class Updater:
             if step != reported:
                 reported = step
                 self.emit("download_progress", {"model": name, **self.progress[name]})
+                self.state_changed()
             if not self.connected.is_set():
+                began = time.monotonic()
                 try:
                     await asyncio.wait_for(self.connected.wait(), 1.0)
                 except asyncio.TimeoutError:
                     continue
+                finally:
+                    deadline += time.monotonic() - began  # a broker outage does not count against it
             if self.session_lost:
                 # Without the session the broker kept, chunks asked before will not come: ask again.
                 # With it, they arrive from the session's queue and are not fetched twice.
@@ -405,7 +440,9 @@ class Updater:
                     self.emit("chunk_refused", {"model": name, "message": str(exc), "refused": download.refused})
 
     async def _probation(self, name: str, target: dict, old_health: dict | None) -> None:
+        self.registry.forget_failure(name)  # pushed again on purpose: load it again
         problem = await self.registry.activate(name)
+        self.state_changed()
         if problem:
             await self._roll_back(name, target, "load", f"the new version does not load in the daemon: {problem}")
             return
@@ -424,8 +461,8 @@ class Updater:
             await asyncio.sleep(0.25)
 
     async def _roll_back(self, name: str, target: dict, reason: str, message: str) -> None:
-        self._fail(target, reason, message)
         await self._obligation("rollback", self.store.regress, name, f"{reason}: {message}")
+        self._fail(target, reason, message)
         problem = await self.registry.activate(name)
         if problem:
             log.error("the old version does not serve after the rollback", extra={"model": name, "error": problem})
