@@ -72,13 +72,17 @@ def keys(tmp_path):
     return load_private_key(private), [load_public_key(public)], load_private_key(other)
 
 
-def _bundle(tmp_path, size=2500):
-    path = tmp_path / "b.edgepack"
-    path.write_bytes(os.urandom(size))
+def _bundle(tmp_path, size=2500, chunk=None):
+    """A random bundle file and its reference; chunks of the protocol's size unless ``chunk`` is given."""
     import hashlib
 
-    return path, BundleRef(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size=size, chunk_bytes=CHUNK,
-                           chunks=chunk_digests_of(path, CHUNK))
+    from edgepack.fleet.chunks import CHUNK_BYTES
+
+    chunk = chunk or CHUNK_BYTES
+    path = tmp_path / "b.edgepack"
+    path.write_bytes(os.urandom(size))
+    return path, BundleRef(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size=size, chunk_bytes=chunk,
+                           chunks=chunk_digests_of(path, chunk))
 
 
 def _state(ref, version, issued=None, **fields):
@@ -149,22 +153,30 @@ def test_clock_floor_keeps_expired_states_expired_and_one_far_future_push_poison
     assert records.clock_now(record)[1]  # and the clock is reported as behind
 
 
+def test_signed_chunk_size_must_be_the_protocols(tmp_path, keys):
+    private, public, _ = keys
+    _, ref = _bundle(tmp_path, 2500, CHUNK)
+    with pytest.raises(DesiredStateError, match="chunks of 1000 bytes"):
+        _check(records.empty_record(), sign_desired(_state(ref, 1), private), public)
+
+
 def test_update_record_fails_closed_and_reset_seeds_the_counters(tmp_path):
     folder = tmp_path / "fleet"
     folder.mkdir()
     (folder / "desired.json").write_text('{"accepted": {"x": 3}, "mode')
     with pytest.raises(records.RecordCorrupt, match="reset-updates"):
         records.read_record(tmp_path)
-    (folder / "desired.json").write_text('["not", "a", "record"]')
-    with pytest.raises(records.RecordCorrupt):
-        records.read_record(tmp_path)
+    for bad in ('["not", "a", "record"]', '{"clock": "soon"}', '{"models": {"m": "7"}}', '{"wanted": {"m": 3}}'):
+        (folder / "desired.json").write_text(bad)
+        with pytest.raises(records.RecordCorrupt):
+            records.read_record(tmp_path)
     moved = records.reset_record(tmp_path, {"m": {"update": {"target": {"desired_version": 41}}}})
     assert moved and moved.exists()
     assert records.read_record(tmp_path)["models"] == {"m": 41}
 
 
 def test_download_checks_each_chunk_against_the_signed_list(tmp_path):
-    path, ref = _bundle(tmp_path, 2500)
+    path, ref = _bundle(tmp_path, 2500, CHUNK)
     data = path.read_bytes()
     download = Download(tmp_path / "dl", ref.sha256, ref.size, CHUNK, ref.chunk_digests())
     assert download.write(0, 0, data[:CHUNK])
@@ -184,7 +196,7 @@ def test_download_checks_each_chunk_against_the_signed_list(tmp_path):
 
 
 def test_download_on_a_full_disk_is_transient_and_keeps_what_it_has(tmp_path, monkeypatch):
-    path, ref = _bundle(tmp_path, 2500)
+    path, ref = _bundle(tmp_path, 2500, CHUNK)
     data = path.read_bytes()
     download = Download(tmp_path / "dl", ref.sha256, ref.size, CHUNK, ref.chunk_digests())
     download.write(0, 0, data[:CHUNK])
