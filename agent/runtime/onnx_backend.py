@@ -47,12 +47,15 @@ class OnnxBackend(Backend):
     runtime = "onnxruntime"
 
     def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 log_severity: int = 3):
-        """``log_severity``: ONNX Runtime's own stderr logging (3: errors, 4: fatal only)."""
+                 log_severity: int = 3, optimize: bool = True):
+        """``log_severity``: ONNX Runtime's own stderr logging (3: errors, 4: fatal only). ``optimize=False``
+        runs the graph node by node as written (a QDQ graph as its reference float arithmetic, not
+        through this CPU's fused integer kernels)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
