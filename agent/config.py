@@ -77,7 +77,12 @@ class ModelConfig(_Strict):
     stream_max_in_flight: int = Field(16, ge=1, le=10_000, description="streamed requests in progress at once")
     drift_window: int = Field(500, ge=10, le=1_000_000, description="samples in the drift sliding window")
     drift_threshold: float = Field(
-        0.25, gt=0, description="a drift score (PSI) above this is an event (0.1: moderate, 0.25: significant)")
+        0.25, gt=0, description="bundles without drift tests (made before edgepack.stats/v2): an input PSI above "
+        "this is an event (0.1: moderate, 0.25: significant)")
+    drift_false_alarm_rate: float | None = Field(
+        None, gt=0, lt=1, description="share of windows of normal traffic allowed to alarm, all of the model's "
+        "drift tests together (default: the bundle's, 0.01)")
+    drift_min_samples: int = Field(50, ge=5, description="no drift verdict on fewer samples in the window")
     integer_io: bool = Field(
         False, description="full-int8 TFLite models: take and return raw int8 tensors instead of floats "
         "(callers quantize with the scale/zero point in the model metadata)")

@@ -469,7 +469,11 @@ class _Job:
             samples["tolerance"][spec.name] = _tolerance(array)
         stats_data = self.calibration or self.validation
         reference_outputs = dict(zip(self.output_names, self.reference))
-        writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(stats_data.inputs, stats_data.source, reference_outputs)))
+        # Drift is judged against the validation data (held out from calibration, like live traffic).
+        kinds = {name: gate_module.output_kind(array, (self.options.output_kinds or {}).get(name))
+                 for name, array in reference_outputs.items()}
+        writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(
+            stats_data.inputs, stats_data.source, reference_outputs, self.validation.inputs if self.real_data else None, kinds)))
         runtime = profile.runtime("litert" if tflite else "onnxruntime")
         file_io = self.backend_for(candidate.path, threads, integer_io=True) if tflite else backend
         import onnxruntime

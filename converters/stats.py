@@ -41,9 +41,18 @@ def output_stats(array: np.ndarray) -> dict:
     return stats
 
 
-def dataset_stats(inputs: dict[str, np.ndarray], source: str, outputs: dict[str, np.ndarray] | None = None) -> dict:
-    """Statistics per input name (and per output name, of the original model on the validation data)."""
-    stats = {"schema": "edgepack.stats/v1", "source": source, "inputs": {name: tensor_stats(a) for name, a in inputs.items()}}
+def dataset_stats(inputs: dict[str, np.ndarray], source: str, outputs: dict[str, np.ndarray] | None = None,
+                  validation: dict[str, np.ndarray] | None = None, output_kinds: dict[str, str] | None = None) -> dict:
+    """Statistics per input name (and per output name, of the original model on the validation data).
+
+    With ``validation`` (the validation inputs ``outputs`` were computed on) it also holds the ``drift``
+    section the agent's tests compare live traffic with (``agent.drift.reference``); v1 readers ignore it."""
+    stats = {"schema": "edgepack.stats/v2" if validation is not None else "edgepack.stats/v1", "source": source,
+             "inputs": {name: tensor_stats(a) for name, a in inputs.items()}}
     if outputs:
         stats["outputs"] = {name: output_stats(a) for name, a in outputs.items()}
+    if validation is not None:
+        from agent.drift.reference import drift_reference
+
+        stats["drift"] = drift_reference(validation, outputs, output_kinds)
     return stats

@@ -40,8 +40,15 @@ class ServingMetrics:
         self.active = Gauge("edgepack_model_active", "1 for the active version of each model",
                             ["model", "version", "slot"], registry=r)
         self.swaps = Counter("edgepack_model_swaps", "Times a new version took over traffic", ["model"], registry=r)
-        self.drift = Gauge("edgepack_drift_psi", "Population stability index of live inputs/predictions vs the "
-                           "bundle's reference data (sliding window)", ["model", "score"], registry=r)
+        self.drift = Gauge("edgepack_drift_psi", "Population stability index of live input values vs the "
+                           "bundle's reference histogram (sliding window)", ["model", "score"], registry=r)
+        self.drift_p = Gauge("edgepack_drift_p_value", "p-value of a drift score's test (K-S per feature, G-test of "
+                             "classes; Bonferroni) on the sliding window vs the validation data", ["model", "score"],
+                             registry=r)
+        self.drift_statistic = Gauge("edgepack_drift_statistic", "The worst test statistic of a drift score (K-S D or G)",
+                                     ["model", "score"], registry=r)
+        self.drift_window = Gauge("edgepack_drift_window_samples", "Samples in the drift sliding window", ["model"],
+                                  registry=r)
         self.mqtt_connected = Gauge("edgepack_mqtt_connected", "1 while the fleet link is connected to the broker",
                                     ["protocol"], registry=r)
         self.mqtt_failures = Counter("edgepack_mqtt_connect_failures", "Failed connection attempts to the broker, "

@@ -123,7 +123,9 @@ class ModelRegistry:
 
     def _served(self, model, slot, started: float, key: str) -> ServedVersion:
         served = ServedVersion(model, slot, time.perf_counter() - started, key)
-        served.drift = monitor_for(model, self.config.model(model.name).drift_window)
+        options = self.config.model(model.name)
+        served.drift = monitor_for(model, options.drift_window, options.drift_false_alarm_rate, options.drift_min_samples,
+                                   options.drift_threshold)
         if served.drift is not None:
             served.health.set_reference(served.drift.ranges)
         return served
@@ -295,23 +297,29 @@ class ModelRegistry:
                 delay = min(max(delay * 2, self.config.watch_interval_s), 30.0)
 
     def check_drift(self) -> None:
-        """Publish drift scores to /metrics; an event when one crosses its threshold (and when it clears)."""
+        """Publish drift scores to /metrics; an event when one starts alarming (and when it clears)."""
         for name, scheduler in self.schedulers.items():
             served = scheduler.current
             if not served or served.drift is None:
                 continue
-            threshold = self.config.model(name).drift_threshold
             scores = served.drift.scores()
+            self.metrics.drift_window.labels(name).set(scores["window_samples"])
             for score, value in scores["psi"].items():
-                if value is None:
+                if value is not None:
+                    self.metrics.drift.labels(name, score).set(value)
+            for score, test in scores["tests"].items():
+                if test is None:
                     continue
-                self.metrics.drift.labels(name, score).set(value)
+                if "p" in test:
+                    self.metrics.drift_p.labels(name, score).set(test["p"])
+                    self.metrics.drift_statistic.labels(name, score).set(test["statistic"])
                 key = (name, score)
-                crossed = value > threshold and scores["window_samples"] >= min(100, served.drift.window)
+                crossed = bool(test["alarm"])
                 if crossed != (key in self._drifting):
                     (self._drifting.add if crossed else self._drifting.discard)(key)
-                    body = {"model": name, "version": served.version, "score": score, "psi": value,
-                            "threshold": threshold, "window_samples": scores["window_samples"]}
+                    body = {"model": name, "version": served.version, "score": score, **test,
+                            "alpha": scores["alpha"], "false_alarm_rate": scores["false_alarm_rate"],
+                            "window_samples": test["samples"]}
                     log.warning("drift" if crossed else "drift cleared", extra=body)
                     for listener in list(self.event_listeners):
                         listener("drift" if crossed else "drift_cleared", body)

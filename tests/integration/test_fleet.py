@@ -405,12 +405,16 @@ def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
     # the input's score crosses (the predictions' may cross first: they shift too)
     event = wait_for(lambda: next((e for e in fleet.events("drift") if e["score"] == "input:input"), None), 20,
                      "an input drift event")
-    assert event["psi"] > event["threshold"]
+    # which test fired, on which feature, with its numbers
+    assert event["test"] == "ks" and event["feature"].startswith("feature[") and event["p"] < event["alpha"]
+    assert event["window_samples"] >= 50 and event["false_alarm_rate"] == 0.01
     metrics = urllib.request.urlopen(f"{agent.url}/metrics").read().decode()
+    assert 'edgepack_drift_p_value{model="fleet",score="input:input"}' in metrics
     assert 'edgepack_drift_psi{model="fleet",score="input:input"}' in metrics
     wait_for(lambda: [t for t in fleet.controller.registry.messages(DEVICE, "telemetry")
-                      if ((t["body"]["models"].get("fleet", {}).get("drift") or {}).get("psi", {}).get("input:input") or 0) > 0.25],
-             10, "the drift score in telemetry")
+                      if (((t["body"]["models"].get("fleet", {}).get("drift") or {}).get("tests") or {})
+                          .get("input:input") or {}).get("alarm")],
+             10, "the drift verdict in telemetry")
 
 
 def test_streaming_inference_over_mqtt(fleet):

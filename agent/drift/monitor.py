@@ -1,0 +1,266 @@
+"""Sliding-window drift scores of one loaded version, with p-values and a false-alarm rate.
+
+Each input and output with a reference gets one *score*: its features (``agent.drift.features``) over
+the last ``window`` samples, each tested against the reference with Kolmogorov–Smirnov, and for class
+scores the predicted classes with a G-test (rare classes pooled). A score's p-value is the smallest of
+its tests times their number (Bonferroni); the model's false-alarm rate per window is split evenly over
+its scores, so on traffic like the validation data at most that share of windows alarms. No verdict is
+given below ``min_samples`` samples.
+
+Bundles made before these references existed keep what they have: per-input PSI over a histogram
+(alarming above ``psi_threshold``) and the G-test on the validation class frequencies.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .features import input_features, softmax_confidence, unit_rows
+from .psi import HistogramScore
+from .reference import FALSE_ALARM_RATE
+from .stattests import g_test, ks_test
+
+
+class _Ring:
+    """The last ``size`` rows of a [*, width] stream."""
+
+    def __init__(self, size: int, width: int, dtype=np.float64):
+        self.data = np.zeros((size, width), dtype)
+        self.count = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        size = len(self.data)
+        rows = rows[-size:]
+        start = self.count % size
+        end = start + len(rows)
+        if end <= size:
+            self.data[start:end] = rows
+        else:
+            self.data[start:] = rows[:size - start]
+            self.data[:end - size] = rows[size - start:]
+        self.count += len(rows)
+
+    def values(self) -> np.ndarray:
+        return self.data[:min(self.count, len(self.data))].copy()
+
+    @property
+    def samples(self) -> int:
+        return min(self.count, len(self.data))
+
+
+class _Score:
+    """One tensor's tests: K-S per feature against sorted reference values, and optionally a G-test
+    of predicted classes against reference class counts."""
+
+    def __init__(self, names: list[str], quantiles: list, count: int, window: int, extract,
+                 classes: list | None = None, classify=None):
+        self.names, self.count, self.extract, self.classify = names, max(1, int(count)), extract, classify
+        self.quantiles = [np.sort(np.asarray(q, np.float64)) for q in quantiles]
+        self.rows = _Ring(window, len(names)) if names else None
+        self.reference_classes = np.asarray(classes, np.float64) if classes is not None else None
+        self.classes = _Ring(window, 1, np.int64) if classes is not None else None
+
+    @property
+    def tests(self) -> int:
+        return len(self.names) + (self.classes is not None)
+
+    @property
+    def samples(self) -> int:
+        return (self.rows or self.classes).samples
+
+    def prepare(self, tensor: np.ndarray):
+        """The rows (and classes) of one run, computed outside the lock."""
+        rows = self.extract(tensor) if self.rows is not None else None
+        classes = self.classify(tensor) if self.classes is not None else None
+        return rows, classes
+
+    def add(self, prepared) -> None:
+        rows, classes = prepared
+        if rows is not None:
+            self.rows.add(rows)
+        if classes is not None:
+            self.classes.add(classes.reshape(-1, 1))
+
+    def snapshot(self):
+        return (self.rows.values() if self.rows is not None else None,
+                self.classes.values() if self.classes is not None else None)
+
+    def result(self, snapshot) -> dict:
+        rows, classes = snapshot
+        worst = {"p": 1.0, "feature": None, "statistic": 0.0, "test": None}
+        for index, name in enumerate(self.names):
+            statistic, p = ks_test(self.quantiles[index], self.count, rows[:, index])
+            if p < worst["p"] or worst["feature"] is None:
+                worst = {"p": p, "feature": name, "statistic": statistic, "test": "ks"}
+        if classes is not None:
+            live = np.bincount(classes[:, 0], minlength=len(self.reference_classes))[:len(self.reference_classes)]
+            statistic, p, categories = g_test(self.reference_classes, live)
+            if p < worst["p"] or worst["feature"] is None:
+                worst = {"p": p, "feature": "class", "statistic": statistic, "test": "g", "categories": categories}
+        worst["p"] = min(1.0, worst["p"] * self.tests)
+        return worst
+
+
+def _class_ids(width: int):
+    def classify(scores):
+        if scores.ndim != 2 or scores.shape[1] != width:
+            return None
+        return scores.argmax(axis=1)
+    return classify
+
+
+def _output_score(reference: dict, window: int) -> _Score | None:
+    kind, count = reference.get("kind"), reference.get("count", 0)
+    if kind == "classes":
+        classes = reference.get("classes")
+        width = len(classes)
+        probabilities = bool(reference.get("probabilities"))
+
+        def confidence(scores):
+            if scores.ndim != 2 or scores.shape[1] != width:
+                return None
+            return softmax_confidence(scores, probabilities)[:, None]
+        return _Score(["confidence"], [reference["confidence"]], count, window, confidence, classes, _class_ids(width))
+    if kind == "embedding":
+        centroid = np.asarray(reference["centroid"], np.float64)
+
+        def cosine(rows):
+            rows = rows.reshape(len(rows), -1)
+            return None if rows.shape[1] != len(centroid) else (unit_rows(rows) @ centroid)[:, None]
+        return _Score(["cosine"], [reference["cosine"]], count, window, cosine)
+    if kind == "regression":
+        width = len(reference["features"])
+
+        def values(rows):
+            rows = rows.reshape(len(rows), -1)
+            return None if rows.shape[1] != width else rows.astype(np.float64)
+        return _Score(reference["features"], reference["quantiles"], count, window, values)
+    if kind == "other":
+        return _Score(reference["features"], reference["quantiles"], count, window,
+                      lambda rows: input_features("values", None, rows))
+    return None
+
+
+class DriftMonitor:
+    """Sliding-window drift scores of one loaded version (see the module docstring)."""
+
+    def __init__(self, reference: dict, input_names: list[str], output_names: list[str], window: int = 500,
+                 false_alarm_rate: float | None = None, min_samples: int = 50, psi_threshold: float = 0.25):
+        self.window, self.errors, self.psi_threshold = window, 0, psi_threshold
+        self.min_samples = max(1, min(min_samples, window))
+        self._lock = threading.Lock()
+        section = reference.get("drift") if isinstance(reference.get("drift"), dict) else {}
+        self.false_alarm_rate = float(false_alarm_rate or section.get("false_alarm_rate") or FALSE_ALARM_RATE)
+        #: label -> (tensor name, is input, _Score)
+        self.scores_: dict[str, tuple[str, bool, _Score]] = {}
+        for name, entry in (section.get("inputs") or {}).items():
+            if name in input_names and isinstance(entry, dict) and entry.get("features"):
+                kind, layout = entry.get("kind"), entry.get("layout")
+                self.scores_[f"input:{name}"] = (name, True, _Score(
+                    entry["features"], entry["quantiles"], entry.get("count", 0), window,
+                    lambda array, kind=kind, layout=layout: input_features(kind, layout, array)))
+        for name, entry in (section.get("outputs") or {}).items():
+            score = _output_score(entry, window) if name in output_names and isinstance(entry, dict) else None
+            if score is not None:
+                self.scores_[f"prediction:{name}"] = (name, False, score)
+        # What older bundles have: input histograms (PSI) and validation class frequencies.
+        self.histograms: dict[str, HistogramScore] = {}
+        #: input name -> (lowest, highest) calibration value (an update's probation uses it)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        for name, stats in (reference.get("inputs") or {}).items():
+            score = HistogramScore.of(stats, window) if name in input_names else None
+            if score is not None:
+                self.histograms[name] = score
+                if score.range is not None:
+                    self.ranges[name] = score.range
+        reference_outputs = reference.get("outputs") or {}
+        for name, stats in zip(output_names, reference_outputs.values()) if isinstance(reference_outputs, dict) else ():
+            classes = stats.get("classes") if isinstance(stats, dict) else None
+            label = f"prediction:{name}"
+            if label not in self.scores_ and classes and classes.get("frequency"):
+                counts = np.round(np.asarray(classes["frequency"], np.float64) * classes.get("count", 0))
+                self.scores_[label] = (name, False, _Score([], [], int(counts.sum()), window, None,
+                                                          counts.tolist(), _class_ids(len(counts))))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.scores_ or self.histograms)
+
+    @property
+    def alpha(self) -> float:
+        """The p-value under which one score alarms: the false-alarm rate split over the scores."""
+        tested = len(self.scores_) + sum(f"input:{n}" not in self.scores_ for n in self.histograms)
+        return self.false_alarm_rate / max(1, tested)
+
+    def safe_observe(self, feeds, outputs) -> None:
+        """:meth:`observe`, never failing the request it measures."""
+        try:
+            self.observe(feeds, outputs)
+        except Exception:  # noqa: BLE001 - drift is a measurement; the answer matters more
+            self.errors += 1
+
+    def observe(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None) -> None:
+        """Add one run's inputs and predictions (called after the run, on the worker thread)."""
+        updates = []
+        for label, (name, is_input, score) in self.scores_.items():
+            tensor = (feeds if is_input else (outputs or {})).get(name)
+            if tensor is None or not getattr(tensor, "ndim", 0) or not len(tensor) or tensor.dtype.kind not in "fiub":
+                continue
+            rows, classes = score.prepare(np.asarray(tensor))
+            if (score.rows is None or rows is not None) and (score.classes is None or classes is not None):
+                updates.append((score, (rows, classes)))
+        for name, histogram in self.histograms.items():
+            counts = histogram.counts(feeds.get(name))
+            if counts is not None:
+                updates.append((histogram, counts))
+        with self._lock:
+            for score, prepared in updates:
+                score.add(prepared)
+
+    def scores(self) -> dict:
+        """Every score's test (``test``, ``p``, ``statistic``, the worst ``feature``, ``samples``,
+        ``alarm``), PSI where an input histogram exists, the window's sample count and the alarm level."""
+        with self._lock:
+            snapshots = {label: (score, score.snapshot()) for label, (_, _, score) in self.scores_.items()}
+            histograms = {name: (h, h.window.total.copy(), h.window.samples) for name, h in self.histograms.items()}
+        alpha, tests, psi_scores = self.alpha, {}, {}
+        for label, (score, snapshot) in snapshots.items():
+            samples = score.samples
+            if samples == 0:
+                tests[label] = None
+                continue
+            result = score.result(snapshot)
+            result.update(samples=samples, reference=score.count, p=float(f"{result['p']:.4g}"),
+                          statistic=round(result["statistic"], 4),
+                          alarm=samples >= self.min_samples and result["p"] < alpha)
+            tests[label] = result
+        for name, (histogram, total, samples) in histograms.items():
+            label = f"input:{name}"
+            value = histogram.psi(total) if samples else None
+            psi_scores[label] = value
+            if label not in tests:  # an older bundle: PSI is this input's only score
+                tests[label] = None if value is None else {
+                    "test": "psi", "psi": value, "threshold": self.psi_threshold, "samples": samples,
+                    "alarm": samples >= min(100, self.window) and value > self.psi_threshold}
+        counts = [t["samples"] for t in tests.values() if t]
+        return {"tests": tests, "psi": psi_scores, "window_samples": max(counts, default=0),
+                "min_samples": self.min_samples, "false_alarm_rate": self.false_alarm_rate, "alpha": alpha}
+
+
+def monitor_for(model, window: int = 500, false_alarm_rate: float | None = None, min_samples: int = 50,
+                psi_threshold: float = 0.25) -> DriftMonitor | None:
+    """The drift monitor of a loaded model, from the reference statistics in its extracted bundle."""
+    import json
+
+    path = (model.manifest.get("reference_stats") or "stats/reference.json")
+    try:
+        reference = json.loads((model.folder / path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(reference, dict):
+        return None
+    monitor = DriftMonitor(reference, [s.name for s in model.inputs], [s.name for s in model.outputs], window,
+                           false_alarm_rate, min_samples, psi_threshold)
+    return monitor if monitor.enabled else None
