@@ -42,3 +42,27 @@ def sentences(count: int, skip: int = 0) -> list[str]:
     if len(chosen) < count:
         raise RuntimeError(f"only {len(chosen)} sentences found")
     return chosen
+
+
+def licence_sentences(count: int) -> list[str]:
+    """``count`` distinct sentences of another domain: the licence texts of the installed distributions
+    (legal English, where the docstrings above are technical)."""
+    import importlib.metadata
+
+    found: dict[str, None] = {}
+    for dist in importlib.metadata.distributions():
+        for file in dist.files or ():
+            if "licen" not in file.name.lower() and "copying" not in file.name.lower():
+                continue
+            try:
+                text = file.read_text()
+            except (OSError, UnicodeDecodeError, ValueError):
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join((text or "").split())):
+                words = sentence.split()
+                if 6 <= len(words) <= 40 and sentence[0].isupper() and sentence[-1] in ".!?":
+                    found.setdefault(sentence)
+    chosen = sorted(found)[:count]
+    if len(chosen) < count:
+        raise RuntimeError(f"only {len(chosen)} licence sentences found")
+    return chosen

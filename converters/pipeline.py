@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from agent.runtime import run_in_batches
+from agent.drift.reference import FALSE_ALARM_RATE
 from agent.runtime.cpu import host_arch, host_int8_dot_product
 from agent.runtime.onnx_backend import OnnxBackend
 from edgepack import __version__
@@ -515,6 +516,9 @@ class _Job:
             # output is independent of the rest of its batch (else requests are never merged).
             "batch": batch,
             "reference_stats": "stats/reference.json",
+            # What the agent's drift alarms are set to (agent.drift; drift_false_alarm_rate overrides it)
+            "drift": {"false_alarm_rate": FALSE_ALARM_RATE, "reference": "validation",
+                      "samples": len(self.validation)} if self.real_data else None,
             "coverage": {"opset": coverage.opset, "warnings": coverage.warnings} if not tflite else
                         {"ops": sorted(backend.op_names()), "min_runtime_version": tflite_min_runtime(candidate.path),
                          "warnings": []},

@@ -14,6 +14,7 @@ Bundles made before these references existed keep what they have: per-input PSI 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -21,6 +22,12 @@ from .features import input_features, softmax_confidence, unit_rows
 from .psi import HistogramScore
 from .reference import FALSE_ALARM_RATE
 from .stattests import g_test, ks_test
+
+#: the most drift may add to the model's own run time (runs beyond it are not observed) ...
+COST_SHARE = 0.05
+#: ... plus this share of one core's wall time, so that a model much faster than its drift features
+#: (a small scikit-learn pipeline) is still watched at hundreds of requests a second
+WALL_SHARE = 0.01
 
 
 class _Ring:
@@ -151,6 +158,10 @@ class DriftMonitor:
         self.window, self.errors, self.psi_threshold = window, 0, psi_threshold
         self.min_samples = max(1, min(min_samples, window))
         self._lock = threading.Lock()
+        self._credit_lock = threading.Lock()
+        self._credit = self._cost = 0.0
+        self._last = time.monotonic()
+        self.observed = self.skipped = 0
         section = reference.get("drift") if isinstance(reference.get("drift"), dict) else {}
         self.false_alarm_rate = float(false_alarm_rate or section.get("false_alarm_rate") or FALSE_ALARM_RATE)
         #: label -> (tensor name, is input, _Score)
@@ -194,12 +205,32 @@ class DriftMonitor:
         tested = len(self.scores_) + sum(f"input:{n}" not in self.scores_ for n in self.histograms)
         return self.false_alarm_rate / max(1, tested)
 
-    def safe_observe(self, feeds, outputs) -> None:
-        """:meth:`observe`, never failing the request it measures."""
+    def safe_observe(self, feeds, outputs, run_seconds: float | None = None) -> None:
+        """:meth:`observe`, never failing the request it measures. With ``run_seconds`` (the model's own
+        time for this run) drift costs at most :data:`COST_SHARE` of the model's time plus
+        :data:`WALL_SHARE` of wall time: beyond that, an even subsample of runs is observed
+        (``observed`` / ``skipped``)."""
+        if run_seconds is not None:
+            with self._credit_lock:
+                now = time.monotonic()
+                earned = run_seconds * COST_SHARE + (now - self._last) * WALL_SHARE
+                self._last = now
+                # Capped at a few observations, so a quiet spell does not buy a burst.
+                self._credit = min(self._credit + earned, 4 * self._cost + 1e-3)
+                if self._credit < self._cost:
+                    self.skipped += 1
+                    return
+        started = time.perf_counter()
         try:
             self.observe(feeds, outputs)
         except Exception:  # noqa: BLE001 - drift is a measurement; the answer matters more
             self.errors += 1
+        spent = time.perf_counter() - started
+        with self._credit_lock:
+            self.observed += 1
+            if run_seconds is not None:
+                self._credit -= spent
+            self._cost = spent if self.observed == 1 else 0.8 * self._cost + 0.2 * spent
 
     def observe(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray] | None) -> None:
         """Add one run's inputs and predictions (called after the run, on the worker thread)."""
@@ -246,7 +277,9 @@ class DriftMonitor:
                     "alarm": samples >= min(100, self.window) and value > self.psi_threshold}
         counts = [t["samples"] for t in tests.values() if t]
         return {"tests": tests, "psi": psi_scores, "window_samples": max(counts, default=0),
-                "min_samples": self.min_samples, "false_alarm_rate": self.false_alarm_rate, "alpha": alpha}
+                "min_samples": self.min_samples, "false_alarm_rate": self.false_alarm_rate, "alpha": alpha,
+                # the share of runs drift looked at (below 1 when observing costs more than COST_SHARE)
+                "observed_share": round(self.observed / max(1, self.observed + self.skipped), 4)}
 
 
 def monitor_for(model, window: int = 500, false_alarm_rate: float | None = None, min_samples: int = 50,

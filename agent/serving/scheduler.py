@@ -505,10 +505,12 @@ class ModelScheduler:
                 rows = slice(work.done, min(work.count, work.done + chunk))
                 # One runtime call per chunk where the model allows it: no other request shares it.
                 feeds = {name: array[rows] for name, array in work.feeds.items()}
+                began = time.perf_counter()
                 part = served.model.run(feeds, chunk)
+                ran_for = time.perf_counter() - began
                 served.health.check_outputs(part, feeds)
                 if served.drift is not None:
-                    served.drift.safe_observe(feeds, part)
+                    served.drift.safe_observe(feeds, part, ran_for)
                 if work.outputs is None:
                     work.outputs = {name: np.empty((work.count, *value.shape[1:]), value.dtype)
                                     for name, value in part.items()}
@@ -554,10 +556,12 @@ class ModelScheduler:
         else:
             feeds = {name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds}
         # A request larger than the batch limit is split by the model's one splitter.
+        began = time.perf_counter()
         outputs = served.model.run(feeds, max_batch)
+        ran_for = time.perf_counter() - began
         served.health.check_outputs(outputs, feeds)
         if served.drift is not None:
-            served.drift.safe_observe(feeds, outputs)  # on the worker thread, off the event loop
+            served.drift.safe_observe(feeds, outputs, ran_for)  # on the worker thread, off the event loop
         return outputs
 
     async def close(self) -> None:
