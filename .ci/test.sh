@@ -8,4 +8,4 @@ if ! command -v mosquitto >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null) \
         || echo "warning: could not install mosquitto; broker tests will be skipped" >&2
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=30 "$@"

@@ -29,7 +29,7 @@ from agent.runtime.onnx_backend import OnnxBackend
 from edgepack import __version__
 from edgepack.bundle import BundleWriter, bundle_filename
 from edgepack.bundle.format import is_valid_name, is_valid_semver
-from edgepack.errors import ConversionError, EdgepackError, GateError, UsageError, first_line
+from edgepack.errors import ConversionError, EdgepackError, GateError, InputFileError, UsageError, first_line
 from edgepack.profiles import Profile, get_profile
 
 from . import gate as gate_module
@@ -157,6 +157,9 @@ def convert(options: ConvertOptions, progress: Callable[[str], None] = _progress
         if detect_kind(options.model) == "tflite":
             raise UsageError("a .tflite MODEL is packaged as it is; drop --recipe (convert the original model to choose recipes)")
     _check_out(options.out)
+    for data in (options.calibration, options.validation):
+        if data and not Path(data).exists():  # before the export, which can take a minute
+            raise InputFileError(f"data {data} does not exist; check the path")
     with tempfile.TemporaryDirectory(prefix="edgepack-convert-") as temp:
         workdir = Path(options.workdir or temp)
         workdir.mkdir(parents=True, exist_ok=True)

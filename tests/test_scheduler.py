@@ -105,17 +105,17 @@ def test_default_queue_follows_the_speed_of_recent_runs():
         assert scheduler.max_queue == 50  # 25 ms at 0.5 ms per sample, as measured at load
         for _ in range(30):  # the host got ten times slower (a CPU hog, thermal throttling)
             scheduler._observe_run(served, 4, 4 * 0.005)
-        # 25 ms now holds about five samples; the floor (8, and one full batch) applies.
-        assert scheduler.max_queue == 8, scheduler.max_queue
+        # 25 ms now holds about five samples; the floor (32, and one full batch) applies.
+        assert scheduler.max_queue == 32, scheduler.max_queue
         scheduler._observe_run(served, 64, 64 * 1e-6)  # a large request's chunk: not the queue's kind of run
-        assert scheduler.max_queue == 8
+        assert scheduler.max_queue == 32
         for _ in range(30):
             scheduler._observe_run(served, 2, 2 * 0.0002)
         assert 120 <= scheduler.max_queue <= 125, scheduler.max_queue  # it grows back when runs speed up (125)
         # A new version starts again from its own speed measured at load; the old one's runs do not count.
         scheduler.swap(ServedVersion(SlowDouble(0.001), None, 0.0, "k2"))
         scheduler._observe_run(served, 1, 1.0)
-        assert scheduler.max_queue == 25
+        assert scheduler.max_queue == 32  # 25 ms at 1 ms per sample: the floor
         await scheduler.close()
 
     asyncio.run(scenario())
@@ -124,13 +124,13 @@ def test_default_queue_follows_the_speed_of_recent_runs():
 def test_retry_after_comes_from_the_speed_of_recent_runs():
     async def scenario():
         scheduler = _scheduler(SlowDouble(0.002), queue_budget_ms=10, batching={"enabled": False})
-        assert scheduler.max_queue == 8  # 10 ms is 5 samples; the floor is 8 requests
+        assert scheduler.max_queue == 32  # 10 ms is 5 samples; the floor is 32 requests
         for _ in range(30):
             scheduler._observe_run(scheduler.current, 1, 0.5)  # half a second per request now
         places = [scheduler.reserve() for _ in range(scheduler.max_queue)]
         with pytest.raises(Overloaded) as refused:
             scheduler.reserve()
-        assert refused.value.retry_after == 4  # 8 requests ahead at ~0.5 s each
+        assert refused.value.retry_after == 16  # 32 requests ahead at ~0.5 s each
         for place in places:
             scheduler.unreserve(place)
         await scheduler.close()

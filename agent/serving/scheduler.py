@@ -41,8 +41,10 @@ from .metrics import ServingMetrics
 
 log = logging.getLogger("edgepack.agent.serving")
 
-#: bounds of the default queue size (requests)
-MIN_QUEUE, MAX_QUEUE = 8, 4096
+#: bounds of the default queue size (requests). The floor holds a normal client pool (tritonclient's
+#: concurrency of 16, a thread pool of 32) on a host slowed by a CPU hog: a burst of that size is
+#: load the device serves, not a flood to shed (8 refused a 16-connection client on a busy host).
+MIN_QUEUE, MAX_QUEUE = 32, 4096
 #: weight of the newest run in the running per-sample time the queue is sized from
 LIVE_WEIGHT = 0.2
 #: a large request runs in chunks of about this much compute (at most CHUNK_SAMPLES samples, in as few
