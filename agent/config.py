@@ -62,7 +62,8 @@ class ModelConfig(_Strict):
         "(default: what the model gets through in queue_budget_ms at the speed of its recent runs)")
     queue_budget_ms: float = Field(
         25.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much "
-        "work (and at least one full batch per instance); under a flood every accepted request waits about this long")
+        "work, and at least 32 requests and one full batch per instance (so on a model slower than ~0.8 ms a "
+        "sample, a flood waits up to 32 samples' time); under a flood every accepted request waits about this long")
     place_hold_ms: float = Field(
         500.0, gt=0, le=3_600_000, description="a request admitted from its head holds a queue place while its "
         "body arrives, for at most this long; a slower upload is checked again when it queues, so slow "

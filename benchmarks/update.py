@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,7 +37,6 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def main() -> None:
-    from agent.store import ModelStore
     from converters.pipeline import ConvertOptions, convert
     from edgepack.bundle.signing import generate_keys
     from edgepack.fleet import chunks

@@ -43,6 +43,8 @@ from .stats import dataset_stats
 
 log = logging.getLogger(__name__)
 SAMPLE_COUNT = 4
+#: the "recipe" of a .tflite MODEL packaged without re-conversion
+AS_GIVEN = "tflite-as-given"
 def runs_natively(profile: Profile) -> bool:
     """Whether this host is the profile's kind of CPU, so ONNX Runtime's kernels here compute (and time)
     what the device's do: the same architecture, and int8 dot products where the profile has them.
@@ -373,7 +375,8 @@ class _Job:
         if recipe.precision.startswith("int8") and not self.real_data:
             return CandidateReport(recipe_name, "skipped", ["needs calibration data (--calibration)"], recipe.config_dict()), None
         self.progress(f"{profile.name}: trying {recipe_name}")
-        key = (recipe_name, repr(sorted(recipe.config_dict().items())), str(ctx.base_model))
+        # The mixed recipe gates inside its run: a verdict in another arithmetic is another candidate.
+        key = (recipe_name, repr(sorted(recipe.config_dict().items())), str(ctx.base_model), self.reference_arithmetic)
         try:
             if key not in self.candidates:
                 self.candidates[key] = recipe.run(ctx)

@@ -318,7 +318,7 @@ def _load_torchscript(model: str, workdir: Path, input_shapes, max_opset: int | 
 
     path = Path(model)
     if not input_shapes:
-        raise UsageError(f"a TorchScript model needs its input shapes: add --input-shape NAME=D1,D2,...")
+        raise UsageError("a TorchScript model needs its input shapes: add --input-shape NAME=D1,D2,...")
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:

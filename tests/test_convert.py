@@ -7,13 +7,12 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-import pytest
 import torch
 
 from agent.model import load_model
 from edgepack.bundle import open_bundle
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli
 from .models import digits_features
 
 
@@ -158,7 +157,6 @@ def test_torchscript_and_onnx_sources(digits, digits_module, validation_arrays, 
 def test_image_folder_calibration_records_preprocessing(digits, tmp_path):
     from PIL import Image
 
-    from .models import digits_features
 
     from sklearn.datasets import load_digits
 

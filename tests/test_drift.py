@@ -185,3 +185,74 @@ def test_drift_costs_at_most_its_share_of_a_fast_model_and_still_watches_it():
     for _ in range(50):  # a 10 ms model: every run is observed
         slow.safe_observe(feeds, {}, 0.01)
     assert slow.scores()["observed_share"] == 1.0
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: r["drift"]["inputs"]["x"].update(quantiles=None),
+    lambda r: r["drift"]["inputs"]["x"].update(count="many"),
+    lambda r: r["drift"]["inputs"]["x"].update(count=float("nan")),
+    lambda r: r["drift"]["inputs"]["x"].update(features=3),
+    lambda r: r["drift"]["inputs"]["x"].update(quantiles=r["drift"]["inputs"]["x"]["quantiles"][:2]),
+    lambda r: r["drift"]["inputs"]["x"].update(kind="image", layout="sideways"),
+    lambda r: r["drift"]["outputs"]["y"].update(classes=None),
+    lambda r: r["drift"]["outputs"]["y"].pop("confidence"),
+    lambda r: r["drift"].update(inputs=[1, 2]),
+    lambda r: r["drift"].update(false_alarm_rate="often"),
+    lambda r: r["inputs"]["x"].update(histogram="flat"),
+    lambda r: r["outputs"]["y"].update(classes=[1, 2]),
+])
+def test_a_malformed_reference_costs_its_score_never_the_model(damage):
+    """A bundle's reference.json is data: a broken entry is skipped, the rest still scores, nothing raises."""
+    rng = np.random.default_rng(9)
+    reference = _reference({"x": rng.normal(0, 1, (200, 4))}, {"y": rng.normal(0, 1, (200, 3))}, {"y": "classes"})
+    damage(reference)
+    monitor = DriftMonitor(reference, ["x"], ["y"], window=100)
+    for _ in range(5):
+        monitor.safe_observe({"x": rng.normal(0, 1, (10, 4))}, {"y": rng.normal(0, 1, (10, 3))}, 0.01)
+    monitor.safe_observe({"x": rng.normal(0, 1, (10, 7))}, {"y": rng.normal(0, 1, (10, 5))}, 0.01)  # other widths
+    scores = monitor.scores()
+    assert scores["errors"] == 0 and 0 < scores["false_alarm_rate"] <= 0.5
+    assert any(test for test in scores["tests"].values())  # what was intact still scores
+
+
+def test_false_alarm_rates_outside_zero_to_one_half_fall_back_to_the_default():
+    rng = np.random.default_rng(10)
+    reference = _reference({"x": rng.normal(0, 1, (200, 4))})
+    for rate in (-1, 0, 1, 7):
+        reference["drift"]["false_alarm_rate"] = rate
+        assert DriftMonitor(reference, ["x"], []).false_alarm_rate == 0.01
+
+
+def test_a_confident_classifier_fed_its_own_validation_data_does_not_alarm():
+    """Atoms (confidences of exactly 1.0, binary columns) must be the same value on both sides."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(0, 1, (600, 10))
+    logits[rng.random(600) < 2 / 3, 0] += 40.0  # two thirds of the answers are certain: confidence 1.0 in float32
+    binary = (rng.random((600, 3)) < 0.3).astype(np.float32)
+    binary = (binary - binary.mean(0)) / binary.std(0)  # standardized: irrational atoms
+    monitor = DriftMonitor(_reference({"x": binary}, {"y": logits.astype(np.float32)}, {"y": "classes"}),
+                           ["x"], ["y"], window=500)
+    monitor.observe({"x": binary[:500]}, {"y": logits[:500].astype(np.float32)})
+    assert not _alarms(monitor), monitor.scores()["tests"]
+
+
+def test_quantile_references_hold_the_false_alarm_rate_on_large_samples():
+    rng = np.random.default_rng(12)
+    reference = _reference({"x": rng.normal(0, 1, (20_000, 30))})  # 65 quantiles per feature stored
+    assert len(reference["drift"]["inputs"]["x"]["quantiles"][0]) == 65
+    alarms = sum(bool(_alarms_of(reference, rng.normal(0, 1, (1000, 30)))) for _ in range(60))
+    assert alarms <= 2
+
+
+def _alarms_of(reference, x):
+    monitor = DriftMonitor(reference, ["x"], [], window=1000)
+    monitor.observe({"x": x}, None)
+    return _alarms(monitor)
+
+
+def test_statistics_of_random_inputs_are_no_reference():
+    """Converted without data, the bundle's statistics describe random inputs: nothing to alarm on."""
+    rng = np.random.default_rng(13)
+    reference = dataset_stats({"x": rng.normal(0, 1, (32, 4))}, "random (no data given)",
+                              {"y": np.eye(3)[rng.integers(0, 3, 32)]})
+    assert not DriftMonitor(reference, ["x"], ["y"]).enabled

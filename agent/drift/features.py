@@ -30,6 +30,11 @@ IMAGE_PIXELS = 4096
 MAX_VALUES = 4096
 
 
+def as_feature(values) -> np.ndarray:
+    """Feature values as both sides store and compare them: float32 precision, held in float64."""
+    return np.asarray(values, np.float64).astype(np.float32).astype(np.float64)
+
+
 def image_layout(shape: tuple) -> str | None:
     """``nchw``, ``nhwc`` or ``nhw`` when ``shape`` (with its batch axis) looks like images, else None."""
     if len(shape) == 4:

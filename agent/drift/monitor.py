@@ -18,11 +18,16 @@ import time
 
 import numpy as np
 
-from .features import input_features, softmax_confidence, unit_rows
+from .features import as_feature, input_features, softmax_confidence, unit_rows
 from .psi import HistogramScore
 from .reference import FALSE_ALARM_RATE
 from .stattests import g_test, ks_test
 
+#: the most recent samples a score's tests look at (a longer drift_window still slides, but sorting more
+#: on every check would cost the event loop more than it tells)
+MAX_TESTED = 2000
+#: the false-alarm rate a reference or a config may set, at most
+MAX_FALSE_ALARM_RATE = 0.5
 #: the most drift may add to the model's own run time (runs beyond it are not observed) ...
 COST_SHARE = 0.05
 #: ... plus this share of one core's wall time, so that a model much faster than its drift features
@@ -63,10 +68,20 @@ class _Score:
 
     def __init__(self, names: list[str], quantiles: list, count: int, window: int, extract,
                  classes: list | None = None, classify=None):
-        self.names, self.count, self.extract, self.classify = names, max(1, int(count)), extract, classify
-        self.quantiles = [np.sort(np.asarray(q, np.float64)) for q in quantiles]
+        count = float(count)
+        if not np.isfinite(count):
+            raise ValueError("count is not a number")
+        self.names, self.count, self.extract, self.classify = [str(n) for n in names], max(1, int(count)), extract, classify
+        # Back to float32, where the 9 stored digits are exact: the live features are float32 too.
+        self.quantiles = [np.sort(as_feature(np.asarray(q, np.float64).reshape(-1))) for q in quantiles]
+        if len(self.quantiles) != len(self.names) or any(not len(q) or not np.isfinite(q).all() for q in self.quantiles):
+            raise ValueError("one finite quantile list per feature is needed")
+        window = min(window, MAX_TESTED)
         self.rows = _Ring(window, len(names)) if names else None
-        self.reference_classes = np.asarray(classes, np.float64) if classes is not None else None
+        self.reference_classes = np.asarray(classes, np.float64).reshape(-1) if classes is not None else None
+        if self.reference_classes is not None and (len(self.reference_classes) < 2 or
+                                                   not np.isfinite(self.reference_classes).all()):
+            raise ValueError("class counts are malformed")
         self.classes = _Ring(window, 1, np.int64) if classes is not None else None
 
     @property
@@ -78,8 +93,13 @@ class _Score:
         return (self.rows or self.classes).samples
 
     def prepare(self, tensor: np.ndarray):
-        """The rows (and classes) of one run, computed outside the lock."""
+        """The rows (and classes) of one run, computed outside the lock; None where the tensor does not
+        fit the reference (another width: counted, never a broken request)."""
         rows = self.extract(tensor) if self.rows is not None else None
+        if rows is not None:
+            rows = as_feature(rows)
+            if rows.ndim != 2 or rows.shape[1] != len(self.names):
+                rows = None
         classes = self.classify(tensor) if self.classes is not None else None
         return rows, classes
 
@@ -118,7 +138,9 @@ def _class_ids(width: int):
     return classify
 
 
-def _output_score(reference: dict, window: int) -> _Score | None:
+def _output_score(reference, window: int) -> _Score | None:
+    if not isinstance(reference, dict):
+        return None
     kind, count = reference.get("kind"), reference.get("count", 0)
     if kind == "classes":
         classes = reference.get("classes")
@@ -132,6 +154,8 @@ def _output_score(reference: dict, window: int) -> _Score | None:
         return _Score(["confidence"], [reference["confidence"]], count, window, confidence, classes, _class_ids(width))
     if kind == "embedding":
         centroid = np.asarray(reference["centroid"], np.float64)
+        if centroid.ndim != 1 or not len(centroid) or not np.isfinite(centroid).all():
+            raise ValueError("the embedding centroid is malformed")
 
         def cosine(rows):
             rows = rows.reshape(len(rows), -1)
@@ -150,6 +174,28 @@ def _output_score(reference: dict, window: int) -> _Score | None:
     return None
 
 
+def _items(section) -> list:
+    return list(section.items()) if isinstance(section, dict) else []
+
+
+def _input_score(entry, window: int) -> _Score | None:
+    if not isinstance(entry, dict) or not entry.get("features"):
+        return None
+    kind, layout = entry.get("kind"), entry.get("layout")
+    if kind not in ("image", "features", "values") or (kind == "image" and layout not in ("nchw", "nhwc", "nhw")):
+        raise ValueError(f"unknown input kind {kind!r}")
+    return _Score(entry["features"], entry["quantiles"], entry.get("count", 0), window,
+                  lambda array: input_features(kind, layout, array))
+
+
+def _legacy_class_score(stats, window: int) -> _Score | None:
+    classes = stats.get("classes") if isinstance(stats, dict) else None
+    if not isinstance(classes, dict) or not classes.get("frequency"):
+        return None
+    counts = np.round(np.asarray(classes["frequency"], np.float64) * float(classes.get("count", 0)))
+    return _Score([], [], int(counts.sum()), window, None, counts.tolist(), _class_ids(len(counts)))
+
+
 class DriftMonitor:
     """Sliding-window drift scores of one loaded version (see the module docstring)."""
 
@@ -162,38 +208,57 @@ class DriftMonitor:
         self._credit = self._cost = 0.0
         self._last = time.monotonic()
         self.observed = self.skipped = 0
+        #: the scores last worked out (telemetry reads them rather than sorting on the event loop)
+        self.latest: dict | None = None
         section = reference.get("drift") if isinstance(reference.get("drift"), dict) else {}
-        self.false_alarm_rate = float(false_alarm_rate or section.get("false_alarm_rate") or FALSE_ALARM_RATE)
+        rate = false_alarm_rate if false_alarm_rate is not None else section.get("false_alarm_rate")
+        try:
+            rate = float(rate) if rate is not None else FALSE_ALARM_RATE
+        except (TypeError, ValueError):
+            rate = FALSE_ALARM_RATE
+        # A bundle saying 0 or less would never alarm, 1 or more always: neither is a drift monitor.
+        self.false_alarm_rate = rate if 0 < rate <= MAX_FALSE_ALARM_RATE else FALSE_ALARM_RATE
+        #: entries of the reference that could not be used (malformed): skipped, never fatal
+        self.skipped_entries: list[str] = []
         #: label -> (tensor name, is input, _Score)
         self.scores_: dict[str, tuple[str, bool, _Score]] = {}
-        for name, entry in (section.get("inputs") or {}).items():
-            if name in input_names and isinstance(entry, dict) and entry.get("features"):
-                kind, layout = entry.get("kind"), entry.get("layout")
-                self.scores_[f"input:{name}"] = (name, True, _Score(
-                    entry["features"], entry["quantiles"], entry.get("count", 0), window,
-                    lambda array, kind=kind, layout=layout: input_features(kind, layout, array)))
-        for name, entry in (section.get("outputs") or {}).items():
-            score = _output_score(entry, window) if name in output_names and isinstance(entry, dict) else None
-            if score is not None:
-                self.scores_[f"prediction:{name}"] = (name, False, score)
-        # What older bundles have: input histograms (PSI) and validation class frequencies.
+        for name, entry in _items(section.get("inputs")):
+            if name in input_names:
+                self._add(f"input:{name}", name, True, lambda entry=entry: _input_score(entry, window))
+        for name, entry in _items(section.get("outputs")):
+            if name in output_names:
+                self._add(f"prediction:{name}", name, False, lambda entry=entry: _output_score(entry, window))
+        # What older bundles have: input histograms (PSI) and validation class frequencies. Not where
+        # the converter had no data: its statistics of random inputs say nothing about real traffic.
         self.histograms: dict[str, HistogramScore] = {}
         #: input name -> (lowest, highest) calibration value (an update's probation uses it)
         self.ranges: dict[str, tuple[float, float]] = {}
-        for name, stats in (reference.get("inputs") or {}).items():
-            score = HistogramScore.of(stats, window) if name in input_names else None
+        if str(reference.get("source", "")).startswith("random"):
+            return
+        for name, stats in _items(reference.get("inputs")):
+            try:
+                score = HistogramScore.of(stats, window) if name in input_names else None
+            except (TypeError, ValueError, KeyError, AttributeError):
+                self.skipped_entries.append(f"input:{name}")
+                continue
             if score is not None:
                 self.histograms[name] = score
                 if score.range is not None:
                     self.ranges[name] = score.range
-        reference_outputs = reference.get("outputs") or {}
-        for name, stats in zip(output_names, reference_outputs.values()) if isinstance(reference_outputs, dict) else ():
-            classes = stats.get("classes") if isinstance(stats, dict) else None
+        outputs = reference.get("outputs")
+        for name, stats in zip(output_names, outputs.values()) if isinstance(outputs, dict) else ():
             label = f"prediction:{name}"
-            if label not in self.scores_ and classes and classes.get("frequency"):
-                counts = np.round(np.asarray(classes["frequency"], np.float64) * classes.get("count", 0))
-                self.scores_[label] = (name, False, _Score([], [], int(counts.sum()), window, None,
-                                                          counts.tolist(), _class_ids(len(counts))))
+            if label not in self.scores_:
+                self._add(label, name, False, lambda stats=stats: _legacy_class_score(stats, window))
+
+    def _add(self, label: str, name: str, is_input: bool, build) -> None:
+        try:
+            score = build()
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+            self.skipped_entries.append(label)
+            return
+        if score is not None:
+            self.scores_[label] = (name, is_input, score)
 
     @property
     def enabled(self) -> bool:
@@ -202,8 +267,7 @@ class DriftMonitor:
     @property
     def alpha(self) -> float:
         """The p-value under which one score alarms: the false-alarm rate split over the scores."""
-        tested = len(self.scores_) + sum(f"input:{n}" not in self.scores_ for n in self.histograms)
-        return self.false_alarm_rate / max(1, tested)
+        return self.false_alarm_rate / max(1, len(self.scores_))
 
     def safe_observe(self, feeds, outputs, run_seconds: float | None = None) -> None:
         """:meth:`observe`, never failing the request it measures. With ``run_seconds`` (the model's own
@@ -258,11 +322,16 @@ class DriftMonitor:
             histograms = {name: (h, h.window.total.copy(), h.window.samples) for name, h in self.histograms.items()}
         alpha, tests, psi_scores = self.alpha, {}, {}
         for label, (score, snapshot) in snapshots.items():
-            samples = score.samples
+            samples = len(snapshot[0] if snapshot[0] is not None else snapshot[1])
             if samples == 0:
                 tests[label] = None
                 continue
-            result = score.result(snapshot)
+            try:
+                result = score.result(snapshot)
+            except Exception:  # noqa: BLE001 - one bad score must not cost the others (or telemetry)
+                self.errors += 1
+                tests[label] = None
+                continue
             result.update(samples=samples, reference=score.count, p=float(f"{result['p']:.4g}"),
                           statistic=round(result["statistic"], 4),
                           alarm=samples >= self.min_samples and result["p"] < alpha)
@@ -276,10 +345,12 @@ class DriftMonitor:
                     "test": "psi", "psi": value, "threshold": self.psi_threshold, "samples": samples,
                     "alarm": samples >= min(100, self.window) and value > self.psi_threshold}
         counts = [t["samples"] for t in tests.values() if t]
-        return {"tests": tests, "psi": psi_scores, "window_samples": max(counts, default=0),
+        self.latest = {"tests": tests, "psi": psi_scores, "window_samples": max(counts, default=0),
                 "min_samples": self.min_samples, "false_alarm_rate": self.false_alarm_rate, "alpha": alpha,
+                "errors": self.errors, "skipped": self.skipped_entries,
                 # the share of runs drift looked at (below 1 when observing costs more than COST_SHARE)
                 "observed_share": round(self.observed / max(1, self.observed + self.skipped), 4)}
+        return self.latest
 
 
 def monitor_for(model, window: int = 500, false_alarm_rate: float | None = None, min_samples: int = 50,
@@ -294,6 +365,9 @@ def monitor_for(model, window: int = 500, false_alarm_rate: float | None = None,
         return None
     if not isinstance(reference, dict):
         return None
-    monitor = DriftMonitor(reference, [s.name for s in model.inputs], [s.name for s in model.outputs], window,
-                           false_alarm_rate, min_samples, psi_threshold)
+    try:
+        monitor = DriftMonitor(reference, [s.name for s in model.inputs], [s.name for s in model.outputs], window,
+                               false_alarm_rate, min_samples, psi_threshold)
+    except Exception:  # noqa: BLE001 - drift is a measurement: a bad reference must not stop the model loading
+        return None
     return monitor if monitor.enabled else None

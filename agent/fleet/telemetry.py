@@ -108,7 +108,9 @@ class TelemetryCollector:
                     entry["version"] = scheduler.current.version
                     entry["health"] = scheduler.current.health.summary()
                     if scheduler.current.drift is not None:
-                        entry["drift"] = scheduler.current.drift.scores()
+                        # the watcher's latest scores (worked out off the event loop), else now
+                        drift = scheduler.current.drift
+                        entry["drift"] = drift.latest if drift.latest is not None else drift.scores()
         if self.store is not None:
             for name in models:
                 try:

@@ -7,6 +7,8 @@ of the quantizable layers (past that, fp16/fp32 are the better recipes).
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 from ..sensitivity import rank_nodes
@@ -28,7 +30,9 @@ class MixedInt8Recipe(Recipe):
     Config = MixedConfig
 
     def run(self, ctx: RecipeContext) -> Candidate:
-        full = ctx.workdir / f"{self.name}-full.onnx"
+        # Named by its options: profiles sharing a base graph may ask for different ones.
+        tag = hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]
+        full = ctx.workdir / f"{self.name}-{tag}-full.onnx"
         quantize_static_qdq(ctx, full, self.config)
         if count_quantized(full) == 0:
             raise RecipeFailed("nothing to quantize: the graph has no Conv/MatMul/Gemm the quantizer handles")
@@ -50,7 +54,7 @@ class MixedInt8Recipe(Recipe):
                     f"keeping the sensitive layers ({', '.join(excluded)}) in float leaves no int8 layer; "
                     "a float recipe is the honest choice"
                 )
-            target = ctx.workdir / f"{self.name}-{count}.onnx"
+            target = ctx.workdir / f"{self.name}-{tag}-{count}.onnx"
             corrected = quantize_static_qdq(ctx, target, self.config, nodes_to_exclude=excluded)
             gate, latency = ctx.evaluate(target)
             tried.append({"float_layers": count, "passed": gate.passed, "failures": gate.failures[:2]})
