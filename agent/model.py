@@ -129,15 +129,20 @@ def _cpu_hint(manifest: dict) -> str:
     return ""
 
 
+def _warn_cpu(manifest: dict) -> None:
+    """A bundle whose few samples agree may still compute other answers here: say so (once per load)."""
+    hint = _cpu_hint(manifest)
+    if hint:
+        logging.getLogger("edgepack.agent").warning("int8 arithmetic differs on this CPU" + hint)
+
+
 def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
     """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss.
 
     Also measures ``model.sample_seconds`` (the serving layer sizes its queue from it)."""
-    hint = _cpu_hint(model.manifest)
-    if hint:  # its samples may still agree: say it anyway, the gate never saw this CPU's answers
-        logging.getLogger("edgepack.agent").warning("int8 arithmetic differs on this CPU" + hint)
     samples = model.manifest.get("samples")
     if not samples:
+        _warn_cpu(model.manifest)
         return
     feeds = {name: bundle.read_array(path) for name, path in samples["inputs"].items()}
     try:
@@ -171,3 +176,4 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
             worst = float(np.max(np.abs(got - expected)))
             raise StoreError(f"smoke test failed: output {name!r} differs from the expected output by up to {worst:.3g}"
                              + _cpu_hint(model.manifest))
+    _warn_cpu(model.manifest)

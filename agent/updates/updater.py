@@ -245,6 +245,8 @@ class Updater:
             if state["update"]["state"] in ("probation", "rolling_back"):
                 return target  # an update left unfinished by an error: watch or finish it
             if active and state["slots"].get(active, {}).get("bundle_sha256") == target["sha256"]:
+                if state["update"]["state"] == "downloading":
+                    return target  # the fleet went back to what runs: the download under way must end
                 continue  # already running it
             local = state.get("local") or {}
             if local.get("at", 0) > target.get("accepted_at", 0) and state["update"]["state"] == "idle":
@@ -321,6 +323,13 @@ class Updater:
                 await self._disk_call(self.store.cancel_download, name, "a newer desired state replaced it")
                 if old.get("sha256"):
                     remove_leftovers(self.store.root / "downloads", {t["sha256"] for t in self.record["wanted"].values()})
+                state = self.store.state(name)
+                if (state.get("active") and
+                        state["slots"].get(state["active"], {}).get("bundle_sha256") == target["sha256"]):
+                    log.info("download cancelled: the wanted version is the one serving",
+                             extra={"model": name, "version": target["version"]})
+                    self.state_changed()
+                    return
                 await self._disk_call(self.store.transition, name, "download", None, target=target)
             elif current == "probation" and ours:
                 await self._probation(name, target, None)  # our own, interrupted by an error: watch again
