@@ -217,6 +217,8 @@ def test_overflowing_request_during_probation_does_not_veto_a_good_version(make_
     agent = fleet.start_agent()
     fleet.push("1.1.0")
     wait_for(lambda: fleet.update()["state"] == "probation", 60, "the probation")
+    # The state file says probation a moment before the daemon has swapped: wait for 1.1.0 to answer.
+    wait_for(lambda: infer(agent.url, 0.5)[1].get("model_version") == "1.1.0", 20, "1.1.0 serving")
     status, body = infer(agent.url, 3e38)  # finite, and far outside the calibration range: Inf out
     assert status in (200, 400)
     for _ in range(8):
