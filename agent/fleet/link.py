@@ -159,7 +159,10 @@ class FleetLink:
             if self.updater and name in self.updater.progress:
                 models[name]["download"] = self.updater.progress[name]
         body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "online": online,
-                "profile": self.config.profile, "ts": time.time(), "models": models}
+                "profile": self.config.profile, "ts": time.time(), "models": models,
+                # the group desired-state topics this device follows (the controller authorises chunk
+                # requests by them and targets rollouts by them)
+                "groups": list(self.config.updates.groups)}
         if self.updater and self.updater.blocked:
             body["updates_blocked"] = self.updater.blocked
         return json.dumps(body).encode()

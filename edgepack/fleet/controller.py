@@ -1,7 +1,12 @@
-"""The minimal fleet controller: ``edgepack fleet serve`` (records device state, telemetry and events;
-answers bundle chunk requests) and ``edgepack fleet push`` (signs and publishes a desired state).
+"""The fleet controller: ``edgepack fleet serve`` records device state, telemetry and events, answers
+bundle chunk requests and advances rollouts; ``edgepack fleet push`` signs and publishes one desired state.
 
-paho's callbacks only enqueue; one thread handles the messages in order.
+Nothing is lost: a device message is acknowledged to the broker (paho ``manual_ack``) only after the
+database transaction holding it has committed, so a stop, a crash or a database outage leaves it with
+the broker, which delivers it again (it is then stored once: messages are unique per device, boot and
+seq). paho's thread only hands messages to bounded queues; one writer thread stores them in batches,
+a small pool answers chunk requests (authorised and rate-limited per device), and a tick thread
+advances rollouts (:mod:`.rollouts`) under a database lease, so one controller of several does it.
 """
 
 from __future__ import annotations
@@ -9,10 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import shutil
+import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,6 +28,7 @@ from edgepack.errors import UsageError
 
 from . import chunks, topics
 from .registry import FleetRegistry
+from .releases import BundleShelf
 
 log = logging.getLogger("edgepack.fleet")
 
@@ -94,19 +101,20 @@ class Broker:
             client.tls_set(ca_certs=self.ca_file, certfile=self.cert_file, keyfile=self.key_file,
                            cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
 
-    def client(self, client_id: str, clean: bool = True):
+    def client(self, client_id: str, clean: bool = True, manual_ack: bool = False):
         """A paho client for the negotiated protocol (3.1.1: ``clean`` is its clean-session flag)."""
         import paho.mqtt.client as mqtt
 
         if self.negotiate() == "5":
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                                 manual_ack=manual_ack)
         else:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                 clean_session=clean)
+                                 clean_session=clean, manual_ack=manual_ack)
         self._auth(client)
         return client
 
-    def connect_kwargs(self, persistent: bool = False) -> dict:
+    def connect_kwargs(self, persistent: bool = False, receive_maximum: int | None = None) -> dict:
         """Keyword arguments of ``connect``/``connect_async`` for the negotiated protocol."""
         if self.negotiate() != "5":
             return {}
@@ -117,66 +125,161 @@ class Broker:
             return {"clean_start": True}
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 7 * 24 * 3600
+        if receive_maximum:
+            properties.ReceiveMaximum = receive_maximum
         return {"clean_start": False, "properties": properties}
 
 
-class BundleShelf:
-    """The bundles the controller can send, found by sha256 in one folder (rescanned on a miss)."""
+def default_client_id() -> str:
+    """Stable per machine (a restart resumes the broker session and what it queued), different
+    between machines (two controllers never take over each other's session)."""
+    return f"edgepack-fleet-{socket.gethostname().split('.')[0]}"[:64]
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._index: dict[str, Path] = {}
-        self._seen: dict[Path, tuple] = {}
 
-    def _scan(self) -> None:
-        for path in self.folder.glob("*.edgepack"):
-            stat = path.stat()
-            key = (stat.st_size, stat.st_mtime_ns)
-            if self._seen.get(path) == key:
-                continue
-            self._seen[path] = key
-            self._index[sha256_file(path)] = path
+class TokenBucket:
+    """Chunks a device may still be sent: ``rate`` per second, at most ``burst`` at once."""
 
-    def find(self, sha256: str) -> Path | None:
-        if sha256 not in self._index:
-            self._scan()
-        return self._index.get(sha256)
+    __slots__ = ("tokens", "at")
 
-    def add(self, bundle: Path) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / Path(bundle).name
-        if Path(bundle).resolve() != target.resolve():
-            shutil.copyfile(bundle, target)
-        return target
+    def __init__(self, burst: float):
+        self.tokens, self.at = burst, time.monotonic()
+
+    def take(self, wanted: int, rate: float, burst: float) -> int:
+        now = time.monotonic()
+        self.tokens = min(burst, self.tokens + (now - self.at) * rate)
+        self.at = now
+        granted = min(wanted, int(self.tokens))
+        self.tokens -= granted
+        return granted
 
 
 class FleetController:
-    """Subscribes to every device's topics; records what they say and serves bundle chunks."""
+    """Subscribes to every device's topics; records what they say, serves bundle chunks, and (with a
+    fleet ``signing_key``) advances rollouts."""
 
-    def __init__(self, broker: Broker, db_url: str | None, bundles: Path, client_id: str = "edgepack-fleet"):
+    #: messages waiting for the writer (then paho's thread waits: TCP pushes back on the broker)
+    INBOX = 20_000
+    #: messages stored per transaction at most
+    BATCH = 1000
+    #: chunk requests waiting for a worker; more are dropped (the device asks again on its time-out)
+    CHUNK_QUEUE = 256
+    #: chunk frames handed to paho and not yet acknowledged by the broker (bounds the memory they hold)
+    CHUNKS_IN_FLIGHT = 256
+
+    def __init__(self, broker: Broker, db_url: str | None, bundles: Path, client_id: str | None = None,
+                 signing_key=None, tick_s: float = 2.0, shared: bool = False, chunk_workers: int = 4,
+                 chunk_rate: float = 256.0, chunk_burst: float = 512.0, keep_raw_s: float = 7 * 86400,
+                 keep_rollups_s: float = 90 * 86400):
         self.broker = broker
         self.registry = FleetRegistry(db_url)
         self.shelf = BundleShelf(bundles)
-        self.client = broker.client(client_id, clean=False)
-        self.inbox: queue.Queue = queue.Queue()
+        self.client_id = client_id or default_client_id()
+        self.client = broker.client(self.client_id, clean=False, manual_ack=True)
+        self.inbox: queue.Queue = queue.Queue(self.INBOX)
+        self.signing_key = signing_key
+        self.tick_s = tick_s
+        self.shared = shared and broker.negotiate() == "5"
+        self.chunk_rate, self.chunk_burst = chunk_rate, chunk_burst
+        self.keep_raw_s, self.keep_rollups_s = keep_raw_s, keep_rollups_s
         self.chunks_sent = 0
         self.bytes_sent = 0
+        #: (device, bundle sha256) -> chunks sent: what each device downloaded
+        self.sent_to: dict[tuple[str, str], int] = {}
+        self.chunks_refused = 0
+        self.chunks_dropped = 0
         #: False: chunk requests are read and not answered (a controller that cannot serve, in tests)
         self.serve_chunks = True
+        #: the bundles each retained desired-state topic names (what a chunk request may ask for)
+        self.wanted: dict[str, set[str]] = {}
+        self._groups: dict[str, set[str]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._chunk_pool = ThreadPoolExecutor(max_workers=chunk_workers, thread_name_prefix="fleet-chunks")
+        self._chunk_queue = threading.BoundedSemaphore(self.CHUNK_QUEUE)
+        self._in_flight = threading.BoundedSemaphore(self.CHUNKS_IN_FLIGHT)
+        self._chunk_mids: set[int] = set()
+        self._chunk_lock = threading.Lock()
+        self._generation = 0  # connection number: an ack is only sent on the connection that got the message
+        self._closing = threading.Event()
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.client.on_connect = self._on_connect
-        self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, bytes(m.payload)))
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        for row in self.registry.devices():
+            self._groups[row["device"]] = set((row.get("state") or {}).get("groups") or [])
+
+    # -- paho's thread: hand over, never block on the database -------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
             log.error("broker refused the controller: %s", reason_code)
             return
-        for leaf in ("state", "telemetry", "events", "chunks/req"):
-            client.subscribe(f"{topics.PREFIX}/devices/+/{leaf}", qos=1)
+        self._generation += 1
+        share = "$share/edgepack/" if self.shared else ""
+        # Telemetry, events and chunk requests are split between controllers (shared subscriptions);
+        # retained states and desired states go to every controller (shared subscriptions get no
+        # retained messages, and each controller needs the whole picture).
+        client.subscribe(f"{topics.PREFIX}/devices/+/desired", qos=1)
+        client.subscribe(f"{topics.PREFIX}/groups/+/desired", qos=1)
+        client.subscribe(f"{topics.PREFIX}/devices/+/state", qos=1)
+        for leaf in ("telemetry", "events", "chunks/req"):
+            client.subscribe(f"{share}{topics.PREFIX}/devices/+/{leaf}", qos=1)
         self.connected.set()
 
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.connected.clear()
+        with self._chunk_lock:
+            # Frames in flight on the lost connection are resent by paho or asked again by the device.
+            for _ in self._chunk_mids:
+                self._in_flight.release()
+            self._chunk_mids.clear()
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
+        with self._chunk_lock:
+            if mid in self._chunk_mids:
+                self._chunk_mids.discard(mid)
+                self._in_flight.release()
+
+    def _on_message(self, client, userdata, message) -> None:
+        if self._closing.is_set():
+            return  # not acknowledged: the broker keeps it for the next connection
+        topic, payload = message.topic, bytes(message.payload)
+        if topic.endswith("/desired"):
+            self._note_desired(topic, payload)
+            client.ack(message.mid, message.qos)
+            return
+        parsed = topics.parse_device_topic(topic)
+        if not parsed:
+            client.ack(message.mid, message.qos)
+            return
+        device, leaf = parsed
+        if leaf == "chunks/req":
+            client.ack(message.mid, message.qos)
+            if self.serve_chunks:
+                if self._chunk_queue.acquire(blocking=False):
+                    self._chunk_pool.submit(self._serve_chunks_job, device, payload)
+                else:
+                    self.chunks_dropped += 1
+            return
+        if leaf not in ("state", "telemetry", "events"):
+            client.ack(message.mid, message.qos)
+            return
+        self.inbox.put((device, leaf, payload, message.mid, message.qos, self._generation))
+
+    def _note_desired(self, topic: str, payload: bytes) -> None:
+        named: set[str] = set()
+        try:
+            document = json.loads(json.loads(payload)["desired"]) if payload else {}
+            named = {ref["sha256"] for ref in (document.get("bundles") or {}).values() if isinstance(ref, dict)}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # not a desired state: it names nothing
+        self.wanted[topic] = named
+
+    # -- the writer thread -------------------------------------------------------------------------
+
     def handle(self, topic: str, payload: bytes) -> None:
+        """Store one message now (tests, tools); the serving path batches instead."""
         parsed = topics.parse_device_topic(topic)
         if not parsed:
             return
@@ -185,17 +288,68 @@ class FleetController:
             if self.serve_chunks:
                 self._serve_chunks(device, payload)
             return
+        item = self._parse(device, leaf, payload)
+        if item:
+            self.registry.store_batch([item])
+
+    def _parse(self, device: str, leaf: str, payload: bytes):
         try:
             message = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("not JSON from %s on %s", device, leaf)
-            return
+            return None
         if not isinstance(message, dict):
-            return
-        if leaf == "state":
-            self.registry.record_state(device, message)
-        elif leaf in ("telemetry", "events"):
-            self.registry.record_message(device, message)
+            return None
+        if leaf == "state" and "models" in message:
+            self._groups[device] = {g for g in message.get("groups") or [] if isinstance(g, str)}
+        return device, leaf, message
+
+    def _write(self, until: threading.Event) -> None:
+        delay = 0.5
+        while True:
+            try:
+                first = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                if until.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            items = [self._parse(device, leaf, payload) for device, leaf, payload, *_ in batch]
+            while True:
+                try:
+                    self.registry.store_batch([i for i in items if i])
+                    delay = 0.5
+                    break
+                except Exception:  # noqa: BLE001 - the database is away: keep the batch, ack nothing, retry
+                    log.exception("storing %d messages failed; trying again in %.1f s", len(batch), delay)
+                    if until.wait(delay) and self._closing.is_set():
+                        return  # unacknowledged: the broker delivers them to the next controller session
+                    delay = min(delay * 2, 10.0)
+            for *_, mid, qos, generation in batch:
+                if generation == self._generation:
+                    self.client.ack(mid, qos)
+
+    # -- chunk requests (worker pool) --------------------------------------------------------------
+
+    def authorised(self, device: str, sha256: str) -> bool:
+        """Whether ``device`` may fetch ``sha256``: a retained desired state for it, or for a group it
+        follows or is in, names that bundle."""
+        if sha256 in self.wanted.get(topics.desired(device), ()):
+            return True
+        return any(sha256 in self.wanted.get(topics.group_desired(g), ()) for g in self._groups.get(device, ()))
+
+    def _serve_chunks_job(self, device: str, payload: bytes) -> None:
+        try:
+            self._serve_chunks(device, payload)
+        except Exception:  # noqa: BLE001 - one request must not cost the pool
+            log.exception("chunk request from %s failed", device)
+        finally:
+            self._chunk_queue.release()
 
     def _serve_chunks(self, device: str, payload: bytes) -> None:
         try:
@@ -203,43 +357,95 @@ class FleetController:
         except chunks.ChunkError as exc:
             log.warning("bad chunk request from %s: %s", device, exc)
             return
+        if not self.authorised(device, sha256):
+            self.chunks_refused += 1
+            log.warning("device %s asks for bundle %s, which no desired state for it names", device, sha256[:12])
+            return
         path = self.shelf.find(sha256)
         if path is None:
             log.warning("device %s asks for unknown bundle %s", device, sha256)
             return
+        granted = self._buckets.setdefault(device, TokenBucket(self.chunk_burst)).take(
+            len(indexes), self.chunk_rate, self.chunk_burst)
+        if granted < len(indexes):
+            self.chunks_dropped += len(indexes) - granted  # asked again after the device's chunk time-out
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            for index in indexes:
+            for index in indexes[:granted]:
                 if index * chunks.CHUNK_BYTES >= size:
                     continue
                 handle.seek(index * chunks.CHUNK_BYTES)
                 frame = chunks.encode_frame(sha256, index, handle.read(chunks.CHUNK_BYTES))
-                self.client.publish(topics.chunk_data(device), frame, qos=1)
+                if not self._in_flight.acquire(timeout=30):
+                    self.chunks_dropped += 1
+                    continue
+                with self._chunk_lock:
+                    info = self.client.publish(topics.chunk_data(device), frame, qos=1)
+                    if info.rc == 0:
+                        self._chunk_mids.add(info.mid)
+                    else:
+                        self._in_flight.release()
+                        continue
                 self.chunks_sent += 1
                 self.bytes_sent += len(frame)
+                self.sent_to[(device, sha256)] = self.sent_to.get((device, sha256), 0) + 1
+
+    # -- rollouts (tick thread) --------------------------------------------------------------------
+
+    def publish_desired(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+        """Publish a signed desired state, retained; True once the broker has it."""
+        self._note_desired(topic, payload)
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        return info.is_published()
+
+    def _tick(self, until: threading.Event) -> None:
+        from . import rollouts
+
+        last_purge = 0.0
+        while not until.wait(self.tick_s):
+            try:
+                if self.connected.is_set():
+                    rollouts.tick(self)
+                if time.time() - last_purge > 3600:
+                    last_purge = time.time()
+                    self.registry.purge(self.keep_raw_s, self.keep_rollups_s)
+            except Exception:  # noqa: BLE001 - the next tick tries again
+                log.exception("rollout tick failed")
+
+    # -- running -----------------------------------------------------------------------------------
 
     def serve(self, until: threading.Event | None = None) -> None:
-        """Run until ``until`` is set (or forever)."""
+        """Run until ``until`` is set (or forever); then store and acknowledge what was received."""
         # A persistent session: while the controller is away the broker queues the devices' QoS 1
         # messages for it (a device deletes a spooled message once the broker has it).
         self.client.reconnect_delay_set(0.2, 5)
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30,
-                                  **self.broker.connect_kwargs(persistent=True))
+                                  **self.broker.connect_kwargs(persistent=True, receive_maximum=1000))
         self.client.loop_start()
         stop = until or self._stop
+        writer_done = threading.Event()
+        writer = threading.Thread(target=self._write, args=(writer_done,), name="fleet-writer", daemon=True)
+        ticker = threading.Thread(target=self._tick, args=(stop,), name="fleet-tick", daemon=True)
+        writer.start()
+        if self.signing_key is not None:
+            ticker.start()
         try:
-            while not stop.is_set():
-                try:
-                    topic, payload = self.inbox.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                try:
-                    self.handle(topic, payload)
-                except Exception:  # noqa: BLE001 - one bad message must not stop the controller
-                    log.exception("handling %s failed", topic)
+            stop.wait()
         finally:
+            # Drain: nothing new is taken (unacknowledged, it stays with the broker), what was taken is
+            # stored and acknowledged, then the connection closes.
+            self._closing.set()
+            writer_done.set()
+            writer.join(30)
+            if ticker.is_alive():
+                ticker.join(10)
+            self._chunk_pool.shutdown(wait=True, cancel_futures=True)
             self.client.disconnect()
             self.client.loop_stop()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def publish_retained(broker: Broker, topic: str, payload: bytes, client_id: str, timeout: float = 10.0) -> None:

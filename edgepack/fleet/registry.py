@@ -1,79 +1,150 @@
-"""The fleet controller's records, behind SQLAlchemy Core: a SQLite file by default, PostgreSQL when
-several controllers share a fleet. Telemetry and events are unique per (device, boot, seq), so a
-message delivered twice (at-least-once MQTT, resent from a device's spool) is stored once.
+"""The fleet registry: devices (what they report, and the tags and groups the controller assigns),
+every telemetry/event message once, and telemetry rolled up per device, model, version and minute.
+
+Messages are unique per (device, boot, seq), so one delivered twice (at-least-once MQTT, resent from a
+device's spool) is stored once. Writes come in batches (one transaction for many messages): the
+controller acknowledges a message to the broker only after the batch holding it is committed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
-from sqlalchemy import (JSON, Boolean, Column, Float, Integer, MetaData, String, Table, UniqueConstraint,
-                        create_engine, insert, select, update)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, func, select, update
 
-metadata = MetaData()
-
-devices = Table(
-    "devices", metadata,
-    Column("device", String(128), primary_key=True),
-    Column("online", Boolean, nullable=False, default=False),
-    Column("profile", String(64)),
-    Column("state", JSON),
-    Column("last_seen", Float),
-)
-
-messages = Table(
-    "messages", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("device", String(128), nullable=False, index=True),
-    Column("boot", String(64), nullable=False),
-    Column("seq", Integer, nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("event", String(64)),
-    Column("ts", Float),
-    Column("received", Float),
-    Column("body", JSON),
-    UniqueConstraint("device", "boot", "seq", name="one_message"),
-)
+from . import db as tables
+from .db import devices, messages, open_engine, rollup_classes, rollups
 
 
-def default_db() -> str:
-    return "sqlite:///fleet.db"
+def _drifted(drift) -> bool | None:
+    """Whether a telemetry message's drift scores raised an alarm (None: no drift scores)."""
+    if not isinstance(drift, dict) or not isinstance(drift.get("tests"), dict):
+        return None
+    return any(isinstance(t, dict) and t.get("alarm") for t in drift["tests"].values())
+
+
+def _number(value, default=0.0) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
 
 
 class FleetRegistry:
     """Devices, their last reported state, and every telemetry/event message once."""
 
     def __init__(self, url: str | None = None):
-        self.engine = create_engine(url or default_db())
-        metadata.create_all(self.engine)
+        self.engine = open_engine(url)
+        self.insert = tables.insert_for(self.engine)
         self.duplicates = 0
+        self.stored = 0
+
+    # -- ingestion ---------------------------------------------------------------------------------
+
+    def store_batch(self, batch: list[tuple[str, str, dict]]) -> None:
+        """Store ``(device, leaf, message)`` items (leaf: state, telemetry, events) in one transaction, in
+        order. Raises on a database error: then nothing of the batch is stored (and nothing acknowledged)."""
+        now = time.time()
+        with self.engine.begin() as db:
+            for device, leaf, message in batch:
+                if leaf == "state":
+                    self._state(db, device, message, now)
+                else:
+                    self._message(db, device, message, now)
+
+    def _state(self, db, device: str, state: dict, now: float) -> None:
+        if state.get("online") is False and "models" not in state:
+            # A Last Will (or a clean goodbye) says only "offline": what the device runs stays on record.
+            values = {"online": False, "last_seen": now}
+            db.execute(self.insert(devices).values(device=device, first_seen=now, tags=[], groups=[], **values)
+                       .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
+            return
+        values = {"online": bool(state.get("online")), "profile": state.get("profile"), "state": state,
+                  "last_seen": now}
+        db.execute(self.insert(devices).values(device=device, first_seen=now, tags=[], groups=[], **values)
+                   .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
+
+    def _message(self, db, device: str, message: dict, now: float) -> None:
+        try:
+            seq = int(message.get("seq", -1))
+        except (TypeError, ValueError):
+            seq = -1
+        row = {"device": device, "boot": str(message.get("boot"))[:64], "seq": seq,
+               "kind": str(message.get("kind"))[:16], "event": str(message["event"])[:64] if message.get("event") else None,
+               "ts": _number(message.get("ts"), None), "received": now, "body": message}
+        stored = db.execute(self.insert(messages).values(**row).on_conflict_do_nothing()).rowcount
+        if not stored:
+            self.duplicates += 1
+            return
+        self.stored += 1
+        if row["kind"] == "telemetry":
+            self._roll_up(db, device, message, row["ts"] or now)
+
+    def _roll_up(self, db, device: str, message: dict, ts: float) -> None:
+        models = message.get("models")
+        if not isinstance(models, dict):
+            return
+        minute = int(ts // 60)
+        for name, entry in models.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
+                continue
+            counts = entry.get("requests") if isinstance(entry.get("requests"), dict) else {}
+            ok, errors = int(_number(counts.get("ok"))), int(_number(counts.get("error")))
+            p95 = _number((entry.get("latency_s") or {}).get("p95") if isinstance(entry.get("latency_s"), dict) else None, None)
+            drifted = _drifted(entry.get("drift"))
+            values = {"requests": ok + errors, "errors": errors,
+                      "p95_weighted": p95 * (ok + errors) if p95 is not None else 0.0,
+                      "p95_requests": ok + errors if p95 is not None else 0,
+                      "drift_messages": 0 if drifted is None else 1, "drifted_messages": 1 if drifted else 0}
+            key = {"device": device, "model": name[:128], "version": entry["version"][:64], "minute": minute}
+            db.execute(self.insert(rollups).values(**key, **values).on_conflict_do_update(
+                index_elements=[rollups.c.device, rollups.c.model, rollups.c.version, rollups.c.minute],
+                set_={column: getattr(rollups.c, column) + value for column, value in values.items()}))
+            predictions = entry.get("predictions")
+            if isinstance(predictions, dict):
+                for label, count in list(predictions.items())[:256]:
+                    count = int(_number(count))
+                    if count <= 0:
+                        continue
+                    db.execute(self.insert(rollup_classes).values(**key, label=str(label)[:64], count=count)
+                               .on_conflict_do_update(
+                                   index_elements=[rollup_classes.c.device, rollup_classes.c.model,
+                                                   rollup_classes.c.version, rollup_classes.c.minute,
+                                                   rollup_classes.c.label],
+                                   set_={"count": rollup_classes.c.count + count}))
 
     def record_state(self, device: str, state: dict) -> None:
-        values = {"online": bool(state.get("online")), "profile": state.get("profile"), "state": state,
-                  "last_seen": time.time()}
-        with self.engine.begin() as db:
-            changed = db.execute(update(devices).where(devices.c.device == device).values(**values)).rowcount
-            if not changed:
-                db.execute(insert(devices).values(device=device, **values))
+        self.store_batch([(device, "state", state)])
 
     def record_message(self, device: str, message: dict) -> bool:
-        """Store a telemetry/event message; False when it was a duplicate."""
-        row = {"device": device, "boot": str(message.get("boot")), "seq": int(message.get("seq", -1)),
-               "kind": str(message.get("kind")), "event": message.get("event"), "ts": message.get("ts"),
-               "received": time.time(), "body": message}
-        try:
-            with self.engine.begin() as db:
-                db.execute(insert(messages).values(**row))
-        except IntegrityError:
-            self.duplicates += 1
-            return False
-        return True
+        """Store one telemetry/event message; False when it was a duplicate."""
+        before = self.duplicates
+        self.store_batch([(device, str(message.get("kind")), message)])
+        return self.duplicates == before
+
+    def purge(self, keep_raw_s: float, keep_rollups_s: float) -> int:
+        """Delete raw messages older than ``keep_raw_s`` and rollups older than ``keep_rollups_s``."""
+        now = time.time()
+        with self.engine.begin() as db:
+            gone = db.execute(delete(messages).where(messages.c.received < now - keep_raw_s)).rowcount
+            oldest = int((now - keep_rollups_s) // 60)
+            db.execute(delete(rollups).where(rollups.c.minute < oldest))
+            db.execute(delete(rollup_classes).where(rollup_classes.c.minute < oldest))
+        return gone
+
+    # -- reading -----------------------------------------------------------------------------------
 
     def devices(self) -> list[dict]:
         with self.engine.connect() as db:
             return [dict(r._mapping) for r in db.execute(select(devices).order_by(devices.c.device))]
+
+    def device(self, device: str) -> dict | None:
+        with self.engine.connect() as db:
+            row = db.execute(select(devices).where(devices.c.device == device)).first()
+        return dict(row._mapping) if row else None
 
     def messages(self, device: str | None = None, kind: str | None = None, limit: int = 1000) -> list[dict]:
         query = select(messages).order_by(messages.c.id.desc()).limit(limit)
@@ -84,6 +155,36 @@ class FleetRegistry:
         with self.engine.connect() as db:
             rows = [dict(r._mapping) for r in db.execute(query)]
         return rows[::-1]
+
+    def message_count(self) -> int:
+        with self.engine.connect() as db:
+            return db.execute(select(func.count()).select_from(messages)).scalar_one()
+
+    # -- assigned on the controller ----------------------------------------------------------------
+
+    def label(self, column: str, device_ids: list[str], add: list[str], remove: list[str]) -> list[dict]:
+        """Add/remove tags or groups (``column``) of devices; unknown devices are registered (so a
+        device can be grouped before it first connects). Returns the devices' rows."""
+        now = time.time()
+        changed = []
+        with self.engine.begin() as db:
+            for device in device_ids:
+                db.execute(self.insert(devices).values(device=device, online=False, first_seen=now, tags=[], groups=[])
+                           .on_conflict_do_nothing())
+                row = db.execute(select(devices).where(devices.c.device == device).with_for_update()).first()
+                values = [v for v in (getattr(row, column) or []) if v not in remove]
+                values += [v for v in add if v not in values]
+                db.execute(update(devices).where(devices.c.device == device).values(**{column: sorted(values)}))
+                changed.append(device)
+        with self.engine.connect() as db:
+            return [dict(r._mapping) for r in db.execute(select(devices).where(devices.c.device.in_(changed))
+                                                         .order_by(devices.c.device))]
+
+
+def device_groups(row: dict) -> set[str]:
+    """A device's groups: assigned on the controller, and the ones it subscribes to (``updates.groups``)."""
+    reported = (row.get("state") or {}).get("groups") or []
+    return set(row.get("groups") or []) | {g for g in reported if isinstance(g, str)}
 
 
 def dumps(rows) -> str:

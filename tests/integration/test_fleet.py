@@ -166,7 +166,8 @@ def test_signed_update_commits_with_no_failed_request(fleet):
     wait_for(lambda: fleet.controller.registry.devices(), 30, "the agent online")
     # The operator's commands, as real processes.
     pushed = run_cli("fleet", "push", fleet.setup["bundles"][("1.1.0", "x86-64")], "--device", DEVICE, "--key",
-                     fleet.setup["private"], "--broker", fleet.broker.url, "--bundles", fleet.tmp / "shelf")
+                     fleet.setup["private"], "--broker", fleet.broker.url, "--bundles", fleet.tmp / "shelf",
+                     "--db", f"sqlite:///{fleet.tmp / 'fleet.db'}")
     assert pushed.returncode == 0 and "fleet 1.1.0 (x86-64)" in pushed.stdout, pushed.stderr
     fleet.wait_commit("1.1.0")
     devices = json.loads(run_cli("fleet", "devices", "--db", f"sqlite:///{fleet.tmp / 'fleet.db'}", "--json").stdout)

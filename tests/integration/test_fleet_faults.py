@@ -278,7 +278,8 @@ def test_mqtt_3_1_1_only_broker_agent_controller_and_push(tmp_path, fleet_bundle
         wait_for(lambda: fleet.controller.registry.devices(), 30, "the agent's state over MQTT 3.1.1")
         wait_for(lambda: fleet.controller.registry.messages(DEVICE, "telemetry"), 30, "telemetry")
         pushed = run_cli("fleet", "push", fleet_bundles["bundles"][("1.1.0", "x86-64")], "--device", DEVICE, "--key",
-                         fleet_bundles["private"], "--broker", aedes.url, "--bundles", tmp_path / "shelf")
+                         fleet_bundles["private"], "--broker", aedes.url, "--bundles", tmp_path / "shelf",
+                         "--db", f"sqlite:///{tmp_path / 'push.db'}")
         assert pushed.returncode == 0, pushed.stderr
         fleet.wait_commit("1.1.0")
         listed = json.loads(run_cli("fleet", "devices", "--db", f"sqlite:///{tmp_path / 'fleet.db'}", "--json").stdout)

@@ -1,0 +1,216 @@
+"""The fleet controller's tables, behind SQLAlchemy Core: a SQLite file by default (WAL, so the
+controller's writer and the CLI's readers do not block each other), PostgreSQL when several
+controllers share a fleet. Every write that two controllers could race on is one statement: an
+upsert (``INSERT … ON CONFLICT``) or a conditional ``UPDATE``, never read-then-write.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import (JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint, create_engine, event, update)
+
+metadata = MetaData()
+
+devices = Table(
+    "devices", metadata,
+    Column("device", String(128), primary_key=True),
+    Column("online", Boolean, nullable=False, default=False),
+    Column("profile", String(64)),
+    #: the last full state the device reported (a Last Will only sets ``online``)
+    Column("state", JSON),
+    Column("last_seen", Float),
+    Column("first_seen", Float),
+    #: assigned on the controller (``edgepack fleet devices tag|group``)
+    Column("tags", JSON),
+    Column("groups", JSON),
+)
+
+messages = Table(
+    "messages", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device", String(128), nullable=False, index=True),
+    Column("boot", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("event", String(64)),
+    Column("ts", Float),
+    Column("received", Float, index=True),
+    Column("body", JSON),
+    UniqueConstraint("device", "boot", "seq", name="one_message"),
+)
+
+#: telemetry rolled up per device, model, version and minute: what the rollout metric gates read
+rollups = Table(
+    "rollups", metadata,
+    Column("device", String(128), primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("minute", Integer, primary_key=True),
+    Column("requests", Integer, nullable=False, default=0),
+    Column("errors", Integer, nullable=False, default=0),
+    #: sum of (p95 of a telemetry message x its requests) and of those requests: a request-weighted p95
+    Column("p95_weighted", Float, nullable=False, default=0.0),
+    Column("p95_requests", Integer, nullable=False, default=0),
+    Column("drift_messages", Integer, nullable=False, default=0),
+    Column("drifted_messages", Integer, nullable=False, default=0),
+    Index("rollups_by_minute", "minute"),
+)
+
+rollup_classes = Table(
+    "rollup_classes", metadata,
+    Column("device", String(128), primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("minute", Integer, primary_key=True),
+    Column("label", String(64), primary_key=True),
+    Column("count", Integer, nullable=False, default=0),
+)
+
+#: every bundle the controller can send, by content
+bundles = Table(
+    "bundles", metadata,
+    Column("sha256", String(64), primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("profile", String(64), nullable=False),
+    Column("chunk_bytes", Integer, nullable=False),
+    #: the signed per-chunk digest list (base64), as desired states carry it
+    Column("chunks", Text, nullable=False),
+    Column("added", Float),
+)
+
+releases = Table(
+    "releases", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("notes", Text),
+    Column("created", Float),
+)
+
+release_bundles = Table(
+    "release_bundles", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("profile", String(64), primary_key=True),
+    Column("sha256", String(64), nullable=False),
+)
+
+#: every desired state the fleet signed and published
+desired = Table(
+    "desired", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(256), nullable=False, index=True),
+    Column("desired_version", Integer, nullable=False, index=True),
+    Column("model", String(128), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("rollout", Integer),
+    Column("purpose", String(16), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created", Float),
+)
+
+rollouts = Table(
+    "rollouts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # rollout | rollback
+    Column("name", String(128), nullable=False),
+    Column("version", String(64)),
+    Column("selector", JSON, nullable=False),
+    Column("strategy", JSON, nullable=False),
+    Column("criteria", JSON, nullable=False),
+    Column("state", String(16), nullable=False),  # running | paused | aborted | done
+    Column("stage", Integer, nullable=False, default=0),
+    Column("stage_started", Float),
+    Column("reason", Text),
+    Column("verdicts", JSON),
+    Column("created", Float),
+    Column("updated", Float),
+    Column("requested", String(16)),  # pause | resume | abort, set by the CLI, done by the tick
+)
+
+rollout_devices = Table(
+    "rollout_devices", metadata,
+    Column("rollout", Integer, primary_key=True),
+    Column("device", String(128), primary_key=True),
+    Column("profile", String(64)),
+    Column("rank", Integer, nullable=False),
+    Column("stage", Integer),
+    #: pending | offered | committed | failed | timed_out | skipped | rollback_offered | rolled_back
+    Column("status", String(20), nullable=False),
+    Column("from_version", String(64)),
+    Column("to_version", String(64)),
+    Column("offered_at", Float),
+    Column("seen_at", Float),
+    Column("finished_at", Float),
+    Column("desired_version", Integer),
+    Column("detail", Text),
+)
+
+#: a lease one controller holds to advance rollouts (hawkBit's scheduler lock)
+leases = Table(
+    "leases", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("owner", String(128)),
+    Column("until", Float),
+)
+
+
+def default_db() -> str:
+    return "sqlite:///fleet.db"
+
+
+def open_engine(url: str | None = None):
+    """An engine with the tables created; SQLite in WAL mode with a busy timeout."""
+    url = url or default_db()
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(url, **({"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True}))
+    if sqlite:
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection, _record):  # WAL: readers never wait for the writer; NORMAL: fsync at checkpoints
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    metadata.create_all(engine)
+    return engine
+
+
+def insert_for(engine):
+    """The dialect's ``insert`` (with ``on_conflict_do_update/nothing``): SQLite or PostgreSQL."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def take_lease(engine, name: str, owner: str, seconds: float) -> bool:
+    """Hold ``name`` for ``seconds`` (renewed by the holder); one statement, so two controllers
+    cannot both win."""
+    now = time.time()
+    insert = insert_for(engine)
+    with engine.begin() as db:
+        db.execute(insert(leases).values(name=name, owner=None, until=0.0).on_conflict_do_nothing())
+        won = db.execute(update(leases).where(leases.c.name == name)
+                         .where((leases.c.owner == owner) | (leases.c.until < now) | leases.c.owner.is_(None))
+                         .values(owner=owner, until=now + seconds)).rowcount
+    return bool(won)
+
+
+def release_lease(engine, name: str, owner: str) -> None:
+    with engine.begin() as db:
+        db.execute(update(leases).where(leases.c.name == name).where(leases.c.owner == owner)
+                   .values(owner=None, until=0.0))
+
+
+def rollout_classes_query(model: str, device_ids: list[str], versions: list[str], since_minute: int):
+    """Predicted-class counts of ``model`` at ``versions`` on ``device_ids`` since a minute: (label, count) rows."""
+    from sqlalchemy import func, select
+
+    return (select(rollup_classes.c.label, func.sum(rollup_classes.c.count))
+            .where(rollup_classes.c.model == model).where(rollup_classes.c.device.in_(device_ids))
+            .where(rollup_classes.c.version.in_(versions)).where(rollup_classes.c.minute >= since_minute)
+            .group_by(rollup_classes.c.label))

@@ -1,0 +1,269 @@
+"""The rollout state machine against a real (SQLite) registry and fake devices, no broker: stages,
+abort on install failures and on model metrics, rollback from the slot, offline devices, a restart
+that offers nobody twice, per-profile bundles, and the CLI's refusals."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from edgepack.bundle.signing import generate_keys, load_private_key, load_public_key
+from edgepack.errors import UsageError
+from edgepack.fleet import chunks, rollouts, topics
+from edgepack.fleet.db import bundles, release_bundles, releases
+from edgepack.fleet.desired import verify_desired
+from edgepack.fleet.registry import FleetRegistry
+
+from .conftest import run_cli
+
+
+class FakeController:
+    """What the tick needs from a controller; publishes into a dict instead of a broker."""
+
+    def __init__(self, registry, key, client_id="c1"):
+        self.registry, self.signing_key, self.client_id, self.tick_s = registry, key, client_id, 0.1
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish_desired(self, topic, payload):
+        self.published.append((topic, payload))
+        return True
+
+
+class FakeFleet:
+    """Devices that answer desired states the way agents do: install (or fail), report state and
+    telemetry with scripted figures per version."""
+
+    def __init__(self, registry, public, count=100, profiles=("x86-64",), fail=(), offline=(), model="m"):
+        self.registry, self.public, self.model = registry, public, model
+        self.devices = {f"d{i:03d}": {"profile": profiles[i % len(profiles)], "active": "1.0.0", "previous": None,
+                                      "online": f"d{i:03d}" not in offline, "result": None, "target": None}
+                        for i in range(count)}
+        self.fail = set(fail)
+        self.downloads: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        for device in self.devices:
+            self.report(device)
+
+    def report(self, device):
+        d = self.devices[device]
+        state = {"online": d["online"], "profile": d["profile"], "groups": ["all"],
+                 "models": {self.model: {"active": d["active"], "previous": d["previous"], "target": d["target"],
+                                         "update": {"state": "idle", "result": d["result"], "since": time.time()}}}}
+        self.registry.record_state(device, state)
+
+    def deliver(self, published, slots_hold=True):
+        for topic, payload in published:
+            device = topic.split("/")[3]
+            d = self.devices[device]
+            if not d["online"]:
+                continue
+            state = verify_desired(payload, [self.public])
+            if state.version <= self.seen.get(device, 0):
+                continue
+            self.seen[device] = state.version
+            assert list(state.bundles) == [d["profile"]]  # only its own profile's bundle
+            version = state.model.version
+            d["target"] = version
+            if version == d["active"]:
+                continue
+            if version == d["previous"] and slots_hold:
+                d["active"], d["previous"], d["result"] = version, d["active"], "committed"  # from the slot
+            elif device in self.fail:
+                d["result"] = "rolled_back"
+            else:
+                self.downloads[device] = self.downloads.get(device, 0) + 1
+                d["active"], d["previous"], d["result"] = version, d["active"], "committed"
+            self.report(device)
+
+    def telemetry(self, scripts: dict, seq=[0]):
+        for device, d in self.devices.items():
+            if not d["online"]:
+                continue
+            script = scripts.get(d["active"], scripts["default"])
+            seq[0] += 1
+            body = {"kind": "telemetry", "boot": "b", "seq": seq[0], "ts": time.time(),
+                    "models": {self.model: {"version": d["active"], "requests": {"ok": 50 - script.get("errors", 0),
+                                                                                 "error": script.get("errors", 0)},
+                                            "latency_s": {"p95": script["p95"]},
+                                            "predictions": script.get("classes", {"0": 25, "1": 25})}}}
+            self.registry.record_message(device, body)
+
+
+def _release(registry, version, profiles=("x86-64", "rpi4")):
+    digest = base64.b64encode(b"\0" * 16).decode()
+    with registry.engine.begin() as db:
+        db.execute(releases.insert().values(name="m", version=version, created=time.time()))
+        for profile in profiles:
+            sha = f"{hash((version, profile)) & (2 ** 64 - 1):064x}"
+            db.execute(bundles.insert().values(sha256=sha, size=100, name="m", version=version, profile=profile,
+                                               chunk_bytes=chunks.CHUNK_BYTES, chunks=digest))
+            db.execute(release_bundles.insert().values(name="m", version=version, profile=profile, sha256=sha))
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    private, public = generate_keys(tmp_path / "keys")
+    registry = FleetRegistry(f"sqlite:///{tmp_path / 'fleet.db'}")
+    _release(registry, "1.0.0")
+    _release(registry, "1.1.0")
+    return registry, FakeController(registry, load_private_key(private)), load_public_key(public), tmp_path
+
+
+def _run(controller, fleet, ticks=40, scripts=None, until=None):
+    for _ in range(ticks):
+        rollouts.tick(controller)
+        fleet.deliver(controller.published)
+        if scripts:
+            fleet.telemetry(scripts)
+        if until and until():
+            return
+
+
+def _show(registry, rollout_id):
+    (head,) = rollouts.summary(registry, rollout_id)
+    return head
+
+
+def test_install_failures_abort_and_updated_devices_go_back_from_the_slot(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 100, fail={f"d{i:03d}" for i in range(0, 100, 5)})  # 20%
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("30%,100%"), "soak_s": 0},
+                                {"max_failure_pct": 10, "min_finished": 20})
+    _run(controller, fleet, until=lambda: _show(registry, rollout_id)["state"] == "aborted")
+    _run(controller, fleet, ticks=5)
+    head = _show(registry, rollout_id)
+    assert head["state"] == "aborted" and "failed" in head["reason"], head
+    verdict = head["verdicts"]["failures"]
+    assert verdict["finished"] >= 20 and verdict["failure_pct"] >= 10
+    offered = {m["device"] for m in head["members"] if m["offered_at"]}
+    assert len(offered) == 30  # nothing more was offered after the abort (stage 1 is 30 devices)
+    assert all(fleet.devices[d]["active"] == "1.0.0" for d in fleet.devices)  # everyone on the old version
+    updated = [m for m in head["members"] if m["status"] == "rolled_back"]
+    assert updated and all(fleet.downloads.get(m["device"]) == 1 for m in updated)  # no second download
+    assert head["counts"].get("failed", 0) >= 1
+
+
+@pytest.mark.parametrize("script, field", [
+    ({"p95": 0.03}, "latency_ratio"),  # 3x slower
+    ({"p95": 0.01, "errors": 3}, "error_delta"),  # 6% errors
+    ({"p95": 0.01, "classes": {"0": 45, "1": 5}}, "prediction_psi"),  # the predicted classes shift
+])
+def test_a_release_that_is_slower_errs_or_shifts_predictions_stops_at_its_first_stage(setup, script, field):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 50)
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("10%,100%"), "soak_s": 0},
+                                {"max_latency_ratio": 1.5, "max_error_delta": 0.02, "max_prediction_psi": 0.2,
+                                 "min_requests": 200})
+    scripts = {"default": {"p95": 0.01}, "1.1.0": script}
+    _run(controller, fleet, scripts=scripts, until=lambda: _show(registry, rollout_id)["state"] != "running")
+    _run(controller, fleet, ticks=3)
+    head = _show(registry, rollout_id)
+    assert head["state"] == "aborted", head
+    metrics = head["verdicts"]["metrics"]["profiles"]["x86-64"]
+    assert metrics["decision"] == "abort" and field in head["reason"], head["reason"]
+    assert metrics[field] is not None
+    assert len([m for m in head["members"] if m["offered_at"]]) == 5  # the first stage only
+    assert all(d["active"] == "1.0.0" for d in fleet.devices.values())
+    # the CLI shows the numbers
+    shown = run_cli("fleet", "rollout", "show", str(rollout_id), "--db", str(registry.engine.url))
+    assert shown.returncode == 0 and field in shown.stdout and "abort" in shown.stdout, shown.stdout
+
+
+def test_a_good_release_goes_through_every_stage(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 40, profiles=("x86-64", "rpi4"))
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("5%,50%,100%"), "soak_s": 0},
+                                {"max_latency_ratio": 1.5, "min_requests": 100})
+    stages_seen = set()
+
+    def done():
+        head = _show(registry, rollout_id)
+        stages_seen.add(head["stage"])
+        return head["state"] == "done"
+
+    _run(controller, fleet, ticks=60, scripts={"default": {"p95": 0.01}}, until=done)
+    head = _show(registry, rollout_id)
+    assert head["state"] == "done" and stages_seen >= {0, 1, 2}, (head["stage"], head["counts"], head["verdicts"])
+    assert head["counts"] == {"committed": 40}
+    assert all(d["active"] == "1.1.0" for d in fleet.devices.values())
+    # a device of another profile got its own bundle (FakeFleet.deliver checks the profile's key)
+    assert {d["profile"] for d in fleet.devices.values()} == {"x86-64", "rpi4"}
+
+
+def test_offline_device_converges_and_a_restart_offers_nobody_twice(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 20, offline={"d003"})
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("50%,100%"), "soak_s": 0}, {})
+    _run(controller, fleet, ticks=3)
+    # "kill -9": a new controller over the same database goes on from there
+    restarted = FakeController(registry, controller.signing_key, client_id="c1")
+    _run(restarted, fleet, ticks=30, until=lambda: _show(registry, rollout_id)["state"] == "done")
+    head = _show(registry, rollout_id)
+    assert head["state"] == "done"
+    assert fleet.devices["d003"]["active"] == "1.0.0"  # still away
+    fleet.devices["d003"]["online"] = True
+    fleet.report("d003")
+    fleet.deliver(restarted.published)  # the retained desired state waits on the broker for it
+    _run(restarted, fleet, ticks=2)
+    assert fleet.devices["d003"]["active"] == "1.1.0"
+    assert _show(registry, rollout_id)["counts"] == {"committed": 20}
+    # nobody offered twice: one desired-state version per device (a republish sends the same bytes)
+    versions: dict[str, set] = {}
+    for topic, payload in controller.published + restarted.published:
+        versions.setdefault(topic, set()).add(json.loads(json.loads(payload)["desired"])["version"])
+    assert all(len(v) == 1 for v in versions.values()), versions
+
+
+def test_fleet_rollback_and_pause_resume_abort_requests(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 10)
+    first = rollouts.start(registry, "m", "1.1.0", {"group": "all"}, {"stages": [{"percent": 100.0}], "soak_s": 0}, {})
+    _run(controller, fleet, ticks=10, until=lambda: _show(registry, first)["state"] == "done")
+    assert all(d["active"] == "1.1.0" for d in fleet.devices.values())
+    back = rollouts.start_rollback(registry, None, None, ("m", "1.1.0"))
+    _run(controller, fleet, ticks=10, until=lambda: _show(registry, back)["counts"].get("committed") == 10)
+    assert all(d["active"] == "1.0.0" for d in fleet.devices.values())
+    assert all(n == 1 for n in fleet.downloads.values())  # back from the slot, no download
+    # steering is done by the tick
+    again = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                           {"stages": rollouts.parse_stages("1,100%"), "soak_s": 0}, {})
+    rollouts.request(registry, again, "pause")
+    _run(controller, fleet, ticks=3)
+    assert _show(registry, again)["state"] == "paused"
+    assert len([m for m in _show(registry, again)["members"] if m["offered_at"]]) == 0  # paused before offering
+    with pytest.raises(UsageError, match="cannot be paused"):
+        rollouts.request(registry, again, "pause")
+    rollouts.request(registry, again, "resume")
+    _run(controller, fleet, ticks=2)
+    assert _show(registry, again)["state"] == "running"
+    rollouts.request(registry, again, "abort")
+    _run(controller, fleet, ticks=3)
+    assert _show(registry, again)["state"] == "aborted"
+    assert all(d["active"] == "1.0.0" for d in fleet.devices.values())
+
+
+def test_start_refuses_what_cannot_work(setup):
+    registry, controller, public, _ = setup
+    FakeFleet(registry, public, 3)
+    with pytest.raises(UsageError, match="no release m@9.9.9"):
+        rollouts.start(registry, "m", "9.9.9", {"group": "all"})
+    with pytest.raises(UsageError, match="unknown devices: nope"):
+        rollouts.start(registry, "m", "1.1.0", {"devices": ["nope"]})
+    with pytest.raises(UsageError, match="no device matches"):
+        rollouts.start(registry, "m", "1.1.0", {"group": "elsewhere"})
+    rollouts.start(registry, "m", "1.1.0", {"group": "all"})
+    with pytest.raises(UsageError, match="is in rollout 1"):
+        rollouts.start(registry, "m", "1.1.0", {"devices": ["d001"]})
+    for bad in ("0%", "x", ""):
+        with pytest.raises(UsageError):
+            rollouts.parse_stages(bad)
+    assert rollouts.parse_duration("10m") == 600 and rollouts.parse_rate("10/min") == 10
+    assert rollouts._rate_allowed({"rate_per_min": 10, "growth": 2}, 0, 120) == 30  # 10 + 20
+    assert topics.desired("d001").endswith("/desired")
