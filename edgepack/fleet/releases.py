@@ -102,16 +102,22 @@ def add_release(registry, shelf: BundleShelf, paths: list[Path], notes: str | No
     if len(set(profiles)) != len(profiles):
         raise UsageError("two bundles for one profile; a release has one bundle per profile")
     name, version = models.pop()
-    for path, row in zip(paths, rows):
-        shelf.add(path, row["sha256"])
-    now = time.time()
-    with registry.engine.begin() as db:
+
+    def check(db) -> None:
         known = {r.profile: r.sha256 for r in db.execute(
             select(release_bundles).where(release_bundles.c.name == name).where(release_bundles.c.version == version))}
         for row in rows:
             if row["profile"] in known and known[row["profile"]] != row["sha256"]:
                 raise UsageError(f"release {name}@{version} already has other bytes for profile {row['profile']!r}; "
                                  "a release is immutable: give the new build a new version")
+
+    with registry.engine.connect() as db:
+        check(db)  # before anything is stored
+    for path, row in zip(paths, rows):
+        shelf.add(path, row["sha256"])
+    now = time.time()
+    with registry.engine.begin() as db:
+        check(db)  # again in the transaction: another 'release add' may have come in between
         for row in rows:
             db.execute(registry.insert(bundles).values(**row, added=now).on_conflict_do_nothing())
             db.execute(registry.insert(release_bundles).values(name=name, version=version, profile=row["profile"],
