@@ -267,3 +267,22 @@ def test_start_refuses_what_cannot_work(setup):
     assert rollouts.parse_duration("10m") == 600 and rollouts.parse_rate("10/min") == 10
     assert rollouts._rate_allowed({"rate_per_min": 10, "growth": 2}, 0, 120) == 30  # 10 + 20
     assert topics.desired("d001").endswith("/desired")
+
+
+def test_desired_states_are_renewed_before_they_expire_unless_the_device_failed_them(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 6, fail={"d002"})
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"}, {"stages": [{"percent": 100.0}], "soak_s": 0},
+                                {"max_failure_pct": 90})
+    _run(controller, fleet, ticks=10, until=lambda: _show(registry, rollout_id)["state"] == "done")
+    before = len(controller.published)
+    assert rollouts.freshen(controller, time.time()) == 0  # young: nothing to do
+    later = time.time() + 13 * 3600  # past half of the one-day life
+    assert rollouts.freshen(controller, later) == 5  # not d002: it failed that version
+    renewed = controller.published[before:]
+    assert {topic.split("/")[3] for topic, _ in renewed} == {f"d00{i}" for i in (0, 1, 3, 4, 5)}
+    for _, payload in renewed:
+        state = verify_desired(payload, [public], now=later)
+        assert state.model.version == "1.1.0" and state.expires_at > later + 20 * 3600
+    fleet.deliver(controller.published)  # the devices take them as no-ops
+    assert all(d["active"] == ("1.0.0" if name == "d002" else "1.1.0") for name, d in fleet.devices.items())

@@ -48,14 +48,14 @@ def fleet() -> None:
               help="the fleet's ed25519 private key: the controller signs the desired states of rollouts with it "
                    "(without it, it records and serves chunks but runs no rollout)")
 @click.option("--client-id", help="MQTT client id (default: edgepack-fleet-HOSTNAME; give each controller its own)")
-@click.option("--shared-subscriptions", "shared", is_flag=True,
-              help="split telemetry, events and chunk requests between controllers ($share/edgepack/…, MQTT 5); see "
-                   "the README for what Mosquitto 2.0.11 does with them")
+@click.option("--share", type=click.Choice(["none", "chunks", "all"]), default="none", show_default=True,
+              help="with several controllers: what MQTT 5 shared subscriptions ($share/edgepack/…) split between them; "
+                   "chunks on Mosquitto, all on brokers that skip offline members (README: several controllers)")
 @click.option("--tick", "tick_s", type=click.FloatRange(0.1), default=2.0, show_default=True,
               help="seconds between rollout ticks")
 @click.option("--keep-raw", "keep_raw", default="7d", show_default=True, help="how long raw telemetry is kept")
 @_auth
-def serve(broker, db_url, bundles_dir, private_key, client_id, shared, tick_s, keep_raw, protocol, username, password,
+def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, keep_raw, protocol, username, password,
           ca_file, cert_file, key_file) -> None:
     """Record device state, telemetry and events; answer bundle chunk requests; advance rollouts.
     Runs until SIGTERM (then stores and acknowledges what it received, and stops)."""
@@ -68,7 +68,7 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, shared, tick_s, k
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     address = _broker(broker, username, password, ca_file, cert_file, key_file, protocol)
-    controller = FleetController(address, db_url, bundles_dir, client_id=client_id, shared=shared, tick_s=tick_s,
+    controller = FleetController(address, db_url, bundles_dir, client_id=client_id, share=share, tick_s=tick_s,
                                  signing_key=load_private_key(private_key) if private_key else None,
                                  keep_raw_s=parse_duration(keep_raw))
     stop = threading.Event()
@@ -139,7 +139,7 @@ def push(bundles, device, group, private_key, desired_version, probation_s, min_
     with registry.engine.begin() as db:  # every signed desired state is on record
         db.execute(desired_table.insert().values(topic=target, desired_version=state.version, model=state.model.name,
                                                  version=state.model.version, purpose="push", payload=payload.decode(),
-                                                 created=_time.time()))
+                                                 created=_time.time(), expires_at=state.expires_at))
     publish_retained(address, target, payload, f"edgepack-push-{threading.get_ident()}")
     click.echo(f"desired state {state.version}: {state.model.name} {state.model.version} "
                f"({', '.join(sorted(state.bundles))}) -> {target}")

@@ -130,6 +130,15 @@ class Broker:
         return {"clean_start": False, "properties": properties}
 
 
+#: what ``--share`` splits between controllers. ``chunks``: each chunk request is answered by one
+#: controller; telemetry and events go to every controller, which store each message once (unique per
+#: device, boot and seq). Mosquitto 2.0.11 hands shared messages round-robin to every session of the
+#: share, a dead controller's included, and keeps them there until it returns: a chunk request is only
+#: asked again, but telemetry would wait for the dead controller. ``all``: for brokers that dispatch
+#: shared messages to connected members only (EMQX, HiveMQ): ingestion is split too.
+SHARE = {"none": (), "chunks": ("chunks/req",), "all": ("telemetry", "events", "chunks/req")}
+
+
 def default_client_id() -> str:
     """Stable per machine (a restart resumes the broker session and what it queued), different
     between machines (two controllers never take over each other's session)."""
@@ -167,7 +176,7 @@ class FleetController:
     CHUNKS_IN_FLIGHT = 256
 
     def __init__(self, broker: Broker, db_url: str | None, bundles: Path, client_id: str | None = None,
-                 signing_key=None, tick_s: float = 2.0, shared: bool = False, chunk_workers: int = 4,
+                 signing_key=None, tick_s: float = 2.0, share: str = "none", chunk_workers: int = 4,
                  chunk_rate: float = 256.0, chunk_burst: float = 512.0, keep_raw_s: float = 7 * 86400,
                  keep_rollups_s: float = 90 * 86400):
         self.broker = broker
@@ -178,7 +187,10 @@ class FleetController:
         self.inbox: queue.Queue = queue.Queue(self.INBOX)
         self.signing_key = signing_key
         self.tick_s = tick_s
-        self.shared = shared and broker.negotiate() == "5"
+        if share not in SHARE:
+            raise UsageError(f"--share {share!r}: give one of {', '.join(SHARE)}")
+        #: the leaves split between controllers by MQTT 5 shared subscriptions (3.1.1 has none)
+        self.shared_leaves = SHARE[share] if broker.negotiate() == "5" else ()
         self.chunk_rate, self.chunk_burst = chunk_rate, chunk_burst
         self.keep_raw_s, self.keep_rollups_s = keep_raw_s, keep_rollups_s
         self.chunks_sent = 0
@@ -216,14 +228,13 @@ class FleetController:
             log.error("broker refused the controller: %s", reason_code)
             return
         self._generation += 1
-        share = "$share/edgepack/" if self.shared else ""
-        # Telemetry, events and chunk requests are split between controllers (shared subscriptions);
-        # retained states and desired states go to every controller (shared subscriptions get no
-        # retained messages, and each controller needs the whole picture).
+        # Retained states and desired states go to every controller (shared subscriptions get no
+        # retained messages, and each controller needs the whole picture); what --share names is split.
         client.subscribe(f"{topics.PREFIX}/devices/+/desired", qos=1)
         client.subscribe(f"{topics.PREFIX}/groups/+/desired", qos=1)
         client.subscribe(f"{topics.PREFIX}/devices/+/state", qos=1)
         for leaf in ("telemetry", "events", "chunks/req"):
+            share = "$share/edgepack/" if leaf in self.shared_leaves else ""
             client.subscribe(f"{share}{topics.PREFIX}/devices/+/{leaf}", qos=1)
         self.connected.set()
 

@@ -110,6 +110,7 @@ desired = Table(
     Column("purpose", String(16), nullable=False),
     Column("payload", Text, nullable=False),
     Column("created", Float),
+    Column("expires_at", Float),
 )
 
 rollouts = Table(

@@ -75,8 +75,10 @@ class FleetRegistry:
         row = {"device": device, "boot": str(message.get("boot"))[:64], "seq": seq,
                "kind": str(message.get("kind"))[:16], "event": str(message["event"])[:64] if message.get("event") else None,
                "ts": _number(message.get("ts"), None), "received": now, "body": message}
-        stored = db.execute(self.insert(messages).values(**row).on_conflict_do_nothing()).rowcount
-        if not stored:
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT … ON CONFLICT DO NOTHING
+        stored = db.execute(self.insert(messages).values(**row).on_conflict_do_nothing()
+                            .returning(messages.c.id)).first()
+        if stored is None:
             self.duplicates += 1
             return
         self.stored += 1

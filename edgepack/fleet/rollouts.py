@@ -23,6 +23,7 @@ finds in its inactive slot and activates without a download.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 
@@ -40,7 +41,7 @@ FINISHED = ("committed", "failed", "timed_out")
 #: statuses that wait for the device
 WAITING = ("offered", "rollback_offered")
 DEFAULT_STRATEGY = {"stages": [{"percent": 10.0}, {"percent": 100.0}], "soak_s": 60.0, "min_devices": 1,
-                    "device_timeout_s": 1800.0, "retries": 0, "expires_s": 7 * 86400.0}
+                    "device_timeout_s": 1800.0, "retries": 0, "expires_s": 86400.0}
 DEFAULT_CRITERIA = {"max_failure_pct": 20.0, "min_finished": 5, "min_requests": 100, "window_s": 600.0}
 #: metric budgets and the verdict field each one limits
 METRIC_LIMITS = {"max_latency_ratio": "latency_ratio", "max_error_delta": "error_delta",
@@ -232,6 +233,58 @@ def tick(controller) -> None:
         republish(controller, live)
     for rollout_id in live:
         advance(controller, rollout_id)
+    now = time.time()
+    if now - getattr(controller, "_freshened", 0.0) >= FRESHEN_EVERY_S:
+        controller._freshened = now
+        freshen(controller, now)
+
+
+#: how often the controller looks for desired states past half their life
+FRESHEN_EVERY_S = 60.0
+
+
+def freshen(controller, now: float) -> int:
+    """Re-sign, with a new version and a new expiry, every device's current desired state that is past
+    half its life, while it still says what the fleet wants: the device runs that version, or its
+    rollout still waits for it (a device that failed it is not made to try again). Desired states are
+    short-lived (a day by default), so this is the fleet's freshness statement (TUF's timestamp role):
+    a device whose desired state stops being renewed — a withheld update, a frozen broker — sees it
+    expire within a day and reports ``desired_stale``."""
+    from .desired import DesiredState, sign_desired
+
+    registry = controller.registry
+    latest = select(func.max(desired.c.id)).where(desired.c.topic.like(f"{topics.PREFIX}/devices/%")).group_by(desired.c.topic)
+    with registry.engine.connect() as db:
+        rows = db.execute(select(desired).where(desired.c.id.in_(latest)).where(desired.c.expires_at.is_not(None))
+                          .where(desired.c.expires_at - now < (desired.c.expires_at - desired.c.created) / 2)).all()
+    renewed = 0
+    for row in rows:
+        device = row.topic.split("/")[3]
+        with registry.engine.connect() as db:
+            state_row = db.execute(select(devices.c.state).where(devices.c.device == device)).first()
+            waiting = db.execute(select(rollout_devices.c.status).where(rollout_devices.c.device == device)
+                                 .where(rollout_devices.c.desired_version == row.desired_version)
+                                 .where(rollout_devices.c.status.in_(WAITING))).first()
+        model = (((state_row.state if state_row else None) or {}).get("models") or {}).get(row.model) or {}
+        if model.get("active") != row.version and waiting is None:
+            continue
+        document = json.loads(json.loads(row.payload)["desired"])
+        lifetime = (row.expires_at or now) - (row.created or now)
+        with registry.engine.begin() as db:
+            number = next_desired_version(db)
+            state = DesiredState.model_validate({**document, "version": number, "issued_at": now,
+                                                 "expires_at": now + max(lifetime, 60.0)})
+            payload = sign_desired(state, controller.signing_key)
+            db.execute(desired.insert().values(topic=row.topic, desired_version=number, model=row.model, version=row.version,
+                                               rollout=row.rollout, purpose="refresh", payload=payload.decode(),
+                                               created=now, expires_at=state.expires_at))
+            if waiting is not None:
+                db.execute(update(rollout_devices).where(rollout_devices.c.device == device)
+                           .where(rollout_devices.c.desired_version == row.desired_version)
+                           .values(desired_version=number))
+        controller.publish_desired(row.topic, payload)
+        renewed += 1
+    return renewed
 
 
 def republish(controller, rollout_ids) -> None:
@@ -580,7 +633,7 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
         payload = sign_desired(state, controller.signing_key)
         db.execute(desired.insert().values(topic=topics.desired(device), desired_version=number, model=rollout["name"],
                                            version=version, rollout=rollout["id"], purpose=purpose,
-                                           payload=payload.decode(), created=now))
+                                           payload=payload.decode(), created=now, expires_at=state.expires_at))
         status = "offered" if purpose == "offer" else "rollback_offered"
         if purpose == "rollback" and rollout["kind"] == "rollout":
             values = {"status": status, "desired_version": number, "to_version": version, "offered_at": now,
