@@ -389,6 +389,11 @@ def rollout_show(rollout_id, db_url, as_json) -> None:
         v = verdicts["failures"]
         click.echo(f"  failures: {v['failed']}/{v['finished']} finished ({v['failure_pct']}%, limit {v['limit_pct']}%): "
                    f"{v['decision']}")
+    failed = [m for m in head.get("members", []) if m["status"] in ("failed", "timed_out") and m.get("detail")]
+    for m in failed[:5]:
+        click.echo(f"  {m['device']} {m['status']}: {m['detail']}")
+    if len(failed) > 5:
+        click.echo(f"  … and {len(failed) - 5} more ('--json' lists every device)")
     for profile, v in ((verdicts.get("metrics") or {}).get("profiles") or {}).items():
         numbers = ", ".join(f"{k} {v[k]}" for k in ("latency_ratio", "error_delta", "drift_delta", "prediction_psi")
                             if v.get(k) is not None)

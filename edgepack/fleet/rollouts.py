@@ -564,6 +564,16 @@ def offer_next(controller, rollout: dict, members: list[dict], metrics: dict, no
     soaked = now - (rollout["stage_started"] or now) >= float(strategy.get("soak_s") or 0)
     if not (_settled(current) and soaked):
         return
+    if rollout["kind"] == "rollout":
+        # hawkBit's success threshold: a stage whose devices mostly failed does not lead to a bigger one,
+        # even when it is too small for the failure criterion's minimum.
+        finished = [m for m in current if m["status"] in FINISHED]
+        succeeded = sum(m["status"] == "committed" for m in finished)
+        needed = float(rollout["criteria"].get("min_success_pct", 100.0 - float(rollout["criteria"].get("max_failure_pct") or 0)))
+        if finished and 100.0 * succeeded / len(finished) < needed:
+            abort(controller, rollout, f"stage {stage + 1}: {succeeded} of {len(finished)} finished devices committed "
+                                       f"({100.0 * succeeded / len(finished):.0f}% < {needed:g}%)")
+            return
     waited = now - (rollout["stage_started"] or now)
     if metrics["decision"] == "waiting" and waited < 3 * max(float(strategy.get("soak_s") or 0), 60.0):
         return  # the metric gate has too little traffic to judge yet
