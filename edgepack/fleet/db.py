@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import (JSON, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
+from sqlalchemy import (JSON, BigInteger, Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text,
                         UniqueConstraint, create_engine, event, update)
 
 metadata = MetaData()
+#: 64-bit on PostgreSQL (2**31 messages is days of a large fleet); SQLite's INTEGER is 64-bit already and
+#: only ``INTEGER PRIMARY KEY`` autoincrements
+Big = BigInteger().with_variant(Integer, "sqlite")
 
 devices = Table(
     "devices", metadata,
@@ -29,10 +32,10 @@ devices = Table(
 
 messages = Table(
     "messages", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Big, primary_key=True, autoincrement=True),
     Column("device", String(128), nullable=False, index=True),
     Column("boot", String(64), nullable=False),
-    Column("seq", Integer, nullable=False),
+    Column("seq", Big, nullable=False),
     Column("kind", String(16), nullable=False),
     Column("event", String(64)),
     Column("ts", Float),
@@ -48,11 +51,11 @@ rollups = Table(
     Column("model", String(128), primary_key=True),
     Column("version", String(64), primary_key=True),
     Column("minute", Integer, primary_key=True),
-    Column("requests", Integer, nullable=False, default=0),
-    Column("errors", Integer, nullable=False, default=0),
+    Column("requests", Big, nullable=False, default=0),
+    Column("errors", Big, nullable=False, default=0),
     #: sum of (p95 of a telemetry message x its requests) and of those requests: a request-weighted p95
     Column("p95_weighted", Float, nullable=False, default=0.0),
-    Column("p95_requests", Integer, nullable=False, default=0),
+    Column("p95_requests", Big, nullable=False, default=0),
     Column("drift_messages", Integer, nullable=False, default=0),
     Column("drifted_messages", Integer, nullable=False, default=0),
     Index("rollups_by_minute", "minute"),
@@ -65,14 +68,14 @@ rollup_classes = Table(
     Column("version", String(64), primary_key=True),
     Column("minute", Integer, primary_key=True),
     Column("label", String(64), primary_key=True),
-    Column("count", Integer, nullable=False, default=0),
+    Column("count", Big, nullable=False, default=0),
 )
 
 #: every bundle the controller can send, by content
 bundles = Table(
     "bundles", metadata,
     Column("sha256", String(64), primary_key=True),
-    Column("size", Integer, nullable=False),
+    Column("size", Big, nullable=False),
     Column("name", String(128), nullable=False),
     Column("version", String(64), nullable=False),
     Column("profile", String(64), nullable=False),
@@ -137,7 +140,7 @@ rollout_devices = Table(
     Column("rollout", Integer, primary_key=True),
     Column("device", String(128), primary_key=True),
     Column("profile", String(64)),
-    Column("rank", Integer, nullable=False),
+    Column("rank", Big, nullable=False),
     Column("stage", Integer),
     #: pending | offered | committed | failed | timed_out | skipped | rollback_offered | rolled_back
     Column("status", String(20), nullable=False),

@@ -202,3 +202,40 @@ def test_offline_device_and_other_profile_converge_and_a_killed_controller_resum
         document = json.loads(json.loads(payload)["desired"])
         assert list(document["bundles"]) == [profiles[topic.split("/")[3]]]  # its own profile's bundle
     assert {profiles[d] for d in offers} == {"x86-64", "rpi4"}
+
+
+def test_two_controllers_on_postgresql_share_a_fleet_and_one_dies_mid_rollout(tmp_path, fleet_bundles):
+    from .postgres import Postgres
+
+    database = Postgres()
+    setup = Setup(tmp_path, fleet_bundles, db=database.url)
+    try:
+        first = setup.controller("c1", "--share", "chunks")
+        setup.controller("c2", "--share", "chunks")
+        setup.simulate(20)
+        setup.online(20)
+        setup.release(("1.0.0", "x86-64"))
+        setup.release(("1.1.0", "x86-64"))
+        rollout_id = setup.start("fleet@1.1.0", "--group", "all", "--stages", "25%,100%", "--soak", "3s")
+        wait_for(lambda: _offers(setup.registry, rollout_id), 60, "the first offers")
+        first.send_signal(signal.SIGKILL)  # whichever held the rollout lease, the other goes on
+        first.wait(10)
+        wait_for(lambda: setup.show(rollout_id)["state"] == "done", 180,
+                 f"the rollout done\n{setup.log('controller-c2')}")
+        wait_for(lambda: set(setup.active().values()) == {"1.1.0"}, 60, "every device on 1.1.0")
+        offers = _offers(setup.registry, rollout_id)
+        assert len(offers) == 20 and set(offers.values()) == {1}
+        # Telemetry: both controllers store it (plain subscriptions), each message once, none missing
+        # (a device's seq numbers have no gaps up to the last one stored).
+        time.sleep(3)
+        with setup.registry.engine.connect() as db:
+            rows = db.execute(select(messages.c.device, messages.c.boot, messages.c.seq)).all()
+        assert len(rows) == len(set(rows))
+        by_boot: dict[tuple, list[int]] = {}
+        for device, boot, seq in rows:
+            by_boot.setdefault((device, boot), []).append(seq)
+        for key, seqs in by_boot.items():
+            assert sorted(seqs) == list(range(1, max(seqs) + 1)), (key, sorted(set(range(1, max(seqs) + 1)) - set(seqs))[:5])
+    finally:
+        setup.close()
+        database.stop()
