@@ -45,15 +45,47 @@ class FleetRegistry:
     # -- ingestion ---------------------------------------------------------------------------------
 
     def store_batch(self, batch: list[tuple[str, str, dict]]) -> None:
-        """Store ``(device, leaf, message)`` items (leaf: state, telemetry, events) in one transaction, in
-        order. Raises on a database error: then nothing of the batch is stored (and nothing acknowledged)."""
+        """Store ``(device, leaf, message)`` items (leaf: state, telemetry, events) in one transaction.
+        Raises on a database error: then nothing of the batch is stored (and nothing acknowledged).
+
+        A few statements per batch, not per message: the last state of each device (states of one
+        device arrive in order), every message in one multi-row ``INSERT … ON CONFLICT DO NOTHING
+        RETURNING`` (the returned rows are the ones not seen before), and the rollups of those, summed
+        per device, version and minute first, in one upsert."""
         now = time.time()
-        with self.engine.begin() as db:
-            for device, leaf, message in batch:
-                if leaf == "state":
-                    self._state(db, device, message, now)
+        # per device: the last full state of the batch, then a bare "offline" (a Last Will) that came after it
+        states: dict[str, list] = {}
+        rows: dict[tuple, dict] = {}
+        count = 0
+        for device, leaf, message in batch:
+            if leaf == "state":
+                last = states.setdefault(device, [None, None])
+                if message.get("online") is False and "models" not in message:
+                    last[1] = message
                 else:
-                    self._message(db, device, message, now)
+                    last[0], last[1] = message, None
+            else:
+                count += 1
+                row = self._message_row(device, message, now)
+                rows.setdefault((row["device"], row["boot"], row["seq"]), row)  # a duplicate within the batch
+        with self.engine.begin() as db:
+            for device, pair in states.items():
+                for state in pair:
+                    if state is not None:
+                        self._state(db, device, state, now)
+            if not rows:
+                return
+            stored = set()
+            values = list(rows.values())
+            # executemany: SQLAlchemy's "insertmanyvalues" batches the rows under one cached compilation
+            result = db.execute(self.insert(messages).on_conflict_do_nothing()
+                                .returning(messages.c.device, messages.c.boot, messages.c.seq), values)
+            stored.update(tuple(r) for r in result)
+            self.duplicates += count - len(stored)
+            self.stored += len(stored)
+            telemetry = [rows[key] for key in stored if rows[key]["kind"] == "telemetry"]
+            if telemetry:
+                self._roll_up(db, telemetry, now)
 
     def _state(self, db, device: str, state: dict, now: float) -> None:
         if state.get("online") is False and "models" not in state:
@@ -67,56 +99,63 @@ class FleetRegistry:
         db.execute(self.insert(devices).values(device=device, first_seen=now, tags=[], groups=[], **values)
                    .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
 
-    def _message(self, db, device: str, message: dict, now: float) -> None:
+    @staticmethod
+    def _message_row(device: str, message: dict, now: float) -> dict:
         try:
             seq = int(message.get("seq", -1))
         except (TypeError, ValueError):
             seq = -1
-        row = {"device": device, "boot": str(message.get("boot"))[:64], "seq": seq,
-               "kind": str(message.get("kind"))[:16], "event": str(message["event"])[:64] if message.get("event") else None,
-               "ts": _number(message.get("ts"), None), "received": now, "body": message}
-        # RETURNING, not rowcount: psycopg reports -1 for an INSERT … ON CONFLICT DO NOTHING
-        stored = db.execute(self.insert(messages).values(**row).on_conflict_do_nothing()
-                            .returning(messages.c.id)).first()
-        if stored is None:
-            self.duplicates += 1
-            return
-        self.stored += 1
-        if row["kind"] == "telemetry":
-            self._roll_up(db, device, message, row["ts"] or now)
+        return {"device": device, "boot": str(message.get("boot"))[:64], "seq": seq,
+                "kind": str(message.get("kind"))[:16], "event": str(message["event"])[:64] if message.get("event") else None,
+                "ts": _number(message.get("ts"), None), "received": now, "body": message}
 
-    def _roll_up(self, db, device: str, message: dict, ts: float) -> None:
-        models = message.get("models")
-        if not isinstance(models, dict):
-            return
-        minute = int(ts // 60)
-        for name, entry in models.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
+    def _roll_up(self, db, telemetry: list[dict], now: float) -> None:
+        sums: dict[tuple, dict] = {}
+        classes: dict[tuple, int] = {}
+        for row in telemetry:
+            models = row["body"].get("models")
+            if not isinstance(models, dict):
                 continue
-            counts = entry.get("requests") if isinstance(entry.get("requests"), dict) else {}
-            ok, errors = int(_number(counts.get("ok"))), int(_number(counts.get("error")))
-            p95 = _number((entry.get("latency_s") or {}).get("p95") if isinstance(entry.get("latency_s"), dict) else None, None)
-            drifted = _drifted(entry.get("drift"))
-            values = {"requests": ok + errors, "errors": errors,
-                      "p95_weighted": p95 * (ok + errors) if p95 is not None else 0.0,
-                      "p95_requests": ok + errors if p95 is not None else 0,
-                      "drift_messages": 0 if drifted is None else 1, "drifted_messages": 1 if drifted else 0}
-            key = {"device": device, "model": name[:128], "version": entry["version"][:64], "minute": minute}
-            db.execute(self.insert(rollups).values(**key, **values).on_conflict_do_update(
+            minute = int((row["ts"] or now) // 60)
+            for name, entry in models.items():
+                if not isinstance(entry, dict) or not isinstance(entry.get("version"), str):
+                    continue
+                counts = entry.get("requests") if isinstance(entry.get("requests"), dict) else {}
+                ok, errors = int(_number(counts.get("ok"))), int(_number(counts.get("error")))
+                latency = entry.get("latency_s") if isinstance(entry.get("latency_s"), dict) else {}
+                p95 = _number(latency.get("p95"), None)
+                drifted = _drifted(entry.get("drift"))
+                key = (row["device"], name[:128], entry["version"][:64], minute)
+                total = sums.setdefault(key, {"requests": 0, "errors": 0, "p95_weighted": 0.0, "p95_requests": 0,
+                                              "drift_messages": 0, "drifted_messages": 0})
+                total["requests"] += ok + errors
+                total["errors"] += errors
+                if p95 is not None:
+                    total["p95_weighted"] += p95 * (ok + errors)
+                    total["p95_requests"] += ok + errors
+                total["drift_messages"] += drifted is not None
+                total["drifted_messages"] += bool(drifted)
+                predictions = entry.get("predictions")
+                if isinstance(predictions, dict):
+                    for label, count in list(predictions.items())[:256]:
+                        count = int(_number(count))
+                        if count > 0:
+                            classes[key + (str(label)[:64],)] = classes.get(key + (str(label)[:64],), 0) + count
+        names = ("device", "model", "version", "minute")
+        if sums:
+            values = [{**dict(zip(names, key)), **total} for key, total in sums.items()]
+            statement = self.insert(rollups)
+            db.execute(statement.on_conflict_do_update(
                 index_elements=[rollups.c.device, rollups.c.model, rollups.c.version, rollups.c.minute],
-                set_={column: getattr(rollups.c, column) + value for column, value in values.items()}))
-            predictions = entry.get("predictions")
-            if isinstance(predictions, dict):
-                for label, count in list(predictions.items())[:256]:
-                    count = int(_number(count))
-                    if count <= 0:
-                        continue
-                    db.execute(self.insert(rollup_classes).values(**key, label=str(label)[:64], count=count)
-                               .on_conflict_do_update(
-                                   index_elements=[rollup_classes.c.device, rollup_classes.c.model,
-                                                   rollup_classes.c.version, rollup_classes.c.minute,
-                                                   rollup_classes.c.label],
-                                   set_={"count": rollup_classes.c.count + count}))
+                set_={column: getattr(rollups.c, column) + getattr(statement.excluded, column)
+                      for column in values[0] if column not in names}), values)
+        if classes:
+            values = [{**dict(zip(names + ("label",), key)), "count": count} for key, count in classes.items()]
+            statement = self.insert(rollup_classes)
+            db.execute(statement.on_conflict_do_update(
+                index_elements=[rollup_classes.c.device, rollup_classes.c.model, rollup_classes.c.version,
+                                rollup_classes.c.minute, rollup_classes.c.label],
+                set_={"count": rollup_classes.c.count + statement.excluded.count}), values)
 
     def record_state(self, device: str, state: dict) -> None:
         self.store_batch([(device, "state", state)])
