@@ -13,6 +13,12 @@ def wide_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
 
 
+def rollout_mlp() -> nn.Module:
+    """A ~2 MB fp32 MLP (64 features, 10 classes): the bundle benchmarks/rollout.py sends to a fleet."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 448), nn.ReLU(), nn.Linear(448, 10)).eval()
+
+
 class HugeRange(nn.Module):
     """A deliberately unquantizable network.
 

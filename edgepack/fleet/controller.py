@@ -172,8 +172,15 @@ class FleetController:
     BATCH = 1000
     #: chunk requests waiting for a worker; more are dropped (the device asks again on its time-out)
     CHUNK_QUEUE = 256
-    #: chunk frames handed to paho and not yet acknowledged by the broker (bounds the memory they hold)
-    CHUNKS_IN_FLIGHT = 256
+    #: a chunk sent to a device is not sent to it again for this long (it is queued on the way); below
+    #: the agent's default chunk time-out (10 s), so a frame really lost is sent at the first ask again
+    RESEND_AFTER_S = 8.0
+    #: chunk frames kept ready (the bundles of the rollouts under way)
+    FRAME_CACHE_BYTES = 64 * 1024 * 1024
+    #: messages paho sends before their PUBACKs and holds queued behind them: what chunk frames can make
+    #: the controller hold is bounded by these (a frame refused as "queue full" is asked again)
+    MQTT_IN_FLIGHT = 64
+    MQTT_QUEUED = 256
 
     def __init__(self, broker: Broker, db_url: str | None, bundles: Path, client_id: str | None = None,
                  signing_key=None, tick_s: float = 2.0, share: str = "none", chunk_workers: int = 4,
@@ -199,17 +206,23 @@ class FleetController:
         self.sent_to: dict[tuple[str, str], int] = {}
         self.chunks_refused = 0
         self.chunks_dropped = 0
+        self.chunks_repeated = 0  # asked again while still on the way: not sent twice
         #: False: chunk requests are read and not answered (a controller that cannot serve, in tests)
         self.serve_chunks = True
         #: the bundles each retained desired-state topic names (what a chunk request may ask for)
         self.wanted: dict[str, set[str]] = {}
         self._groups: dict[str, set[str]] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        #: (device, sha256, index) -> when that chunk was last sent: a chunk asked again while it is still
+        #: on its way (a device's time-out shorter than the queue ahead of it) is not sent twice
+        self._recent: dict[tuple[str, str, int], float] = {}
+        self._recent_lock = threading.Lock()
+        self._frames: dict[tuple[str, int], bytes] = {}
+        self._frame_bytes = 0
         self._chunk_pool = ThreadPoolExecutor(max_workers=chunk_workers, thread_name_prefix="fleet-chunks")
         self._chunk_queue = threading.BoundedSemaphore(self.CHUNK_QUEUE)
-        self._in_flight = threading.BoundedSemaphore(self.CHUNKS_IN_FLIGHT)
-        self._chunk_mids: set[int] = set()
-        self._chunk_lock = threading.Lock()
+        self.client.max_inflight_messages_set(self.MQTT_IN_FLIGHT)
+        self.client.max_queued_messages_set(self.MQTT_QUEUED)
         self._generation = 0  # connection number: an ack is only sent on the connection that got the message
         self._closing = threading.Event()
         self._stop = threading.Event()
@@ -217,7 +230,6 @@ class FleetController:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
         for row in self.registry.devices():
             self._groups[row["device"]] = set((row.get("state") or {}).get("groups") or [])
 
@@ -240,17 +252,6 @@ class FleetController:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
-        with self._chunk_lock:
-            # Frames in flight on the lost connection are resent by paho or asked again by the device.
-            for _ in self._chunk_mids:
-                self._in_flight.release()
-            self._chunk_mids.clear()
-
-    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
-        with self._chunk_lock:
-            if mid in self._chunk_mids:
-                self._chunk_mids.discard(mid)
-                self._in_flight.release()
 
     def _on_message(self, client, userdata, message) -> None:
         if self._closing.is_set():
@@ -381,33 +382,64 @@ class FleetController:
         if granted < len(indexes):
             self.chunks_dropped += len(indexes) - granted  # asked again after the device's chunk time-out
         size = path.stat().st_size
-        with open(path, "rb") as handle:
+        now = time.monotonic()
+        with self._recent_lock:
+            if len(self._recent) > 200_000:
+                self._recent = {k: t for k, t in self._recent.items() if now - t < self.RESEND_AFTER_S}
+            fresh = []
             for index in indexes[:granted]:
+                if now - self._recent.get((device, sha256, index), -1e9) < self.RESEND_AFTER_S:
+                    self.chunks_repeated += 1
+                    continue
+                self._recent[(device, sha256, index)] = now
+                fresh.append(index)
+        with open(path, "rb") as handle:
+            for index in fresh:
                 if index * chunks.CHUNK_BYTES >= size:
                     continue
-                handle.seek(index * chunks.CHUNK_BYTES)
-                frame = chunks.encode_frame(sha256, index, handle.read(chunks.CHUNK_BYTES))
-                if not self._in_flight.acquire(timeout=30):
-                    self.chunks_dropped += 1
+                frame = self._frame(handle, sha256, index)
+                # No lock of ours around publish: paho calls back (on_publish, on_message) holding its
+                # own locks, and a lock taken on both sides deadlocks the network thread.
+                info = self.client.publish(topics.chunk_data(device), frame, qos=1)
+                if info.rc != 0:
+                    self.chunks_dropped += 1  # paho's queue is full (or the link is down): asked again later
+                    with self._recent_lock:
+                        self._recent.pop((device, sha256, index), None)
                     continue
-                with self._chunk_lock:
-                    info = self.client.publish(topics.chunk_data(device), frame, qos=1)
-                    if info.rc == 0:
-                        self._chunk_mids.add(info.mid)
-                    else:
-                        self._in_flight.release()
-                        continue
                 self.chunks_sent += 1
                 self.bytes_sent += len(frame)
                 self.sent_to[(device, sha256)] = self.sent_to.get((device, sha256), 0) + 1
+
+    def _frame(self, handle, sha256: str, index: int) -> bytes:
+        """The frame of one chunk, from a cache: a rollout sends the same chunks to every device (read,
+        hashed and framed once, not once per device), at most FRAME_CACHE_BYTES of them."""
+        key = (sha256, index)
+        frame = self._frames.get(key)
+        if frame is None:
+            handle.seek(index * chunks.CHUNK_BYTES)
+            frame = chunks.encode_frame(sha256, index, handle.read(chunks.CHUNK_BYTES))
+            with self._recent_lock:
+                self._frames[key] = frame
+                self._frame_bytes += len(frame)
+                while self._frame_bytes > self.FRAME_CACHE_BYTES and self._frames:
+                    self._frame_bytes -= len(self._frames.pop(next(iter(self._frames))))  # oldest first
+        return frame
 
     # -- rollouts (tick thread) --------------------------------------------------------------------
 
     def publish_desired(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
         """Publish a signed desired state, retained; True once the broker has it."""
         self._note_desired(topic, payload)
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            if info.rc == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # paho's queue is full of chunk frames: a desired state waits, it is not dropped
+        try:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        except (RuntimeError, ValueError):
+            return False
         return info.is_published()
 
     def _tick(self, until: threading.Event) -> None:

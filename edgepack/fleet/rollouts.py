@@ -231,6 +231,8 @@ def tick(controller) -> None:
     if not getattr(controller, "_republished", False):
         controller._republished = True
         republish(controller, live)
+    for topic, payload in list(controller.__dict__.get("unpublished", {}).items()):
+        _publish(controller, topic, payload)
     for rollout_id in live:
         advance(controller, rollout_id)
     now = time.time()
@@ -282,7 +284,7 @@ def freshen(controller, now: float) -> int:
                 db.execute(update(rollout_devices).where(rollout_devices.c.device == device)
                            .where(rollout_devices.c.desired_version == row.desired_version)
                            .values(desired_version=number))
-        controller.publish_desired(row.topic, payload)
+        _publish(controller, row.topic, payload)
         renewed += 1
     return renewed
 
@@ -300,7 +302,7 @@ def republish(controller, rollout_ids) -> None:
             row = db.execute(select(desired.c.topic, desired.c.payload).where(desired.c.desired_version == version)
                              .where(desired.c.topic == topics.desired(device))).first()
             if row:
-                controller.publish_desired(row.topic, row.payload.encode())
+                _publish(controller, row.topic, row.payload.encode())
 
 
 def advance(controller, rollout_id: int) -> None:
@@ -658,8 +660,17 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
                              .values(**values)).rowcount
         if not changed:
             raise RuntimeError(f"device {device} moved on in rollout {rollout['id']} meanwhile")
-    controller.publish_desired(topics.desired(device), payload)
+    _publish(controller, topics.desired(device), payload)
     return True
+
+
+def _publish(controller, topic: str, payload: bytes) -> None:
+    """Publish a recorded desired state; one the broker did not take is tried again at the next ticks."""
+    pending = controller.__dict__.setdefault("unpublished", {})
+    if controller.publish_desired(topic, payload):
+        pending.pop(topic, None)
+    else:
+        pending[topic] = payload
 
 
 # -- looking ---------------------------------------------------------------------------------------
