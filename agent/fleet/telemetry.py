@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import time
+import weakref
 
 #: metric families summarised per model
 _REQUESTS = "edgepack_requests_total"
@@ -70,6 +71,21 @@ class TelemetryCollector:
         self._last_cpu = (now, used)
         return (used - before) / (now - then) if now > then else 0.0
 
+    def _predictions(self, name: str, served, counts) -> dict:
+        """Predicted classes (label -> count) since the previous message, from the served version's
+        cumulative ``predictions``; a version swapped in since then counts from zero."""
+        totals = {str(label): int(count) for label, count in dict(counts).items()}
+        try:
+            marker = weakref.ref(served)  # not id() where it can be: a retired version's id may be reused
+        except TypeError:
+            marker = id(served)
+        seen, before = self._last.get(("predictions", name), (None, {}))
+        same = seen() is served if isinstance(seen, weakref.ref) else seen is not None and seen == id(served)
+        if not same:
+            before = {}
+        self._last[("predictions", name)] = (marker, totals)
+        return {label: count - before.get(label, 0) for label, count in totals.items() if count - before.get(label, 0) > 0}
+
     def collect(self, extra: dict | None = None) -> dict:
         snapshot = self.metrics.snapshot()
         models: dict[str, dict] = {}
@@ -111,6 +127,9 @@ class TelemetryCollector:
                         # the watcher's latest scores (worked out off the event loop), else now
                         drift = scheduler.current.drift
                         entry["drift"] = drift.latest if drift.latest is not None else drift.scores()
+                    counts = getattr(scheduler.current, "predictions", None)
+                    if counts is not None:
+                        entry["predictions"] = self._predictions(name, scheduler.current, counts)
         if self.store is not None:
             for name in models:
                 try:
