@@ -128,6 +128,8 @@ class ModelRegistry:
                                    options.drift_threshold)
         if served.drift is not None:
             served.health.set_reference(served.drift.ranges)
+            served.class_outputs = tuple(name for name, is_input, score in served.drift.scores_.values()
+                                         if not is_input and score.classes is not None)
         return served
 
     def _load_store_slot(self, name: str, key: str) -> ServedVersion:

@@ -165,10 +165,25 @@ class ServedVersion:
         self.key = key
         self.holders = 0
         self.retired = False
+        #: outputs that are class scores (from the bundle's drift reference) and the predicted classes
+        #: counted on them (label -> runs' rows): telemetry sends the counts, the fleet's rollout gate
+        #: compares them between versions
+        self.class_outputs: tuple[str, ...] = ()
+        self.predictions: dict[int, int] = {}
 
     @property
     def version(self) -> str:
         return self.model.version
+
+    def count_classes(self, outputs: dict) -> None:
+        """Count the predicted class of every row of each class-score output (worker thread)."""
+        for name in self.class_outputs:
+            value = outputs.get(name)
+            if value is None or getattr(value, "ndim", 0) != 2 or not 2 <= value.shape[1] <= 100_000 or not len(value):
+                continue
+            labels, counts = np.unique(value.argmax(axis=1), return_counts=True)
+            for label, count in zip(labels.tolist(), counts.tolist()):
+                self.predictions[label] = self.predictions.get(label, 0) + count
 
     def acquire(self) -> None:
         """Pin this version (a request validated against it, or a running batch)."""
@@ -511,6 +526,8 @@ class ModelScheduler:
                 part = served.model.run(feeds, chunk)
                 ran_for = time.perf_counter() - began
                 served.health.check_outputs(part, feeds)
+                if served.class_outputs:
+                    served.count_classes(part)
                 if served.drift is not None:
                     served.drift.safe_observe(feeds, part, ran_for)
                 if work.outputs is None:
@@ -562,6 +579,8 @@ class ModelScheduler:
         outputs = served.model.run(feeds, max_batch)
         ran_for = time.perf_counter() - began
         served.health.check_outputs(outputs, feeds)
+        if served.class_outputs:
+            served.count_classes(outputs)
         if served.drift is not None:
             served.drift.safe_observe(feeds, outputs, ran_for)  # on the worker thread, off the event loop
         return outputs

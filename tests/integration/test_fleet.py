@@ -417,6 +417,13 @@ def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
                           .get("input:input") or {}).get("alarm")],
              10, "the drift verdict in telemetry")
 
+    def counted():
+        rows = fleet.controller.registry.messages(DEVICE, "telemetry", 10_000)
+        return sum(sum((t["body"]["models"].get("fleet", {}).get("predictions") or {}).values()) for t in rows)
+
+    # every row's predicted class counted once, for the rollout gate's comparison of versions
+    wait_for(lambda: counted() == 4 * 220, 10, f"the predicted classes in telemetry ({counted()} of {4 * 220})")
+
 
 def test_streaming_inference_over_mqtt(fleet):
     config = json.loads(fleet.config.read_text())
