@@ -286,3 +286,48 @@ def test_desired_states_are_renewed_before_they_expire_unless_the_device_failed_
         assert state.model.version == "1.1.0" and state.expires_at > later + 20 * 3600
     fleet.deliver(controller.published)  # the devices take them as no-ops
     assert all(d["active"] == ("1.0.0" if name == "d002" else "1.1.0") for name, d in fleet.devices.items())
+
+
+def test_an_abort_cut_short_is_finished_at_the_next_tick_and_retries_wait_for_their_own_result(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 10)
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("50%,100%"), "soak_s": 3600}, {})
+    _run(controller, fleet, ticks=10, until=lambda: _show(registry, rollout_id)["counts"].get("committed") == 5)
+    real, sent = rollouts.offer, []
+
+    def crashing(*args, **kwargs):  # the controller dies after three rollback offers
+        if len(sent) == 3:
+            raise RuntimeError("killed")
+        sent.append(args[2]["device"])
+        return real(*args, **kwargs)
+
+    rollouts.offer = crashing
+    try:
+        rollouts.request(registry, rollout_id, "abort")
+        rollouts.tick(controller)
+    finally:
+        rollouts.offer = real
+    assert _show(registry, rollout_id)["state"] == "aborted" and len(sent) == 3
+    _run(controller, fleet, ticks=5)
+    assert all(d["active"] == "1.0.0" for d in fleet.devices.values())  # the next ticks finished it
+    assert _show(registry, rollout_id)["counts"] == {"rolled_back": 5, "pending": 5}
+
+
+def test_a_retry_is_not_failed_by_the_result_of_the_attempt_before_it(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 3, fail={"d000"})
+    again = rollouts.start(registry, "m", "1.1.0", {"devices": ["d000"]},
+                           {"stages": [{"percent": 100.0}], "soak_s": 0, "retries": 2}, {"max_failure_pct": 100})
+    _run(controller, fleet, ticks=12)
+    assert _offers_of(registry, again) == 3 and _show(registry, again)["counts"] == {"failed": 1}
+
+
+def _offers_of(registry, rollout_id):
+    from sqlalchemy import func, select
+
+    from edgepack.fleet.db import desired
+
+    with registry.engine.connect() as db:
+        return db.execute(select(func.count()).select_from(desired).where(desired.c.rollout == rollout_id)
+                          .where(desired.c.purpose == "offer")).scalar_one()

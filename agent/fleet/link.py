@@ -147,6 +147,8 @@ class FleetLink:
                 "previous": slots.get(state.get("previous") or "", {}).get("version"),
                 "update": {k: state["update"].get(k) for k in ("state", "result", "reason", "since")},
                 "target": (state["update"].get("target") or {}).get("version"),
+                # which signed desired state the update came from: the fleet matches a result to its offer
+                "desired_version": (state["update"].get("target") or {}).get("desired_version"),
             }
             scheduler = self.registry.schedulers.get(name)
             # What this daemon really serves: it differs from "active" while a version the store names

@@ -139,6 +139,22 @@ class Broker:
 SHARE = {"none": (), "chunks": ("chunks/req",), "all": ("telemetry", "events", "chunks/req")}
 
 
+def _finite(text: str):
+    value = float(text)
+    return value if value - value == 0 else None  # inf and nan are not numbers a database stores
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a database error may pass by itself (the server away, a lock) rather than being about
+    the data."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, OperationalError):
+        text = str(exc).lower()
+        return not ("too large" in text or "out of range" in text or "overflow" in text)
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
 def default_client_id() -> str:
     """Stable per machine (a restart resumes the broker session and what it queued), different
     between machines (two controllers never take over each other's session)."""
@@ -207,6 +223,7 @@ class FleetController:
         self.chunks_refused = 0
         self.chunks_dropped = 0
         self.chunks_repeated = 0  # asked again while still on the way: not sent twice
+        self.refused_messages = 0  # messages no database takes: logged, acknowledged, dropped
         #: False: chunk requests are read and not answered (a controller that cannot serve, in tests)
         self.serve_chunks = True
         #: the bundles each retained desired-state topic names (what a chunk request may ask for)
@@ -305,15 +322,19 @@ class FleetController:
             self.registry.store_batch([item])
 
     def _parse(self, device: str, leaf: str, payload: bytes):
+        """The message as the registry stores it, or None for one that can never be stored (dropped,
+        acknowledged): not JSON, not an object. NaN, Infinity and numbers too large for a float become
+        null here, so no database refuses the body."""
         try:
-            message = json.loads(payload)
-        except (ValueError, RecursionError):
+            message = json.loads(payload, parse_constant=lambda _: None, parse_float=_finite)
+        except (ValueError, RecursionError, TypeError):
             log.warning("not JSON from %s on %s", device, leaf)
             return None
         if not isinstance(message, dict):
             return None
         if leaf == "state" and "models" in message:
-            self._groups[device] = {g for g in message.get("groups") or [] if isinstance(g, str)}
+            groups = message.get("groups")
+            self._groups[device] = {g for g in groups if isinstance(g, str)} if isinstance(groups, list) else set()
         return device, leaf, message
 
     def _write(self, until: threading.Event) -> None:
@@ -331,13 +352,25 @@ class FleetController:
                     batch.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            items = [self._parse(device, leaf, payload) for device, leaf, payload, *_ in batch]
+            items = []
+            for device, leaf, payload, *_ in batch:
+                try:
+                    items.append(self._parse(device, leaf, payload))
+                except Exception:  # noqa: BLE001 - one odd message must not stop the writer
+                    log.exception("a message from %s could not be read; dropped", device)
+            items = [i for i in items if i]
             while True:
                 try:
-                    self.registry.store_batch([i for i in items if i])
+                    self.registry.store_batch(items)
                     delay = 0.5
                     break
-                except Exception:  # noqa: BLE001 - the database is away: keep the batch, ack nothing, retry
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if not _transient(exc):
+                        # Something in the batch no database takes (a value out of range): store the
+                        # messages one by one and drop (log, acknowledge) only the ones refused, so one
+                        # poisoned message cannot block every later one, also after a restart.
+                        self._store_one_by_one(items)
+                        break
                     log.exception("storing %d messages failed; trying again in %.1f s", len(batch), delay)
                     if until.wait(delay) and self._closing.is_set():
                         return  # unacknowledged: the broker delivers them to the next controller session
@@ -345,6 +378,20 @@ class FleetController:
             for *_, mid, qos, generation in batch:
                 if generation == self._generation:
                     self.client.ack(mid, qos)
+
+    def _store_one_by_one(self, items: list) -> None:
+        for item in items:
+            for attempt in range(20):
+                try:
+                    self.registry.store_batch([item])
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    if not _transient(exc):
+                        self.refused_messages += 1
+                        log.error("a message from %s is refused by the database and dropped: %s", item[0],
+                                  str(exc).splitlines()[0][:300])
+                        break
+                    time.sleep(min(0.5 * 2 ** attempt, 10.0))
 
     # -- chunk requests (worker pool) --------------------------------------------------------------
 
@@ -419,6 +466,8 @@ class FleetController:
             handle.seek(index * chunks.CHUNK_BYTES)
             frame = chunks.encode_frame(sha256, index, handle.read(chunks.CHUNK_BYTES))
             with self._recent_lock:
+                if key in self._frames:  # another worker framed it meanwhile
+                    return self._frames[key]
                 self._frames[key] = frame
                 self._frame_bytes += len(frame)
                 while self._frame_bytes > self.FRAME_CACHE_BYTES and self._frames:

@@ -169,8 +169,16 @@ def default_db() -> str:
 def open_engine(url: str | None = None):
     """An engine with the tables created; SQLite in WAL mode with a busy timeout."""
     url = url or default_db()
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3 (edgepack[fleet-pg]), not psycopg2
     sqlite = url.startswith("sqlite")
-    engine = create_engine(url, **({"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True}))
+    from edgepack.errors import UsageError
+
+    try:
+        engine = create_engine(url, **({"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True}))
+    except Exception as exc:  # noqa: BLE001 - a URL of an unknown kind, a driver missing
+        raise UsageError(f"--db {url!r}: {str(exc).splitlines()[0]} (give sqlite:///FILE or "
+                         "postgresql://USER@HOST:PORT/DB with 'pip install edgepack[fleet-pg]')") from None
     if sqlite:
         @event.listens_for(engine, "connect")
         def _pragmas(connection, _record):  # WAL: readers never wait for the writer; NORMAL: fsync at checkpoints
@@ -178,7 +186,11 @@ def open_engine(url: str | None = None):
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
-    metadata.create_all(engine)
+    try:
+        metadata.create_all(engine)
+    except Exception as exc:  # noqa: BLE001 - the database cannot be reached or opened
+        raise UsageError(f"--db: cannot open the fleet database ({str(exc).splitlines()[0][:200]}); check the URL, "
+                         "that the server runs, and for SQLite that the folder exists") from None
     return engine
 
 

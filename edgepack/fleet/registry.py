@@ -28,9 +28,14 @@ def _drifted(drift) -> bool | None:
 def _number(value, default=0.0) -> float:
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
-    return value if math.isfinite(value) else default
+    return value if math.isfinite(value) and abs(value) < 1e15 else default
+
+
+def _clean(value, limit: int) -> str:
+    """A short text column's value: a string, no NUL (PostgreSQL refuses it), at most ``limit``."""
+    return str(value).replace("\x00", "")[:limit]
 
 
 class FleetRegistry:
@@ -91,23 +96,29 @@ class FleetRegistry:
         if state.get("online") is False and "models" not in state:
             # A Last Will (or a clean goodbye) says only "offline": what the device runs stays on record.
             values = {"online": False, "last_seen": now}
-            db.execute(self.insert(devices).values(device=device, first_seen=now, tags=[], groups=[], **values)
+            db.execute(self.insert(devices).values(device=device[:128], first_seen=now, tags=[], groups=[], **values)
                        .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
             return
-        values = {"online": bool(state.get("online")), "profile": state.get("profile"), "state": state,
-                  "last_seen": now}
-        db.execute(self.insert(devices).values(device=device, first_seen=now, tags=[], groups=[], **values)
+        profile = state.get("profile")
+        values = {"online": bool(state.get("online")), "profile": _clean(profile, 64) if isinstance(profile, str) else None,
+                  "state": state, "last_seen": now}
+        db.execute(self.insert(devices).values(device=device[:128], first_seen=now, tags=[], groups=[], **values)
                    .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
 
     @staticmethod
     def _message_row(device: str, message: dict, now: float) -> dict:
         try:
             seq = int(message.get("seq", -1))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             seq = -1
-        return {"device": device, "boot": str(message.get("boot"))[:64], "seq": seq,
-                "kind": str(message.get("kind"))[:16], "event": str(message["event"])[:64] if message.get("event") else None,
-                "ts": _number(message.get("ts"), None), "received": now, "body": message}
+        if not -2 ** 62 < seq < 2 ** 62:
+            seq = -1
+        ts = _number(message.get("ts"), None)
+        if ts is not None and not 0 <= ts < 1e11:  # a clock far off (or garbage): the minute is ours
+            ts = None
+        return {"device": device[:128], "boot": _clean(message.get("boot"), 64), "seq": seq,
+                "kind": _clean(message.get("kind"), 16), "event": _clean(message["event"], 64) if message.get("event") else None,
+                "ts": ts, "received": now, "body": message}
 
     def _roll_up(self, db, telemetry: list[dict], now: float) -> None:
         sums: dict[tuple, dict] = {}
@@ -125,7 +136,7 @@ class FleetRegistry:
                 latency = entry.get("latency_s") if isinstance(entry.get("latency_s"), dict) else {}
                 p95 = _number(latency.get("p95"), None)
                 drifted = _drifted(entry.get("drift"))
-                key = (row["device"], name[:128], entry["version"][:64], minute)
+                key = (row["device"], _clean(name, 128), _clean(entry["version"], 64), minute)
                 total = sums.setdefault(key, {"requests": 0, "errors": 0, "p95_weighted": 0.0, "p95_requests": 0,
                                               "drift_messages": 0, "drifted_messages": 0})
                 total["requests"] += ok + errors
@@ -140,7 +151,8 @@ class FleetRegistry:
                     for label, count in list(predictions.items())[:256]:
                         count = int(_number(count))
                         if count > 0:
-                            classes[key + (str(label)[:64],)] = classes.get(key + (str(label)[:64],), 0) + count
+                            label = _clean(label, 64)
+                            classes[key + (label,)] = classes.get(key + (label,), 0) + count
         names = ("device", "model", "version", "minute")
         if sums:
             values = [{**dict(zip(names, key)), **total} for key, total in sums.items()]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 
@@ -36,6 +37,7 @@ from .db import desired, devices, rollout_classes_query, rollout_devices, rollou
 from .releases import release
 from .registry import device_groups
 
+log = logging.getLogger("edgepack.fleet.rollouts")
 #: statuses of a device in a rollout that are final for its offer
 FINISHED = ("committed", "failed", "timed_out")
 #: statuses that wait for the device
@@ -212,7 +214,9 @@ def request(registry, rollout_id: int, action: str) -> None:
             raise UsageError(f"no rollout {rollout_id}; see 'edgepack fleet rollouts'")
         allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused")}[action]
         if row.state not in allowed:
-            raise UsageError(f"rollout {rollout_id} is {row.state}; it cannot be {action}d")
+            done = {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action]
+            raise UsageError(f"rollout {rollout_id} is {row.state}; it cannot be {done}"
+                             + (" (a finished rollout is undone with 'edgepack fleet rollback')" if row.state == "done" else ""))
         db.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(requested=action, updated=time.time()))
 
 
@@ -226,7 +230,10 @@ def tick(controller) -> None:
     with registry.engine.connect() as db:
         live = db.execute(select(rollouts.c.id).where(
             rollouts.c.state.in_(("running", "paused")) | rollouts.c.id.in_(
-                select(rollout_devices.c.rollout).where(rollout_devices.c.status.in_(WAITING))))
+                select(rollout_devices.c.rollout).where(rollout_devices.c.status.in_(WAITING)))
+            | (rollouts.c.state == "aborted") & rollouts.c.id.in_(  # an abort not finished yet
+                select(rollout_devices.c.rollout).where(rollout_devices.c.status.in_(("committed", "timed_out")))
+                .where(rollout_devices.c.to_version != rollout_devices.c.from_version)))
             .order_by(rollouts.c.id)).scalars().all()
     if not getattr(controller, "_republished", False):
         controller._republished = True
@@ -234,7 +241,10 @@ def tick(controller) -> None:
     for topic, payload in list(controller.__dict__.get("unpublished", {}).items()):
         _publish(controller, topic, payload)
     for rollout_id in live:
-        advance(controller, rollout_id)
+        try:
+            advance(controller, rollout_id)
+        except Exception:  # noqa: BLE001 - one rollout (a device's odd state) must not stall the others
+            log.exception("rollout %s: tick failed", rollout_id)
     now = time.time()
     if now - getattr(controller, "_freshened", 0.0) >= FRESHEN_EVERY_S:
         controller._freshened = now
@@ -317,6 +327,9 @@ def advance(controller, rollout_id: int) -> None:
             abort(controller, rollout, "aborted by the operator")
         return
     refresh(controller, rollout, now)
+    if rollout["state"] == "aborted":
+        finish_abort(controller, rollout)  # every tick: an abort cut short (a kill, an error) is completed
+        return
     if rollout["state"] != "running":
         return
     members = _members(registry, rollout_id)
@@ -382,8 +395,7 @@ def refresh(controller, rollout: dict, now: float) -> None:
             values.update(status="committed" if row.status == "offered" else "rolled_back", finished_at=now,
                           detail=None)
         elif (row.status == "offered" and idle and model.get("target") == row.to_version
-              and update_state.get("result") in ("failed", "rolled_back")
-              and (update_state.get("since") or 0) >= (row.offered_at or 0) - 60):
+              and update_state.get("result") in ("failed", "rolled_back") and _answers(model, update_state, row)):
             values.update(status="failed", finished_at=now, detail=update_state.get("reason"))
         elif row.status == "offered" and (row.seen_at or values.get("seen_at")) and now - (row.seen_at or now) > timeout:
             values.update(status="timed_out", finished_at=now,
@@ -405,10 +417,21 @@ def refresh(controller, rollout: dict, now: float) -> None:
                 _retry(controller, rollout, device, retries)
 
 
+def _answers(model: dict, update_state: dict, row) -> bool:
+    """Whether the failure a device reports is the result of this offer, not of an earlier one: by the
+    desired-state version the device names (agents report it), else by time."""
+    reported = model.get("desired_version")
+    if isinstance(reported, int) and not isinstance(reported, bool):
+        return reported >= (row.desired_version or 0)
+    since = update_state.get("since")
+    return isinstance(since, (int, float)) and since >= (row.offered_at or 0)
+
+
 def _retry(controller, rollout: dict, device: str, retries: int) -> None:
     registry = controller.registry
     with registry.engine.connect() as db:
         offers = db.execute(select(func.count()).select_from(desired).where(desired.c.rollout == rollout["id"])
+                            .where(desired.c.purpose == "offer")
                             .where(desired.c.topic == topics.desired(device))).scalar_one()
         member = db.execute(select(rollout_devices).where(rollout_devices.c.rollout == rollout["id"])
                             .where(rollout_devices.c.device == device)).first()
@@ -592,16 +615,30 @@ def _settled(members: list[dict]) -> bool:
 
 
 def abort(controller, rollout: dict, reason: str) -> None:
-    """Stop offering; send every device that took (or may be taking) the release back to its version."""
+    """Stop offering; send every device that took (or may be taking) the release back to its version.
+    The state is saved first, and :func:`finish_abort` runs again at every tick, so an abort cut short
+    by a crash is completed by whichever controller ticks next."""
     registry = controller.registry
     _save(registry, rollout["id"], state="aborted", reason=reason)
     rollout.update(state="aborted", reason=reason)
+    finish_abort(controller, rollout)
+
+
+def finish_abort(controller, rollout: dict) -> None:
+    if rollout["kind"] != "rollout":
+        return  # a fleet rollback that is aborted just stops: offering the newer version again would undo it
+    registry = controller.registry
     for member in _members(registry, rollout["id"]):
-        if member["status"] in ("offered", "committed", "timed_out") and member["to_version"] != member["from_version"]:
-            if not member["from_version"]:
+        if member["status"] not in ("offered", "committed", "timed_out") or member["to_version"] == member["from_version"]:
+            continue
+        if not member["from_version"]:
+            if member["detail"] != "no version to go back to":
                 _mark(registry, rollout["id"], member["device"], member["status"], detail="no version to go back to")
-                continue
+            continue
+        try:
             offer(controller, rollout, member, member["from_version"], "rollback", from_status=member["status"])
+        except Exception:  # noqa: BLE001 - one device must not cost the others their rollback; next tick again
+            log.exception("rollback offer to %s failed", member["device"])
 
 
 def _mark(registry, rollout_id: int, device: str, status: str, **values) -> None:
@@ -651,8 +688,9 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
             values = {"status": status, "desired_version": number, "to_version": version, "offered_at": now,
                       "seen_at": None, "finished_at": None}
         else:
-            values = {"status": status, "desired_version": number, "offered_at": now, "seen_at": None,
-                      "finished_at": None, "stage": rollout["stage"]}
+            # a retry goes to a device that just answered: it is online, so its stage waits for it
+            values = {"status": status, "desired_version": number, "offered_at": now,
+                      "seen_at": now if from_status == "failed" else None, "finished_at": None, "stage": rollout["stage"]}
         if rollout["kind"] == "rollback":
             values["status"] = "offered"
         changed = db.execute(update(rollout_devices).where(rollout_devices.c.rollout == rollout["id"])

@@ -401,11 +401,19 @@ def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
         assert infer(agent.url, rng.uniform(0.1, 1.0, 32).tolist(), 4)[0] == 200
     time.sleep(1.5)
     assert not fleet.events("drift"), fleet.events("drift")
-    for _ in range(120):  # far outside it
-        assert infer(agent.url, rng.uniform(5.0, 9.0, 32).tolist(), 4)[0] == 200
+    sent = 100
+
+    def shifted_until_drift():
+        # far outside it; on a loaded host drift observes a subsample of runs (its cost budget), so
+        # the shifted traffic goes on until the verdict comes
+        nonlocal sent
+        for _ in range(20):
+            assert infer(agent.url, rng.uniform(5.0, 9.0, 32).tolist(), 4)[0] == 200
+            sent += 1
+        return next((e for e in fleet.events("drift") if e["score"] == "input:input"), None)
+
     # the input's score crosses (the predictions' may cross first: they shift too)
-    event = wait_for(lambda: next((e for e in fleet.events("drift") if e["score"] == "input:input"), None), 20,
-                     "an input drift event")
+    event = wait_for(shifted_until_drift, 90, "an input drift event")
     # which test fired, on which feature, with its numbers
     assert event["test"] == "ks" and event["feature"].startswith("feature[") and event["p"] < event["alpha"]
     assert event["window_samples"] >= 50 and event["false_alarm_rate"] == 0.01
@@ -422,7 +430,7 @@ def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
         return sum(sum((t["body"]["models"].get("fleet", {}).get("predictions") or {}).values()) for t in rows)
 
     # every row's predicted class counted once, for the rollout gate's comparison of versions
-    wait_for(lambda: counted() == 4 * 220, 10, f"the predicted classes in telemetry ({counted()} of {4 * 220})")
+    wait_for(lambda: counted() == 4 * sent, 10, f"the predicted classes in telemetry ({counted()} of {4 * sent})")
 
 
 def test_streaming_inference_over_mqtt(fleet):
