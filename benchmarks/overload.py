@@ -271,7 +271,7 @@ def threshold(sample: np.ndarray) -> None:
                 shared.release()
                 helper.append((time.perf_counter() - started) * 1000)
             print(f"{len(body) / 2**10:>8.0f}Ki {statistics.median(inline):>10.2f} {statistics.median(helper):>10.2f}")
-        codec.close()
+        await codec.close()
 
     asyncio.run(measure())
     print("inline time is time the event loop is blocked; through the helper it is only waited for")

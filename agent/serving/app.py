@@ -388,7 +388,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
                 async with lifespan(app):
                     yield
         finally:
-            codec.close()
+            await codec.close()
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan_and_codec)
     token = config.server.bearer_token()
