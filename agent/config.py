@@ -217,6 +217,12 @@ class UpdatesConfig(_Strict):
                                       "again, 3 times in all)")
     download_window: int = Field(4, ge=1, le=64, description="chunks requested at once")
     chunk_timeout_s: float = Field(10.0, gt=0, description="a requested chunk not received by then is asked again")
+    http_sources: bool = Field(True, description="download from the HTTP(S) source a signed desired state names "
+                               "(Range requests, checked chunk by chunk); off: MQTT chunks only")
+    http_ca_file: Path | None = Field(None, description="CA bundle for https sources (default: the system's)")
+    http_timeout_s: float = Field(20.0, gt=0, le=600, description="an HTTP source silent this long is tried again")
+    http_attempts: int = Field(4, ge=1, le=100, description="tries of an HTTP source without progress before the "
+                               "rest of the bundle comes over MQTT")
 
 
 class AgentConfig(_Strict):
@@ -302,6 +308,7 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
             for key in ("password_file", "ca_file", "cert_file", "key_file"):
                 setattr(config.mqtt, key, _relative(base, getattr(config.mqtt, key)))
         config.telemetry.spool = _relative(base, config.telemetry.spool)
+        config.updates.http_ca_file = _relative(base, config.updates.http_ca_file)
     config.server.bearer_token()  # a missing/short token file is a config error at start, not at request time
     if config.mqtt:
         config.mqtt.secret()

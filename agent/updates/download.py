@@ -75,7 +75,8 @@ class Download:
 
     @property
     def bytes_received(self) -> int:
-        return sum(self.expected_size(i) for i in self.received)
+        # a copy first: the HTTP source's thread adds to the set while the event loop reports progress
+        return sum(self.expected_size(i) for i in tuple(self.received))
 
     def progress(self) -> dict:
         """Percent, bytes and chunks received (for events, telemetry and ``status``)."""
@@ -84,7 +85,8 @@ class Download:
                 "chunks": len(self.received), "total_chunks": self.count, "refused_frames": self.refused}
 
     def missing(self) -> list[int]:
-        return [i for i in range(self.count) if i not in self.received]
+        received = set(self.received)
+        return [i for i in range(self.count) if i not in received]
 
     def expected_size(self, index: int) -> int:
         return min(self.chunk_bytes, self.size - index * self.chunk_bytes)

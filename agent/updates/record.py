@@ -131,7 +131,7 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
     """Record ``state`` as accepted on ``topic``; the target it makes wanted."""
     name = state.model.name
     target = {"name": name, "version": state.model.version, "sha256": bundle.sha256, "size": bundle.size,
-              "chunk_bytes": bundle.chunk_bytes, "chunks": bundle.chunks,
+              "chunk_bytes": bundle.chunk_bytes, "chunks": bundle.chunks, "url": bundle.url,
               "probation": state.probation.model_dump(exclude_none=True) if state.probation else None,
               "desired_version": state.version, "topic": topic, "accepted_at": time.time(),
               "expires_at": state.expires_at}

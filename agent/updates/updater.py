@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -31,6 +32,7 @@ from edgepack.fleet.desired import DesiredStateError
 from . import record as records
 from .download import BadChunk, Download, remove_leftovers
 from .errors import FatalUpdateError, TransientUpdateError
+from .http_source import HttpSource, SourceFailed, runs
 from .probation import COMMIT, ROLL_BACK, Budget, judge
 
 log = logging.getLogger("edgepack.agent.updates")
@@ -70,6 +72,8 @@ class Updater:
         self._wake = asyncio.Event()
         self._frames: asyncio.Queue = asyncio.Queue(maxsize=256)
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-disk")
+        #: HTTP(S) downloads block on their socket here, never on the event loop or the disk worker
+        self._http = ThreadPoolExecutor(max_workers=1, thread_name_prefix="update-http")
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
         #: set when a reconnect came without the broker's session: chunks asked before are lost
@@ -209,6 +213,7 @@ class Updater:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._disk, end_probations)
         await loop.run_in_executor(None, self._disk.shutdown, True)
+        self._http.shutdown(wait=False)  # its download was aborted (socket shut) when the task was cancelled
 
     async def _disk_call(self, fn, *args, **kwargs):
         def locked():
@@ -350,9 +355,12 @@ class Updater:
         download = Download(self.store.root / "downloads", target["sha256"], target["size"], target["chunk_bytes"],
                             _digests(target))
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.options.download_timeout_s
         try:
             await loop.run_in_executor(self._disk, download.begin)
-            await self._download(download, target)
+            if target.get("url") and self.options.http_sources and not download.complete:
+                await self._download_http(download, target, deadline)
+            await self._download(download, target, deadline)  # over MQTT: whatever is still missing
             path = await loop.run_in_executor(self._disk, download.verify)
         except _Superseded:
             return  # the next round starts what is wanted now
@@ -387,31 +395,95 @@ class Updater:
         scheduler = self.registry.schedulers.get(name)
         return scheduler.current.health.summary() if scheduler and scheduler.current else None
 
-    async def _download(self, download: Download, target: dict) -> None:
-        """Request missing chunks, a window at a time, until the file is complete, the target is no
-        longer wanted, or the download deadline passes."""
+    def _check_wanted(self, download: Download, target: dict, deadline: float) -> None:
+        """_Superseded when the target is no longer wanted; FatalUpdateError past the deadline."""
+        name = target["name"]
+        wanted = self.record["wanted"].get(name) or {}
+        update = self.store.state(name)["update"]
+        if (wanted.get("sha256") != target["sha256"] or update["state"] != "downloading"
+                or (update.get("target") or {}).get("sha256") != target["sha256"]):
+            raise _Superseded()
+        if time.monotonic() > deadline:
+            raise FatalUpdateError("timeout", f"the download did not finish within {self.options.download_timeout_s:g} s "
+                                   f"({download.progress()['percent']}% received); it is tried again")
+
+    def _report_progress(self, download: Download, target: dict, reported: int, via: str) -> int:
+        """Progress for status and telemetry; an event each 10%. Returns the step reported."""
+        name = target["name"]
+        self.progress[name] = {"version": target["version"], **download.progress(), "via": via}
+        step = int(self.progress[name]["percent"] // 10)
+        if step != reported:
+            self.emit("download_progress", {"model": name, **self.progress[name]})
+            self.state_changed()
+        return step
+
+    async def _download_http(self, download: Download, target: dict, deadline: float) -> None:
+        """Fetch the missing chunks from the target's signed HTTP(S) source, each checked against its
+        signed digest. Returns when the file is complete, or when the source keeps failing (then the
+        MQTT chunks bring the rest: what came over HTTP stays)."""
+        loop = asyncio.get_running_loop()
+        name, options = target["name"], self.options
+        source = HttpSource(target["url"], options.http_timeout_s, options.http_ca_file, self.device_id)
+        stop = threading.Event()
+
+        def deliver(index: int, data: bytes) -> None:
+            try:
+                download.write(index, index * download.chunk_bytes, data)
+            except BadChunk as exc:
+                download.refused += 1
+                raise SourceFailed(f"{source.url}: {exc}") from None
+
+        def fetch_missing() -> None:
+            for first, last in runs(download.missing()):
+                source.fetch(first, last, download.chunk_bytes, download.size, deliver, stop)
+
+        failures, delay, reported = 0, BACKOFF_MIN_S, -1
+        work = None
+        try:
+            while not download.complete:
+                self._check_wanted(download, target, deadline)
+                before = len(download.received)
+                work = loop.run_in_executor(self._http, fetch_missing)
+                try:
+                    while True:
+                        done, _ = await asyncio.wait({work}, timeout=1.0)
+                        reported = self._report_progress(download, target, reported, "http")
+                        if done:
+                            work.result()
+                            break
+                        self._check_wanted(download, target, deadline)
+                except SourceFailed as exc:
+                    failures = 1 if len(download.received) > before else failures + 1
+                    if exc.fatal or failures >= options.http_attempts:
+                        log.warning("download source failed; the rest comes over MQTT",
+                                    extra={"model": name, "url": source.url, "error": exc.message})
+                        self.emit("download_source_failed", {"model": name, "url": source.url, "message": exc.message,
+                                                             "fallback": "mqtt", **download.progress()})
+                        return
+                    log.info("download source failed; trying again", extra={"model": name, "error": exc.message,
+                                                                             "retry_s": round(delay, 1)})
+                    await self._pause(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, 60.0)
+        finally:
+            stop.set()
+            source.abort()  # a read blocked on the socket ends now, not at its time-out
+            if work is not None and not work.done():
+                work.add_done_callback(lambda future: future.cancelled() or future.exception())  # ends as Stopped
+        self.emit("download_source_done", {"model": name, "url": source.url, "bytes": source.bytes,
+                                           "requests": source.requests})
+
+    async def _download(self, download: Download, target: dict, deadline: float) -> None:
+        """Request missing chunks over MQTT, a window at a time, until the file is complete, the target
+        is no longer wanted, or the download deadline passes."""
         loop = asyncio.get_running_loop()
         name = target["name"]
         asked: dict[int, float] = {}
-        deadline = time.monotonic() + self.options.download_timeout_s
         reported = -1
         while not self._frames.empty():  # frames of an earlier download
             self._frames.get_nowait()
         while not download.complete:
-            wanted = self.record["wanted"].get(name) or {}
-            update = self.store.state(name)["update"]
-            if (wanted.get("sha256") != target["sha256"] or update["state"] != "downloading"
-                    or (update.get("target") or {}).get("sha256") != target["sha256"]):
-                raise _Superseded()
-            if time.monotonic() > deadline:
-                raise FatalUpdateError("timeout", f"the download did not finish within {self.options.download_timeout_s:g} s "
-                                       f"({download.progress()['percent']}% received); it is tried again")
-            self.progress[name] = {"version": target["version"], **download.progress()}
-            step = int(self.progress[name]["percent"] // 10)
-            if step != reported:
-                reported = step
-                self.emit("download_progress", {"model": name, **self.progress[name]})
-                self.state_changed()
+            self._check_wanted(download, target, deadline)
+            reported = self._report_progress(download, target, reported, "mqtt")
             if not self.connected.is_set():
                 began = time.monotonic()
                 try:

@@ -35,6 +35,18 @@ def _broker(url, username, password, ca_file, cert_file, key_file, protocol="aut
                            key_file=key_file, protocol=protocol)
 
 
+def _base_url(url: str) -> str:
+    """``url`` checked (http/https with a host) and ending in ``/``."""
+    from urllib.parse import urlsplit
+
+    from edgepack.errors import UsageError
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--bundle-url {url!r}: give an http:// or https:// URL, e.g. https://cdn.example/edgepack/")
+    return url if url.endswith("/") else url + "/"
+
+
 @click.group()
 def fleet() -> None:
     """The fleet controller: devices, telemetry, signed model updates over MQTT."""
@@ -54,9 +66,14 @@ def fleet() -> None:
 @click.option("--tick", "tick_s", type=click.FloatRange(0.1), default=2.0, show_default=True,
               help="seconds between rollout ticks")
 @click.option("--keep-raw", "keep_raw", default="7d", show_default=True, help="how long raw telemetry is kept")
+@click.option("--http", "http_listen", metavar="HOST:PORT",
+              help="also serve the bundles over HTTP with Range requests; rollouts then name it as each bundle's source")
+@click.option("--bundle-url", metavar="URL",
+              help="base URL of a copy of the bundles folder (S3, a CDN, nginx): rollouts name URL<sha256>.edgepack "
+                   "as the source devices download with Range requests (MQTT chunks stay the fallback)")
 @_auth
-def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, keep_raw, protocol, username, password,
-          ca_file, cert_file, key_file) -> None:
+def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, keep_raw, http_listen, bundle_url, protocol,
+          username, password, ca_file, cert_file, key_file) -> None:
     """Record device state, telemetry and events; answer bundle chunk requests; advance rollouts.
     Runs until SIGTERM (then stores and acknowledges what it received, and stops)."""
     import logging
@@ -68,15 +85,28 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, ke
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     address = _broker(broker, username, password, ca_file, cert_file, key_file, protocol)
+    server = None
+    if bundle_url:
+        bundle_url = _base_url(bundle_url)
+    if http_listen:
+        from .bundle_http import BundleServer, parse_listen
+
+        server = BundleServer(bundles_dir, *parse_listen(http_listen)).start()
+        bundle_url = bundle_url or server.url
+        click.echo(f"bundles over HTTP on {http_listen} (sources named: {bundle_url}<sha256>.edgepack)", err=True)
     controller = FleetController(address, db_url, bundles_dir, client_id=client_id, share=share, tick_s=tick_s,
                                  signing_key=load_private_key(private_key) if private_key else None,
-                                 keep_raw_s=parse_duration(keep_raw))
+                                 keep_raw_s=parse_duration(keep_raw), bundle_url=bundle_url)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"fleet controller {controller.client_id} on {broker} (MQTT {address.protocol}), registry {db_url}, "
                f"bundles in {bundles_dir}{', rollouts on' if private_key else ''}", err=True)
-    controller.serve(stop)
+    try:
+        controller.serve(stop)
+    finally:
+        if server:
+            server.stop()
 
 
 @fleet.command()
@@ -95,12 +125,14 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, ke
 @click.option("--max-p95-ms", type=click.FloatRange(0, min_open=True), help="roll back above this p95 run time")
 @click.option("--expires", "expires_s", type=click.FloatRange(1), default=7 * 86400, show_default=True,
               help="seconds until the desired state expires")
+@click.option("--bundle-url", metavar="URL", help="base URL of an HTTP(S) copy of the bundles folder: devices "
+              "download URL<sha256>.edgepack with Range requests (MQTT chunks stay the fallback)")
 @broker_option
 @bundles_option
 @db_option
 @_auth
 def push(bundles, device, group, private_key, desired_version, probation_s, min_runs, max_error_rate, max_latency_ratio,
-         max_p95_ms, expires_s, broker, bundles_dir, db_url, protocol, username, password, ca_file, cert_file,
+         max_p95_ms, expires_s, bundle_url, broker, bundles_dir, db_url, protocol, username, password, ca_file, cert_file,
          key_file) -> None:
     """Sign (with the fleet key) and publish (retained) the desired state: run BUNDLES (one per profile)
     on a device or group, with the probation budget devices enforce."""
@@ -129,7 +161,8 @@ def push(bundles, device, group, private_key, desired_version, probation_s, min_
     budget = {"duration_s": probation_s, "min_runs": min_runs, "max_error_rate": max_error_rate,
               "max_latency_ratio": max_latency_ratio, "max_p95_ms": max_p95_ms}
     state = desired_for_bundles(list(bundles), device=device, group=group, version=desired_version, expires_s=expires_s,
-                                probation={k: v for k, v in budget.items() if v is not None} or None)
+                                probation={k: v for k, v in budget.items() if v is not None} or None,
+                                bundle_url=_base_url(bundle_url) if bundle_url else None)
     shelf = BundleShelf(bundles_dir)
     for bundle in bundles:
         shelf.add(bundle)  # where 'fleet serve' finds it

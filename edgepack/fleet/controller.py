@@ -201,8 +201,10 @@ class FleetController:
     def __init__(self, broker: Broker, db_url: str | None, bundles: Path, client_id: str | None = None,
                  signing_key=None, tick_s: float = 2.0, share: str = "none", chunk_workers: int = 4,
                  chunk_rate: float = 256.0, chunk_burst: float = 512.0, keep_raw_s: float = 7 * 86400,
-                 keep_rollups_s: float = 90 * 86400):
+                 keep_rollups_s: float = 90 * 86400, bundle_url: str | None = None):
         self.broker = broker
+        #: base URL of an HTTP(S) copy of the shelf (``<url><sha256>.edgepack``) named in rollout offers
+        self.bundle_url = bundle_url
         self.registry = FleetRegistry(db_url)
         self.shelf = BundleShelf(bundles)
         self.client_id = client_id or default_client_id()
@@ -600,9 +602,10 @@ def read_retained_version(broker: Broker, topic: str, client_id: str, timeout: f
 
 
 def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str | None, version: int,
-                        expires_s: float, probation: dict | None = None):
+                        expires_s: float, probation: dict | None = None, bundle_url: str | None = None):
     """The desired state naming ``bundles`` (one per profile, same model and version), with the
-    signed chunk list of each and the probation budget devices enforce (``probation``)."""
+    signed chunk list of each and the probation budget devices enforce (``probation``); with
+    ``bundle_url``, each bundle's HTTP(S) source ``<bundle_url><sha256>.edgepack``."""
     from edgepack.bundle import open_bundle
 
     from .desired import BundleRef, DesiredState, ModelRef, ProbationBudget, chunk_digests_of
@@ -618,9 +621,11 @@ def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str |
         model = this
         if manifest["profile"] in refs:
             raise UsageError(f"two bundles for profile {manifest['profile']!r}; give one per profile")
-        refs[manifest["profile"]] = BundleRef(sha256=sha256_file(path), size=Path(path).stat().st_size,
+        digest = sha256_file(path)
+        refs[manifest["profile"]] = BundleRef(sha256=digest, size=Path(path).stat().st_size,
                                               chunk_bytes=chunks.CHUNK_BYTES,
-                                              chunks=chunk_digests_of(path, chunks.CHUNK_BYTES), file=Path(path).name)
+                                              chunks=chunk_digests_of(path, chunks.CHUNK_BYTES), file=Path(path).name,
+                                              url=f"{bundle_url}{digest}.edgepack" if bundle_url else None)
     now = time.time()
     state = DesiredState(version=version, device=device, group=group, issued_at=now, expires_at=now + expires_s,
                          model=ModelRef(name=model[0], version=model[1]), bundles=refs,

@@ -76,6 +76,20 @@ class BundleRef(_Strict):
     chunk_bytes: int = Field(gt=0, le=16 * 1024 * 1024)
     chunks: str = Field(min_length=1)
     file: str | None = None
+    #: where the device may download it with HTTP(S) Range requests (an object store, a CDN, nginx,
+    #: ``fleet serve --http``); absent: MQTT chunks. Signed, so a broker cannot point devices elsewhere.
+    url: str | None = Field(None, max_length=2048)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("url must be an http:// or https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _chunk_list(self) -> "BundleRef":

@@ -665,6 +665,9 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
         _mark(registry, rollout["id"], member["device"], from_status, status="skipped",
               detail=f"no release {rollout['name']}@{version} for profile {member['profile']!r}")
         return False
+    if getattr(controller, "bundle_url", None):
+        # an HTTP(S) source (the shelf's content-addressed name under it); MQTT chunks stay the fallback
+        ref = dict(ref, url=f"{controller.bundle_url}{ref['sha256']}.edgepack")
     criteria, strategy = rollout["criteria"], rollout["strategy"]
     budget = {"duration_s": criteria.get("probation_s"), "max_latency_ratio": criteria.get("max_latency_ratio"),
               "max_error_rate": criteria.get("max_device_error_rate"), "max_p95_ms": criteria.get("max_p95_ms"),

@@ -7,6 +7,8 @@ import pytest
 
 from edgepack.bundle.signing import generate_keys
 
+from ..models import digits_features
+
 
 @pytest.fixture(scope="session")
 def fleet_bundles(tmp_path_factory):
@@ -32,3 +34,19 @@ def fleet_bundles(tmp_path_factory):
     return {"bundles": made, "private": private, "public": public, "other": other_private, "folder": folder}
 
 
+@pytest.fixture(scope="session")
+def wide_bundles(tmp_path_factory):
+    """Two signed x86-64 fp32 versions of a 1.2 MB model: ten chunks each."""
+    from converters.pipeline import ConvertOptions, convert
+
+    folder = tmp_path_factory.mktemp("wide")
+    private, public = generate_keys(folder / "keys")
+    features, _ = digits_features(64)
+    np.save(folder / "calib.npy", features)
+    made = {}
+    for version in ("1.0.0", "1.1.0"):
+        (result,) = convert(ConvertOptions(model="tests.models:wide_mlp", profiles=["x86-64"], out=folder / version,
+                                           calibration=str(folder / "calib.npy"), input_shapes={"input": [1, 64]},
+                                           name="wide", version=version, recipes=["onnx-fp32"], signing_key=private))
+        made[version] = result.bundle
+    return {"bundles": made, "private": private, "public": public, "folder": folder}

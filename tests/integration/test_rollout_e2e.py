@@ -239,3 +239,34 @@ def test_two_controllers_on_postgresql_share_a_fleet_and_one_dies_mid_rollout(tm
     finally:
         setup.close()
         database.stop()
+
+
+def test_a_rollout_with_an_http_source_downloads_every_bundle_over_http(setup):
+    """`fleet serve --http`: the offers name the controller's Range server as each bundle's source, every
+    device downloads the whole bundle from it (its own event says how many bytes came over HTTP) and none
+    over MQTT chunks, and the rollout finishes."""
+    from .broker import free_port
+
+    port = free_port()
+    setup.controller("ctl", "--http", f"127.0.0.1:{port}")
+    setup.simulate(6)
+    setup.online(6)
+    setup.release(("1.0.0", "x86-64"))
+    setup.release(("1.1.0", "x86-64"))
+    rollout_id = setup.start("fleet@1.1.0", "--group", "all", "--stages", "50%,100%", "--soak", "0")
+    wait_for(lambda: setup.show(rollout_id)["state"] == "done", 120, f"the rollout done\n{setup.log('controller-ctl')}")
+    assert set(setup.active().values()) == {"1.1.0"}
+    size = Path(setup.bundles["bundles"][("1.1.0", "x86-64")]).stat().st_size
+    with setup.registry.engine.connect() as db:
+        payloads = [json.loads(json.loads(p)["desired"]) for (p,) in db.execute(
+            select(desired.c.payload).where(desired.c.rollout == rollout_id)).all()]
+        done = wait_for(lambda: db.execute(select(messages.c.device, messages.c.body)
+                                           .where(messages.c.event == "download_source_done")).all()
+                        if db.rollback() is None else None, 30, "every download's event")
+    urls = {ref["url"] for p in payloads for ref in p["bundles"].values()}
+    assert len(payloads) == 6 and len(urls) == 1 and urls.pop().startswith(f"http://127.0.0.1:{port}/bundles/")
+    assert len({device for device, _ in done}) == 6 and all(body["bytes"] == size for _, body in done), done
+    with setup.registry.engine.connect() as db:
+        chunk_events = db.execute(select(func.count()).select_from(messages)
+                                  .where(messages.c.event == "download_source_failed")).scalar()
+    assert chunk_events == 0

@@ -10,37 +10,15 @@ import asyncio
 import json
 import time
 
-import numpy as np
-import pytest
-
-from edgepack.bundle.signing import generate_keys, load_private_key, load_public_key
+from edgepack.bundle.signing import load_private_key, load_public_key
 from edgepack.fleet import chunks as chunk_frames
 from edgepack.fleet import topics
 from edgepack.fleet.controller import desired_for_bundles
 from edgepack.fleet.desired import sign_desired
 
 from ..conftest import run_cli
-from ..models import digits_features
 
 DEVICE = "dev1"
-
-
-@pytest.fixture(scope="module")
-def wide_bundles(tmp_path_factory):
-    """Two signed x86-64 fp32 versions of a 1.2 MB model: ten chunks each."""
-    from converters.pipeline import ConvertOptions, convert
-
-    folder = tmp_path_factory.mktemp("wide")
-    private, public = generate_keys(folder / "keys")
-    features, _ = digits_features(64)
-    np.save(folder / "calib.npy", features)
-    made = {}
-    for version in ("1.0.0", "1.1.0"):
-        (result,) = convert(ConvertOptions(model="tests.models:wide_mlp", profiles=["x86-64"], out=folder / version,
-                                           calibration=str(folder / "calib.npy"), input_shapes={"input": [1, 64]},
-                                           name="wide", version=version, recipes=["onnx-fp32"], signing_key=private))
-        made[version] = result.bundle
-    return {"bundles": made, "private": private, "public": public, "folder": folder}
 
 
 class FakeTransport:
@@ -77,9 +55,10 @@ def _forged(frame: bytes) -> bytes:
     return chunk_frames.encode_frame(header["sha256"], header["index"], bytes(b ^ 0xFF for b in data[:64]) + data[64:])
 
 
-async def _run_update(tmp_path, setup, fault, pushes, until):
+async def _run_update(tmp_path, setup, fault, pushes, until, updates: dict | None = None, timeout: float = 60):
     """Install 1.0.0, start a registry and an updater on the fake transport, hand it ``pushes``
-    (desired-state payloads, with a delay before each), and wait until ``until(update state, events)``."""
+    (desired-state payloads, with a delay before each), and wait until ``until(update state, events)``
+    (``updates``: more agent.yaml ``updates`` settings)."""
     from agent.config import load_config
     from agent.serving.metrics import ServingMetrics
     from agent.serving.registry import ModelRegistry
@@ -91,7 +70,7 @@ async def _run_update(tmp_path, setup, fault, pushes, until):
         "device_id": DEVICE, "profile": "x86-64", "store": str(tmp_path / "store"),
         "trusted_keys": [str(setup["public"])], "fleet_keys": [str(setup["public"])],
         "mqtt": {"host": "127.0.0.1", "port": 1},
-        "updates": {"probation_s": 0.3, "min_runs": 1, "chunk_timeout_s": 0.5, "download_window": 4},
+        "updates": {"probation_s": 0.3, "min_runs": 1, "chunk_timeout_s": 0.5, "download_window": 4, **(updates or {})},
     }))
     installed = run_cli("install", setup["bundles"]["1.0.0"], "--config", config_path, program="edgepack-agent")
     assert installed.returncode == 0, installed.stderr
@@ -116,7 +95,7 @@ async def _run_update(tmp_path, setup, fault, pushes, until):
         for delay, payload in pushes:
             await asyncio.sleep(delay)
             updater.handle_desired(topics.desired(DEVICE), payload)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not until(store.state("wide")["update"], events):
             await asyncio.sleep(0.1)
         state = store.state("wide")
@@ -128,9 +107,9 @@ async def _run_update(tmp_path, setup, fault, pushes, until):
     return state["update"], active, served, transport, events
 
 
-def _desired(setup, version: str, desired_version: int) -> bytes:
+def _desired(setup, version: str, desired_version: int, bundle_url: str | None = None) -> bytes:
     state = desired_for_bundles([setup["bundles"][version]], device=DEVICE, group=None, version=desired_version,
-                                expires_s=3600)
+                                expires_s=3600, bundle_url=bundle_url)
     return sign_desired(state, load_private_key(setup["private"]))
 
 

@@ -1,0 +1,112 @@
+"""The controller's bundle server (``fleet serve --http``) and the agent's HTTP source against it and
+against a server without Range support (Python's own ``http.server``)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from agent.updates.http_source import HttpSource, SourceFailed, runs
+from edgepack.fleet.bundle_http import BundleServer, parse_range
+
+CHUNK = 1000
+
+
+@pytest.fixture()
+def shelf(tmp_path):
+    data = os.urandom(10 * CHUNK + 123)
+    sha = hashlib.sha256(data).hexdigest()
+    (tmp_path / f"{sha}.edgepack").write_bytes(data)
+    server = BundleServer(tmp_path, "127.0.0.1", 0).start()
+    yield server, sha, data
+    server.stop()
+
+
+def test_ranges_parse_as_rfc_9110_says():
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-", 100) == (90, 99)
+    assert parse_range("bytes=90-1000", 100) == (90, 99)
+    assert parse_range("bytes=-10", 100) == (90, 99)
+    assert parse_range("bytes=-1000", 100) == (0, 99)
+    assert parse_range("bytes=100-", 100) is False
+    assert parse_range("bytes=5-4", 100) is False
+    assert parse_range("bytes=0-1,5-6", 100) is None  # several ranges: the whole file
+    assert parse_range("items=0-1", 100) is None
+
+
+def test_runs_group_contiguous_missing_chunks():
+    assert runs([]) == []
+    assert runs([0, 1, 2, 5, 7, 8]) == [(0, 2), (5, 5), (7, 8)]
+    assert runs(list(range(10)), limit=4) == [(0, 3), (4, 7), (8, 9)]
+
+
+def test_the_bundle_server_answers_ranges_heads_and_refusals(shelf):
+    server, sha, data = shelf
+    url = f"{server.url}{sha}.edgepack"
+    with httpx.Client() as client:
+        whole = client.get(url)
+        assert whole.status_code == 200 and whole.content == data and whole.headers["accept-ranges"] == "bytes"
+        part = client.get(url, headers={"Range": "bytes=1000-1999"})
+        assert part.status_code == 206 and part.content == data[1000:2000]
+        assert part.headers["content-range"] == f"bytes 1000-1999/{len(data)}"
+        tail = client.get(url, headers={"Range": "bytes=-5"})
+        assert tail.content == data[-5:]
+        beyond = client.get(url, headers={"Range": f"bytes={len(data)}-"})
+        assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
+        head = client.head(url)
+        assert head.status_code == 200 and int(head.headers["content-length"]) == len(data) and not head.content
+        assert client.get(f"{server.url}{'0' * 64}.edgepack").status_code == 404
+        assert client.get(f"{server.url}../secret").status_code == 404
+
+
+def test_the_http_source_delivers_exact_chunks_on_one_connection(shelf):
+    server, sha, data = shelf
+    source = HttpSource(f"{server.url}{sha}.edgepack", timeout_s=5)
+    got = {}
+    stop = threading.Event()
+    source.fetch(2, 4, CHUNK, len(data), got.__setitem__, stop)
+    source.fetch(9, 10, CHUNK, len(data), got.__setitem__, stop)
+    assert sorted(got) == [2, 3, 4, 9, 10]
+    for index, chunk in got.items():
+        assert chunk == data[index * CHUNK:(index + 1) * CHUNK]
+    assert source.requests == 2 and source.bytes == 3 * CHUNK + CHUNK + 123
+    source.close()
+
+
+def test_the_http_source_refuses_in_one_line_what_will_not_work(shelf, tmp_path):
+    server, sha, data = shelf
+    missing = HttpSource(f"{server.url}{'1' * 64}.edgepack", timeout_s=5)
+    with pytest.raises(SourceFailed) as caught:
+        missing.fetch(0, 1, CHUNK, len(data), lambda *_: None, threading.Event())
+    assert caught.value.fatal and "HTTP 404" in caught.value.message and "\n" not in caught.value.message
+    refused = HttpSource("http://127.0.0.1:1/x.edgepack", timeout_s=2)
+    with pytest.raises(SourceFailed) as caught:
+        refused.fetch(0, 1, CHUNK, len(data), lambda *_: None, threading.Event())
+    assert not caught.value.fatal and "refused" in caught.value.message
+    with pytest.raises(ValueError):
+        HttpSource("ftp://example.com/x")
+
+
+def test_a_server_without_range_support_still_works(tmp_path):
+    """``http.server`` ignores Range and sends the whole file (200): the chunks before the run are read
+    and dropped, the run's chunks are delivered."""
+    data = os.urandom(5 * CHUNK + 7)
+    (tmp_path / "b.edgepack").write_bytes(data)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        source = HttpSource(f"http://127.0.0.1:{httpd.server_address[1]}/b.edgepack", timeout_s=5)
+        got = {}
+        source.fetch(3, 5, CHUNK, len(data), got.__setitem__, threading.Event())
+        assert sorted(got) == [3, 4, 5] and got[5] == data[5 * CHUNK:]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
