@@ -341,3 +341,26 @@ def test_an_expired_desired_state_with_no_newer_one_is_reported_once(tmp_path, k
     __import__("asyncio").run(scenario())
     kinds = [kind for kind, _ in events]
     assert kinds == ["desired_accepted", "desired_stale"], kinds
+
+
+def test_the_chunk_retransmit_timer_follows_the_measured_round_trip():
+    """RFC 6298 over chunk round trips: never below the configured floor, above it when the broker
+    queues frames for long, doubled per loss until a clean round trip comes."""
+    from agent.updates.updater import RetransmitTimer
+
+    timer = RetransmitTimer(10.0)
+    assert timer.timeout == 10.0
+    for _ in range(20):
+        timer.sample(0.05)
+    assert timer.timeout == 10.0  # a fast broker: the floor
+    for _ in range(40):
+        timer.sample(12.0)
+    assert 12.0 < timer.timeout < 20.0  # a queue of 12 s: not asked again at 10 s
+    before = timer.timeout
+    timer.backoff()
+    assert timer.timeout == min(RetransmitTimer.MAX_S, 2 * before)
+    for _ in range(10):
+        timer.backoff()
+    assert timer.timeout == min(RetransmitTimer.MAX_S, 8 * before)  # at most 8x
+    timer.sample(12.0)
+    assert timer.timeout < 20.0

@@ -478,6 +478,8 @@ class Updater:
         loop = asyncio.get_running_loop()
         name = target["name"]
         asked: dict[int, float] = {}
+        again: set[int] = set()  # asked more than once: their round trips are ambiguous (Karn)
+        timer = RetransmitTimer(self.options.chunk_timeout_s)
         reported = -1
         while not self._frames.empty():  # frames of an earlier download
             self._frames.get_nowait()
@@ -498,8 +500,12 @@ class Updater:
                 self.session_lost = False
                 asked.clear()
             now = time.monotonic()
-            for index in [i for i, at in asked.items() if now - at > self.options.chunk_timeout_s]:
+            expired = [i for i, at in asked.items() if now - at > timer.timeout]
+            for index in expired:
                 del asked[index]
+                again.add(index)
+            if expired:
+                timer.backoff()  # once per time-out, as TCP does
             missing = [i for i in download.missing() if i not in asked][: max(0, self.options.download_window - len(asked))]
             if missing and self.publish(topics.chunk_requests(self.device_id), chunk_frames.request(target["sha256"], missing)) is not None:
                 for index in missing:
@@ -513,7 +519,9 @@ class Updater:
                 if header["sha256"] != target["sha256"]:
                     continue  # a chunk of an earlier, cancelled download
                 await loop.run_in_executor(self._disk, download.write, header["index"], header["offset"], data)
-                asked.pop(header["index"], None)
+                at = asked.pop(header["index"], None)
+                if at is not None and header["index"] not in again:
+                    timer.sample(time.monotonic() - at)
             except (chunk_frames.ChunkError, BadChunk) as exc:
                 # Refused by itself: what was written stays, and it costs no attempt.
                 download.refused += 1
@@ -571,6 +579,40 @@ class Updater:
 
     def failed_reason(self, sha256: str) -> dict | None:
         return self.record["failed"].get(sha256)
+
+
+class RetransmitTimer:
+    """When a requested chunk counts as lost: TCP's retransmission timer (RFC 6298) over the round
+    trips of chunks asked once, never below ``updates.chunk_timeout_s``.
+
+    A busy broker (hundreds of devices downloading at once) queues frames for longer than a fixed
+    time-out; asking again then only adds the same frames to the queue (measured: 1.075x the bytes at
+    200 devices with a fixed 10 s). The time-out follows the measured delay instead, and doubles at
+    each loss until a clean round trip comes."""
+
+    MAX_S = 120.0
+
+    def __init__(self, floor_s: float):
+        self.floor = floor_s
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self._backoff = 1.0
+
+    @property
+    def timeout(self) -> float:
+        base = self.floor if self.srtt is None else max(self.floor, self.srtt + 4 * self.rttvar)
+        return min(self.MAX_S, base * self._backoff)
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self._backoff = 1.0
+
+    def backoff(self) -> None:
+        self._backoff = min(self._backoff * 2, 8.0)
 
 
 def _digests(target: dict) -> list[bytes]:
