@@ -331,3 +331,92 @@ def _offers_of(registry, rollout_id):
     with registry.engine.connect() as db:
         return db.execute(select(func.count()).select_from(desired).where(desired.c.rollout == rollout_id)
                           .where(desired.c.purpose == "offer")).scalar_one()
+
+
+def test_concurrent_signers_never_take_the_same_desired_state_version(tmp_path):
+    """Eight writers (as two controllers and a `fleet push` would) each reserve a number and record a
+    desired state under it, on one SQLite file: every number is taken once, none is lost to a lock."""
+    import threading
+
+    from edgepack.fleet.db import desired, open_engine
+    from edgepack.fleet.rollouts import next_desired_version
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    open_engine(url)
+    errors, taken = [], []
+
+    def sign_many(worker: int) -> None:
+        engine = open_engine(url)  # its own engine and connection, as another process has
+        try:
+            for _ in range(15):
+                with engine.begin() as db:
+                    number = next_desired_version(db)
+                    db.execute(desired.insert().values(topic=f"t/{worker}", desired_version=number, model="m",
+                                                       version="1.0.0", purpose="offer", payload="{}"))
+                taken.append(number)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=sign_many, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[:3]
+    assert sorted(taken) == list(range(1, 8 * 15 + 1))
+    engine = open_engine(url)
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):  # the backstop: the same number twice is refused by the database
+        with engine.begin() as db:
+            db.execute(desired.insert().values(topic="t/x", desired_version=3, model="m", version="1.0.0",
+                                               purpose="push", payload="{}"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_registry(request, tmp_path):
+    """A registry on SQLite, and on a real PostgreSQL when one can be started (else skipped)."""
+    if request.param == "sqlite":
+        yield FleetRegistry(f"sqlite:///{tmp_path / 'fleet.db'}")
+        return
+    from tests.integration.postgres import Postgres
+
+    database = Postgres()
+    try:
+        yield FleetRegistry(database.url)
+    finally:
+        database.stop()
+
+
+def test_late_states_and_wills_do_not_overwrite_what_came_after(any_registry):
+    """States stored out of order (two controllers with --share all): an older state of the same boot
+    is ignored, any state of a new boot wins (its clock may be behind), a will applies only to its own
+    boot; a garbage ts is never stored (PostgreSQL casts it)."""
+    registry = any_registry
+
+    def state(boot, ts, version, online=True):
+        return ("d1", "state", {"device": "d1", "boot": boot, "ts": ts, "online": online, "profile": "x86-64",
+                                "models": {"m": {"active": version}}})
+
+    def will(boot=None):
+        return ("d1", "state", {"device": "d1", "online": False, **({"boot": boot} if boot else {})})
+
+    def row():
+        (found,) = [r for r in registry.devices() if r["device"] == "d1"]
+        return found["online"], found["state"]["models"]["m"]["active"]
+
+    registry.store_batch([state("A", 10.0, "1.1.0")])
+    registry.store_batch([state("A", 5.0, "1.0.0")])  # older, same boot: ignored
+    assert row() == (True, "1.1.0")
+    registry.store_batch([will("A")])
+    assert row() == (False, "1.1.0")
+    registry.store_batch([state("B", 3.0, "1.1.0")])  # a new boot with its clock behind: taken
+    assert row() == (True, "1.1.0")
+    registry.store_batch([will("A")])  # the will of the boot before, late: ignored
+    assert row() == (True, "1.1.0")
+    registry.store_batch([state("B", "soon", "1.2.0")])  # no usable ts: stored as it comes, without it
+    assert row() == (True, "1.2.0")
+    registry.store_batch([state("B", 4.0, "1.2.1")])
+    assert row() == (True, "1.2.1")
+    registry.store_batch([will()])  # an older agent's will (no boot): applies
+    assert row() == (False, "1.2.1")

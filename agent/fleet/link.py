@@ -181,7 +181,9 @@ class FleetLink:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         mqtt = self.config.mqtt
-        offline = json.dumps({"schema": topics.SCHEMA, "device": self.device, "online": False}).encode()
+        # The boot says which connection's will it is: the controller ignores a will of a boot the
+        # device has since left (a reboot whose new state arrived first).
+        offline = json.dumps({"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "online": False}).encode()
         self.transport = Transport(mqtt, self.device, self._deliver, will=(topics.state(self.device), offline))
         self._offline = offline
         if self.config.updates.enabled:

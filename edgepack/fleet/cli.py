@@ -153,26 +153,43 @@ def push(bundles, device, group, private_key, desired_version, probation_s, min_
     address = _broker(broker, username, password, ca_file, cert_file, key_file, protocol)
     key = load_private_key(private_key)
     registry = FleetRegistry(db_url)
-    if desired_version is None:
-        # One more than anything the fleet signed (recorded) or the topic holds (retained).
-        with registry.engine.connect() as db:
-            recorded = next_desired_version(db)
-        desired_version = max(recorded, read_retained_version(address, target, f"edgepack-push-{threading.get_ident()}-read") + 1)
+    given = desired_version
+    retained = None
     budget = {"duration_s": probation_s, "min_runs": min_runs, "max_error_rate": max_error_rate,
               "max_latency_ratio": max_latency_ratio, "max_p95_ms": max_p95_ms}
-    state = desired_for_bundles(list(bundles), device=device, group=group, version=desired_version, expires_s=expires_s,
-                                probation={k: v for k, v in budget.items() if v is not None} or None,
-                                bundle_url=_base_url(bundle_url) if bundle_url else None)
     shelf = BundleShelf(bundles_dir)
     for bundle in bundles:
         shelf.add(bundle)  # where 'fleet serve' finds it
-    payload = sign_desired(state, key)
     import time as _time
 
-    with registry.engine.begin() as db:  # every signed desired state is on record
-        db.execute(desired_table.insert().values(topic=target, desired_version=state.version, model=state.model.name,
-                                                 version=state.model.version, purpose="push", payload=payload.decode(),
-                                                 created=_time.time(), expires_at=state.expires_at))
+    from sqlalchemy.exc import IntegrityError
+
+    for _ in range(5):
+        if given is None:
+            # One more than anything the fleet signed (recorded) or the topic holds (retained).
+            with registry.engine.connect() as db:
+                recorded = next_desired_version(db, reserve=False)
+            if retained is None:
+                retained = read_retained_version(address, target, f"edgepack-push-{threading.get_ident()}-read")
+            desired_version = max(recorded, retained + 1)
+        state = desired_for_bundles(list(bundles), device=device, group=group, version=desired_version,
+                                    expires_s=expires_s, probation={k: v for k, v in budget.items() if v is not None} or None,
+                                    bundle_url=_base_url(bundle_url) if bundle_url else None)
+        payload = sign_desired(state, key)
+        try:
+            with registry.engine.begin() as db:  # every signed desired state is on record
+                db.execute(desired_table.insert().values(topic=target, desired_version=state.version,
+                                                         model=state.model.name, version=state.model.version,
+                                                         purpose="push", payload=payload.decode(),
+                                                         created=_time.time(), expires_at=state.expires_at))
+            break
+        except IntegrityError:
+            if given is not None:
+                raise UsageError(f"desired-state version {given} is signed already; omit --desired-version "
+                                 "(the next free one is taken)") from None
+            # a controller signed that number meanwhile: take the next
+    else:
+        raise UsageError("could not record the desired state: its version kept being taken; try again")
     publish_retained(address, target, payload, f"edgepack-push-{threading.get_ident()}")
     click.echo(f"desired state {state.version}: {state.model.name} {state.model.version} "
                f"({', '.join(sorted(state.bundles))}) -> {target}")

@@ -499,7 +499,9 @@ class FleetController:
         last_purge = 0.0
         while not until.wait(self.tick_s):
             try:
-                if self.connected.is_set():
+                # Rollouts need the signing key; retention runs on every controller (one without
+                # --key still stores telemetry, and must not keep it for ever).
+                if self.connected.is_set() and self.signing_key is not None:
                     rollouts.tick(self)
                 if time.time() - last_purge > 3600:
                     last_purge = time.time()
@@ -522,8 +524,7 @@ class FleetController:
         writer = threading.Thread(target=self._write, args=(writer_done,), name="fleet-writer", daemon=True)
         ticker = threading.Thread(target=self._tick, args=(stop,), name="fleet-tick", daemon=True)
         writer.start()
-        if self.signing_key is not None:
-            ticker.start()
+        ticker.start()
         try:
             stop.wait()
         finally:

@@ -188,10 +188,25 @@ def open_engine(url: str | None = None):
             cursor.close()
     try:
         metadata.create_all(engine)
+        _add_late_indexes(engine)
     except Exception as exc:  # noqa: BLE001 - the database cannot be reached or opened
         raise UsageError(f"--db: cannot open the fleet database ({str(exc).splitlines()[0][:200]}); check the URL, "
                          "that the server runs, and for SQLite that the folder exists") from None
     return engine
+
+
+#: indexes added after a table first shipped: created on databases made before them too
+_LATE_INDEXES = [Index("uq_desired_version", desired.c.desired_version, unique=True)]
+
+
+def _add_late_indexes(engine) -> None:
+    import logging
+
+    for index in _LATE_INDEXES:
+        try:
+            index.create(engine, checkfirst=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. duplicates signed before the index existed
+            logging.getLogger("edgepack.fleet").warning("index %s not created: %s", index.name, str(exc).splitlines()[0][:200])
 
 
 def insert_for(engine):

@@ -12,7 +12,7 @@ import json
 import math
 import time
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 
 from . import db as tables
 from .db import devices, messages, open_engine, rollup_classes, rollups
@@ -93,17 +93,38 @@ class FleetRegistry:
                 self._roll_up(db, telemetry, now)
 
     def _state(self, db, device: str, state: dict, now: float) -> None:
+        """Upsert the device's row from a state message.
+
+        Ordering: with ``--share all`` two controllers store one device's messages, so an older state
+        can be written after a newer one. A full state replaces the stored one only when it is newer
+        within the same boot (any state of another boot replaces it: a device without a real-time clock
+        can boot with its clock behind). A Last Will (or a clean goodbye) says only "offline" and
+        applies only to the boot it was set by: a will of the connection before a reboot arriving after
+        the new boot's state leaves the device online. Messages without ``boot``/``ts`` (older agents)
+        are stored as they come."""
+        stored_boot, stored_ts = devices.c.state["boot"].as_string(), devices.c.state["ts"].as_float()
+        boot = state.get("boot") if isinstance(state.get("boot"), str) else None
         if state.get("online") is False and "models" not in state:
-            # A Last Will (or a clean goodbye) says only "offline": what the device runs stays on record.
+            # What the device runs stays on record.
             values = {"online": False, "last_seen": now}
+            guard = or_(devices.c.state.is_(None), stored_boot.is_(None), stored_boot == boot) if boot else None
             db.execute(self.insert(devices).values(device=device[:128], first_seen=now, tags=[], groups=[], **values)
-                       .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
+                       .on_conflict_do_update(index_elements=[devices.c.device], set_=values, where=guard))
             return
         profile = state.get("profile")
+        ts = _number(state.get("ts"), None)
+        # What the guard reads back is always a number and a string (PostgreSQL casts it: a stored
+        # "ts": "soon" would make every later state of the device fail)
+        state = {k: v for k, v in state.items() if k not in ("ts", "boot")}
+        state.update({"ts": ts} if ts is not None else {}, **({"boot": _clean(boot, 64)} if boot else {}))
         values = {"online": bool(state.get("online")), "profile": _clean(profile, 64) if isinstance(profile, str) else None,
                   "state": state, "last_seen": now}
+        guard = None
+        if boot and ts is not None:
+            guard = or_(devices.c.state.is_(None), stored_boot.is_(None), stored_boot != boot,
+                        stored_ts.is_(None), stored_ts <= ts)
         db.execute(self.insert(devices).values(device=device[:128], first_seen=now, tags=[], groups=[], **values)
-                   .on_conflict_do_update(index_elements=[devices.c.device], set_=values))
+                   .on_conflict_do_update(index_elements=[devices.c.device], set_=values, where=guard))
 
     @staticmethod
     def _message_row(device: str, message: dict, now: float) -> dict:

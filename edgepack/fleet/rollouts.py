@@ -28,7 +28,7 @@ import logging
 import math
 import time
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from edgepack.errors import UsageError
 
@@ -647,9 +647,19 @@ def _mark(registry, rollout_id: int, device: str, status: str, **values) -> None
                    .where(rollout_devices.c.device == device).where(rollout_devices.c.status == status).values(**values))
 
 
-def next_desired_version(db) -> int:
+def next_desired_version(db, reserve: bool = True) -> int:
     """One more than any desired-state version the fleet signed: devices compare versions per model
-    across topics, so one counter for the whole fleet keeps every new state newer."""
+    across topics, so one counter for the whole fleet keeps every new state newer.
+
+    With ``reserve`` (call it first in the transaction that records the new state) it serialises the
+    signers until that transaction ends — PostgreSQL: a transaction advisory lock; SQLite: the write
+    lock, taken before the read — so two controllers, or ``fleet push`` beside one, never sign the same
+    number (the unique index on ``desired_version`` is the backstop)."""
+    if reserve:
+        if db.dialect.name == "postgresql":
+            db.execute(text("SELECT pg_advisory_xact_lock(7340031)"))
+        else:
+            db.execute(text("UPDATE leases SET until = until WHERE 0 = 1"))  # BEGIN's write lock, now
     return int(db.execute(select(func.max(desired.c.desired_version))).scalar() or 0) + 1
 
 
