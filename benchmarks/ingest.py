@@ -11,6 +11,11 @@ so connecting is included). The broker is a Mosquitto on a free loopback port wi
 queue large enough for the whole backlog.
 
 Target (issue 19): >= 5,000 messages/s on SQLite.
+
+EDGEPACK_PYSPY=PREFIX (with py-spy on PATH) records 10 s of the timed drain, every thread, as
+collapsed stacks in PREFIX-<registry>.txt: where the controller's time goes (last run: the writer
+thread 47% of the samples, a third of it the rollup upserts; paho's receive path 35%; both Python,
+so they share one core through the GIL).
 """
 
 from __future__ import annotations
@@ -90,6 +95,10 @@ def run(db: str, label: str, messages: int, devices: int, folder: Path) -> dict:
         for p in publishers:
             p.join(600)
         controller = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
+        profile = os.environ.get("EDGEPACK_PYSPY")  # a py-spy profile of the timed drain (collapsed stacks)
+        if profile:
+            subprocess.Popen(["py-spy", "record", "--format", "raw", "-r", "200", "-d", "10", "--threads", "-p",
+                              str(controller.pid), "-o", f"{profile}-{label.split()[0]}.txt"], stdout=log, stderr=log)
         started = time.perf_counter()
         cpu_before = cpu_seconds(controller.pid)
         while registry.message_count() < messages and time.perf_counter() - started < 600:
