@@ -118,8 +118,12 @@ class ServerConfig(_Strict):
         False, description="let ONNX Runtime's intra-op threads spin while waiting for work: slightly faster "
         "when the model has the cores to itself, about twice as slow when the event loop or other processes "
         "want them (benchmarks/overload.py)")
-    max_large_requests: int = Field(
-        4, ge=1, le=1024, description="large bodies (over offload_bytes) accepted at once; more get 503")
+    large_body_budget_bytes: int | None = Field(
+        None, ge=1024 * 1024, description="bytes of large bodies (over offload_bytes) in progress at once, by their "
+        "Content-Length; one that would go over is answered 503 (default: an eighth of the memory, 64 MiB to 1 GiB; "
+        "a body larger than the budget is taken when it is the only one)")
+    max_large_requests: int | None = Field(
+        None, ge=1, le=1024, description="also limit large bodies in progress by count (default: only the byte budget)")
 
     @model_validator(mode="after")
     def _exposure(self) -> "ServerConfig":

@@ -40,7 +40,10 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     import uvicorn
 
     from .logs import setup_logging
-    from .serving.app import build_app, build_front_door
+    from .serving.app import build_app
+    from .serving.codec import Codec
+    from .serving.dataplane import InferenceService
+    from .serving.front_door import build_front_door
     from .serving.metrics import ServingMetrics
     from .serving.protocol import guarded_protocol
     from .serving.registry import ModelRegistry
@@ -52,6 +55,9 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     sys.setswitchinterval(config.server.switch_interval_ms / 1000)
     metrics = ServingMetrics()
     registry = ModelRegistry(config, metrics, bundles)
+    # One dataplane for every door: HTTP (the app) and MQTT streams (the fleet link).
+    service = InferenceService(config, registry, metrics,
+                               Codec(config.server.offload_bytes, config.server.max_body_bytes))
     startup_error: list[str] = []
 
     def reported_here(record: logging.LogRecord) -> bool:
@@ -69,7 +75,7 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
             if config.mqtt:
                 from .fleet.link import FleetLink
 
-                link = FleetLink(config, registry, metrics)
+                link = FleetLink(config, registry, metrics, service)
                 await link.start()
         except EdgepackError as exc:
             startup_error.append(exc.message)
@@ -91,7 +97,7 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     from .runtime.onnx_backend import allow_spinning
 
     allow_spinning(config.server.intra_op_spinning)  # before any model loads
-    app = build_app(config, registry, metrics, lifespan)
+    app = build_app(config, registry, metrics, lifespan, service)
     uv_config = uvicorn.Config(
         app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s, build_front_door(config, registry, metrics)),
         lifespan="on", access_log=False, log_config=None, server_header=False,

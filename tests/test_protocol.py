@@ -45,6 +45,14 @@ class Transport:
     def resume_reading(self) -> None:
         self.reading = True
 
+    eof = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
 
 def front_door(method: bytes, path: bytes, headers: list):
     if method == b"GET" and path == b"/live":
@@ -137,5 +145,26 @@ def test_front_door_steps_aside_while_the_client_is_not_reading_its_answers():
         protocol.resume_writing()
         loop.run_until_complete(asyncio.sleep(0.01))
         assert calls == ["/live"]  # uvicorn's own path answered it, with its back-pressure
+    finally:
+        loop.close()
+
+
+def test_a_refusal_while_the_body_arrives_half_closes_and_drains_before_closing():
+    """Connection: close and a body still on its way: the 503 goes out with a FIN (write_eof), the rest
+    of the body is read and dropped, and only then is the connection closed (closing on unread bytes
+    makes the kernel answer with a reset, and the client never reads its 503)."""
+    loop = asyncio.new_event_loop()
+    try:
+        protocol, transport, state, calls = _connection(loop)
+        protocol.data_received(b"POST /full HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 100\r\n\r\n"
+                               + b"x" * 10)
+        ((status, headers, _),) = _responses(bytes(transport.written))
+        assert status == 503 and headers[b"connection"] == b"close"
+        assert transport.eof and not transport.closed  # half-closed, still reading
+        protocol.data_received(b"x" * 50)
+        assert not transport.closed
+        protocol.data_received(b"x" * 40)  # the body is in: closed now
+        assert transport.closed and calls == []
+        assert len(_responses(bytes(transport.written))) == 1
     finally:
         loop.close()

@@ -140,7 +140,7 @@ def test_retry_after_comes_from_the_speed_of_recent_runs():
 
 def test_front_door_answers_only_what_the_request_head_decides():
     from agent.config import AgentConfig
-    from agent.serving.app import build_front_door
+    from agent.serving.front_door import build_front_door
 
     async def scenario():
         token = "front-door-unit-token-0123"

@@ -59,8 +59,11 @@ async def survive(name: str, interval: float, work, metrics, max_backoff: float 
 class FleetLink:
     """Connects one daemon to the fleet broker (only when ``mqtt`` is configured)."""
 
-    def __init__(self, config, registry, metrics):
+    def __init__(self, config, registry, metrics, service=None):
         self.config = config
+        #: the daemon's dataplane (streamed requests go through it as HTTP ones do)
+        self.service = service
+        self.streams = None
         self.registry = registry
         self.store = registry.store
         self.device = device_id(config)
@@ -196,9 +199,17 @@ class FleetLink:
             self.updater.state_changed = self.publish_state
             for topic in self.updater.topics():
                 self.transport.subscribe(topic, 1)
-        from .streaming import StreamServer
+        if any(model.stream for model in self.config.models):
+            from ..serving.mqtt_stream import StreamServer
 
-        self.streams = StreamServer(self.config, self.registry, self.metrics, self)
+            if self.service is None:
+                from ..serving.codec import Codec
+                from ..serving.dataplane import InferenceService
+
+                server = self.config.server
+                self.service = InferenceService(self.config, self.registry, self.metrics,
+                                                Codec(server.offload_bytes, server.max_body_bytes))
+            self.streams = StreamServer(self.config, self.service, self)
         for topic in self.handlers:
             self.transport.subscribe(topic, 1)
         self.store.listeners.append(self._on_transition)

@@ -9,32 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import time
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from edgepack import __version__
-from edgepack.errors import DataError, EdgepackError
 
 from ..config import AgentConfig
 from .codec import BodyTooLarge, Codec
-from .shared_buffers import SharedBody
+from .dataplane import ClientGone, Disconnected, InferenceService, ServiceError
+from .front_door import OPEN_PATHS, token_matches
 from .metrics import ServingMetrics
 from .oip import CONFIG_TYPES, HEADER_LENGTH, RequestError, oip_datatype, oip_shape
 from .registry import ModelRegistry
-from .scheduler import DeadlineExceeded, Overloaded
+from .shared_buffers import SharedBody
 
 log = logging.getLogger("edgepack.agent.serving")
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics"]
-#: Paths open without a token: liveness/readiness probes reveal nothing about models or data.
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics", "statistics", "model_repository"]
 
 
 def _json(data, status: int = 200, headers: dict | None = None) -> Response:
@@ -43,14 +39,6 @@ def _json(data, status: int = 200, headers: dict | None = None) -> Response:
 
 def _error(message: str, status: int) -> Response:
     return _json({"error": message}, status)
-
-
-class Disconnected(Exception):
-    """The client closed the connection before its answer was ready."""
-
-
-class TooManySamples(Exception):
-    """A request carries more samples than ``max_samples_per_request``."""
 
 
 async def _read_body(request: Request, limit: int, codec: Codec):
@@ -111,8 +99,7 @@ class BearerAuth:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: no token prefix oracle
+            if not token_matches(scope["headers"], self.expected):
                 response = Response(b'{"error":"missing or wrong bearer token; send Authorization: Bearer <token>"}',
                                     401, media_type="application/json", headers={"www-authenticate": "Bearer"})
                 await response(scope, receive, send)
@@ -128,67 +115,21 @@ def _tensor_metadata(spec) -> dict:
     return entry
 
 
-def build_front_door(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics):
-    """Answers given from the request head alone, without the ASGI application (see
-    ``agent.serving.protocol``): the health probes, and 503 for an inference request to a model whose
-    queue is full. Under a flood those are most requests; this keeps their cost a small fraction of an
-    accepted request's, so refusing never starves the accepted work or the probes. Anything else,
-    including a request whose bearer token is wrong (401 from the application), passes on."""
-    token = config.server.bearer_token()
-    expected = f"Bearer {token}".encode() if token else None
-    json_type = [(b"content-type", b"application/json")]
-
-    def front_door(method: bytes, path: bytes, headers: list):
-        if method == b"GET":
-            if path == b"/v2/health/live":
-                return 200, json_type, b'{"live":true}'
-            if path == b"/v2/health/ready":
-                ok = registry.ready
-                return (200 if ok else 503), json_type, b'{"ready":true}' if ok else b'{"ready":false}'
-            return None
-        if method != b"POST" or not path.startswith(b"/v2/models/") or not path.endswith(b"/infer"):
-            return None
-        parts = path.split(b"/")  # b"", b"v2", b"models", NAME, [b"versions", VERSION,] b"infer"
-        if len(parts) == 5:
-            version = None
-        elif len(parts) == 7 and parts[4] == b"versions":
-            version = parts[5]
-        else:
-            return None
-        if b"%" in path:
-            return None  # percent-encoded names: the application decodes and routes them
-        scheduler = registry.get(parts[3].decode("latin-1"))
-        if scheduler is None or (version is not None and version.decode("latin-1") != scheduler.current.version):
-            return None  # 404 from the application
-        if expected is not None:
-            # The last one, as the application's BearerAuth reads them (a dict of the headers).
-            given = next((value for name, value in reversed(headers) if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, expected):
-                return None  # 401 from the application; the queue's state is not for strangers
-        try:
-            scheduler.check_capacity()
-        except Overloaded as exc:
-            metrics.observe_request(scheduler.name, "overloaded")
-            return 503, [*json_type, (b"retry-after", str(exc.retry_after).encode())], orjson.dumps({"error": str(exc)})
-        return None
-
-    return front_door
-
-
-def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics, lifespan=None):
-    """The ASGI application serving ``registry``'s models (``lifespan`` loads and closes them)."""
+def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics, lifespan=None,
+              service: InferenceService | None = None):
+    """The ASGI application serving ``registry``'s models (``lifespan`` loads and closes them), a door of
+    ``service`` (the daemon's dataplane; one of its own when not given). The app starts and stops the
+    service's codec (its helper process)."""
     max_body = config.server.max_body_bytes
 
+    service = service or InferenceService(config, registry, metrics, Codec(config.server.offload_bytes, max_body))
+    codec = service.codec
+
     def model_or_404(request: Request):
-        name = request.path_params["name"]
-        scheduler = registry.get(name)
-        if scheduler is None:
-            known = ", ".join(sorted(registry.schedulers)) or "none"
-            return None, _error(f"unknown model {name!r}; served models: {known}", 404)
-        version = request.path_params.get("version")
-        if version is not None and version != scheduler.current.version:
-            return None, _error(f"model {name!r} serves version {scheduler.current.version}, not {version!r}", 404)
-        return scheduler, None
+        try:
+            return service.model(request.path_params["name"], request.path_params.get("version")), None
+        except ServiceError as exc:
+            return None, _error(exc.message, exc.status)
 
     async def live(request: Request) -> Response:
         return _json({"live": True})
@@ -260,102 +201,30 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         }
         return _json(body)
 
-    codec = Codec(config.server.offload_bytes, max_body)
-    large = {"in_flight": 0}
-
     async def infer(request: Request) -> Response:
-        started = time.perf_counter()
-        name = request.path_params["name"]
-        scheduler, error = model_or_404(request)
-        if error:
-            metrics.observe_request(name if name in registry.schedulers else "_unknown", "not_found")
-            return error
-        options = scheduler.options
         declared = request.headers.get("content-length", "")
-        is_large = codec.offloads(int(declared)) if declared.isdigit() else False
         try:
-            # Shed load before reading the body: a full queue costs the client one round trip, no more.
-            # (Usually the front door has answered already; this is the race with a queue filling since.)
-            place = scheduler.reserve()
-        except Overloaded as exc:
-            metrics.observe_request(name, "overloaded")
-            # The connection stays open: closing it on the unread body would spare the server reading it,
-            # but clients would see a reset instead of this 503 (tried in benchmarks/overload.py).
-            return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
-        if is_large and large["in_flight"] >= config.server.max_large_requests:
-            scheduler.unreserve(place)
-            metrics.observe_request(name, "overloaded")
-            return _json({"error": f"{large['in_flight']} large requests are in progress "
-                          f"(server.max_large_requests); retry later"}, 503, {"retry-after": "1"})
-        large["in_flight"] += is_large
-        body, release_feeds, served = None, None, None
+            answer = await service.infer(
+                request.path_params["name"], request.path_params.get("version"),
+                lambda limit, codec: _read_body(request, limit, codec),
+                encoding=request.headers.get("content-encoding", "identity"),
+                header_length=request.headers.get(HEADER_LENGTH),
+                declared=int(declared) if declared.isdigit() else None,
+                watch=lambda queued: _unless_disconnected(request, queued))
+        except ServiceError as exc:
+            if isinstance(exc, ClientGone):
+                return Response(status_code=499)
+            # A 503 before the body is read keeps the connection open: closing it on the unread body
+            # would spare reading it, but clients would see a reset instead (benchmarks/overload.py).
+            return _json({"error": exc.message}, exc.status, exc.headers or None)
+        return Response(answer.body, 200, headers=answer.headers)
+
+    async def statistics(request: Request) -> Response:
+        name = request.path_params.get("name")
         try:
-            served = scheduler.pin()
-            body = await asyncio.wait_for(_read_body(request, max_body, codec), config.server.body_timeout_s)
-            decoded, feeds, release_feeds = await codec.decode(
-                body, request.headers.get("content-encoding", "identity"), request.headers.get(HEADER_LENGTH),
-                served.model.inputs, options.nonfinite_inputs == "allow")
-            first = next(iter(feeds.values()))
-            samples = len(first) if first.ndim and served.model.backend.batched else 1
-            if samples > options.max_samples_per_request:
-                raise TooManySamples(f"the request carries {samples} samples; this model takes at most "
-                                     f"{options.max_samples_per_request} per request (max_samples_per_request): "
-                                     "split it into several requests")
-            limits = [options.deadline_ms / 1000 if options.deadline_ms else None,
-                      decoded.timeout_us / 1e6 if decoded.timeout_us is not None else None]
-            limits = [limit for limit in limits if limit is not None]
-            deadline = started + min(limits) if limits else None
-            # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
-            handed, release_feeds = release_feeds, None
-            place, held = None, place  # submit uses the place, whatever happens in it
-            queued = scheduler.submit(feeds, served, deadline, handed, held)
-            del feeds, first
-            result = await _unless_disconnected(request, queued)
-            # Encoded with the specs and version of the model that computed the answer.
-            payload, headers = await codec.encode(name, result.version, decoded, result.outputs,
-                                                  result.served.model.outputs)
-        except Overloaded as exc:
-            metrics.observe_request(name, "overloaded")
-            return _json({"error": str(exc)}, 503, {"retry-after": str(exc.retry_after)})
-        except DeadlineExceeded as exc:
-            metrics.observe_request(name, "deadline_exceeded")
-            return _error(str(exc), 504)
-        except asyncio.TimeoutError:
-            metrics.observe_request(name, "body_timeout")
-            return _error(f"the request body did not arrive within server.body_timeout_s "
-                          f"({config.server.body_timeout_s} s)", 408)
-        except BodyTooLarge:
-            metrics.observe_request(name, "too_large")
-            return _error(f"the request body is larger than server.max_body_bytes ({max_body} bytes)", 413)
-        except TooManySamples as exc:
-            metrics.observe_request(name, "too_large")
-            return _error(str(exc), 413)
-        except (RequestError, DataError) as exc:
-            metrics.observe_request(name, "bad_request")
-            return _error(str(exc), 400)
-        except (ClientDisconnect, Disconnected):
-            metrics.observe_request(name, "disconnected")
-            return Response(status_code=499)
-        except EdgepackError as exc:
-            metrics.observe_request(name, "error")
-            log.error("inference failed", extra={"model": name, "error": exc.message})
-            return _error(exc.message, 500)
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the daemon
-            metrics.observe_request(name, "error")
-            log.exception("inference failed", extra={"model": name})
-            return _error(f"internal error: {type(exc).__name__}", 500)
-        finally:
-            if place is not None:
-                scheduler.unreserve(place)
-            if served is not None:
-                scheduler.unpin(served)
-            large["in_flight"] -= is_large
-            if isinstance(body, SharedBody):
-                body.release()
-            if release_feeds is not None:
-                release_feeds()
-        metrics.observe_request(name, "ok", time.perf_counter() - started, result.queue_seconds)
-        return Response(payload, 200, headers=headers)
+            return _json(service.statistics(name, request.path_params.get("version")))
+        except ServiceError as exc:
+            return _error(exc.message, exc.status)
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), 200, headers={"content-type": metrics.content_type})
@@ -365,11 +234,14 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/models/stats", statistics, methods=["GET"]),  # before {name}: "stats" is not a model
         Route("/v2/models/{name}", model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{name}/stats", statistics, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/stats", statistics, methods=["GET"]),
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/metrics", prometheus, methods=["GET"]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .statistics import InferenceStatistics
+
 # Edge models answer in 0.1 ms .. seconds; the default buckets start at 5 ms.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -24,6 +26,8 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: Triton's statistics extension (GET /v2/models/{name}/stats), per model version
+        self.statistics = InferenceStatistics()
         r = self.registry
         self.requests = Counter("edgepack_requests", "Inference requests by outcome", ["model", "outcome"], registry=r)
         self.request_seconds = Histogram("edgepack_request_seconds", "Time from request to response",
@@ -69,9 +73,11 @@ class ServingMetrics:
             self.swaps.labels(model).inc()
         self.active.labels(model, version, slot or "").set(1)
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+    def observe_batch(self, model: str, size: int, seconds: float, version: str | None = None) -> None:
         self.batch_size.labels(model).observe(size)
         self.inference_seconds.labels(model).observe(seconds)
+        if version is not None:
+            self.statistics.batch(model, version, size, seconds)
 
     def observe_request(self, model: str, outcome: str, total: float | None = None, queued: float | None = None) -> None:
         self.requests.labels(model, outcome).inc()

@@ -24,6 +24,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+#: after an answer given before its request body was read, on a connection that closes: how long the
+#: rest of the body is read and dropped (at most) before the close
+LINGER_S = 5.0
+
 log = logging.getLogger("edgepack.agent.serving")
 
 #: ``front_door(method, raw_path, headers) -> (status, headers, body) | None``: an answer given without
@@ -31,6 +35,46 @@ log = logging.getLogger("edgepack.agent.serving")
 FrontDoor = Callable[[bytes, bytes, list], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
 
 REASONS = {200: b"OK", 503: b"Service Unavailable"}
+
+
+class _LingeringTransport:
+    """The protocol's transport, except that ``close()`` while the request body is still arriving
+    lingers: the answer (already written) is followed by a FIN (``write_eof``), the rest of the body is
+    read and dropped, and the connection closes once the body is in, the client closes, or after
+    :data:`LINGER_S`. Closing at once with unread bytes in the kernel's receive buffer makes it send a
+    reset, and a client still sending (``Connection: close``: Python's urllib, curl scripts) then gets
+    ECONNRESET instead of the 503 it was sent (the lingering-close problem of every HTTP server)."""
+
+    def __init__(self, transport, protocol):
+        self._transport = transport
+        self._protocol = protocol
+        self._lingering = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._lingering or self._transport.is_closing():
+            return
+        if not self._protocol._reading_body or self._protocol.expect_100_continue:
+            self._transport.close()  # nothing unread is on its way (a client waiting for 100 sends no body)
+            return
+        self._lingering = True
+        try:
+            self._transport.resume_reading()  # uvicorn paused it while the unread body piled up
+            if self._transport.can_write_eof():
+                self._transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError, AttributeError):
+            pass  # a transport that cannot half-close (TLS): the body is still read and dropped
+        self._protocol._linger_timer = self._protocol.loop.call_later(LINGER_S, self._transport.close)
+
+    def body_done(self) -> None:
+        """The rest of the body is in: close now."""
+        if self._lingering:
+            self._transport.close()
 
 
 class _Answered:
@@ -73,13 +117,26 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
             if waiting_for_head and not self.transport.is_closing():
                 self.transport.close()
 
+        _linger_timer = None
+
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self))
             self._arm()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
             super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport._lingering:
+                try:
+                    self.parser.feed_data(data)  # the refused body: parsed to its end and dropped
+                except Exception:  # noqa: BLE001 - garbage after the answer: just close
+                    self.transport._transport.close()
+                return
+            super().data_received(data)
 
         def on_headers_complete(self) -> None:
             self._disarm()
@@ -133,6 +190,9 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
 
         def on_message_complete(self) -> None:
             self._reading_body = False
+            if self.transport._lingering:
+                self.transport.body_done()
+                return
             super().on_message_complete()
             if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
                 self._arm()

@@ -491,7 +491,7 @@ class ModelScheduler:
                 for work in batch:  # the run is over: nothing reads the feeds any more
                     work.release()
             elapsed = time.perf_counter() - started
-            self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed)
+            self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed, served.version)
             served.health.observe(sum(w.count for w in batch), elapsed)
             self._observe_run(served, sum(w.count for w in batch), elapsed)
             offset = 0
@@ -554,7 +554,7 @@ class ModelScheduler:
         finally:
             served.release()
         elapsed = time.perf_counter() - started
-        self.metrics.observe_batch(self.name, ran, elapsed)
+        self.metrics.observe_batch(self.name, ran, elapsed, served.version)
         served.health.observe(ran, elapsed)
         self._observe_run(served, ran, elapsed)
         if work.future.done():

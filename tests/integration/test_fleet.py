@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -433,9 +434,11 @@ def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
     wait_for(lambda: counted() == 4 * sent, 10, f"the predicted classes in telemetry ({counted()} of {4 * sent})")
 
 
-def test_streaming_inference_over_mqtt(fleet):
+def test_streaming_inference_over_mqtt_is_the_same_dataplane_as_http(fleet):
+    """The same requests over MQTT, HTTP JSON and HTTP binary: identical outputs, and the same error
+    class (HTTP status, the stream's ``code``) for each hostile input."""
     config = json.loads(fleet.config.read_text())
-    config["models"] = [{"name": "fleet", "stream": True, "stream_max_in_flight": 4}]
+    config["models"] = [{"name": "fleet", "stream": True, "stream_max_in_flight": 16, "max_samples_per_request": 64}]
     fleet.config.write_text(json.dumps(config))
     agent = fleet.start_agent()
     answers: dict = {}
@@ -444,24 +447,50 @@ def test_streaming_inference_over_mqtt(fleet):
     client.connect(fleet.address.host, fleet.address.port)
     client.subscribe(topics.stream(DEVICE, "fleet", "out"), 1)
     client.loop_start()
+
+    def tensor(shape, data, datatype="FP32"):
+        return {"name": "input", "shape": shape, "datatype": datatype, "data": data}
+
+    hostile = {
+        "bad-shape": {"inputs": [tensor([1, 3], [1, 2, 3])]},
+        "nan": {"inputs": [tensor([1, 8], ["NaN"] * 8)]},
+        "wrong-type": {"inputs": [tensor([1, 8], [1] * 8, "INT64")]},
+        "no-inputs": {"inputs": []},
+        "too-many": {"inputs": [tensor([65, 8], [0.5] * 65 * 8)]},
+        "short-data": {"inputs": [tensor([2, 8], [0.5] * 15)]},
+        "absurd-timeout": {"inputs": [tensor([1, 8], [0.5] * 8)], "parameters": {"timeout": 10 ** 400}},
+    }
+    good = {"id": "ok-1", "inputs": [tensor([2, 8], [0.5] * 16)]}
     try:
         time.sleep(1.0)
         topic = topics.stream(DEVICE, "fleet", "in")
-        good = {"id": "ok-1", "inputs": [{"name": "input", "shape": [2, 8], "datatype": "FP32", "data": [0.5] * 16}]}
         client.publish(topic, json.dumps(good), qos=1)
         client.publish(topic, b"{not json", qos=1)
-        client.publish(topic, json.dumps({"id": "bad-shape", "inputs": [{"name": "input", "shape": [1, 3],
-                                                                          "datatype": "FP32", "data": [1, 2, 3]}]}), qos=1)
-        client.publish(topic, json.dumps({"id": "nan", "inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32",
-                                                                    "data": ["NaN"] * 8}]}), qos=1)
-        wait_for(lambda: {"ok-1", None, "bad-shape", "nan"} <= set(answers), 20, "every answer")
+        for key, body in hostile.items():
+            client.publish(topic, json.dumps({"id": key, **body}), qos=1)
+        wait_for(lambda: {"ok-1", None, *hostile} <= set(answers), 20, "every answer")
     finally:
         client.loop_stop()
         client.disconnect()
+    url = f"{agent.url}/v2/models/fleet/infer"
+    over_http = httpx.post(url, content=json.dumps(good), timeout=10).json()
+    binary = np.full((2, 8), 0.5, np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [2, 8], "datatype": "FP32",
+                                      "parameters": {"binary_data_size": binary.nbytes}}],
+                         "outputs": [{"name": over_http["outputs"][0]["name"], "parameters": {"binary_data": True}}]}).encode()
+    raw = httpx.post(url, content=header + binary.tobytes(), timeout=10,
+                     headers={"Inference-Header-Content-Length": str(len(header))})
+    length = int(raw.headers["inference-header-content-length"])
+    from_binary = np.frombuffer(raw.content[length:], np.float32)
+    streamed = np.asarray(answers["ok-1"]["outputs"][0]["data"], np.float32)
     assert answers["ok-1"]["outputs"][0]["shape"] == [2, 4]
-    direct = infer(agent.url, 0.5, 2)[1]["outputs"][0]["data"]
-    assert np.allclose(answers["ok-1"]["outputs"][0]["data"], direct, atol=1e-6)
-    assert answers[None]["code"] == 400 and answers["bad-shape"]["code"] == 400 and answers["nan"]["code"] == 400
+    assert np.array_equal(streamed, np.asarray(over_http["outputs"][0]["data"], np.float32))
+    assert np.array_equal(streamed, from_binary)
+    assert answers[None]["code"] == httpx.post(url, content=b"{not json", timeout=10).status_code == 400
+    for key, body in hostile.items():
+        status = httpx.post(url, content=json.dumps(body), timeout=10).status_code
+        assert answers[key]["code"] == status and status in (400, 413), (key, answers[key], status)
+    assert answers["too-many"]["code"] == 413
     assert agent.process.poll() is None and infer(agent.url)[0] == 200
 
 

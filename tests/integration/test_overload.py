@@ -357,3 +357,71 @@ def test_client_leaving_during_a_large_run_does_not_hurt_the_daemon(serving_bund
         assert running.stop() == 0
     assert all(line.startswith("{") for line in running.lines), [l for l in running.lines if not l.startswith("{")][:3]
     assert set(glob.glob("/dev/shm/psm_*")) <= before
+
+
+def _post_with_urllib(url: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+    """What Python's urllib does (``Connection: close``, the whole body in one send, then the answer):
+    (status, body); a reset raises (URLError / ConnectionResetError)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={**headers, "Connection": "close"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_a_refused_body_still_arriving_gets_its_answer_not_a_reset(serving_bundles, tmp_path, many_images):
+    """A client that sends ``Connection: close`` and is still sending its body when the agent refuses
+    it (413 from the declared length; 503 when the large-body budget is taken) reads the refusal: the
+    agent half-closes and drains instead of closing on unread bytes (which makes the kernel send RST)."""
+    config = _config(tmp_path, {"max_body_bytes": 3 * 2**20, "large_body_budget_bytes": 2**21, "offload_bytes": 2**19},
+                     max_samples_per_request=100_000)
+    rows = many_images[:2500]  # 2500 x 64 floats: 640 KB binary
+    body, headers = _binary_request(rows)
+    with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
+        too_big, big_headers = _binary_request(np.concatenate([many_images] * 4))  # 4.6 MB > max_body_bytes
+        url = f"{running.url}/v2/models/digits/infer"
+        for _ in range(5):
+            status, answer = _post_with_urllib(url, too_big, big_headers)
+            assert status == 413 and b"max_body_bytes" in answer, answer[:200]
+        # Hold the large-body budget with an upload that stalls halfway, then send another large body.
+        held = socket.create_connection(("127.0.0.1", running.port))
+        try:
+            budget_taker, _ = _binary_request(np.concatenate([rows] * 3))  # 1.9 MB: most of the 2 MiB budget
+            held.sendall(_raw_request(budget_taker, headers)[: len(budget_taker) // 2])
+            time.sleep(0.5)
+            for _ in range(5):
+                status, answer = _post_with_urllib(url, body, headers)
+                assert status == 503 and b"large_body_budget_bytes" in answer, answer[:300]
+        finally:
+            held.close()
+        assert httpx.post(f"{running.url}/v2/models/digits/infer", content=body, headers=headers, timeout=30).status_code == 200
+        assert running.stop() == 0
+
+
+def test_eight_clients_sending_2mb_json_bodies_are_never_refused_by_default(serving_bundles, tmp_path, many_images):
+    """The default configuration: eight clients, each sending one ~2 MB JSON body after another, get
+    only 200s (large bodies are admitted by a byte budget, not four at a time)."""
+    rows = np.concatenate([many_images] * 2)[:5400]
+    text = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
+                                   "data": rows.ravel().tolist()}]}).encode()
+    assert 1.5e6 < len(text) < 3e6
+    config = _config(tmp_path, max_samples_per_request=100_000)
+    statuses: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as session:
+            for _ in range(4):
+                statuses.append(session.post(f"{running.url}/v2/models/digits/infer", content=text).status_code)
+
+    with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert running.stop() == 0
+    assert len(statuses) == 32 and set(statuses) == {200}, sorted(set(statuses))

@@ -87,7 +87,7 @@ def test_bad_requests_are_400_with_a_named_tensor(daemon):
     short = infer(header + b"\0" * 100, headers={"Inference-Header-Content-Length": str(len(header))})
     assert short.status_code == 400 and "runs past the end" in short.json()["error"]
     missing = httpx.post(f"{daemon.url}/v2/models/nope/infer", content=b"{}", timeout=10)
-    assert missing.status_code == 404 and "unknown model 'nope'" in missing.json()["error"]
+    assert missing.status_code == 404 and "Request for unknown model: 'nope' is not found" in missing.json()["error"]
     big = infer(b" " * (64 * 1024 * 1024 + 1))
     assert big.status_code == 413
     assert httpx.get(f"{daemon.url}/v2/health/live").status_code == 200  # still serving

@@ -2,9 +2,12 @@
 Open Inference Protocol requests (JSON, with an ``id``) on ``.../devices/{device}/stream/{model}/in``
 and publishes each answer, with the same ``id``, on ``.../stream/{model}/out``.
 
-Requests go through the same decoding, validation, admission control and scheduler as HTTP. At most
-``stream_max_in_flight`` requests per model are in progress; beyond that, and for anything malformed,
-an error message ``{"id", "error", "code"}`` goes to the output topic. Nothing here can crash the agent.
+A door of the one dataplane (:class:`~agent.serving.dataplane.InferenceService`): the same decoding
+(inline, or in the helper process for a large message: nothing heavy on the event loop), sample rule,
+admission (a place in the model's queue, the large-body budget), deadlines, metrics and statistics
+as HTTP. At most ``stream_max_in_flight`` requests per model are in progress; beyond that, and for
+anything refused, an error message ``{"id", "error", "code"}`` (the HTTP status of the same refusal)
+goes to the output topic. Nothing here can crash the agent.
 """
 
 from __future__ import annotations
@@ -13,11 +16,9 @@ import asyncio
 import json
 import logging
 
-from edgepack.errors import DataError, EdgepackError
 from edgepack.fleet import topics
 
-from ..serving.oip import RequestError, decode_request, encode_response, validate_inputs
-from ..serving.scheduler import DeadlineExceeded, Overloaded
+from .dataplane import InferenceService, ServiceError
 
 log = logging.getLogger("edgepack.agent.stream")
 #: a streamed request larger than this is refused unread (MQTT brokers cap messages too)
@@ -27,10 +28,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 class StreamServer:
     """Subscribes the link to each streaming model's input topic and answers on its output topic."""
 
-    def __init__(self, config, registry, metrics, link):
+    def __init__(self, config, service: InferenceService, link):
         self.config = config
-        self.registry = registry
-        self.metrics = metrics
+        self.service = service
+        self.metrics = service.metrics
         self.link = link
         self.in_flight: dict[str, int] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -57,41 +58,17 @@ class StreamServer:
         self.link.transport.publish(topics.stream(self.link.device, name, "out"), payload, qos=1)
 
     async def _infer(self, name: str, payload: bytes, request_id) -> None:
-        options = self.config.model(name)
         try:
             if len(payload) > MAX_MESSAGE_BYTES:
-                raise RequestError(f"the message is larger than {MAX_MESSAGE_BYTES} bytes")
-            scheduler = self.registry.get(name)
-            if scheduler is None:
-                raise EdgepackError(f"model {name!r} is not loaded")
-            served = scheduler.pin()
-            try:
-                decoded = decode_request(payload, None)
-                feeds = validate_inputs(decoded.inputs, served.model.inputs, options.nonfinite_inputs == "allow")
-                first = next(iter(feeds.values()))
-                if first.ndim and len(first) > options.max_samples_per_request:
-                    raise RequestError(f"the request carries {len(first)} samples; at most "
-                                       f"{options.max_samples_per_request} per request")
-                result = await scheduler.infer(feeds, served)
-            finally:
-                scheduler.unpin(served)
-            body, _ = encode_response(name, result.version, decoded, result.outputs, result.served.model.outputs)
-            self.metrics.observe_request(name, "ok")
-            self._reply(name, body)
-        except Overloaded as exc:
-            self.metrics.observe_request(name, "overloaded")
-            self._reply(name, {"id": request_id, "error": str(exc), "code": 503})
-        except DeadlineExceeded as exc:
-            self.metrics.observe_request(name, "deadline_exceeded")
-            self._reply(name, {"id": request_id, "error": str(exc), "code": 504})
-        except (RequestError, DataError) as exc:
-            self.metrics.observe_request(name, "bad_request")
-            self._reply(name, {"id": request_id, "error": str(exc), "code": 400})
-        except EdgepackError as exc:
-            self.metrics.observe_request(name, "error")
-            self._reply(name, {"id": request_id, "error": exc.message, "code": 500})
+                self.metrics.observe_request(name, "too_large")
+                self._reply(name, {"id": request_id, "error": f"the message is larger than {MAX_MESSAGE_BYTES} bytes",
+                                   "code": 413})
+                return
+            answer = await self.service.infer(name, None, payload)
+            self._reply(name, answer.body)
+        except ServiceError as exc:
+            self._reply(name, {"id": request_id, "error": exc.message, "code": exc.status})
         except Exception as exc:  # noqa: BLE001 - a bad message costs one answer, never the agent
-            self.metrics.observe_request(name, "error")
             log.exception("streamed inference failed", extra={"model": name})
             self._reply(name, {"id": request_id, "error": f"internal error: {type(exc).__name__}", "code": 500})
         finally:

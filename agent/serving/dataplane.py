@@ -1,0 +1,285 @@
+"""One inference dataplane behind every door (HTTP, MQTT streams; gRPC next), as KServe's
+``DataPlane`` sits behind its REST and gRPC servers.
+
+:class:`InferenceService` owns what every door used to do for itself: finding the model (Triton's
+wording when it is unknown), admission (a place in the model's queue, the byte budget of large
+bodies), decoding through the codec (inline, or in the helper process for large bodies), the sample
+rule, deadlines, submitting, encoding, the metrics and Triton statistics of the outcome, and every
+release in one ``finally``. A door only reads its body and writes what comes back: an answer, or a
+:class:`ServiceError` whose class says the HTTP status, the gRPC code and the metrics outcome, once,
+in :data:`ERRORS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from starlette.requests import ClientDisconnect
+
+from edgepack.errors import DataError, EdgepackError
+
+from .codec import BodyTooLarge, Codec
+from .oip import RequestError
+from .scheduler import DeadlineExceeded, Overloaded
+from .shared_buffers import SharedBody
+
+log = logging.getLogger("edgepack.agent.serving")
+
+
+class ServiceError(Exception):
+    """A request's failure as every door reports it: ``status`` (HTTP), ``grpc`` (status code name),
+    ``outcome`` (the ``edgepack_requests_total`` label), ``headers`` (e.g. Retry-After)."""
+
+    status, grpc, outcome = 500, "INTERNAL", "error"
+
+    def __init__(self, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class ModelNotFound(ServiceError):
+    status, grpc, outcome = 404, "NOT_FOUND", "not_found"
+
+
+class BadRequest(ServiceError):
+    status, grpc, outcome = 400, "INVALID_ARGUMENT", "bad_request"
+
+
+class TooLarge(ServiceError):
+    status, grpc, outcome = 413, "RESOURCE_EXHAUSTED", "too_large"
+
+
+class BodyTimeout(ServiceError):
+    status, grpc, outcome = 408, "DEADLINE_EXCEEDED", "body_timeout"
+
+
+class Unavailable(ServiceError):
+    status, grpc, outcome = 503, "UNAVAILABLE", "overloaded"
+
+
+class DeadlinePassed(ServiceError):
+    status, grpc, outcome = 504, "DEADLINE_EXCEEDED", "deadline_exceeded"
+
+
+class ClientGone(ServiceError):
+    status, grpc, outcome = 499, "CANCELLED", "disconnected"
+
+
+class Internal(ServiceError):
+    pass
+
+
+class Disconnected(Exception):
+    """The client closed the connection before its answer was ready (raised by a door's watcher)."""
+
+
+class TooManySamples(Exception):
+    """A request carries more samples than ``max_samples_per_request``."""
+
+
+#: internal exception -> the service error every door reports for it (the first match wins)
+ERRORS: list[tuple[type | tuple, Callable[[BaseException, "InferenceService"], ServiceError]]] = [
+    (ServiceError, lambda exc, service: exc),
+    (Overloaded, lambda exc, service: Unavailable(str(exc), {"retry-after": str(exc.retry_after)})),
+    (DeadlineExceeded, lambda exc, service: DeadlinePassed(str(exc))),
+    (BodyTooLarge, lambda exc, service: TooLarge(
+        f"the request body is larger than server.max_body_bytes ({service.max_body} bytes)")),
+    (TooManySamples, lambda exc, service: TooLarge(str(exc))),
+    ((RequestError, DataError), lambda exc, service: BadRequest(str(exc))),
+    ((ClientDisconnect, Disconnected), lambda exc, service: ClientGone("the client went away")),
+    (EdgepackError, lambda exc, service: Internal(exc.message)),
+]
+
+
+def classify(exc: BaseException, service: "InferenceService") -> ServiceError:
+    """The :class:`ServiceError` for ``exc`` (anything unknown: an internal error, logged)."""
+    for kinds, make in ERRORS:
+        if isinstance(exc, kinds):
+            error = make(exc, service)
+            if isinstance(error, Internal):
+                log.error("inference failed", extra={"error": error.message})
+            return error
+    log.error("inference failed", exc_info=exc)
+    return Internal(f"internal error: {type(exc).__name__}")
+
+
+def unknown_model(name: str, version: str | None, known: list[str]) -> ModelNotFound:
+    """Triton's wording (clients match on it), then what is served."""
+    what = f"'{name}'" + (f" version {version}" if version is not None else "")
+    return ModelNotFound(f"Request for unknown model: {what} is not found; served models: {', '.join(known) or 'none'}")
+
+
+def count_samples(feeds: dict, model) -> int:
+    """The sample rule, in one place: the leading dimension of the first input when the model takes
+    batches, else one."""
+    first = next(iter(feeds.values()))
+    return len(first) if first.ndim and model.backend.batched else 1
+
+
+def default_large_budget() -> int:
+    """Bytes of large bodies in progress at once by default: an eighth of the memory, 64 MiB to 1 GiB."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 2 * 1024 ** 3
+    return int(min(1024 ** 3, max(64 * 1024 ** 2, memory // 8)))
+
+
+#: ``read(limit, codec) -> bytes | SharedBody``: a door's way to read its request body
+BodyReader = Callable[[int, Codec], Awaitable["bytes | SharedBody"]]
+
+
+@dataclass
+class Answer:
+    """An encoded response: body bytes and headers (``inference-header-content-length`` for binary)."""
+
+    body: bytes
+    headers: dict
+
+
+class InferenceService:
+    """The dataplane: ``await service.infer(...)`` gives an :class:`Answer` or raises ServiceError."""
+
+    def __init__(self, config, registry, metrics, codec: Codec):
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.codec = codec
+        self.max_body = config.server.max_body_bytes
+        self.large_budget = config.server.large_body_budget_bytes or default_large_budget()
+        self.large_bytes = 0  # declared bytes of large bodies in progress
+        self.large_count = 0
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def model(self, name: str, version: str | None = None):
+        """The scheduler serving ``name`` (at ``version``, when given), else ModelNotFound."""
+        scheduler = self.registry.get(name)
+        if scheduler is None or (version is not None and version != scheduler.current.version):
+            return self._not_found(name, version)
+        return scheduler
+
+    def _not_found(self, name: str, version: str | None):
+        known = sorted(n for n in self.registry.schedulers if self.registry.get(n))
+        raise unknown_model(name, version, known)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics of one model version, of a model's served version, or of every model."""
+        if name is None:
+            pairs = [(n, self.registry.get(n).current.version) for n in sorted(self.registry.schedulers)
+                     if self.registry.get(n)]
+        else:
+            pairs = [(name, self.model(name, version).current.version)]
+        return self.metrics.statistics.report(pairs)
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def _admit_large(self, declared: int) -> bool:
+        """Take ``declared`` bytes of the large-body budget; False when it would go over (a body larger
+        than the whole budget passes alone, so it is never refused for good)."""
+        limit = self.config.server.max_large_requests
+        if limit is not None and self.large_count >= limit:
+            return False
+        if self.large_bytes and self.large_bytes + declared > self.large_budget:
+            return False
+        self.large_bytes += declared
+        self.large_count += 1
+        return True
+
+    def _release_large(self, declared: int) -> None:
+        self.large_bytes -= declared
+        self.large_count -= 1
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    async def infer(self, name: str, version: str | None, body: bytes | BodyReader, *, encoding: str = "identity",
+                    header_length: str | None = None, declared: int | None = None,
+                    watch: Callable[[Awaitable], Awaitable] | None = None) -> Answer:
+        """Run one OIP request. ``body``: the bytes, or a reader a door reads them with (after
+        admission: a refused request's body is not read). ``declared``: the body's announced length
+        (admission of large bodies). ``watch``: wraps the wait for the result (a door that can see its
+        client leave cancels it)."""
+        started = time.perf_counter()
+        scheduler = self.registry.get(name)
+        if scheduler is None or (version is not None and version != scheduler.current.version):
+            self.metrics.observe_request(name if name in self.registry.schedulers else "_unknown", "not_found")
+            self._not_found(name, version)
+        if declared is None and isinstance(body, (bytes, bytearray, memoryview)):
+            declared = len(body)
+        large = declared is not None and self.codec.offloads(declared)
+        place, served, shared, release_feeds, counted = None, None, None, None, False
+        try:
+            # Shed load before reading the body: a full queue costs the client one round trip, no more.
+            place = scheduler.reserve()
+            if large:
+                if not self._admit_large(declared):
+                    raise Unavailable(f"{self.large_bytes} bytes of large requests are in progress "
+                                      f"(server.large_body_budget_bytes: {self.large_budget}); retry later",
+                                      {"retry-after": "1"})
+                counted = True
+            served = scheduler.pin()
+            if not isinstance(body, (bytes, bytearray, memoryview)):
+                try:
+                    body = await asyncio.wait_for(body(self.max_body, self.codec), self.config.server.body_timeout_s)
+                except asyncio.TimeoutError:
+                    raise BodyTimeout(f"the request body did not arrive within server.body_timeout_s "
+                                      f"({self.config.server.body_timeout_s} s)") from None
+                if isinstance(body, SharedBody):
+                    shared = body
+            elif len(body) > self.max_body:
+                raise BodyTooLarge
+            options = scheduler.options
+            decode_started = time.perf_counter()
+            decoded, feeds, release_feeds = await self.codec.decode(
+                body, encoding, header_length, served.model.inputs, options.nonfinite_inputs == "allow")
+            input_s = time.perf_counter() - decode_started
+            samples = count_samples(feeds, served.model)
+            if samples > options.max_samples_per_request:
+                raise TooManySamples(f"the request carries {samples} samples; this model takes at most "
+                                     f"{options.max_samples_per_request} per request (max_samples_per_request): "
+                                     "split it into several requests")
+            limits = [options.deadline_ms / 1000 if options.deadline_ms else None,
+                      decoded.timeout_us / 1e6 if decoded.timeout_us is not None else None]
+            limits = [limit for limit in limits if limit is not None]
+            deadline = started + min(limits) if limits else None
+            # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
+            handed, release_feeds = release_feeds, None
+            held, place = place, None  # submit uses the place, whatever happens in it
+            queued = scheduler.submit(feeds, served, deadline, handed, held)
+            del feeds
+            result = await (watch(queued) if watch else queued)
+            encode_started = time.perf_counter()
+            # Encoded with the specs and version of the model that computed the answer.
+            payload, headers = await self.codec.encode(name, result.version, decoded, result.outputs,
+                                                       result.served.model.outputs)
+            output_s = time.perf_counter() - encode_started
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes one ServiceError
+            error = classify(exc, self)
+            self.metrics.observe_request(name, error.outcome)
+            if served is not None:
+                self.metrics.statistics.request(name, served.version, False, time.perf_counter() - started)
+            raise error from None
+        finally:
+            if place is not None:
+                scheduler.unreserve(place)
+            if served is not None:
+                scheduler.unpin(served)
+            if counted:
+                self._release_large(declared)
+            if shared is not None:
+                shared.release()
+            if release_feeds is not None:
+                release_feeds()
+        total = time.perf_counter() - started
+        self.metrics.observe_request(name, "ok", total, result.queue_seconds)
+        self.metrics.statistics.request(name, result.version, True, total, result.queue_seconds, input_s,
+                                        result.inference_seconds, output_s)
+        return Answer(payload, headers)
