@@ -384,7 +384,7 @@ def test_a_refused_body_still_arriving_gets_its_answer_not_a_reset(serving_bundl
     with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
         too_big, big_headers = _binary_request(np.concatenate([many_images] * 4))  # 4.6 MB > max_body_bytes
         url = f"{running.url}/v2/models/digits/infer"
-        for _ in range(5):
+        for _ in range(3):
             status, answer = _post_with_urllib(url, too_big, big_headers)
             assert status == 413 and b"max_body_bytes" in answer, answer[:200]
         # Hold the large-body budget with an upload that stalls halfway, then send another large body.
@@ -393,7 +393,7 @@ def test_a_refused_body_still_arriving_gets_its_answer_not_a_reset(serving_bundl
             budget_taker, _ = _binary_request(np.concatenate([rows] * 3))  # 1.9 MB: most of the 2 MiB budget
             held.sendall(_raw_request(budget_taker, headers)[: len(budget_taker) // 2])
             time.sleep(0.5)
-            for _ in range(5):
+            for _ in range(3):
                 status, answer = _post_with_urllib(url, body, headers)
                 assert status == 503 and b"large_body_budget_bytes" in answer, answer[:300]
         finally:
@@ -414,7 +414,7 @@ def test_eight_clients_sending_2mb_json_bodies_are_never_refused_by_default(serv
 
     def client() -> None:
         with httpx.Client(timeout=120) as session:
-            for _ in range(4):
+            for _ in range(2):
                 statuses.append(session.post(f"{running.url}/v2/models/digits/infer", content=text).status_code)
 
     with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
@@ -424,4 +424,4 @@ def test_eight_clients_sending_2mb_json_bodies_are_never_refused_by_default(serv
         for thread in threads:
             thread.join(300)
         assert running.stop() == 0
-    assert len(statuses) == 32 and set(statuses) == {200}, sorted(set(statuses))
+    assert len(statuses) == 16 and set(statuses) == {200}, sorted(set(statuses))
