@@ -110,3 +110,32 @@ def test_a_server_without_range_support_still_works(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_bad_redirect_is_a_fatal_source_failure_not_an_escape(tmp_path):
+    """A redirect to a port out of range or to no host fails the source in one line (the download goes
+    on over MQTT); it used to escape as ValueError/TypeError and block the update for good."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", self.server.target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        for target in ("http://127.0.0.1:99999/x", "http:///x", "ftp://example.com/x"):
+            httpd.target = target
+            source = HttpSource(f"http://127.0.0.1:{httpd.server_address[1]}/b.edgepack", timeout_s=5)
+            with pytest.raises(SourceFailed) as caught:
+                source.fetch(0, 0, CHUNK, 10 * CHUNK, lambda *_: None, threading.Event())
+            assert caught.value.fatal and "\n" not in caught.value.message, target
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -112,7 +112,10 @@ class HttpSource:
         starts at (0 when the server ignored the range and sends the whole file)."""
         url = self.url
         for _ in range(MAX_REDIRECTS + 1):
-            connection, path = self._connect(url)
+            try:
+                connection, path = self._connect(url)
+            except (ValueError, TypeError, OSError) as exc:  # a redirect to a bad port or no host
+                raise SourceFailed(f"{url}: cannot connect ({exc})", fatal=True) from None
             headers = {"Range": f"bytes={first_byte}-{last_byte}", "User-Agent": self.user_agent,
                        "Accept-Encoding": "identity"}
             try:
@@ -129,9 +132,13 @@ class HttpSource:
             status = response.status
             if status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 target = urljoin(url, response.getheader("Location"))
-                response.read()
+                self.close()  # the redirect's body is not read: a fresh connection for the target
                 if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
                     raise SourceFailed(f"{url} redirects to {target}: not over https, refused", fatal=True)
+                try:
+                    check_url(target)
+                except ValueError as exc:
+                    raise SourceFailed(f"{url} redirects to {exc}", fatal=True) from None
                 url = target
                 continue
             if status == 206:
@@ -144,10 +151,8 @@ class HttpSource:
             if status == 200:
                 return response, 0  # no Range support: the chunks before ours are read and dropped
             message = f"{url}: HTTP {status} {response.reason}".rstrip() + _explanation(response)
-            if status in (408, 425, 429, 500, 502, 503, 504):
-                raise SourceFailed(message)
-            self.close()
-            raise SourceFailed(message, fatal=True)
+            self.close()  # the error body is not read to its end: the connection cannot carry another request
+            raise SourceFailed(message, fatal=status not in (408, 425, 429, 500, 502, 503, 504))
         raise SourceFailed(f"{self.url}: more than {MAX_REDIRECTS} redirects", fatal=True)
 
     def fetch(self, first: int, last: int, chunk_bytes: int, size: int, deliver: Callable[[int, bytes], None],

@@ -449,7 +449,12 @@ class Updater:
                         done, _ = await asyncio.wait({work}, timeout=1.0)
                         reported = self._report_progress(download, target, reported, "http")
                         if done:
-                            work.result()
+                            try:
+                                work.result()
+                            except (SourceFailed, TransientUpdateError):
+                                raise
+                            except Exception as exc:  # noqa: BLE001 - a source bug must not block the update
+                                raise SourceFailed(f"{source.url}: {type(exc).__name__}: {exc}", fatal=True) from None
                             break
                         self._check_wanted(download, target, deadline)
                 except SourceFailed as exc:

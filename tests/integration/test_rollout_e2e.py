@@ -136,7 +136,10 @@ def test_install_failures_abort_the_rollout_and_every_updated_device_goes_back_w
                     f"the abort\n{setup.log('controller-ctl')}")
     assert "failed" in head["reason"]
     wait_for(lambda: set(setup.active().values()) == {"1.0.0"}, 120, "every device back on 1.0.0")
-    head = setup.show(rollout_id)
+    # A device never moved off 1.0.0 is "back" at once; the controller marks it rolled back only once
+    # it reports the rollback's desired state: wait for that, not only for the versions.
+    head = wait_for(lambda: (h := setup.show(rollout_id))["counts"].get("rollback_offered", 0) == 0 and h, 120,
+                    f"every rollback reported\n{setup.log('controller-ctl')}")
     offered = _offers(setup.registry, rollout_id)
     assert len(offered) == 30 and set(offered.values()) == {1}  # nothing offered after the abort, nobody twice
     back = [m["device"] for m in head["members"] if m["status"] == "rolled_back"]
