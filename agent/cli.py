@@ -58,10 +58,11 @@ def cli() -> None:
 @store_option
 @click.option("--host", help="address to bind (default 127.0.0.1; anything else needs server.token)")
 @click.option("--port", type=int, help="TCP port (default 8000; 0 picks a free one and logs it)")
+@click.option("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (0 picks a free one and logs it)")
 @click.option("--token-file", type=click.Path(path_type=Path), help="file holding the bearer token")
 @key_option
-def run(config_path, bundles, store, host, port, token_file, keys) -> None:
-    """The daemon: serve models over HTTP (Open Inference Protocol v2) until SIGTERM."""
+def run(config_path, bundles, store, host, port, grpc_port, token_file, keys) -> None:
+    """The daemon: serve models over HTTP (Open Inference Protocol v2), and gRPC when asked, until SIGTERM."""
     from .config import load_config
     from .daemon import serve
 
@@ -69,7 +70,7 @@ def run(config_path, bundles, store, host, port, token_file, keys) -> None:
         return str(path.resolve()) if path else None
 
     config = load_config(config_path, {
-        "store": absolute(store), "server.host": host, "server.port": port,
+        "store": absolute(store), "server.host": host, "server.port": port, "server.grpc_port": grpc_port,
         "server.token_file": absolute(token_file), "trusted_keys": [absolute(k) for k in keys] or None,
     })
     sys.exit(serve(config, [b.resolve() for b in bundles]))

@@ -94,6 +94,9 @@ class ServerConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="also serve OIP v2 over gRPC on this port (same host, token and TLS; "
+        "needs the grpcio package: pip install 'edgepack[agent-grpc]'); off by default")
     token: str | None = Field(None, min_length=16, description="bearer token; required off loopback")
     token_file: Path | None = None
     tls_cert: Path | None = None

@@ -1,4 +1,4 @@
-"""``edgepack-agent run``: load the models, serve them over HTTP, drain and exit 0 on SIGTERM.
+"""``edgepack-agent run``: load the models, serve them over HTTP (and gRPC), drain and exit 0 on SIGTERM.
 
 Shutdown order on SIGTERM/SIGINT (uvicorn's graceful shutdown, bounded by
 ``server.graceful_shutdown_s``): stop accepting connections, let in-flight requests finish and send
@@ -67,11 +67,25 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
 
     logging.getLogger("uvicorn.error").addFilter(reported_here)
 
+    grpc_door = None
+    if config.server.grpc_port is not None:
+        try:
+            from .serving.grpc_door import GrpcDoor
+        except ImportError as exc:
+            print(f"error: server.grpc_port needs the grpcio package ({exc}); install it with: "
+                  "pip install 'edgepack[agent-grpc]'", file=sys.stderr)
+            return 1
+        grpc_door = GrpcDoor(config, registry, service)
+    grpc_port = None
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal grpc_port
         link = None
         try:
             await registry.start()
+            if grpc_door is not None:
+                grpc_port = await grpc_door.start()
             if config.mqtt:
                 from .fleet.link import FleetLink
 
@@ -79,14 +93,19 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
                 await link.start()
         except EdgepackError as exc:
             startup_error.append(exc.message)
+            if grpc_door is not None:
+                await grpc_door.stop(0)
             raise
         names = sorted(registry.schedulers)
-        log.info("serving", extra={"models": names, "host": config.server.host, "port": port,
+        log.info("serving", extra={"models": names, "host": config.server.host, "port": port, "grpc_port": grpc_port,
                                     "store": str(registry.store.root), "tls": bool(config.server.tls_cert)})
         if not names:
             log.warning("no model to serve yet; install one with 'edgepack-agent install BUNDLE --store "
                         f"{registry.store.root}' and this daemon picks it up")
         yield
+        if grpc_door is not None:
+            # HTTP has drained by now (uvicorn's graceful shutdown); calls still running get what is left.
+            await grpc_door.stop(config.server.graceful_shutdown_s / 2)
         if link:
             await link.close()
         await registry.close()

@@ -17,21 +17,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgepack import __version__
-
 from ..config import AgentConfig
 from .codec import BodyTooLarge, Codec
 from .dataplane import ClientGone, Disconnected, InferenceService, ServiceError
 from .front_door import OPEN_PATHS, token_matches
 from .metrics import ServingMetrics
-from .oip import CONFIG_TYPES, HEADER_LENGTH, RequestError, oip_datatype, oip_shape
+from . import model_info
+from .oip import HEADER_LENGTH, RequestError
 from .registry import ModelRegistry
 from .shared_buffers import SharedBody
 
 log = logging.getLogger("edgepack.agent.serving")
-
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics", "statistics", "model_repository"]
-
 
 def _json(data, status: int = 200, headers: dict | None = None) -> Response:
     return Response(orjson.dumps(data), status, headers=headers, media_type="application/json")
@@ -107,14 +103,6 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def _tensor_metadata(spec) -> dict:
-    entry = {"name": spec.name, "datatype": oip_datatype(spec), "shape": oip_shape(spec.shape)}
-    if spec.quantization and spec.dtype.startswith(("int", "uint")):
-        # Raw integer I/O (integer_io): callers need the affine mapping real = (q - zero_point) * scale.
-        entry["parameters"] = {"scale": spec.quantization["scale"], "zero_point": spec.quantization["zero_point"]}
-    return entry
-
-
 def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetrics, lifespan=None,
               service: InferenceService | None = None):
     """The ASGI application serving ``registry``'s models (``lifespan`` loads and closes them), a door of
@@ -139,67 +127,22 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         return _json({"ready": ok}, 200 if ok else 503)
 
     async def server_metadata(request: Request) -> Response:
-        return _json({"name": "edgepack-agent", "version": __version__, "extensions": EXTENSIONS,
-                      "models": sorted(name for name in registry.schedulers if registry.get(name))})
+        return _json(model_info.server_metadata(registry))
 
     async def repository_index(request: Request) -> Response:
-        # Triton's model repository extension, as tritonclient's get_model_repository_index() reads it.
-        index = []
-        for name in sorted(registry.schedulers):
-            scheduler = registry.get(name)
-            entry = {"name": name, "state": "READY" if scheduler else "UNAVAILABLE"}
-            if scheduler:
-                entry["version"] = scheduler.current.version
-            else:
-                entry["reason"] = "no version loaded (see the agent log)"
-            index.append(entry)
-        return _json(index)
+        return _json(model_info.repository_index(registry))
 
     async def model_metadata(request: Request) -> Response:
         scheduler, error = model_or_404(request)
-        if error:
-            return error
-        model = scheduler.current.model
-        return _json({
-            "name": scheduler.name, "versions": [model.version],
-            "platform": "onnxruntime_onnx" if model.backend.runtime == "onnxruntime" else "tensorflow_lite",
-            "inputs": [_tensor_metadata(s) for s in model.inputs],
-            "outputs": [_tensor_metadata(s) for s in model.outputs],
-        })
+        return error or _json(model_info.model_metadata(scheduler))
 
     async def model_ready(request: Request) -> Response:
         scheduler, error = model_or_404(request)
-        if error:
-            return error
-        return _json({"name": scheduler.name, "ready": True})
+        return error or _json({"name": scheduler.name, "ready": True})
 
     async def model_config(request: Request) -> Response:
         scheduler, error = model_or_404(request)
-        if error:
-            return error
-        model = scheduler.current.model
-
-        def tensors(specs):
-            # Triton's config leaves the batch dimension out when max_batch_size > 0.
-            batched = scheduler.max_batch > 1
-            return [{"name": s.name, "data_type": CONFIG_TYPES[oip_datatype(s)],
-                     "dims": oip_shape(s.shape[1:] if batched else s.shape)} for s in specs]
-
-        body = {"name": scheduler.name, "platform": "onnxruntime_onnx" if model.backend.runtime == "onnxruntime"
-                else "tensorflow_lite", "max_batch_size": scheduler.max_batch if scheduler.max_batch > 1 else 0,
-                "input": tensors(model.inputs), "output": tensors(model.outputs),
-                "instance_group": [{"count": scheduler.options.instances, "kind": "KIND_CPU"}]}
-        if scheduler.max_batch > 1:
-            body["dynamic_batching"] = {"max_queue_delay_microseconds": int(scheduler.options.batching.max_queue_delay_ms * 1000),
-                                        "default_queue_policy": {"max_queue_size": scheduler.max_queue}}
-        # Why requests are (not) merged: a fixed batch of the model file, outputs that depend on the batch.
-        body["parameters"] = {
-            "model_batch": {"string_value": str(model.batch_size) if model.batch_size else "dynamic"},
-            "batch_invariant": {"string_value": "true" if model.batch_invariant else "false"},
-            "max_queue_size": {"string_value": str(scheduler.max_queue)},
-            "max_samples_per_request": {"string_value": str(scheduler.options.max_samples_per_request)},
-        }
-        return _json(body)
+        return error or _json(model_info.model_config(scheduler))
 
     async def infer(request: Request) -> Response:
         declared = request.headers.get("content-length", "")

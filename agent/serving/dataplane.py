@@ -1,4 +1,4 @@
-"""One inference dataplane behind every door (HTTP, MQTT streams; gRPC next), as KServe's
+"""One inference dataplane behind every door (HTTP, gRPC, MQTT streams), as KServe's
 ``DataPlane`` sits behind its REST and gRPC servers.
 
 :class:`InferenceService` owns what every door used to do for itself: finding the model (Triton's
@@ -135,6 +135,26 @@ def default_large_budget() -> int:
 BodyReader = Callable[[int, Codec], Awaitable["bytes | SharedBody"]]
 
 
+class OipWire:
+    """How a door's body becomes an infer request and the answer becomes bytes: the OIP REST form (JSON,
+    or JSON + binary tensors), through the codec (inline or in its helper process). Other doors bring
+    their own wire with the same two methods (gRPC: ``oip_grpc.wire.GrpcWire``)."""
+
+    __slots__ = ("encoding", "header_length")
+
+    def __init__(self, encoding: str = "identity", header_length: str | None = None):
+        self.encoding = encoding
+        self.header_length = header_length
+
+    async def decode(self, codec: Codec, body, specs, allow_nonfinite: bool):
+        """(request, checked feeds, release of the feeds' memory)."""
+        return await codec.decode(body, self.encoding, self.header_length, specs, allow_nonfinite)
+
+    async def encode(self, codec: Codec, name: str, version: str, request, outputs, specs) -> tuple[bytes, dict]:
+        """(body, headers) of the answer."""
+        return await codec.encode(name, version, request, outputs, specs)
+
+
 @dataclass
 class Answer:
     """An encoded response: body bytes and headers (``inference-header-content-length`` for binary)."""
@@ -200,11 +220,13 @@ class InferenceService:
 
     async def infer(self, name: str, version: str | None, body: bytes | BodyReader, *, encoding: str = "identity",
                     header_length: str | None = None, declared: int | None = None,
-                    watch: Callable[[Awaitable], Awaitable] | None = None) -> Answer:
+                    watch: Callable[[Awaitable], Awaitable] | None = None, wire=None) -> Answer:
         """Run one OIP request. ``body``: the bytes, or a reader a door reads them with (after
         admission: a refused request's body is not read). ``declared``: the body's announced length
         (admission of large bodies). ``watch``: wraps the wait for the result (a door that can see its
-        client leave cancels it)."""
+        client leave cancels it). ``wire``: the body's form (default: OIP REST with ``encoding`` and
+        ``header_length``)."""
+        wire = wire or OipWire(encoding, header_length)
         started = time.perf_counter()
         scheduler = self.registry.get(name)
         if scheduler is None or (version is not None and version != scheduler.current.version):
@@ -236,8 +258,8 @@ class InferenceService:
                 raise BodyTooLarge
             options = scheduler.options
             decode_started = time.perf_counter()
-            decoded, feeds, release_feeds = await self.codec.decode(
-                body, encoding, header_length, served.model.inputs, options.nonfinite_inputs == "allow")
+            decoded, feeds, release_feeds = await wire.decode(
+                self.codec, body, served.model.inputs, options.nonfinite_inputs == "allow")
             input_s = time.perf_counter() - decode_started
             samples = count_samples(feeds, served.model)
             if samples > options.max_samples_per_request:
@@ -256,8 +278,8 @@ class InferenceService:
             result = await (watch(queued) if watch else queued)
             encode_started = time.perf_counter()
             # Encoded with the specs and version of the model that computed the answer.
-            payload, headers = await self.codec.encode(name, result.version, decoded, result.outputs,
-                                                       result.served.model.outputs)
+            payload, headers = await wire.encode(self.codec, name, result.version, decoded, result.outputs,
+                                                 result.served.model.outputs)
             output_s = time.perf_counter() - encode_started
         except asyncio.CancelledError:
             raise

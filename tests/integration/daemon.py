@@ -28,6 +28,9 @@ class Daemon:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = self._wait_for_port(timeout)
+        #: the gRPC port when the daemon serves gRPC (--grpc-port), else None
+        self.grpc_port = next((entry.get("grpc_port") for entry in self.logs if entry.get("msg") == "serving"), None)
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.scheme = "https" if self._tls() else "http"
         self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"

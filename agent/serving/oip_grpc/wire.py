@@ -1,0 +1,172 @@
+"""``ModelInferRequest`` bytes -> checked feeds, and outputs -> ``ModelInferResponse`` bytes.
+
+Tensors come as ``raw_input_contents`` (what tritonclient and KServe's clients send: numpy views of
+the bytes protobuf hands over, no further copy) or as typed ``contents``; answers always go back as
+``raw_output_contents``, as Triton sends them. The response is serialized as its small header
+message followed by one length-delimited field per output: protobuf concatenates repeated fields, so
+the tensors' bytes are copied once, into the answer, never through a message object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from ..oip import DATATYPES, FROM_NUMPY, MAX_ELEMENTS, MAX_TIMEOUT_US, InferRequest, RequestError, _bytes_block, \
+    _bytes_elements, validate_inputs
+from . import messages as pb
+
+#: OIP datatype -> the InferTensorContents field holding it (FP16 has none: raw contents only)
+CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+            "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+            "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+#: raw_output_contents is field 6 of ModelInferResponse, length-delimited (wire type 2)
+_RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])
+
+
+def _parameter(value):
+    """The Python value of an InferParameter (None when unset)."""
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else None
+
+
+def _contents(tensor, datatype: str, dtype: np.dtype, count: int) -> np.ndarray:
+    field = CONTENTS.get(datatype)
+    if field is None:
+        raise RequestError(f"input {tensor.name!r}: {datatype} tensors must come as raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise RequestError(f"input {tensor.name!r}: contents hold {len(values)} values but shape "
+                           f"{list(tensor.shape)} needs {count}")
+    if datatype == "BYTES":
+        return np.asarray(list(values) + [None], dtype=object)[:-1]
+    array = np.array(values, dtype=dtype)
+    if datatype not in ("BOOL", "FP32", "FP64", "INT64", "UINT64") and len(array):
+        # int_contents/uint_contents carry 8/16-bit values in 32 bits: refuse what does not fit.
+        wide = np.array(values, dtype=np.int64)
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise RequestError(f"input {tensor.name!r}: a value does not fit {datatype}")
+    return array
+
+
+def decode_infer(body: bytes) -> tuple[InferRequest, dict[str, np.ndarray]]:
+    """Parse a serialized ModelInferRequest into the request and its (unchecked) input arrays."""
+    try:
+        message = pb.ModelInferRequest.FromString(body)
+    except DecodeError:
+        raise RequestError("the body is not a valid inference.ModelInferRequest") from None
+    if not message.inputs:
+        raise RequestError("the request needs at least one input")
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise RequestError(f"raw_input_contents holds {len(raw)} tensors for {len(message.inputs)} inputs: "
+                           "give it for every input or for none")
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if not name:
+            raise RequestError(f"inputs[{index}] has no name")
+        if name in inputs:
+            raise RequestError(f"input {name!r} is given twice")
+        datatype = tensor.datatype
+        if datatype not in DATATYPES:
+            raise RequestError(f"input {name!r}: unknown datatype {datatype!r}; use one of {', '.join(DATATYPES)}")
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise RequestError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise RequestError(f"input {name!r}: shape {list(shape)} holds {count} elements, more than any request "
+                               f"can carry ({MAX_ELEMENTS}); send fewer samples per request")
+        dtype = DATATYPES[datatype]
+        if raw:
+            if tensor.HasField("contents"):
+                raise RequestError(f"input {name!r} has both contents and raw_input_contents")
+            block = raw[index]
+            if datatype == "BYTES":
+                array = _bytes_elements(memoryview(block), name, count)
+            else:
+                if len(block) != count * dtype.itemsize:
+                    raise RequestError(f"input {name!r}: raw_input_contents holds {len(block)} bytes but shape "
+                                       f"{list(shape)} of {datatype} needs {count * dtype.itemsize}")
+                array = np.frombuffer(block, dtype=dtype)
+        else:
+            array = _contents(tensor, datatype, dtype, count)
+        inputs[name] = array.reshape(shape)
+    params = {key: _parameter(value) for key, value in message.parameters.items()}
+    timeout_us = params.get("timeout")
+    if timeout_us is not None and (not isinstance(timeout_us, int) or isinstance(timeout_us, bool)
+                                   or not 0 <= timeout_us <= MAX_TIMEOUT_US):
+        raise RequestError(f"parameters.timeout must be an integer from 0 to {MAX_TIMEOUT_US} (microseconds)")
+    outputs = {}
+    for item in message.outputs:
+        if "classification" in item.parameters:
+            raise RequestError("the classification extension is not supported; request the output tensor instead")
+        outputs[item.name] = True
+    return InferRequest(message.id or None, inputs, outputs, True, timeout_us), inputs
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_infer(model_name: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
+                 specs) -> bytes:
+    """A serialized ModelInferResponse with every requested output as raw contents."""
+    wanted = request.outputs or {spec.name: True for spec in specs}
+    unknown = [name for name in wanted if name not in outputs]
+    if unknown:
+        raise RequestError(f"unknown output {unknown[0]!r}; the model gives {', '.join(s.name for s in specs)}")
+    header = pb.ModelInferResponse(model_name=model_name, model_version=version, id=request.id or "")
+    blobs = []
+    for spec in specs:
+        if spec.name not in wanted:
+            continue
+        array = outputs[spec.name]
+        datatype = FROM_NUMPY.get(array.dtype.name, "BYTES")
+        header.outputs.add(name=spec.name, datatype=datatype, shape=array.shape)
+        blob = memoryview(_bytes_block(array)) if datatype == "BYTES" else \
+            np.ascontiguousarray(array, array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data
+        blobs += [_RAW_OUTPUT_TAG, _varint(blob.nbytes), blob]
+    return b"".join([header.SerializeToString(), *blobs])
+
+
+def decode_and_validate(body: bytes, specs, allow_nonfinite: bool):
+    request, inputs = decode_infer(body)
+    feeds = validate_inputs(inputs, specs, allow_nonfinite)
+    request.inputs = {}
+    return request, feeds
+
+
+def _nothing() -> None:
+    pass
+
+
+class GrpcWire:
+    """The dataplane's wire for gRPC bodies (see ``dataplane.OipWire``). A large body is parsed and
+    checked on a worker thread: unlike JSON, that is memcpy-speed C work (protobuf's parser, numpy's
+    checks release the GIL), so the event loop keeps running beside it without a helper process."""
+
+    __slots__ = ()
+
+    async def decode(self, codec, body: bytes, specs, allow_nonfinite: bool):
+        if codec.offloads(len(body)):
+            request, feeds = await asyncio.to_thread(decode_and_validate, body, specs, allow_nonfinite)
+        else:
+            request, feeds = decode_and_validate(body, specs, allow_nonfinite)
+        return request, feeds, _nothing
+
+    async def encode(self, codec, name: str, version: str, request, outputs, specs) -> tuple[bytes, dict]:
+        size = sum(np.asarray(array).nbytes for array in outputs.values())
+        if codec.offloads(size):
+            return await asyncio.to_thread(encode_infer, name, version, request, outputs, specs), {}
+        return encode_infer(name, version, request, outputs, specs), {}
