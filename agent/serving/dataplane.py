@@ -109,8 +109,14 @@ def classify(exc: BaseException, service: "InferenceService") -> ServiceError:
     return Internal(f"internal error: {type(exc).__name__}")
 
 
+def _printable(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def unknown_model(name: str, version: str | None, known: list[str]) -> ModelNotFound:
-    """Triton's wording (clients match on it), then what is served."""
+    """Triton's wording (clients match on it), then what is served; control characters in the names
+    are escaped (the message stays one line)."""
+    name, version = _printable(name), _printable(version) if version is not None else None
     what = f"'{name}'" + (f" version {version}" if version is not None else "")
     return ModelNotFound(f"Request for unknown model: {what} is not found; served models: {', '.join(known) or 'none'}")
 

@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from edgepack.errors import UsageError
 
 from . import model_info
-from .dataplane import InferenceService, ServiceError
+from .dataplane import BadRequest, InferenceService, ServiceError
 from .oip_grpc import messages as pb
 from .oip_grpc.wire import GrpcWire
 
@@ -46,10 +46,10 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
         shift += 7
 
 
-def infer_target(body: bytes) -> tuple[str, str | None]:
+def infer_target(body: bytes) -> tuple[str, str | None] | None:
     """``(model_name, model_version or None)`` of a serialized ModelInferRequest, read from its leading
     fields (protobuf writers emit fields in number order: name is 1, version 2); any other layout is
-    parsed in full."""
+    parsed in full. None: the body is not a ModelInferRequest."""
     found = {}
     at = 0
     try:
@@ -68,8 +68,8 @@ def infer_target(body: bytes) -> tuple[str, str | None]:
     except (ValueError, UnicodeDecodeError):
         try:
             message = pb.ModelInferRequest.FromString(body)
-        except Exception:  # noqa: BLE001 - the dataplane reports the broken body as INVALID_ARGUMENT
-            return "", None
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError, or anything its parser raises
+            return None
         return message.model_name, message.model_version or None
 
 
@@ -239,7 +239,11 @@ class GrpcDoor:
     # -- inference -----------------------------------------------------------------------------------
 
     async def _infer(self, body: bytes) -> bytes:
-        name, version = infer_target(body)
+        target = infer_target(body)
+        if target is None:  # as HTTP answers a body that is not JSON: 400, whatever model it was for
+            self.service.metrics.observe_request("_unknown", BadRequest.outcome)
+            raise BadRequest("the body is not a valid inference.ModelInferRequest")
+        name, version = target
         answer = await self.service.infer(name, version, body, declared=len(body), wire=_WIRE)
         return answer.body
 

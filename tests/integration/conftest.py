@@ -7,6 +7,7 @@ import pytest
 
 from edgepack.bundle.signing import generate_keys
 
+from ..conftest import run_cli
 from ..models import digits_features
 
 
@@ -50,3 +51,25 @@ def wide_bundles(tmp_path_factory):
                                            name="wide", version=version, recipes=["onnx-fp32"], signing_key=private))
         made[version] = result.bundle
     return {"bundles": made, "private": private, "public": public, "folder": folder}
+
+
+@pytest.fixture(scope="session")
+def simple_bundle(tmp_path_factory):
+    """An x86-64 bundle shaped like Triton's "simple" model: INPUT0, INPUT1 INT32 [-1, 16] -> OUTPUT0 =
+    their sum, OUTPUT1 = their difference (what Triton's example clients check)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path_factory.mktemp("simple")
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", 16]) for name in ("INPUT0", "INPUT1")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", 16]) for name in ("OUTPUT0", "OUTPUT1")]
+    graph = helper.make_graph([helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+                               helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])], "simple", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "simple.onnx")
+    done = run_cli("convert", folder / "simple.onnx", "--profile", "x86-64", "--out", folder / "out", "--name", "simple",
+                   "--version", "1.0.0", "--recipe", "onnx-fp32")
+    assert done.returncode == 0, done.stderr
+    (bundle,) = (folder / "out").glob("*.edgepack")
+    return bundle

@@ -434,10 +434,30 @@ def test_drift_scores_in_metrics_telemetry_and_an_event(fleet):
     wait_for(lambda: counted() == 4 * sent, 10, f"the predicted classes in telemetry ({counted()} of {4 * sent})")
 
 
-def test_streaming_inference_over_mqtt_is_the_same_dataplane_as_http(fleet):
-    """The same requests over MQTT, HTTP JSON and HTTP binary: identical outputs, and the same error
-    class (HTTP status, the stream's ``code``) for each hostile input."""
+def _grpc_request(body: dict) -> bytes:
+    """The OIP JSON ``body`` as a serialized ModelInferRequest (typed contents, as the JSON's data)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="fleet", id=str(body.get("id", "")))
+    for item in body["inputs"]:
+        tensor = request.inputs.add(name=item["name"], datatype=item["datatype"], shape=item["shape"])
+        field = {"FP32": "fp32_contents", "INT64": "int64_contents"}[item["datatype"]]
+        getattr(tensor.contents, field).extend(float(v) if item["datatype"] == "FP32" else v for v in item["data"])
+    timeout = body.get("parameters", {}).get("timeout")
+    if timeout is not None:
+        request.parameters["timeout"].int64_param = min(timeout, 2**63 - 1)
+    return request.SerializeToString()
+
+
+def test_the_four_doors_are_one_dataplane(fleet):
+    """The same requests over MQTT, HTTP JSON, HTTP binary and gRPC: identical outputs, and the same
+    error class (HTTP status, the stream's ``code``, the gRPC status) for each hostile input."""
+    import grpc
+
+    from agent.serving.dataplane import ServiceError
+
     config = json.loads(fleet.config.read_text())
+    config["server"] = {**config.get("server", {}), "grpc_port": 0}
     config["models"] = [{"name": "fleet", "stream": True, "stream_max_in_flight": 16, "max_samples_per_request": 64}]
     fleet.config.write_text(json.dumps(config))
     agent = fleet.start_agent()
@@ -491,6 +511,19 @@ def test_streaming_inference_over_mqtt_is_the_same_dataplane_as_http(fleet):
         status = httpx.post(url, content=json.dumps(body), timeout=10).status_code
         assert answers[key]["code"] == status and status in (400, 413), (key, answers[key], status)
     assert answers["too-many"]["code"] == 413
+    # gRPC: the same answer, and the gRPC code of each error class
+    status_of = {cls.grpc: cls.status for cls in ServiceError.__subclasses__() if cls.grpc != "DEADLINE_EXCEEDED"}
+    with grpc.insecure_channel(agent.grpc_address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        from tritonclient.grpc import service_pb2
+
+        response = service_pb2.ModelInferResponse.FromString(call(_grpc_request(good), timeout=10))
+        assert response.id == "ok-1" and list(response.outputs[0].shape) == [2, 4]
+        assert np.array_equal(np.frombuffer(response.raw_output_contents[0], np.float32), streamed)
+        for key, body in [(None, b"{not json"), *hostile.items()]:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(body if isinstance(body, bytes) else _grpc_request(body), timeout=10)
+            assert status_of[refused.value.code().name] == answers[key]["code"], (key, refused.value.details())
     assert agent.process.poll() is None and infer(agent.url)[0] == 200
 
 

@@ -1,0 +1,130 @@
+"""The gRPC door's wire format, against tritonclient's own generated messages (a second, independent
+compilation of the same protocol): the checked-in descriptor set, the model-name peek, request
+decoding with its refusals, and raw response encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import deserialize_bytes_tensor
+
+from agent.serving.grpc_door import infer_target
+from agent.serving.oip import InferRequest, RequestError
+from agent.serving.oip_grpc import generate
+from agent.serving.oip_grpc.wire import decode_infer, encode_infer
+from edgepack.tensors import TensorSpec
+
+
+def test_the_checked_in_descriptor_set_is_the_compiled_proto():
+    pytest.importorskip("grpc_tools")
+    assert generate.render(generate.compile_proto()) == generate.OUTPUT.read_text(), \
+        "inference.proto changed: run python -m agent.serving.oip_grpc.generate"
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(max_size=12), version=st.text(max_size=6), request_id=st.text(max_size=6),
+       tensors=st.integers(0, 2), raw=st.binary(max_size=20))
+def test_the_name_peek_agrees_with_a_full_parse(name, version, request_id, tensors, raw):
+    request = service_pb2.ModelInferRequest(model_name=name, model_version=version, id=request_id)
+    for index in range(tensors):
+        request.inputs.add(name=f"t{index}", datatype="FP32", shape=[1, 2])
+        request.raw_input_contents.append(raw)
+    body = request.SerializeToString()
+    assert infer_target(body) == (name, version or None)
+
+
+def test_the_name_peek_reads_fields_in_any_order_and_survives_garbage():
+    # field 2 before field 1 (legal protobuf, not what writers emit): still both
+    assert infer_target(b"\x12\x011\x0a\x05model") == ("model", "1")
+    assert infer_target(b"\x0a\x05mo") is None  # truncated
+    assert infer_target(b"\xff\xff\xff") is None
+    assert infer_target(b"{not json") is None
+
+
+def _request(**tensors) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="m")
+    for name, (datatype, shape, raw) in tensors.items():
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def test_raw_inputs_become_arrays_of_their_datatype():
+    image = np.arange(6, dtype=np.float16).reshape(2, 3)
+    words = b"".join(len(w).to_bytes(4, "little") + w for w in (b"hi", b"", b"there"))
+    request = _request(a=("FP16", [2, 3], image.tobytes()), b=("BYTES", [3], words), c=("BOOL", [2], b"\x01\x00"))
+    request.parameters["timeout"].int64_param = 5000
+    request.outputs.add(name="y")
+    decoded, inputs = decode_infer(request.SerializeToString())
+    assert np.array_equal(inputs["a"], image) and inputs["a"].dtype == np.float16
+    assert list(inputs["b"]) == [b"hi", b"", b"there"]
+    assert inputs["c"].tolist() == [True, False]
+    assert decoded.timeout_us == 5000 and decoded.outputs == {"y": True}
+
+
+def test_typed_contents_are_accepted_and_checked():
+    request = service_pb2.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="x", datatype="INT8", shape=[3])
+    tensor.contents.int_contents.extend([1, -2, 3])
+    _, inputs = decode_infer(request.SerializeToString())
+    assert inputs["x"].dtype == np.int8 and inputs["x"].tolist() == [1, -2, 3]
+    tensor.contents.int_contents[0] = 300
+    with pytest.raises(RequestError, match="does not fit INT8"):
+        decode_infer(request.SerializeToString())
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.ClearField("inputs"), "at least one input"),
+    (lambda r: r.raw_input_contents.append(b"x"), "holds 2 tensors for 1 inputs"),
+    (lambda r: r.inputs[0].ClearField("name"), "has no name"),
+    (lambda r: setattr(r.inputs[0], "datatype", "FP8"), "unknown datatype 'FP8'"),
+    (lambda r: r.inputs[0].shape.__setitem__(0, -1), "negative dimension"),
+    (lambda r: r.inputs[0].shape.extend([2**40, 2**40]), "more than any request"),
+    (lambda r: r.raw_input_contents.__setitem__(0, b"short"), "needs 8"),
+    (lambda r: r.inputs[0].contents.fp32_contents.append(1.0), "both contents and raw_input_contents"),
+    (lambda r: r.parameters["timeout"].__setattr__("int64_param", -1), "parameters.timeout"),
+    (lambda r: r.outputs.add(name="y").parameters["classification"].__setattr__("int64_param", 3), "classification"),
+])
+def test_hostile_requests_are_refused_with_what_is_wrong(mutate, message):
+    request = _request(x=("FP32", [1, 2], np.zeros(2, np.float32).tobytes()))
+    mutate(request)
+    with pytest.raises(RequestError, match=message):
+        decode_infer(request.SerializeToString())
+
+
+def test_a_body_that_is_not_a_message_is_refused():
+    with pytest.raises(RequestError, match="not a valid inference.ModelInferRequest"):
+        decode_infer(b"\x0a\xff\xff\xff\xff\x0f")
+
+
+def test_fp16_needs_raw_contents():
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP16", shape=[1])
+    with pytest.raises(RequestError, match="FP16 tensors must come as raw_input_contents"):
+        decode_infer(request.SerializeToString())
+
+
+def test_responses_are_what_tritonclient_reads():
+    outputs = {"scores": np.arange(6, dtype=np.float32).reshape(2, 3), "flags": np.array([True, False]),
+               "half": np.array(1.5, dtype=np.float16), "words": np.array([b"a", "\u00e9t\u00e9"], dtype=object),
+               "big": np.arange(3, dtype=">i4")}
+    specs = [TensorSpec(name=n, dtype="float32", shape=[None]) for n in outputs]
+    body = encode_infer("m", "2", InferRequest("id-1", {}), outputs, specs)
+    response = service_pb2.ModelInferResponse.FromString(body)
+    assert (response.model_name, response.model_version, response.id) == ("m", "2", "id-1")
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("scores", "FP32", [2, 3]), ("flags", "BOOL", [2]), ("half", "FP16", []), ("words", "BYTES", [2]),
+        ("big", "INT32", [3])]
+    raw = response.raw_output_contents
+    assert np.array_equal(np.frombuffer(raw[0], np.float32).reshape(2, 3), outputs["scores"])
+    assert np.frombuffer(raw[1], np.bool_).tolist() == [True, False]
+    assert np.frombuffer(raw[2], np.float16)[0] == 1.5
+    assert list(deserialize_bytes_tensor(raw[3])) == [b"a", "\u00e9t\u00e9".encode()]
+    assert np.frombuffer(raw[4], "<i4").tolist() == [0, 1, 2]  # little-endian on the wire, as OIP says
+    only = encode_infer("m", "2", InferRequest(None, {}, {"flags": True}), outputs, specs)
+    assert [o.name for o in service_pb2.ModelInferResponse.FromString(only).outputs] == ["flags"]
+    with pytest.raises(RequestError, match="unknown output 'nope'"):
+        encode_infer("m", "2", InferRequest(None, {}, {"nope": True}), outputs, specs)
