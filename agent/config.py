@@ -59,7 +59,8 @@ class ModelConfig(_Strict):
     max_queue_size: int | None = Field(
         None, ge=1, le=1_000_000,
         description="requests that may wait for this model; more are answered 503 with Retry-After "
-        "(default: what the model gets through in queue_budget_ms at the speed of its recent runs)")
+        "(default: what the model gets through in queue_budget_ms, or in deadline_ms when that is longer, at the "
+        "speed of its recent runs: a closed loop of clients the model serves within that time is never refused)")
     queue_budget_ms: float = Field(
         25.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much "
         "work, and at least 32 requests and one full batch per instance (so on a model slower than ~0.8 ms a "
@@ -96,7 +97,7 @@ class ServerConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535)
     grpc_port: int | None = Field(
         None, ge=0, le=65535, description="also serve OIP v2 over gRPC on this port (same host, token and TLS; "
-        "needs the grpcio package: pip install 'edgepack[agent-grpc]'); off by default")
+        "off by default")
     token: str | None = Field(None, min_length=16, description="bearer token; required off loopback")
     token_file: Path | None = None
     tls_cert: Path | None = None

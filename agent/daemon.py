@@ -73,7 +73,7 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
             from .serving.grpc_door import GrpcDoor
         except ImportError as exc:
             print(f"error: server.grpc_port needs the grpcio package ({exc}); install it with: "
-                  "pip install 'edgepack[agent-grpc]'", file=sys.stderr)
+                  "pip install grpcio", file=sys.stderr)
             return 1
         grpc_door = GrpcDoor(config, registry, service)
     grpc_port = None

@@ -14,6 +14,11 @@ converted with `edgepack convert --profile x86-64 --recipe onnx-fp32`, 2 intra-o
     concurrency 32 with p95 <= 1.3x
 (c) idle RSS of the agent daemon vs a bare Python process that loads the model with onnxruntime
     (target <= 1.3x), and cold start to the first answered request (target <= 2 s).
+(d) the dataplane's targets, every agent with its default config (only threads: 2 set): HTTP binary
+    at c=1 and c=8 (wrk) vs raw session.run in process at 1 and 8 threads; gRPC through
+    tritonclient.grpc at c=8 vs the same raw figure and vs HTTP binary through tritonclient.http (the
+    same kind of client, in another process); HTTP JSON at c=8 vs the FastAPI baseline and its
+    refusals; MQTT streaming of ~1 KB requests vs HTTP JSON on the same small model (needs mosquitto).
 Needs wrk (Debian package "wrk").
 """
 
@@ -141,6 +146,15 @@ def in_process(bundle: Path, onnx_path: Path, sample: np.ndarray, duration: floa
 
 # -- (b) HTTP ---------------------------------------------------------------------------------------
 
+def cpu_flags() -> str:
+    """The CPU model and the SIMD flags that decide kernel speed (ratios only compare within one run)."""
+    text = Path("/proc/cpuinfo").read_text()
+    flags = next((set(l.split(":", 1)[1].split()) for l in text.splitlines() if l.startswith("flags")), set())
+    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "?")
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "amx_int8"]
+    return f"{model}; {os.cpu_count()} cores; flags: " + " ".join(f for f in wanted if f in flags)
+
+
 def free_port() -> int:
     import socket
 
@@ -185,6 +199,14 @@ class Server:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def default_agent(bundle: Path, work: Path, name: str = "cnn", extra: str = "", args: list[str] = ()) -> Server:
+    """The agent with its default serving config (only the model's threads set, as raw's)."""
+    config = work / f"agent-default-{name}.yaml"
+    config.write_text(f"store: {work / 'store'}\nlog_level: warning\nmodels:\n  - name: {name}\n    threads: {THREADS}\n{extra}")
+    return Server([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--bundle", str(bundle), *args],
+                  "/v2/health/ready")
 
 
 def agent_server(bundle: Path, work: Path, batching: bool, max_batch: int) -> Server:
@@ -291,6 +313,221 @@ def memory_and_cold_start(bundle: Path, onnx_path: Path, sample: np.ndarray, wor
     return {"bare_rss_mb": bare_rss, "agent_rss_mb": statistics.median(agent_rss), "cold_start_s": statistics.median(starts)}
 
 
+# -- (d) the dataplane's targets ----------------------------------------------------------------------
+
+CLIENT_LOAD = r"""
+import json, sys, threading, time
+import numpy as np
+kind, address, model, seconds, concurrency, sample_path = sys.argv[1:7]
+seconds, concurrency = float(seconds), int(concurrency)
+sample = np.load(sample_path)
+if kind == "grpc":
+    import tritonclient.grpc as triton
+else:
+    import tritonclient.http as triton
+def caller():
+    client = triton.InferenceServerClient(address)
+    tensor = triton.InferInput("input", list(sample.shape), "FP32")
+    if kind == "grpc":
+        tensor.set_data_from_numpy(sample)
+        return lambda: client.infer(model, [tensor])
+    tensor.set_data_from_numpy(sample, binary_data=True)
+    name = client.get_model_metadata(model)["outputs"][0]["name"]
+    outputs = [triton.InferRequestedOutput(name, binary_data=True)]
+    return lambda: client.infer(model, [tensor], outputs=outputs)
+callers = [caller() for _ in range(concurrency)]
+for call in callers:
+    for _ in range(5):
+        call()
+latencies, errors = [], [0]
+stop = time.perf_counter() + seconds
+def worker(call):
+    local = []
+    while time.perf_counter() < stop:
+        began = time.perf_counter()
+        try:
+            call()
+            local.append(time.perf_counter() - began)
+        except Exception:
+            errors[0] += 1
+    latencies.extend(local)
+threads = [threading.Thread(target=worker, args=(c,)) for c in callers]
+began = time.perf_counter()
+for t in threads: t.start()
+for t in threads: t.join()
+elapsed = time.perf_counter() - began
+lat = np.sort(np.asarray(latencies)) * 1000
+print(json.dumps({"rps": len(lat) / elapsed, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                  "errors": errors[0]}))
+"""
+
+
+def client_load(kind: str, address: str, model: str, sample: np.ndarray, work: Path, concurrency: int,
+                duration: float) -> dict:
+    """A closed loop of ``concurrency`` tritonclient threads (``kind``: grpc or http) in another process."""
+    np.save(work / "client-sample.npy", sample)
+    done = subprocess.run([sys.executable, "-c", CLIENT_LOAD, kind, address, model, str(duration), str(concurrency),
+                           str(work / "client-sample.npy")], capture_output=True, text=True, timeout=duration + 300)
+    if done.returncode:
+        raise RuntimeError(f"the {kind} client failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tiny_bundle(work: Path) -> Path:
+    """A small dense model (64 inputs -> 10): an OIP JSON request of one sample is about 1 KB."""
+    import torch
+
+    from converters.pipeline import ConvertOptions, convert
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
+    program = torch.export.export(model, (torch.randn(2, 64),), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+    torch.export.save(program, str(work / "tiny.pt2"))
+    np.save(work / "tiny-calibration.npy", np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    (result,) = convert(ConvertOptions(model=str(work / "tiny.pt2"), profiles=["x86-64"], out=work / "tiny", recipes=["onnx-fp32"],
+                                       calibration=str(work / "tiny-calibration.npy"), name="tiny", version="1.0.0"))
+    if not result.bundle:
+        raise SystemExit(f"conversion failed: {result.error}")
+    return result.bundle
+
+
+def mqtt_stream_rate(bundle: Path, work: Path, body: bytes, in_flight: int, duration: float) -> dict | None:
+    """Answers/s of the agent's MQTT stream with ``in_flight`` requests outstanding (None without mosquitto)."""
+    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if not mosquitto:
+        return None
+    import paho.mqtt.client as mqtt
+
+    from edgepack.fleet import topics
+
+    port = free_port()
+    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 100\n"
+                                         "max_queued_messages 100000\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(work / "mosquitto.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    server = default_agent(bundle, work, "tiny", f"    stream: true\n    stream_max_in_flight: {max(16, in_flight)}\n"
+                           f"device_id: bench\nmqtt: {{host: 127.0.0.1, port: {port}}}\n")
+    answered: list[float] = []
+    sent: dict[str, float] = {}
+    ready = threading.Semaphore(0)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-stream", protocol=mqtt.MQTTv5)
+
+    def on_message(c, userdata, message):
+        reply = json.loads(message.payload)
+        began = sent.pop(reply.get("id"), None)
+        if began is not None and "outputs" in reply:
+            answered.append(time.perf_counter() - began)
+        ready.release()
+
+    client.on_message = on_message
+    try:
+        client.connect("127.0.0.1", port)
+        client.subscribe(topics.stream("bench", "tiny", "out"), 1)
+        client.loop_start()
+        time.sleep(2.0)  # the agent's link subscribes
+        template = json.loads(body)
+        topic = topics.stream("bench", "tiny", "in")
+        counter = 0
+
+        def send():
+            nonlocal counter
+            counter += 1
+            request_id = str(counter)
+            sent[request_id] = time.perf_counter()
+            client.publish(topic, json.dumps({**template, "id": request_id}), qos=1)
+
+        for _ in range(in_flight):
+            send()
+        stop = time.perf_counter() + duration
+        began = time.perf_counter()
+        while time.perf_counter() < stop:
+            if ready.acquire(timeout=5):
+                send()
+        elapsed = time.perf_counter() - began
+        return {"rps": len(answered) / elapsed, "p50": statistics.median(answered) * 1000 if answered else float("nan")}
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        server.stop()
+        broker.terminate()
+        broker.wait(10)
+
+
+def dataplane_targets(bundle: Path, onnx_path: Path, sample: np.ndarray, work: Path, duration: float,
+                      baseline_json_c8: float | None) -> None:
+    import onnxruntime as ort
+
+    script = work / "body.lua"
+    script.write_text(WRK_SCRIPT)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    feeds = {"input": sample}
+    for _ in range(20):
+        session.run(None, feeds)
+    run = session.run
+    raw = {c: closed_loop(lambda: run(None, feeds), c, duration) for c in (1, 8)}
+    # the session stays loaded: 2 threads idle while the agent is measured
+    body, header_length = binary_body(sample)
+    (work / "oip.bin").write_bytes(body)
+    (work / "oip.json").write_text(json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(sample.shape),
+                                                           "data": sample.reshape(-1).tolist()}]}))
+    grpc_port = free_port()
+    server = default_agent(bundle, work, args=["--grpc-port", str(grpc_port)])
+    rows = []
+    try:
+        url = server.url + "/v2/models/cnn/infer"
+        measured = {}
+        for label, file, content_type, length in [("binary", "oip.bin", "application/octet-stream", str(header_length)),
+                                                  ("JSON", "oip.json", "application/json", "")]:
+            for c in (1, 8):
+                wrk(url, work / file, content_type, length, c, 2, script)  # warm-up
+                measured[(label, c)] = wrk(url, work / file, content_type, length, c, duration, script)
+        grpc_c8 = client_load("grpc", f"127.0.0.1:{grpc_port}", "cnn", sample, work, 8, duration)
+        http_client_c8 = client_load("http", f"127.0.0.1:{server.port}", "cnn", sample, work, 8, duration)
+    finally:
+        server.stop()
+    b1, b8, j8 = measured[("binary", 1)], measured[("binary", 8)], measured[("JSON", 8)]
+    rows.append(("HTTP binary c=1 (wrk)", f"{b1['rps']:.1f} req/s, p50 {b1['p50']/1000:.2f} ms",
+                 f"raw session.run c=1: {raw[1][0]:.1f} req/s, p50 {raw[1][1]:.2f} ms",
+                 f"{b1['rps']/raw[1][0]:.2f}x, p50 +{b1['p50']/1000 - raw[1][1]:.2f} ms", ">= 0.92x, p50 +<= 0.6 ms"))
+    rows.append(("HTTP binary c=8 (wrk), default config", f"{b8['rps']:.1f} req/s, {b8['non2xx']} refused",
+                 f"raw session.run, 8 threads: {raw[8][0]:.1f} req/s", f"{b8['rps']/raw[8][0]:.2f}x", ">= 0.95x"))
+    rows.append(("gRPC c=8 (tritonclient.grpc), default config", f"{grpc_c8['rps']:.1f} req/s, p50 {grpc_c8['p50']:.1f} ms, "
+                 f"{grpc_c8['errors']} errors", f"raw: {raw[8][0]:.1f} req/s", f"{grpc_c8['rps']/raw[8][0]:.2f}x", ">= 0.95x"))
+    rows.append(("gRPC c=8 vs HTTP binary c=8, both tritonclient", f"{grpc_c8['rps']:.1f} req/s",
+                 f"tritonclient.http: {http_client_c8['rps']:.1f} req/s, p50 {http_client_c8['p50']:.1f} ms",
+                 f"{grpc_c8['rps']/http_client_c8['rps']:.2f}x", ">= 1.0x"))
+    rows.append(("gRPC c=8 vs HTTP binary c=8 (wrk)", f"{grpc_c8['rps']:.1f} req/s", f"{b8['rps']:.1f} req/s",
+                 f"{grpc_c8['rps']/b8['rps']:.2f}x", ">= 1.0x"))
+    if baseline_json_c8:
+        rows.append(("HTTP JSON c=8 (wrk), default config", f"{j8['rps']:.1f} req/s, {j8['non2xx']} refused",
+                     f"FastAPI baseline c=8: {baseline_json_c8:.1f} req/s", f"{j8['rps']/baseline_json_c8:.2f}x",
+                     ">= 3x, 0 refused"))
+    tiny = tiny_bundle(work)
+    tiny_sample = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+    tiny_body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                        "data": [round(float(v), 6) for v in tiny_sample.reshape(-1)]}]})
+    (work / "tiny.json").write_text(tiny_body)
+    server = default_agent(tiny, work, "tiny")
+    try:
+        wrk(server.url + "/v2/models/tiny/infer", work / "tiny.json", "application/json", "", 8, 2, script)
+        tiny_http = wrk(server.url + "/v2/models/tiny/infer", work / "tiny.json", "application/json", "", 8, duration, script)
+    finally:
+        server.stop()
+    streamed = mqtt_stream_rate(tiny, work, tiny_body.encode(), 8, duration)
+    if streamed:
+        rows.append((f"MQTT stream, {len(tiny_body)} B requests, 8 in flight", f"{streamed['rps']:.1f} req/s, p50 {streamed['p50']:.1f} ms",
+                     f"HTTP JSON c=8 (wrk), same model: {tiny_http['rps']:.1f} req/s", f"{streamed['rps']/tiny_http['rps']:.2f}x",
+                     ">= 0.8x"))
+    else:
+        rows.append(("MQTT stream", "not measured (no mosquitto)", "", "", ">= 0.8x"))
+    print("| measure | agent | baseline in the same run | ratio | target |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
@@ -298,12 +535,28 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--only-dataplane", action="store_true", help="only (d), with the FastAPI baseline's JSON c=8")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     work = Path(tempfile.mkdtemp(prefix="edgepack-serving-"))
     bundle, onnx_path = build_bundle(work, args.size)
     sample = np.random.default_rng(1).standard_normal((1, 3, args.size, args.size)).astype(np.float32)
+    print(f"CPU: {cpu_flags()}")
+    if args.only_dataplane:
+        script = work / "body.lua"
+        script.write_text(WRK_SCRIPT)
+        (work / "baseline.json").write_text(json.dumps({"input": sample.tolist()}))
+        baseline = Server([sys.executable, str(BASELINE), str(onnx_path), "--threads", str(THREADS)], "/health")
+        try:
+            wrk(baseline.url + "/predict", work / "baseline.json", "application/json", "", 8, 2, script)
+            base8 = wrk(baseline.url + "/predict", work / "baseline.json", "application/json", "", 8, args.duration, script)["rps"]
+        finally:
+            baseline.stop()
+        print(f"\n(d) the dataplane's targets ({args.duration:.0f} s per point)", flush=True)
+        dataplane_targets(bundle, onnx_path, sample, work, args.duration, base8)
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     print(f"\n(a) in process, batch 1, {THREADS} threads, input {list(sample.shape)}", flush=True)
     rows_a = [] if args.skip_in_process else in_process(bundle, onnx_path, sample, args.duration, args.rounds)
@@ -333,6 +586,9 @@ def main() -> None:
     print(f"| idle RSS after one inference | {c['agent_rss_mb']:.1f} MB | {c['bare_rss_mb']:.1f} MB | "
           f"{c['agent_rss_mb']/c['bare_rss_mb']:.2f}x | <= 1.3x |")
     print(f"| cold start to first answered request | {c['cold_start_s']:.2f} s | | | <= 2 s |")
+
+    print(f"\n(d) the dataplane's targets ({args.duration:.0f} s per point)", flush=True)
+    dataplane_targets(bundle, onnx_path, sample, work, args.duration, base.get(8))
     shutil.rmtree(work, ignore_errors=True)
 
 

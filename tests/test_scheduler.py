@@ -121,6 +121,41 @@ def test_default_queue_follows_the_speed_of_recent_runs():
     asyncio.run(scenario())
 
 
+def test_a_deadline_sizes_the_default_queue_and_a_closed_loop_within_it_is_never_refused():
+    async def scenario():
+        # 2 ms a request, a 250 ms deadline: the queue holds what the model serves in 250 ms (125 at the
+        # speed measured at load), so 100 clients that each
+        # wait for their answer before asking again are never refused.
+        scheduler = _scheduler(SlowDouble(0.002), deadline_ms=250, batching={"enabled": False})
+        assert scheduler.max_queue == 125, scheduler.max_queue
+        # the speed measured at load stays the estimate: how fast this host runs the sleeps is not what
+        # this test is about (a loaded CI host measures slower runs and a shorter queue)
+        scheduler._observe_run = lambda *args: None
+        refused = 0
+
+        async def client():
+            nonlocal refused
+            for _ in range(5):
+                try:
+                    place = scheduler.reserve()
+                except Overloaded:
+                    refused += 1
+                    continue
+                served = scheduler.pin()
+                try:
+                    await scheduler.submit({"x": np.ones((1, 2), np.float32)}, served, None, None, place)
+                finally:
+                    scheduler.unpin(served)
+
+        await asyncio.gather(*[client() for _ in range(100)])
+        assert refused == 0, (refused, scheduler.max_queue)
+        # without the deadline the 25 ms budget (floor 32) applies: the same load would be refused
+        assert _scheduler(SlowDouble(0.002), batching={"enabled": False}).max_queue == 32
+        await scheduler.close()
+
+    asyncio.run(scenario())
+
+
 def test_retry_after_comes_from_the_speed_of_recent_runs():
     async def scenario():
         scheduler = _scheduler(SlowDouble(0.002), queue_budget_ms=10, batching={"enabled": False})

@@ -269,7 +269,8 @@ class ModelScheduler:
 
     @property
     def max_queue(self) -> int:
-        """Requests that may wait: ``max_queue_size``, else what the model serves in ``queue_budget_ms``."""
+        """Requests that may wait: ``max_queue_size``, else what the model serves in ``queue_budget_ms``
+        (or in ``deadline_ms`` when the model has a longer deadline)."""
         if self.options.max_queue_size:
             return self.options.max_queue_size
         seconds = self.sample_seconds
@@ -278,7 +279,10 @@ class ModelScheduler:
         # Requests (of one sample: the common case) the model gets through in the budget, and at least
         # enough for every instance's next batch to be full when its current run ends. More than that
         # only adds waiting: under a flood every accepted request waits for the whole queue ahead of it.
-        budget = self.options.queue_budget_ms / 1000 * self.options.instances / seconds
+        # A deadline says how long a request may wait: a closed loop of clients the model serves within
+        # it is never refused (each client has one request out, so the queue never holds more).
+        budget_ms = max(self.options.queue_budget_ms, self.options.deadline_ms or 0)
+        budget = budget_ms / 1000 * self.options.instances / seconds
         return int(min(MAX_QUEUE, max(MIN_QUEUE, max(1, self.max_batch) * self.options.instances, budget)))
 
     @property
