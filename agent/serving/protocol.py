@@ -21,8 +21,15 @@ pipelines probes without reading the replies cannot make the agent buffer answer
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
+
+try:
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # h11 only
+    httptools = HttpToolsProtocol = None
 
 #: after an answer given before its request body was read, on a connection that closes: how long the
 #: rest of the body is read and dropped (at most) before the close
@@ -92,19 +99,28 @@ class _Answered:
 
 
 def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = None):
-    """The protocol class for ``uvicorn.Config(http=...)``; "h11" when httptools is not installed."""
-    try:
-        import httptools
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # h11 only: uvicorn's own protocol, without the head deadline or the front door
+    """The protocol for ``uvicorn.Config(http=...)`` (a factory uvicorn calls like the class); "h11"
+    when httptools is not installed (uvicorn's own protocol, without the head deadline or the front door)."""
+    if HttpToolsProtocol is None:
         return "h11"
+    return functools.partial(HeadDeadlineProtocol, header_timeout_s=header_timeout_s, front_door=front_door)
 
+
+if HttpToolsProtocol is not None:
     class HeadDeadlineProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol with the head deadline and the front door (see the module's
+        docstring); ``header_timeout_s`` and ``front_door`` come with each instance (:func:`guarded_protocol`)."""
+
         _head_timer = None
+
+        def __init__(self, *args, header_timeout_s: float, front_door: FrontDoor | None = None, **kwargs):
+            self.header_timeout_s = header_timeout_s
+            self.front_door = front_door
+            super().__init__(*args, **kwargs)
 
         def _arm(self) -> None:
             self._disarm()
-            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
 
         def _disarm(self) -> None:
             if self._head_timer is not None:
@@ -142,6 +158,7 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
             self._disarm()
             # Only a request that is next in line may be answered here (a pipelined one waits its turn),
             # and never a protocol upgrade.
+            front_door = self.front_door
             if (front_door is not None and (self.cycle is None or self.cycle.response_complete)
                     and not self.flow.write_paused and not self.parser.should_upgrade()):
                 try:
@@ -196,5 +213,3 @@ def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = Non
             super().on_message_complete()
             if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
                 self._arm()
-
-    return HeadDeadlineProtocol
