@@ -118,7 +118,8 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     allow_spinning(config.server.intra_op_spinning)  # before any model loads
     app = build_app(config, registry, metrics, lifespan, service)
     uv_config = uvicorn.Config(
-        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s, build_front_door(config, registry, metrics)),
+        app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s, build_front_door(config, registry, metrics),
+                                                                     config.server.refusal_delay_ms / 1000),
         lifespan="on", access_log=False, log_config=None, server_header=False,
         # No client addresses are used (no access log, no per-client policy): spare every request the
         # X-Forwarded-For middleware.

@@ -119,10 +119,15 @@ def loadgen(url: str, body_file: Path, headers: dict, connections: int, rate: fl
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: server.refusal_delay_ms of the agent under test (--refusal-delay-ms; None: the default)
+REFUSAL_DELAY_MS = None
+
+
 def agent(bundle: Path, work: Path, extra: str = "", cpus: set[int] | None = None) -> Server:
     config = work / "agent.yaml"
     threads = len(cpus) if cpus else 2
-    config.write_text(f"store: {work / 'store'}\nlog_level: warning\nmodels:\n  - name: cnn\n    threads: {threads}\n{extra}")
+    server = "" if REFUSAL_DELAY_MS is None else f"server:\n  refusal_delay_ms: {REFUSAL_DELAY_MS}\n"
+    config.write_text(f"store: {work / 'store'}\nlog_level: warning\n{server}models:\n  - name: cnn\n    threads: {threads}\n{extra}")
     return Server([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--bundle", str(bundle)],
                   "/v2/health/ready", cpus=cpus)
 
@@ -308,7 +313,12 @@ def main() -> None:
                         help="cores of the agent and of the load generator (see the module docstring)")
     parser.add_argument("--flood", choices=["paced", "unpaced", "both"], default="both",
                         help="the paced 4x flood, the unpaced one (every connection as fast as answered), or both")
+    parser.add_argument("--refusal-delay-ms", type=float, help="server.refusal_delay_ms of the agent (default: its default)")
     args = parser.parse_args()
+    global REFUSAL_DELAY_MS
+    REFUSAL_DELAY_MS = args.refusal_delay_ms
+    if args.refusal_delay_ms is not None:
+        print(f"agent with server.refusal_delay_ms: {args.refusal_delay_ms}")
     floods = ["paced", "unpaced"] if args.flood == "both" else [args.flood]
     global LOAD_NICENESS
     LOAD_NICENESS = args.nice_load

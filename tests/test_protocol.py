@@ -62,7 +62,7 @@ def front_door(method: bytes, path: bytes, headers: list):
     return None
 
 
-def _connection(loop):
+def _connection(loop, refusal_delay_s: float = 0.0):
     calls = []
 
     async def app(scope, receive, send):
@@ -70,7 +70,7 @@ def _connection(loop):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    protocol_class = guarded_protocol(10.0, front_door)
+    protocol_class = guarded_protocol(10.0, front_door, refusal_delay_s)
     config = uvicorn.Config(app, http=protocol_class, lifespan="off", log_config=None)
     state = ServerState()
     state.default_headers = [(b"date", b"Tue, 24 Nov 2026 10:00:00 GMT")]  # what a started server sets
@@ -113,6 +113,37 @@ def test_front_door_answers_pipelined_requests_in_order_and_drops_refused_bodies
         protocol.data_received(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
         loop.run_until_complete(asyncio.sleep(0.01))
         assert calls == ["/other"] and _responses(bytes(transport.written))[-1][2] == b"ok"
+    finally:
+        loop.close()
+
+
+def test_a_held_back_refusal_comes_after_its_delay_and_keeps_pipelined_answers_in_order():
+    loop = asyncio.new_event_loop()
+    try:
+        protocol, transport, state, calls = _connection(loop, refusal_delay_s=0.05)
+        refused = b"POST /full HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n" + b"x" * 3000
+        # a refused request, then (pipelined in the same bytes) a probe and one for the application
+        protocol.data_received(refused[:1200])
+        assert not transport.written and not transport.reading  # held back; nothing more is read meanwhile
+        protocol.data_received(refused[1200:] + b"GET /live HTTP/1.1\r\nHost: a\r\n\r\nGET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert not transport.written
+        started = loop.time()
+        while not transport.written and loop.time() - started < 2:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert loop.time() - started >= 0.03
+        loop.run_until_complete(asyncio.sleep(0.05))
+        answers = _responses(bytes(transport.written))
+        # the pipelined requests queued behind the refusal in uvicorn's pipeline (the application answers
+        # them, as any request pipelined behind an unfinished response), in order
+        assert [(status, payload) for status, _, payload in answers] == [
+            (503, b'{"error":"full"}'), (200, b"ok"), (200, b"ok")]
+        assert calls == ["/live", "/other"] and transport.reading and not transport.closed
+        # a connection that goes away meanwhile gets nothing written and leaves no timer behind
+        protocol2, transport2, _, _ = _connection(loop, refusal_delay_s=0.05)
+        protocol2.data_received(refused)
+        protocol2.connection_lost(None)
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert not transport2.written
     finally:
         loop.close()
 

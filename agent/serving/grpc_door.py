@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from edgepack.errors import UsageError
 
 from . import model_info
-from .dataplane import BadRequest, InferenceService, ServiceError
+from .dataplane import BadRequest, InferenceService, ServiceError, Unavailable
 from .oip_grpc import messages as pb
 from .oip_grpc.wire import GrpcWire
 
@@ -181,6 +181,9 @@ class GrpcDoor:
                                 "missing or wrong bearer token; send metadata authorization: Bearer <token>")
 
     async def _fail(self, context, error: ServiceError):
+        if isinstance(error, Unavailable) and self.config.server.refusal_delay_ms:
+            # as over HTTP: a client that calls again as soon as it is refused gets its refusals later
+            await asyncio.sleep(self.config.server.refusal_delay_ms / 1000)
         metadata = tuple((key, str(value)) for key, value in error.headers.items())
         await context.abort(grpc.StatusCode[error.grpc], error.message, metadata)
 

@@ -98,12 +98,31 @@ class _Answered:
             pass
 
 
-def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = None):
+class _Refusing:
+    """The cycle of a front-door refusal held back for ``refusal_delay_s``: the connection reads nothing
+    more meanwhile, and what already came of the refused body is dropped (the ``body`` uvicorn appends
+    to is nothing). Pipelined requests queue behind it in uvicorn's pipeline, as behind any unfinished
+    response, so answers keep their order."""
+
+    disconnected = False
+    message_event = _Answered.message_event
+
+    def __init__(self, keep_alive: bool):
+        self.response_complete = False
+        self.keep_alive = keep_alive  # uvicorn's shutdown() clears it: the connection closes after the answer
+
+    body = property(lambda self: b"", lambda self, value: None)
+    more_body = property(lambda self: True, lambda self, value: None)
+
+
+def guarded_protocol(header_timeout_s: float, front_door: FrontDoor | None = None, refusal_delay_s: float = 0.0):
     """The protocol for ``uvicorn.Config(http=...)`` (a factory uvicorn calls like the class); "h11"
-    when httptools is not installed (uvicorn's own protocol, without the head deadline or the front door)."""
+    when httptools is not installed (uvicorn's own protocol, without the head deadline or the front door).
+    ``refusal_delay_s``: how long a front-door 503 is held back before it is written."""
     if HttpToolsProtocol is None:
         return "h11"
-    return functools.partial(HeadDeadlineProtocol, header_timeout_s=header_timeout_s, front_door=front_door)
+    return functools.partial(HeadDeadlineProtocol, header_timeout_s=header_timeout_s, front_door=front_door,
+                             refusal_delay_s=refusal_delay_s)
 
 
 if HttpToolsProtocol is not None:
@@ -113,9 +132,13 @@ if HttpToolsProtocol is not None:
 
         _head_timer = None
 
-        def __init__(self, *args, header_timeout_s: float, front_door: FrontDoor | None = None, **kwargs):
+        _refusal_timer = None
+
+        def __init__(self, *args, header_timeout_s: float, front_door: FrontDoor | None = None,
+                     refusal_delay_s: float = 0.0, **kwargs):
             self.header_timeout_s = header_timeout_s
             self.front_door = front_door
+            self.refusal_delay_s = refusal_delay_s
             super().__init__(*args, **kwargs)
 
         def _arm(self) -> None:
@@ -141,6 +164,8 @@ if HttpToolsProtocol is not None:
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self._refusal_timer is not None:
+                self._refusal_timer.cancel()
             if self._linger_timer is not None:
                 self._linger_timer.cancel()
             super().connection_lost(exc)
@@ -184,9 +209,30 @@ if HttpToolsProtocol is not None:
             if not keep_alive:
                 head.append(b"connection: close\r\n")
             head += [b"\r\n", body]
+            if status == 503 and self.refusal_delay_s:
+                # A client that sends again as soon as it is refused (an unpaced flood) gets its refusals
+                # this much later: the refusals it can make the loop write per second are bounded by
+                # its connections / the delay, so they cannot starve the probes and the accepted work.
+                # Nothing is held but the connection: no queue place, no body.
+                refusing = self.cycle = _Refusing(keep_alive)
+                self.flow.pause_reading()
+                self._refusal_timer = self.loop.call_later(self.refusal_delay_s, self._refuse, refusing, b"".join(head))
+                return
             self.transport.write(b"".join(head))
             self.cycle = _Answered()
             if keep_alive:
+                self.on_response_complete()
+            else:
+                self.server_state.total_requests += 1
+                self.transport.close()
+
+        def _refuse(self, refusing: _Refusing, data: bytes) -> None:
+            self._refusal_timer = None
+            if self.transport.is_closing():
+                return
+            self.transport.write(data)
+            refusing.response_complete = True
+            if refusing.keep_alive:
                 self.on_response_complete()
             else:
                 self.server_state.total_requests += 1
