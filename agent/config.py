@@ -127,9 +127,10 @@ class ServerConfig(_Strict):
         "Content-Length; one that would go over is answered 503 (default: an eighth of the memory, 64 MiB to 1 GiB; "
         "a body larger than the budget is taken when it is the only one)")
     refusal_delay_ms: float = Field(
-        0.0, ge=0, le=10_000, description="a 503 for a full queue is written this much later (the connection "
-        "reads nothing meanwhile): a client that sends again at once cannot make refusals starve the health "
-        "probes and the accepted requests (benchmarks/overload.py, the unpaced flood)")
+        500.0, ge=0, le=10_000, description="a 503 for a full queue is written this much later (the connection "
+        "reads nothing meanwhile; its Retry-After says at least 1 s anyway): clients that send again at once "
+        "(an unpaced flood) make at most connections / delay refusals a second, so refusing cannot starve the "
+        "health probes and the accepted requests (benchmarks/overload.py); 0 answers at once")
     max_large_requests: int | None = Field(
         None, ge=1, le=1024, description="also limit large bodies in progress by count (default: only the byte budget)")
 

@@ -54,7 +54,7 @@ class Transport:
         self.eof = True
 
 
-def front_door(method: bytes, path: bytes, headers: list):
+def front_door(method: bytes, path: bytes, headers: list, scope=None):
     if method == b"GET" and path == b"/live":
         return 200, JSON, b'{"live":true}'
     if method == b"POST" and path == b"/full":

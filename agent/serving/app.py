@@ -20,7 +20,7 @@ from starlette.routing import Route
 from ..config import AgentConfig
 from .codec import BodyTooLarge, Codec
 from .dataplane import ClientGone, Disconnected, InferenceService, ServiceError
-from .front_door import OPEN_PATHS, token_matches
+from .front_door import OPEN_PATHS, PLACE, token_matches
 from .metrics import ServingMetrics
 from . import model_info
 from .oip import HEADER_LENGTH, RequestError
@@ -153,7 +153,8 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
                 encoding=request.headers.get("content-encoding", "identity"),
                 header_length=request.headers.get(HEADER_LENGTH),
                 declared=int(declared) if declared.isdigit() else None,
-                watch=lambda queued: _unless_disconnected(request, queued))
+                watch=lambda queued: _unless_disconnected(request, queued),
+                reserved=request.scope.pop(PLACE, None))
         except ServiceError as exc:
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)

@@ -226,16 +226,22 @@ class InferenceService:
 
     async def infer(self, name: str, version: str | None, body: bytes | BodyReader, *, encoding: str = "identity",
                     header_length: str | None = None, declared: int | None = None,
-                    watch: Callable[[Awaitable], Awaitable] | None = None, wire=None) -> Answer:
+                    watch: Callable[[Awaitable], Awaitable] | None = None, wire=None, reserved=None) -> Answer:
         """Run one OIP request. ``body``: the bytes, or a reader a door reads them with (after
         admission: a refused request's body is not read). ``declared``: the body's announced length
         (admission of large bodies). ``watch``: wraps the wait for the result (a door that can see its
         client leave cancels it). ``wire``: the body's form (default: OIP REST with ``encoding`` and
-        ``header_length``)."""
+        ``header_length``). ``reserved``: ``(scheduler, place)`` already taken from the request head
+        (the HTTP front door's), used instead of taking one here (given back whatever happens)."""
         wire = wire or OipWire(encoding, header_length)
         started = time.perf_counter()
         scheduler = self.registry.get(name)
+        if reserved is not None and reserved[0] is not scheduler:
+            reserved[0].unreserve(reserved[1])  # another scheduler's (the model was reloaded since)
+            reserved = None
         if scheduler is None or (version is not None and version != scheduler.current.version):
+            if reserved is not None:
+                scheduler.unreserve(reserved[1])
             self.metrics.observe_request(name if name in self.registry.schedulers else "_unknown", "not_found")
             self._not_found(name, version)
         if declared is None and isinstance(body, (bytes, bytearray, memoryview)):
@@ -244,7 +250,7 @@ class InferenceService:
         place, served, shared, release_feeds, counted = None, None, None, None, False
         try:
             # Shed load before reading the body: a full queue costs the client one round trip, no more.
-            place = scheduler.reserve()
+            place = reserved[1] if reserved is not None else scheduler.reserve()
             if large:
                 if not self._admit_large(declared):
                     raise Unavailable(f"{self.large_bytes} bytes of large requests are in progress "

@@ -44,13 +44,20 @@ def infer_path(path: bytes) -> tuple[str, str | None] | None:
     return None
 
 
+#: the scope key of a queue place taken from the request head: ``(scheduler, place)``, for the dataplane
+PLACE = "edgepack.place"
+
+
 def build_front_door(config, registry, metrics):
-    """``front_door(method, path, headers) -> (status, headers, body) | None``. Anything it does not
-    answer (including a request whose bearer token is wrong: 401 from the application) passes on."""
+    """``front_door(method, path, headers, scope) -> (status, headers, body) | None``. Anything it does
+    not answer (including a request whose bearer token is wrong: 401 from the application) passes on;
+    an infer request it admits passes on with its queue place in ``scope[PLACE]``, taken here, so the
+    requests whose heads arrive together cannot all pass a check that only one place is left for (the
+    rest would be refused later, through the whole application)."""
     token = config.server.bearer_token()
     expected = f"Bearer {token}".encode() if token else None
 
-    def front_door(method: bytes, path: bytes, headers: list):
+    def front_door(method: bytes, path: bytes, headers: list, scope: dict | None = None):
         if method == b"GET":
             if path == b"/v2/health/live":
                 return 200, _JSON, b'{"live":true}'
@@ -67,7 +74,10 @@ def build_front_door(config, registry, metrics):
         if expected is not None and not token_matches(headers, expected):
             return None  # 401 from the application; the queue's state is not for strangers
         try:
-            scheduler.check_capacity()
+            if scope is None:
+                scheduler.check_capacity()
+            else:
+                scope[PLACE] = (scheduler, scheduler.reserve())
         except Overloaded as exc:
             metrics.observe_request(scheduler.name, "overloaded")
             return 503, [*_JSON, (b"retry-after", str(exc.retry_after).encode())], orjson.dumps({"error": str(exc)})

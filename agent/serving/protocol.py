@@ -37,9 +37,9 @@ LINGER_S = 5.0
 
 log = logging.getLogger("edgepack.agent.serving")
 
-#: ``front_door(method, raw_path, headers) -> (status, headers, body) | None``: an answer given without
-#: the ASGI application, or None to pass the request on
-FrontDoor = Callable[[bytes, bytes, list], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
+#: ``front_door(method, raw_path, headers, scope) -> (status, headers, body) | None``: an answer given
+#: without the ASGI application, or None to pass the request on (it may leave notes in ``scope``)
+FrontDoor = Callable[[bytes, bytes, list, dict], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
 
 REASONS = {200: b"OK", 503: b"Service Unavailable"}
 
@@ -188,7 +188,7 @@ if HttpToolsProtocol is not None:
                     and not self.flow.write_paused and not self.parser.should_upgrade()):
                 try:
                     path = httptools.parse_url(self.url).path
-                    answer = front_door(self.parser.get_method(), path, self.headers)
+                    answer = front_door(self.parser.get_method(), path, self.headers, self.scope)
                 except httptools.HttpParserInvalidURLError:
                     answer = None  # the application answers it as uvicorn always has
                 except Exception:  # noqa: BLE001 - a bug here must cost the shortcut, not the connection

@@ -341,11 +341,15 @@ class ModelScheduler:
         return time.perf_counter() - self.options.place_hold_ms / 1000
 
     def _held(self) -> int:
-        """Places that still count."""
+        """Places that still count; the expired ones are forgotten (a place whose request never reached
+        the dataplane, e.g. refused by uvicorn's connection limit, must not stay forever)."""
         if not self._places:
             return 0
         since = self._places_since()
-        return sum(1 for place in self._places if place.at > since)
+        expired = [place for place in self._places if place.at <= since]
+        for place in expired:
+            self._places.discard(place)
+        return len(self._places)
 
     def reserve(self) -> Place:
         """Admit a request from its head: hold a place in the queue while its body is read and decoded
@@ -357,7 +361,12 @@ class ModelScheduler:
         return place
 
     def unreserve(self, place: Place) -> None:
-        self._places.remove(place)  # KeyError: given back twice, a bug
+        try:
+            self._places.remove(place)
+        except KeyError:
+            if place.at > self._places_since():
+                raise  # a place that still counts, given back twice: a bug, not a silent miscount
+            # else an expired place, forgotten already (see _held)
 
     def pin(self) -> ServedVersion:
         """The current version, held until :meth:`unpin`; validate the request against it."""
