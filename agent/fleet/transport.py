@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Callable
 
+from edgepack.fleet.nodelay import no_delay
+
 log = logging.getLogger("edgepack.agent.mqtt")
 
 Deliver = Callable[[tuple], None]
@@ -140,6 +142,7 @@ class Transport:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)
+        client.on_socket_open = no_delay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -27,6 +27,7 @@ from edgepack.bundle.format import sha256_file
 from edgepack.errors import UsageError
 
 from . import chunks, topics
+from .nodelay import no_delay
 from .registry import FleetRegistry
 from .releases import BundleShelf
 
@@ -246,6 +247,7 @@ class FleetController:
         self._closing = threading.Event()
         self._stop = threading.Event()
         self.connected = threading.Event()
+        self.client.on_socket_open = no_delay
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

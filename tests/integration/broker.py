@@ -39,7 +39,7 @@ class Broker:
     def config(self) -> str:
         return (f"listener {self.port} 127.0.0.1\n"
                 f"persistence true\npersistence_location {self.folder}/\nuser root\n"
-                "max_inflight_messages 100\nmax_queued_messages 100000\n"
+                "max_inflight_messages 100\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
                 + (self.extra or "allow_anonymous true\n"))
 
     def start(self) -> None:
