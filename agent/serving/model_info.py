@@ -8,8 +8,10 @@ from edgepack import __version__
 
 from .oip import CONFIG_TYPES, oip_datatype, oip_shape
 
-#: Protocol extensions served (the same over HTTP and gRPC).
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics", "statistics", "model_repository"]
+#: Protocol extensions served (the same over HTTP and gRPC). Not "model_repository": of it only the
+#: index is served (models come from the store, not from load/unload calls), and a client that sees the
+#: name may call load and unload.
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "metrics", "statistics"]
 
 
 def platform(model) -> str:

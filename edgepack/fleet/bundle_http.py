@@ -44,8 +44,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
             return False
         return max(0, size - count), size - 1
     first = int(start)
+    if end and int(end) < first:
+        return None  # not a valid byte range (RFC 9110 14.1.1): the header is ignored, the whole file goes
     last = min(int(end), size - 1) if end else size - 1
-    if first >= size or last < first:
+    if first >= size:
         return False
     return first, last
 
@@ -107,6 +109,9 @@ class _Handler(BaseHTTPRequestHandler):
                 while left > 0:
                     sent = os.sendfile(self.connection.fileno(), handle.fileno(), offset, min(left, 1 << 20))
                     if sent == 0:
+                        # the file is shorter than it was (replaced while served): the answer is short of its
+                        # Content-Length, so this connection cannot carry another one
+                        self.close_connection = True
                         break
                     offset += sent
                     left -= sent
