@@ -194,7 +194,11 @@ class Updater:
 
     async def close(self) -> None:
         if self._task:
-            self._task.cancel()
+            # Cancelled again until it ends: on Python 3.11 a cancellation that lands as an
+            # asyncio.wait_for completes is swallowed (the task would go on, and this wait never end).
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.5)
             await asyncio.gather(self._task, return_exceptions=True)
 
         def end_probations() -> None:
