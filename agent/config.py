@@ -140,6 +140,8 @@ class ServerConfig(_Strict):
             raise ValueError("give token or token_file, not both")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port and port are both {self.port}: give gRPC a port of its own")
         if not is_loopback(self.host) and not (self.token or self.token_file):
             raise ValueError(f"host {self.host!r} is not a loopback address: set token or token_file "
                              "so the API is not open to the network")

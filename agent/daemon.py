@@ -104,8 +104,8 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
                         f"{registry.store.root}' and this daemon picks it up")
         yield
         if grpc_door is not None:
-            # HTTP has drained by now (uvicorn's graceful shutdown); calls still running get what is left.
-            await grpc_door.stop(config.server.graceful_shutdown_s / 2)
+            # Its drain began with HTTP's, when the shutdown started (server.on_shutdown below).
+            await grpc_door.stop(config.server.graceful_shutdown_s)
         if link:
             await link.close()
         await registry.close()
@@ -133,6 +133,8 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
         limit_concurrency=config.server.limit_concurrency,
     )
     server = _Server(uv_config)
+    if grpc_door is not None:
+        server.on_shutdown.append(lambda: grpc_door.begin_stop(config.server.graceful_shutdown_s))
     try:
         server.run(sockets=[sock])
     except SystemExit:  # uvicorn exits with status 3 when startup fails; the reason is printed below
@@ -161,8 +163,18 @@ def _server_class():
         """uvicorn's server, except that a handled SIGTERM ends in exit code 0.
 
         uvicorn re-raises the signal after its graceful shutdown, so the process would die *by* SIGTERM
-        (status 143); a service manager should see a clean stop instead.
+        (status 143); a service manager should see a clean stop instead. ``on_shutdown`` callbacks run as
+        the shutdown starts (the gRPC door stops taking calls while HTTP drains).
         """
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.on_shutdown: list = []
+
+        async def shutdown(self, sockets=None):
+            for callback in self.on_shutdown:
+                callback()
+            await super().shutdown(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self):

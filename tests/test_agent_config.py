@@ -70,3 +70,10 @@ def test_sample_config_and_systemd_unit():
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     assert exec_start.split()[1:3] == ["run", "--config"]
     assert "KillSignal=SIGTERM" in unit
+
+
+def test_grpc_needs_a_port_of_its_own(tmp_path):
+    with pytest.raises(ConfigError, match="grpc_port and port are both 8000: give gRPC a port of its own"):
+        load_config(_write(tmp_path, "server:\n  port: 8000\n  grpc_port: 8000\n"))
+    assert load_config(_write(tmp_path, "server:\n  port: 0\n  grpc_port: 0\n")).server.grpc_port == 0  # both picked
+    assert load_config(_write(tmp_path, "server:\n  grpc_port: 8001\n")).server.grpc_port == 8001

@@ -128,3 +128,16 @@ def test_responses_are_what_tritonclient_reads():
     assert [o.name for o in service_pb2.ModelInferResponse.FromString(only).outputs] == ["flags"]
     with pytest.raises(RequestError, match="unknown output 'nope'"):
         encode_infer("m", "2", InferRequest(None, {}, {"nope": True}), outputs, specs)
+
+
+def test_a_request_that_names_its_model_twice_is_refused():
+    # protobuf keeps the last of a repeated field; the door admitted the request for the first name
+    first = service_pb2.ModelInferRequest(model_name="a", model_version="1").SerializeToString()
+    rest = _request(x=("FP32", [1, 2], np.zeros(2, np.float32).tobytes()))
+    rest.model_name, rest.model_version = "b", "2"
+    body = first + rest.SerializeToString()
+    assert infer_target(body) == ("a", "1")
+    with pytest.raises(RequestError, match="given more than once"):
+        decode_infer(body, ("a", "1"))
+    _, inputs = decode_infer(body, ("b", "2"))
+    assert list(inputs) == ["x"]

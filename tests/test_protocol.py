@@ -58,7 +58,9 @@ def front_door(method: bytes, path: bytes, headers: list, scope=None):
     if method == b"GET" and path == b"/live":
         return 200, JSON, b'{"live":true}'
     if method == b"POST" and path == b"/full":
-        return 503, [*JSON, (b"retry-after", b"2")], b'{"error":"full"}'
+        return 503, [*JSON, (b"retry-after", b"2")], b'{"error":"full"}', True  # an overload refusal
+    if method == b"GET" and path == b"/notready":
+        return 503, JSON, b'{"ready":false}'
     return None
 
 
@@ -138,6 +140,10 @@ def test_a_held_back_refusal_comes_after_its_delay_and_keeps_pipelined_answers_i
         assert [(status, payload) for status, _, payload in answers] == [
             (503, b'{"error":"full"}'), (200, b"ok"), (200, b"ok")]
         assert calls == ["/live", "/other"] and transport.reading and not transport.closed
+        # a 503 that is not an overload refusal (readiness) is never held back
+        probe, probed, _, _ = _connection(loop, refusal_delay_s=0.05)
+        probe.data_received(b"GET /notready HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _responses(bytes(probed.written))[0][:1] == (503,)
         # a connection that goes away meanwhile gets nothing written and leaves no timer behind
         protocol2, transport2, _, _ = _connection(loop, refusal_delay_s=0.05)
         protocol2.data_received(refused)

@@ -23,14 +23,13 @@ from google.protobuf import json_format
 from edgepack.errors import UsageError
 
 from . import model_info
-from .dataplane import BadRequest, InferenceService, ServiceError, Unavailable
+from .dataplane import BadRequest, ClientGone, InferenceService, ServiceError, Unavailable
 from .oip_grpc import messages as pb
 from .oip_grpc.wire import GrpcWire
 
 log = logging.getLogger("edgepack.agent.grpc")
 #: requests of one ModelStreamInfer stream in progress at once (the stream waits beyond it)
 STREAM_IN_FLIGHT = 64
-_WIRE = GrpcWire()
 
 
 def _read_varint(data: bytes, at: int) -> tuple[int, int]:
@@ -104,6 +103,7 @@ class GrpcDoor:
         self.expected = f"Bearer {token}".encode() if token else None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self._stopping: asyncio.Future | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -138,10 +138,17 @@ class GrpcDoor:
         await self.server.start()
         return self.port
 
+    def begin_stop(self, grace: float) -> None:
+        """Refuse new calls from now on; those in progress get ``grace`` seconds (see :meth:`stop`). Called
+        when the daemon's shutdown starts, so gRPC drains alongside HTTP, not after it."""
+        if self.server is not None and self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.server.stop(grace))
+
     async def stop(self, grace: float) -> None:
         """Refuse new calls, let those in progress finish within ``grace`` seconds, then cancel them."""
-        if self.server is not None:
-            await self.server.stop(grace)
+        self.begin_stop(grace)
+        if self._stopping is not None:
+            await self._stopping
             self.server = None
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -247,7 +254,13 @@ class GrpcDoor:
             self.service.metrics.observe_request("_unknown", BadRequest.outcome)
             raise BadRequest("the body is not a valid inference.ModelInferRequest")
         name, version = target
-        answer = await self.service.infer(name, version, body, declared=len(body), wire=_WIRE)
+        try:
+            answer = await self.service.infer(name, version, body, declared=len(body), wire=GrpcWire(name, version))
+        except asyncio.CancelledError:
+            # the client cancelled the call (or went away): counted as HTTP counts a client that left
+            self.service.metrics.observe_request(name if name in self.registry.schedulers else "_unknown",
+                                                 ClientGone.outcome)
+            raise
         return answer.body
 
     async def model_infer(self, body: bytes, context):
@@ -261,18 +274,22 @@ class GrpcDoor:
         """Triton's bidirectional stream: answers (or per-request errors, the stream goes on) in the
         order they are ready, at most STREAM_IN_FLIGHT requests of the stream at once."""
         await self._authorize(context)
-        answers: asyncio.Queue = asyncio.Queue()
+        # Bounded both ways: a request holds its place until its answer is queued, and at most as many
+        # answers wait for the client as requests may run, so a client that sends without reading its
+        # answers stops being read (gRPC's flow control then holds its sender), it never fills memory.
+        answers: asyncio.Queue = asyncio.Queue(STREAM_IN_FLIGHT)
         room = asyncio.Semaphore(STREAM_IN_FLIGHT)
         tasks: set[asyncio.Task] = set()
 
         async def one(body: bytes) -> None:
             try:
-                frame = _stream_frame(2, await self._infer(body))
-            except ServiceError as exc:
-                frame = _stream_frame(1, f"[{exc.grpc}] {exc.message}".encode())
+                try:
+                    frame = _stream_frame(2, await self._infer(body))
+                except ServiceError as exc:
+                    frame = _stream_frame(1, f"[{exc.grpc}] {exc.message}".encode())
+                await answers.put(frame)
             finally:
                 room.release()
-            await answers.put(frame)
 
         async def read() -> None:
             try:

@@ -37,9 +37,10 @@ LINGER_S = 5.0
 
 log = logging.getLogger("edgepack.agent.serving")
 
-#: ``front_door(method, raw_path, headers, scope) -> (status, headers, body) | None``: an answer given
-#: without the ASGI application, or None to pass the request on (it may leave notes in ``scope``)
-FrontDoor = Callable[[bytes, bytes, list, dict], "tuple[int, list[tuple[bytes, bytes]], bytes] | None"]
+#: ``front_door(method, raw_path, headers, scope) -> (status, headers, body[, refusal]) | None``: an
+#: answer given without the ASGI application (``refusal``: an overload refusal, which may be held back),
+#: or None to pass the request on (it may leave notes in ``scope``)
+FrontDoor = Callable[[bytes, bytes, list, dict], "tuple | None"]
 
 REASONS = {200: b"OK", 503: b"Service Unavailable"}
 
@@ -188,7 +189,11 @@ if HttpToolsProtocol is not None:
                     and not self.flow.write_paused and not self.parser.should_upgrade()):
                 try:
                     path = httptools.parse_url(self.url).path
-                    answer = front_door(self.parser.get_method(), path, self.headers, self.scope)
+                    # uvicorn refuses the request itself beyond limit_concurrency (its own 503, no
+                    # dataplane): a place taken here would never be given back
+                    at_limit = self.limit_concurrency is not None and (
+                        len(self.connections) >= self.limit_concurrency or len(self.tasks) >= self.limit_concurrency)
+                    answer = front_door(self.parser.get_method(), path, self.headers, None if at_limit else self.scope)
                 except httptools.HttpParserInvalidURLError:
                     answer = None  # the application answers it as uvicorn always has
                 except Exception:  # noqa: BLE001 - a bug here must cost the shortcut, not the connection
@@ -199,7 +204,7 @@ if HttpToolsProtocol is not None:
                     return
             super().on_headers_complete()
 
-        def _answer(self, status: int, headers: list, body: bytes) -> None:
+        def _answer(self, status: int, headers: list, body: bytes, refusal: bool = False) -> None:
             keep_alive = (self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
                           and not self.expect_100_continue)  # a client waiting for 100 may not send the body
             head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
@@ -209,7 +214,7 @@ if HttpToolsProtocol is not None:
             if not keep_alive:
                 head.append(b"connection: close\r\n")
             head += [b"\r\n", body]
-            if status == 503 and self.refusal_delay_s:
+            if refusal and self.refusal_delay_s:
                 # A client that sends again as soon as it is refused (an unpaced flood) gets its refusals
                 # this much later: the refusals it can make the loop write per second are bounded by
                 # its connections / the delay, so they cannot starve the probes and the accepted work.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import signal
 import socket
 import threading
 import time
@@ -308,3 +309,38 @@ def test_fuzzed_grpc_requests_never_internal(serving_bundles):
         assert not errors, json.dumps(errors[:3])
         channel.close()
         assert running.stop() == 0
+
+
+def test_sigterm_drains_grpc_calls_alongside_http(serving_bundles, tmp_path):
+    config = tmp_path / "agent.yaml"
+    # A long queue delay keeps the calls in flight when SIGTERM arrives.
+    config.write_text(yaml.safe_dump({"models": [{"name": "digits", "batching": {"max_batch_size": 64, "max_queue_delay_ms": 1500}}],
+                                      "server": {"grpc_port": 0}}))
+    with Daemon("--config", config, "--bundle", serving_bundles[0]) as running:
+        client = triton.InferenceServerClient(running.grpc_address)
+        image = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+        image.set_data_from_numpy(np.full((1, 1, 8, 8), 0.1, np.float32))
+        output = client.get_model_metadata("digits").outputs[0].name
+        outcomes = []
+
+        def call():
+            try:
+                outcomes.append(client.infer("digits", [image], client_timeout=30).as_numpy(output).shape)
+            except InferenceServerException as error:
+                outcomes.append(error.status())
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.7)
+        started = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # no new calls once the shutdown started, while the admitted ones finish
+        with pytest.raises(InferenceServerException):
+            triton.InferenceServerClient(running.grpc_address).infer("digits", [image], client_timeout=5)
+        for thread in threads:
+            thread.join()
+        assert running.stop() == 0
+        assert time.monotonic() - started < 10
+    assert outcomes == [(1, 10)] * 4, outcomes

@@ -53,12 +53,17 @@ def _contents(tensor, datatype: str, dtype: np.dtype, count: int) -> np.ndarray:
     return array
 
 
-def decode_infer(body: bytes) -> tuple[InferRequest, dict[str, np.ndarray]]:
-    """Parse a serialized ModelInferRequest into the request and its (unchecked) input arrays."""
+def decode_infer(body: bytes, target: tuple[str, str | None] | None = None) -> tuple[InferRequest, dict[str, np.ndarray]]:
+    """Parse a serialized ModelInferRequest into the request and its (unchecked) input arrays.
+    ``target``: the model name and version the request was admitted for (read from its first bytes);
+    a message that names another one (its fields repeated further on: protobuf's last one wins) is
+    refused rather than run on the wrong model."""
     try:
         message = pb.ModelInferRequest.FromString(body)
     except DecodeError:
         raise RequestError("the body is not a valid inference.ModelInferRequest") from None
+    if target is not None and (message.model_name, message.model_version or None) != target:
+        raise RequestError("model_name or model_version is given more than once with different values")
     if not message.inputs:
         raise RequestError("the request needs at least one input")
     raw = message.raw_input_contents
@@ -140,8 +145,8 @@ def encode_infer(model_name: str, version: str, request: InferRequest, outputs: 
     return b"".join([header.SerializeToString(), *blobs])
 
 
-def decode_and_validate(body: bytes, specs, allow_nonfinite: bool):
-    request, inputs = decode_infer(body)
+def decode_and_validate(body: bytes, specs, allow_nonfinite: bool, target=None):
+    request, inputs = decode_infer(body, target)
     feeds = validate_inputs(inputs, specs, allow_nonfinite)
     request.inputs = {}
     return request, feeds
@@ -156,13 +161,16 @@ class GrpcWire:
     checked on a worker thread: unlike JSON, that is memcpy-speed C work (protobuf's parser, numpy's
     checks release the GIL), so the event loop keeps running beside it without a helper process."""
 
-    __slots__ = ()
+    __slots__ = ("target",)
+
+    def __init__(self, name: str | None = None, version: str | None = None):
+        self.target = None if name is None else (name, version)
 
     async def decode(self, codec, body: bytes, specs, allow_nonfinite: bool):
         if codec.offloads(len(body)):
-            request, feeds = await asyncio.to_thread(decode_and_validate, body, specs, allow_nonfinite)
+            request, feeds = await asyncio.to_thread(decode_and_validate, body, specs, allow_nonfinite, self.target)
         else:
-            request, feeds = decode_and_validate(body, specs, allow_nonfinite)
+            request, feeds = decode_and_validate(body, specs, allow_nonfinite, self.target)
         return request, feeds, _nothing
 
     async def encode(self, codec, name: str, version: str, request, outputs, specs) -> tuple[bytes, dict]:
