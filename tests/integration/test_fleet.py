@@ -291,12 +291,19 @@ def test_forged_chunk_frames_on_every_request_do_not_block_the_update(fleet, fle
     fleet.start_controller()
     fleet.start_agent()
     try:
+        # First the forged frames are the only answers (the controller's shelf lacks the bundle, so it
+        # stays silent): which of two publishers answers first is a race, and a download the real frames
+        # finished would never see the forged ones. Then the real controller can answer too.
+        controller, fleet.controller = fleet.controller, None
         fleet.push("1.1.0")
+        fleet.controller = controller
+        refused = wait_for(lambda: fleet.events("chunk_refused"), 30, "the refused frames reported")
+        fleet.controller.shelf.add(bundle)
         fleet.wait_commit("1.1.0")
     finally:
         evil.stop()
     assert evil.sent > 0
-    refused = wait_for(lambda: fleet.events("chunk_refused"), 10, "the refused frames reported")
+    refused = fleet.events("chunk_refused")
     assert any("signed" in e["message"] for e in refused), refused[:3]
     record = json.loads((fleet.store / "fleet" / "desired.json").read_text())
     assert not record["failed"]  # forged frames cost no attempt
