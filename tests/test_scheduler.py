@@ -175,7 +175,7 @@ def test_retry_after_comes_from_the_speed_of_recent_runs():
 
 def test_front_door_answers_only_what_the_request_head_decides():
     from agent.config import AgentConfig
-    from agent.serving.front_door import build_front_door
+    from agent.serving.front_door import PLACE, build_front_door
 
     async def scenario():
         token = "front-door-unit-token-0123"
@@ -187,9 +187,13 @@ def test_front_door_answers_only_what_the_request_head_decides():
         assert door(b"GET", b"/v2/health/live", [])[2] == b'{"live":true}'
         assert door(b"GET", b"/v2/models/m", auth) is None  # metadata: the application's
         assert door(b"POST", b"/v2/models/m/infer", auth) is None  # room in the queue: passed on
-        place = scheduler.reserve()  # now the queue is full
-        status, headers, body = door(b"POST", b"/v2/models/m/infer", auth)
-        assert status == 503 and dict(headers)[b"retry-after"] == b"1" and b"max_queue_size 1" in body
+        # with the request's scope the door takes the place itself and leaves it there for the dataplane
+        scope = {}
+        assert door(b"POST", b"/v2/models/m/infer", auth, scope) is None
+        owner, place = scope[PLACE]
+        assert owner is scheduler and place in scheduler._places  # now the queue is full
+        status, headers, body, refusal = door(b"POST", b"/v2/models/m/infer", auth, {})
+        assert status == 503 and dict(headers)[b"retry-after"] == b"1" and b"max_queue_size 1" in body and refusal
         assert door(b"POST", b"/v2/models/m/versions/1/infer", auth)[0] == 503
         # Everything the application answers differently passes on: a wrong or missing token (401), an
         # unknown model or version (404), a percent-encoded name, another method or path.
@@ -204,7 +208,7 @@ def test_front_door_answers_only_what_the_request_head_decides():
         ]:
             assert door(method, path, headers) is None, (method, path)
         registry.ready = False
-        assert door(b"GET", b"/v2/health/ready", [])[:1] == (503,)
+        assert door(b"GET", b"/v2/health/ready", []) == (503, [(b"content-type", b"application/json")], b'{"ready":false}')
         scheduler.unreserve(place)
         await scheduler.close()
 
