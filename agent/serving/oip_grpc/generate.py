@@ -3,7 +3,7 @@
     python -m agent.serving.oip_grpc.generate          # needs grpcio-tools (the dev extra)
 
 The descriptor set is checked in so the device needs neither protoc nor grpcio-tools, and so no
-generated-code version check ties the agent to one protobuf release; ``tests/test_grpc_door.py``
+generated-code version check ties the agent to one protobuf release; ``tests/test_grpc_wire.py``
 checks that it matches the proto.
 """
 
