@@ -43,6 +43,24 @@ class LoadedModel:
         return [served_spec(s) for s in self.backend.outputs] if self.backend.batched else self.backend.outputs
 
     @property
+    def mergeable(self) -> bool:
+        """Whether requests may be concatenated into one run: samples on axis 0 of every tensor and no
+        constant input (two requests may send different constants)."""
+        return self.backend.plain and self.backend.batched
+
+    def leading(self, feeds: dict, outputs: dict | None) -> tuple[dict, dict | None]:
+        """``feeds`` and ``outputs`` with samples on axis 0 and no constants (views), as drift and the
+        converter's reference statistics see them."""
+        if self.backend.plain:
+            return feeds, outputs
+        return to_leading(feeds, self.backend.inputs), to_leading(outputs, self.backend.outputs)
+
+    @property
+    def state(self) -> dict[str, str]:
+        """Outputs that feed an input on the next call (output name -> input name): a stateful model."""
+        return dict((self.manifest.get("batch") or {}).get("state") or {})
+
+    @property
     def batch_size(self) -> int | None:
         """The model file's fixed batch, or None when it takes any batch size."""
         return self.backend.batch_size
@@ -58,6 +76,8 @@ class LoadedModel:
         batch of a fixed-batch model, else ``configured``."""
         if not self.backend.batched or not self.batch_invariant:
             return 1
+        if not self.mergeable:
+            return configured  # one request's samples are still split along each tensor's own axis
         return min(configured, self.batch_size) if self.batch_size else configured
 
     def check(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,7 +112,24 @@ def load_model(folder: Path, manifest: dict, threads: int | None = None, instanc
         input_names=[spec["name"] for spec in manifest.get("inputs", [])],
         output_names=[spec["name"] for spec in manifest.get("outputs", [])], instances=instances,
     )
+    axes = {spec["name"]: spec.get("batch_axis", 0) for spec in [*manifest.get("inputs", []), *manifest.get("outputs", [])]}
+    constants = (manifest.get("batch") or {}).get("constants") or {}
+    if any(axis != 0 for axis in axes.values()) or constants:
+        backend.set_layout(axes, constants)
     return LoadedModel(manifest["name"], manifest["version"], manifest, backend, folder)
+
+
+def to_leading(arrays: dict | None, specs: list[TensorSpec]) -> dict | None:
+    """``arrays`` by name with each one's samples moved to axis 0; constants left out."""
+    if arrays is None:
+        return None
+    axes = {spec.name: spec.batch_axis for spec in specs}
+    moved = {}
+    for name, array in arrays.items():
+        axis = axes.get(name, 0)
+        if axis is not None and 0 <= axis < np.ndim(array):
+            moved[name] = np.moveaxis(array, axis, 0) if axis else array
+    return moved
 
 
 def sample_feeds(model: LoadedModel) -> dict[str, np.ndarray] | None:
@@ -150,7 +187,7 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
         # One sample at a time: a batch of samples would grow the runtime's memory arena for good.
         started = time.perf_counter()
         outputs = model.run(checked, max_batch=1)
-        count = max(1, len(next(iter(checked.values()))) if model.backend.batched else 1)
+        count = max(1, model.backend.count(checked))
         # The first run pays for warm-up (allocations, kernel selection), and one timing is noise: the
         # fastest of a few more runs (at most ~0.3 s of them) is what an update's probation compares.
         timings, spent = [], time.perf_counter() - started

@@ -26,12 +26,16 @@ class SlowDouble:
     def __init__(self, seconds: float):
         self.sample_seconds = seconds  # as measured at load
         self.per_sample = seconds
-        self.backend = SimpleNamespace(batched=True)
+        self.backend = SimpleNamespace(batched=True, count=lambda feeds: len(feeds["x"]), plain=True)
+        self.mergeable = True
         self.gate = threading.Event()
         self.gate.set()
 
     def merge_limit(self, configured: int) -> int:
         return configured
+
+    def leading(self, feeds, outputs):
+        return feeds, outputs
 
     def run(self, feeds, max_batch):
         self.gate.wait(10)

@@ -122,10 +122,26 @@ def unknown_model(name: str, version: str | None, known: list[str]) -> ModelNotF
 
 
 def count_samples(feeds: dict, model) -> int:
-    """The sample rule, in one place: the leading dimension of the first input when the model takes
-    batches, else one."""
-    first = next(iter(feeds.values()))
-    return len(first) if first.ndim and model.backend.batched else 1
+    """The sample rule, in one place: the size of the sample axis (each input's own; constants hold
+    none) when the model takes batches, else one."""
+    if not model.backend.batched:
+        return 1
+    try:
+        return model.backend.count(feeds)
+    except (DataError, KeyError, IndexError):
+        return 1  # the feeds' check that follows says what is wrong
+
+
+def fill_constants(feeds: dict, backend) -> dict:
+    """``feeds`` with the constant inputs a request left out taken from the bundle's defaults; DataError
+    naming the first one without a default."""
+    filled = dict(feeds)
+    for spec in backend.inputs:
+        if spec.name not in filled:
+            if spec.name not in backend.defaults:
+                raise DataError(f"missing input {spec.name!r} ({spec.describe()}); this model has no default for it")
+            filled[spec.name] = backend.defaults[spec.name]
+    return filled
 
 
 def default_large_budget() -> int:
@@ -273,6 +289,9 @@ class InferenceService:
             decoded, feeds, release_feeds = await wire.decode(
                 self.codec, body, served.model.inputs, options.nonfinite_inputs == "allow")
             input_s = time.perf_counter() - decode_started
+            backend = served.model.backend
+            if backend.defaults or len(feeds) < len(backend.inputs):
+                feeds = fill_constants(feeds, backend)
             samples = count_samples(feeds, served.model)
             if samples > options.max_samples_per_request:
                 raise TooManySamples(f"the request carries {samples} samples; this model takes at most "

@@ -57,7 +57,7 @@ def repository_index(registry) -> list[dict]:
 def model_config(scheduler) -> dict:
     """Triton's model configuration of the served version."""
     model = scheduler.current.model
-    batched = scheduler.max_batch > 1
+    batched = scheduler.max_batch > 1 and model.mergeable  # Triton's batch is axis 0 of every tensor
 
     def tensors(specs):
         # Triton's config leaves the batch dimension out when max_batch_size > 0.

@@ -229,19 +229,25 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 def validate_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec], allow_nonfinite: bool) -> dict[str, np.ndarray]:
-    """Check names, datatypes, shapes (and NaN/Inf) against the model; return arrays in model dtype."""
+    """Check names, datatypes, shapes (and NaN/Inf) against the model; return arrays in model dtype.
+    A constant input may be left out here: the backend fills it from the bundle's default or says it
+    is missing."""
     known = {spec.name: spec for spec in specs}
     unknown = [name for name in inputs if name not in known]
     if unknown:
         raise RequestError(f"unknown input {unknown[0]!r}; the model takes "
                            + ", ".join(f"{s.name} ({oip_datatype(s)} {oip_shape(s.shape)})" for s in specs))
-    missing = [spec.name for spec in specs if spec.name not in inputs]
+    missing = [spec.name for spec in specs if spec.name not in inputs and spec.sample_axis is not None]
     if missing:
         raise RequestError(f"missing input {missing[0]!r} ({oip_datatype(known[missing[0]])} {oip_shape(known[missing[0]].shape)})")
     checked = {}
     batch = None
     for spec in specs:
+        if spec.name not in inputs:
+            continue  # a constant with a default
         array = inputs[spec.name]
+        if not spec.shape and array.shape == (1,):
+            array = array.reshape(())  # a scalar sent as shape [1] (many clients cannot send shape [])
         want = oip_datatype(spec)
         got = FROM_NUMPY.get(array.dtype.name, "BYTES" if array.dtype == object else array.dtype.name)
         if got != want:
@@ -250,9 +256,11 @@ def validate_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec], allo
         if problem:
             raise RequestError(problem)
         if spec.batch_dynamic:
-            if batch is not None and array.shape[0] != batch:
-                raise RequestError(f"input {spec.name!r}: batch size {array.shape[0]} differs from the other inputs' {batch}")
-            batch = array.shape[0]
+            count = spec.count(array)
+            if batch is not None and count != batch:
+                where = f" on axis {spec.sample_axis}" if spec.sample_axis else ""
+                raise RequestError(f"input {spec.name!r}: batch size {count}{where} differs from the other inputs' {batch}")
+            batch = count
         if not allow_nonfinite and array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
             raise RequestError(f"input {spec.name!r} holds NaN or Inf values, which this model refuses")
         if want == "BYTES" and spec.dtype == "str":

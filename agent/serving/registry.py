@@ -55,7 +55,7 @@ def time_side_by_side(old, new, rounds: int = 5, budget_s: float = 0.5) -> float
         feeds = sample_feeds(model)
         if not feeds:
             return None
-        count = max(1, len(next(iter(feeds.values())))) if model.backend.batched else 1
+        count = max(1, model.backend.count(feeds))
         pairs.append((model, feeds, count))
     best = [float("inf"), float("inf")]
     try:

@@ -403,12 +403,11 @@ class ModelScheduler:
                 if on_release is not None:
                     on_release()
                 raise
-        first = next(iter(feeds.values()))
-        # Samples of a model without a batch axis: one per request, whatever its first dimension.
-        count = first.shape[0] if first.ndim and served.model.backend.batched else 1
+        # Samples along each input's own axis; a model without a batch axis: one per request.
+        count = served.model.backend.count(feeds) if served.model.backend.batched else 1
         work = Work(feeds, count, served, asyncio.get_running_loop().create_future(), deadline,
                     on_release=on_release)
-        del feeds, first  # the work holds them, until it is released
+        del feeds  # the work holds them, until it is released
         self._pending.append(work)
         self.metrics.queue_depth.labels(self.name).inc()
         self._wakeup.set()
@@ -439,7 +438,7 @@ class ModelScheduler:
         first = self._pending.popleft()
         batch, total = [first], first.count
         limit = first.served.model.merge_limit(self.options.batching.max_batch_size) if self.options.batching.enabled else 1
-        if limit > 1 and total < limit and first.done == 0:
+        if limit > 1 and total < limit and first.done == 0 and first.served.model.mergeable:
             kept = collections.deque()
             while self._pending:
                 work = self._pending.popleft()
@@ -484,7 +483,7 @@ class ModelScheduler:
             batch = self._take_batch()
             self.metrics.queue_depth.labels(self.name).dec(len(batch))
             if (len(batch) == 1 and batch[0].count > max(self._chunk(batch[0]), self.max_batch)
-                    and batch[0].served.model.backend.batched):
+                    and batch[0].served.model.mergeable):
                 await self._run_chunk(batch[0])
                 continue
             served = batch[0].served
@@ -542,7 +541,7 @@ class ModelScheduler:
                 if served.class_outputs:
                     served.count_classes(part)
                 if served.drift is not None:
-                    served.drift.safe_observe(feeds, part, ran_for)
+                    served.drift.safe_observe(*served.model.leading(feeds, part), ran_for)
                 if work.outputs is None:
                     work.outputs = {name: np.empty((work.count, *value.shape[1:]), value.dtype)
                                     for name, value in part.items()}
@@ -595,7 +594,7 @@ class ModelScheduler:
         if served.class_outputs:
             served.count_classes(outputs)
         if served.drift is not None:
-            served.drift.safe_observe(feeds, outputs, ran_for)  # on the worker thread, off the event loop
+            served.drift.safe_observe(*served.model.leading(feeds, outputs), ran_for)  # on the worker thread, off the event loop
         return outputs
 
     async def close(self) -> None:

@@ -52,6 +52,14 @@ class TensorEntry(_Closed):
     dtype: str
     shape: list[int | None] = Field(max_length=MAX_RANK)
     quantization: Quantization | None = None
+    #: the axis that holds samples (absent: 0), null for a per-request constant
+    batch_axis: int | None = Field(0, ge=0, lt=MAX_RANK)
+
+    @model_validator(mode="after")
+    def _axis_in_shape(self) -> "TensorEntry":
+        if self.batch_axis is not None and self.batch_axis and self.batch_axis >= len(self.shape):
+            raise ValueError(f"batch_axis {self.batch_axis} is outside the tensor's rank {len(self.shape)}")
+        return self
 
     @field_validator("dtype")
     @classmethod
@@ -109,6 +117,10 @@ class Batch(_Closed):
     size: int | None = Field(None, ge=1, le=65536)
     invariant: bool = True
     max_relative_deviation: float | None = Field(None, ge=0)
+    #: values of constant inputs a request may leave out (a sample rate)
+    constants: dict[str, float | int | bool | list] = Field(default_factory=dict, max_length=64)
+    #: outputs that feed an input on the next call (output name -> input name): a stateful model
+    state: dict[str, str] = Field(default_factory=dict, max_length=64)
 
     @model_validator(mode="after")
     def _size(self) -> "Batch":
@@ -152,6 +164,13 @@ class Manifest(_Open):
             unknown = sorted(set(self.samples.inputs) - names)
             if unknown:
                 raise ValueError(f"samples.inputs names {unknown}, which the model does not take")
+        if self.batch is not None:
+            inputs, outputs = {t.name for t in self.inputs}, {t.name for t in self.outputs}
+            if set(self.batch.constants) - inputs:
+                raise ValueError(f"batch.constants names {sorted(set(self.batch.constants) - inputs)}, which the model does not take")
+            for output, feeds in self.batch.state.items():
+                if output not in outputs or feeds not in inputs:
+                    raise ValueError(f"batch.state {output!r} -> {feeds!r} does not name an output and an input of the model")
         return self
 
 
