@@ -32,10 +32,11 @@ def read_inputs(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
                 arrays = {key: archive[key] for key in archive.files}
             if len(inputs) == 1 and len(arrays) == 1:
                 return {names[0]: next(iter(arrays.values()))}
-            missing = [n for n in names if n not in arrays]
+            # A constant input (a sample rate) may be left out: the bundle's default fills it.
+            missing = [spec.name for spec in inputs if spec.name not in arrays and spec.sample_axis is not None]
             if missing:
                 raise DataError(f"{path.name} lacks arrays for the inputs {missing}; it has {sorted(arrays)}")
-            return {n: arrays[n] for n in names}
+            return {n: arrays[n] for n in names if n in arrays}
     except (ValueError, OSError) as exc:
         raise InputFileError(f"{path.name} is not a readable {suffix} file ({exc})") from None
     if suffix == ".jsonl":

@@ -44,24 +44,27 @@ class BatchSemantics:
                 "max_relative_deviation": float(f"{self.deviation:.3g}")}
 
 
-def graph_batch(path: Path) -> int | None:
-    """The fixed batch an ONNX graph declares on its first input (None: symbolic or absent)."""
+def graph_batch(path: Path, axes: dict | None = None) -> int | None:
+    """The fixed batch an ONNX graph declares on its first batched input (None: symbolic or absent);
+    ``axes`` says where each tensor holds its samples (absent: axis 0, None: a constant)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     for value in model.graph.input:
-        if value.name in initializers:
+        axis = (axes or {}).get(value.name, 0)
+        if value.name in initializers or axis is None:
             continue
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
-            return int(dims[0].dim_value)
+        if len(dims) > axis and dims[axis].HasField("dim_value"):
+            return int(dims[axis].dim_value)
         return None
     return None
 
 
-def set_graph_batch(source: Path, target: Path, size: int | None) -> Path:
-    """Copy of ``source`` with the batch dim of every input and output set to ``size`` (None: symbolic).
+def set_graph_batch(source: Path, target: Path, size: int | None, axes: dict | None = None) -> Path:
+    """Copy of ``source`` with the batch dim of every input and output set to ``size`` (None: symbolic),
+    on each one's sample axis (``axes``; absent: 0, None: a constant left as it is).
 
     Intermediate shapes (value_info) are dropped: they may carry the old batch, and ONNX Runtime infers
     them again. A graph that *computes* with its batch baked in (a Reshape to [1, -1]) still does after
@@ -71,18 +74,19 @@ def set_graph_batch(source: Path, target: Path, size: int | None) -> Path:
     model = onnx.load(str(source))
     initializers = {init.name for init in model.graph.initializer}
     if size is None:
-        _relax_reshapes(model, graph_batch(source))
+        _relax_reshapes(model, graph_batch(source, axes))
     for value in [*model.graph.input, *model.graph.output]:
-        if value.name in initializers:
+        axis = (axes or {}).get(value.name, 0)
+        if value.name in initializers or axis is None:
             continue
         dims = value.type.tensor_type.shape.dim
-        if not dims:
+        if len(dims) <= axis:
             continue
-        dims[0].Clear()
+        dims[axis].Clear()
         if size is None:
-            dims[0].dim_param = "batch"
+            dims[axis].dim_param = "batch"
         else:
-            dims[0].dim_value = size
+            dims[axis].dim_value = size
     del model.graph.value_info[:]
     onnx.save(model, str(target))
     return target
@@ -146,13 +150,14 @@ def agrees_per_sample(backend: Backend, reference: list[np.ndarray], feeds: dict
     """None when ``backend`` gives the ``reference`` outputs at batch 1 and with all samples in one batch;
     else why not."""
     try:
+        count = backend.count(feeds)
         alone = run_in_batches(backend, feeds, max_batch=1)
-        together = run_in_batches(backend, feeds, max_batch=len(next(iter(feeds.values()))))
+        together = run_in_batches(backend, feeds, max_batch=count)
     except Exception as exc:  # noqa: BLE001 - any failure means the dynamic batch does not work
         from edgepack.errors import first_line
 
-        return f"it fails at batch {len(next(iter(feeds.values())))} ({first_line(exc, 160)})"
-    for label, got in (("1", alone), (str(len(next(iter(feeds.values())))), together)):
+        return f"it fails at batch {backend.count(feeds)} ({first_line(exc, 160)})"
+    for label, got in (("1", alone), (str(count), together)):
         deviation = relative_deviation(reference, got)
         if deviation > tolerance:
             return f"at batch {label} its outputs differ from the original's (relative deviation {deviation:.3g})"
@@ -165,7 +170,7 @@ def batch_invariance(backend: Backend, feeds: dict[str, np.ndarray]) -> tuple[bo
     A batch-1 model runs every sample alone anyway: invariant by construction."""
     if not backend.batched or backend.batch_size == 1:
         return True, 0.0
-    count = len(next(iter(feeds.values())))
+    count = backend.count(feeds)
     alone = run_in_batches(backend, feeds, max_batch=1)
     together = run_in_batches(backend, feeds, max_batch=count)
     deviation = relative_deviation(alone, together)

@@ -17,20 +17,49 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 @dataclass
 class Dataset:
-    """Inputs by model input name (first axis = samples), optional labels, and how they were made."""
+    """Inputs by model input name, optional labels, and how they were made.
+
+    Samples lie on each input's ``axes`` entry (absent: axis 0); an input whose axis is None is a
+    constant, given whole to every run."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = ""
     preprocessing: dict = field(default_factory=dict)
+    axes: dict[str, int | None] = field(default_factory=dict)
+
+    def axis(self, name: str) -> int | None:
+        axis = self.axes.get(name, 0)
+        return axis if axis is not None and axis < np.ndim(self.inputs[name]) else None
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        for name, array in self.inputs.items():
+            axis = self.axis(name)
+            if axis is not None:
+                return int(array.shape[axis])
+        return 1
+
+    def slice(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Feeds holding samples ``start`` to ``stop`` (constants whole)."""
+        feeds = {}
+        for name, array in self.inputs.items():
+            axis = self.axis(name)
+            if axis is None:
+                feeds[name] = array
+            else:
+                index = [slice(None)] * array.ndim
+                index[axis] = slice(start, stop)
+                feeds[name] = array[tuple(index)]
+        return feeds
+
+    def steps(self) -> list[dict[str, np.ndarray]]:
+        """One feed per sample, in order: the steps of a sequence for a stateful model."""
+        return [self.slice(index, index + 1) for index in range(len(self))]
 
     def take(self, count: int) -> "Dataset":
         """The first ``count`` samples."""
         labels = None if self.labels is None else self.labels[:count]
-        return Dataset({k: v[:count] for k, v in self.inputs.items()}, labels, self.source, self.preprocessing)
+        return Dataset(self.slice(0, count), labels, self.source, self.preprocessing, dict(self.axes))
 
 
 @dataclass(frozen=True)
@@ -59,8 +88,11 @@ def parse_floats(value: str | None, option: str) -> tuple[float, ...] | None:
         raise UsageError(f"{option} {value!r} is malformed; use comma-separated numbers") from None
 
 
-def load_dataset(path: str, inputs: list[TensorSpec], image: ImagePreprocessing | None = None) -> Dataset:
-    """Load DATA for a model with ``inputs``; check names, ranks and fixed dimensions."""
+def load_dataset(path: str, inputs: list[TensorSpec], image: ImagePreprocessing | None = None,
+                 constants: dict | None = None) -> Dataset:
+    """Load DATA for a model with ``inputs``; check names, ranks and fixed dimensions, each input's
+    samples on its own axis. ``constants`` (``--constant``) fill constant inputs the data lacks and
+    override the ones it holds."""
     source = Path(path)
     if not source.exists():
         raise InputFileError(f"data {path} does not exist; check the path")
@@ -72,19 +104,24 @@ def load_dataset(path: str, inputs: list[TensorSpec], image: ImagePreprocessing 
         dataset = _load_npz(source, inputs)
     else:
         raise InputFileError(f"unknown data format {source.suffix!r} for {path}; use .npy, .npz or a folder of images")
+    dataset.axes = {spec.name: spec.sample_axis for spec in inputs}
+    for spec in inputs:
+        if spec.name in (constants or {}):
+            dataset.inputs[spec.name] = np.asarray(constants[spec.name], dtype=spec.dtype).reshape(spec.shape if None not in spec.shape else -1)
     _check(dataset, inputs, path)
     return dataset
 
 
 def _load_npy(path: Path, inputs: list[TensorSpec]) -> Dataset:
-    if len(inputs) != 1:
+    if len([spec for spec in inputs if spec.sample_axis is not None]) != 1:
         names = ", ".join(s.name for s in inputs)
         raise DataError(f"{path.name} holds one array but the model has {len(inputs)} inputs ({names}); use an .npz keyed by input name")
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise InputFileError(f"{path.name} is not a readable .npy array ({exc})") from None
-    return Dataset({inputs[0].name: array}, None, str(path))
+    batched = next(spec for spec in inputs if spec.sample_axis is not None)
+    return Dataset({batched.name: array}, None, str(path))
 
 
 def _load_npz(path: Path, inputs: list[TensorSpec]) -> Dataset:
@@ -99,16 +136,20 @@ def _load_npz(path: Path, inputs: list[TensorSpec]) -> Dataset:
         arrays = {names[0]: next(iter(arrays.values()))}  # one input, one array: the name does not matter
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise DataError(f"{path.name} lacks arrays for the inputs {missing}; it has {sorted(arrays)} (labels go under 'labels')")
+        constants = [spec.name for spec in inputs if spec.name in missing and spec.sample_axis is None]
+        hint = f" (a constant such as {constants[0]!r} can be given with --constant {constants[0]}=VALUE)" if constants else ""
+        raise DataError(f"{path.name} lacks arrays for the inputs {missing}; it has {sorted(arrays)} (labels go under "
+                        f"'labels'){hint}")
     return Dataset({n: arrays[n] for n in names}, labels, str(path))
 
 
 def _load_images(folder: Path, inputs: list[TensorSpec], prep: ImagePreprocessing) -> Dataset:
     from PIL import Image
 
-    if len(inputs) != 1:
-        raise DataError("an image folder can only feed a model with one input")
-    spec = inputs[0]
+    batched = [spec for spec in inputs if spec.sample_axis is not None]
+    if len(batched) != 1 or batched[0].sample_axis != 0:
+        raise DataError("an image folder can only feed a model with one input (give an .npz keyed by input name)")
+    spec = batched[0]
     layout = prep.layout.lower()
     if layout not in ("nchw", "nhwc") or len(spec.shape) != 4:
         raise DataError(f"image data needs a 4-D input (nchw or nhwc), the model takes {spec.describe()}")
@@ -143,35 +184,55 @@ def _load_images(folder: Path, inputs: list[TensorSpec], prep: ImagePreprocessin
 
 
 def _check(dataset: Dataset, inputs: list[TensorSpec], path: str) -> None:
-    counts = set()
+    counts = {}
     for spec in inputs:
-        array = dataset.inputs[spec.name]
+        if spec.name not in dataset.inputs:
+            raise DataError(f"{path}: no data for input {spec.name!r} ({spec.describe()}); give it with --constant "
+                            f"{spec.name}=VALUE or in an .npz")
+        array = np.asarray(dataset.inputs[spec.name])
         if array.dtype.kind not in "fiub":
             raise DataError(f"{path}: input {spec.name!r} has dtype {array.dtype}; the model needs {spec.dtype}")
-        problem = spec.check(array) if not spec.shape or spec.shape[0] is None else _check_fixed_batch(spec, array)
-        if problem:
-            raise DataError(f"{path}: {problem}")
+        if spec.sample_axis is None:
+            problem = spec.check(array)
+            if problem:
+                raise DataError(f"{path}: {problem} (it is a constant: one value for every sample; give --batch-axis "
+                                f"{spec.name}=AXIS if it holds samples)")
+        else:
+            problem = spec.served().check(array)
+            if problem:
+                where = f" with samples on axis {spec.sample_axis}" if spec.sample_axis else ""
+                raise DataError(f"{path}: {problem}{where} (give --batch-axis {spec.name}=AXIS if its samples lie on another axis)")
+            counts[spec.name] = spec.count(array)
         dataset.inputs[spec.name] = array.astype(spec.dtype, copy=False)
-        counts.add(len(array))
-    if len(counts) != 1:
-        raise DataError(f"{path}: inputs hold different numbers of samples {sorted(counts)}")
-    if dataset.labels is not None and len(dataset.labels) != counts.pop():
+    if len(set(counts.values())) > 1:
+        held = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise DataError(f"{path}: inputs hold different numbers of samples ({held}); each input's samples lie on its batch "
+                        "axis (--batch-axis NAME=AXIS says which)")
+    count = next(iter(counts.values()), 1)
+    if dataset.labels is not None and len(dataset.labels) != count:
         raise DataError(f"{path}: 'labels' holds {len(dataset.labels)} entries but the inputs hold another number of samples")
 
 
-def _check_fixed_batch(spec: TensorSpec, array: np.ndarray) -> str | None:
-    # A model exported with a fixed batch of B still takes N samples, run B at a time.
-    relaxed = TensorSpec(spec.name, spec.dtype, (None,) + tuple(spec.shape[1:]))
-    return relaxed.check(array)
-
-
-def random_dataset(inputs: list[TensorSpec], count: int = 32, seed: int = 0) -> Dataset:
-    """Synthetic standard-normal inputs, for checking float recipes when no data is given."""
+def random_dataset(inputs: list[TensorSpec], count: int = 32, seed: int = 0, constants: dict | None = None,
+                   shapes: dict | None = None, zeros: tuple = ()) -> Dataset:
+    """Synthetic standard-normal inputs, for checking float recipes when no data is given: ``count``
+    samples on each input's own axis, ``shapes`` (``--input-shape``) for dynamic dimensions, constants
+    from ``constants`` (else zero), and zeros for the inputs named in ``zeros`` (a recurrent state)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in inputs:
-        shape = tuple(d if d is not None else 1 for d in spec.shape)
-        shape = (count,) + shape[1:] if shape else (count,)
-        arrays[spec.name] = (rng.standard_normal(shape).astype(spec.dtype) if np.dtype(spec.dtype).kind == "f"
-                             else rng.integers(0, 10, shape).astype(spec.dtype))
-    return Dataset(arrays, None, "random (no data given)")
+        given = (shapes or {}).get(spec.name)
+        shape = [g if d is None and given else (d if d is not None else 1)
+                 for d, g in zip(spec.shape, given or [None] * len(spec.shape))]
+        if spec.sample_axis is None:
+            value = (constants or {}).get(spec.name, 0)
+            arrays[spec.name] = np.broadcast_to(np.asarray(value, dtype=spec.dtype), tuple(shape)).copy()
+            continue
+        shape[spec.sample_axis] = count
+        if spec.name in zeros:
+            arrays[spec.name] = np.zeros(shape, spec.dtype)
+        elif np.dtype(spec.dtype).kind == "f":
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            arrays[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
+    return Dataset(arrays, None, "random (no data given)", axes={spec.name: spec.sample_axis for spec in inputs})

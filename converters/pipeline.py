@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from agent.runtime import run_in_batches
+from agent.runtime import Backend, run_in_batches
 from agent.drift.reference import FALSE_ALARM_RATE
 from agent.runtime.cpu import host_arch, host_int8_dot_product
 from agent.runtime.onnx_backend import OnnxBackend
@@ -38,6 +38,7 @@ from .data import Dataset, ImagePreprocessing, load_dataset, random_dataset
 from .recipes import recipe_class
 from .recipes.base import Candidate, RecipeContext, RecipeFailed
 from .batching import CHECK_SAMPLES, agrees_per_sample, batch_invariance, graph_batch, set_graph_batch
+from . import layout as layout_module
 from .sources import SourceModel, detect_kind, file_sha256, load_source, package_versions, specs_from_onnx
 from .stats import dataset_stats
 
@@ -83,6 +84,12 @@ class ConvertOptions:
     workdir: Path | None = None
     #: for a .tflite MODEL: the original model it was made from, for the accuracy gate
     reference: str | None = None
+    #: ``--batch-axis``: the axis that holds samples per input (None: a per-request constant)
+    batch_axes: dict = field(default_factory=dict)
+    #: ``--constant``: values of constant inputs (recorded as the defaults a request may leave out)
+    constants: dict = field(default_factory=dict)
+    #: ``--state``: outputs that feed an input on the next call ({output: input}); detected when empty
+    state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -178,17 +185,26 @@ class _Job:
 
     def __init__(self, options: ConvertOptions, source: SourceModel, workdir: Path, name: str, progress):
         self.options, self.source, self.workdir, self.name, self.progress = options, source, workdir, name, progress
-        progress("loading calibration and validation data")
-        self.calibration = load_dataset(options.calibration, source.inputs, options.image) if options.calibration else None
-        self.validation = load_dataset(options.validation, source.inputs, options.image) if options.validation else self.calibration
         self.notes = list(source.notes)
+        self.axes: dict[str, int | None] = {}
+        self.state: dict[str, str] = dict(options.state)
+        self._settle_input_axes()
+        progress("loading calibration and validation data")
+        constants = options.constants
+        self.calibration = load_dataset(options.calibration, source.inputs, options.image, constants) if options.calibration else None
+        self.validation = load_dataset(options.validation, source.inputs, options.image, constants) if options.validation else self.calibration
         self.real_data = self.validation is not None
         #: judge ONNX accuracy on the operators' reference arithmetic (set per profile: runs_natively)
         self.reference_arithmetic = False
         if self.validation is None:
-            self.validation = random_dataset(source.inputs)
+            self.validation = random_dataset(source.inputs, constants=constants, shapes=options.input_shapes,
+                                             zeros=tuple(self.state.values()))
             if source.kind != "tflite":
                 self.notes.append("no --calibration/--validation data: int8 recipes skipped, float recipes checked on random inputs")
+        self._settle_output_axes()
+        #: the constant inputs' values the model was judged with: the defaults a request may leave out
+        self.constants = {name: array.tolist() for name, array in self.validation.inputs.items()
+                          if self.validation.axis(name) is None and array.size <= 64} | dict(options.constants)
         # scikit-learn graphs are dynamic by construction; the others may carry a batch baked in.
         if source.kind in ("torch-export", "torchscript", "torch-factory", "onnx") and source.onnx_path is not None:
             progress("settling the batch dimension")
@@ -202,21 +218,98 @@ class _Job:
         self.evaluations: dict[tuple, tuple] = {}
         self.comparisons: dict[tuple, gate_module.LatencyRatio] = {}
 
+    # -- where samples lie -------------------------------------------------------------------------
+
+    def _settle_input_axes(self) -> None:
+        """Each input's sample axis: what ``--batch-axis`` says, else what the graph tells."""
+        source, given = self.source, self.options.batch_axes
+        names = [spec.name for spec in source.inputs]
+        for option, named in (("--batch-axis", given), ("--constant", self.options.constants)):
+            unknown = [name for name in named if name not in names]
+            if unknown:
+                raise UsageError(f"{option} names {unknown[0]!r}, which is not an input of the model; its inputs are "
+                                 f"{', '.join(names)}")
+        detected = layout_module.detect_input_axes(source.onnx_path) if source.onnx_path is not None else {}
+        axes = {}
+        for spec in source.inputs:
+            axis = given[spec.name] if spec.name in given else detected.get(spec.name, spec.sample_axis)
+            if spec.name in self.options.constants and spec.name not in given:
+                axis = None  # a value given for it: the same for every sample
+            if axis is not None and axis >= len(spec.shape):
+                raise UsageError(f"--batch-axis {spec.name}={axis}: {spec.describe()} has rank {len(spec.shape)}; "
+                                 f"give an axis below {len(spec.shape)} or 'none'")
+            axes[spec.name] = axis
+        if not any(axis is not None for axis in axes.values()) and source.inputs and any(spec.shape for spec in source.inputs):
+            raise UsageError("no input of the model holds samples (every input is a constant); give --batch-axis NAME=AXIS")
+        self.axes.update(axes)
+        self._apply_axes()
+        moved = {name: axis for name, axis in axes.items() if axis != 0}
+        if moved:
+            self.notes.append("samples per input: " + ", ".join(
+                f"{name} {'constant' if axis is None else f'axis {axis}'}" for name, axis in moved.items())
+                + (" (as given)" if set(moved) <= set(given) else " (from the graph)"))
+
+    def _apply_axes(self) -> None:
+        source = self.source
+        source.inputs = [spec.with_axis(self.axes.get(spec.name, spec.batch_axis)) for spec in source.inputs]
+        source.outputs = [spec.with_axis(self.axes.get(spec.name, spec.batch_axis)) for spec in source.outputs]
+
+    def _settle_output_axes(self) -> None:
+        """Each output's sample axis from the original run at one and two samples (the graph's word where
+        that cannot tell), then which outputs are a state fed back on the next call."""
+        source, data = self.source, self.validation
+        names = [spec.name for spec in source.outputs]
+        fallback = (layout_module.graph_output_axes(source.onnx_path, self.axes) if source.onnx_path is not None
+                    else {name: 0 for name in names})
+        one = self._call_original(data.slice(0, 1), "one sample")
+        axes = dict(fallback)
+        if len(data) >= 2 and not source.reference_batch:
+            try:
+                two = self.source.reference(data.slice(0, 2))
+                axes = layout_module.output_axes_from_runs(one, two, names, fallback)
+            except Exception:  # noqa: BLE001 - a model that takes one sample at a time: the graph's word
+                pass
+        self.axes.update({name: axes.get(name, 0) for name in names})
+        self._apply_axes()
+        if not self.state:
+            self.state = layout_module.detect_state(source.inputs, source.outputs, data.slice(0, 1), one)
+        for output, feeds in self.state.items():
+            if output not in names or feeds not in [spec.name for spec in source.inputs]:
+                raise UsageError(f"--state {output}={feeds}: name an output ({', '.join(names)}) and the input it feeds")
+        if self.state:
+            self.notes.append("stateful: " + ", ".join(f"{o} feeds {i}" for o, i in self.state.items())
+                              + "; judged on the validation data as one sequence, each model carrying its own state")
+
+    def _call_original(self, feeds: dict, what: str) -> list[np.ndarray]:
+        try:
+            return [np.asarray(r) for r in self.source.reference(feeds)]
+        except Exception as exc:  # noqa: BLE001 - the user's model or data: one line that says what to do
+            raise ConversionError(self._failure(exc, what)) from None
+
+    def _failure(self, exc: BaseException, what: str) -> str:
+        shapes = ", ".join(f"{name} {list(np.shape(array))}" for name, array in self.validation.inputs.items())
+        message = " ".join(str(exc).split())[:300] or type(exc).__name__
+        return (f"the original model failed on {what} of the {'validation' if self.real_data else 'random'} data "
+                f"({shapes}): {message}; check --input-shape, --batch-axis NAME=AXIS and --constant NAME=VALUE")
+
     def _settle_batch(self) -> None:
         """Make the exported graph's batch dynamic when it then computes what the original computes at
         batch 1 and N; else fix it at the original's batch, and say why in the notes."""
         source = self.source
-        feeds = {name: array[:CHECK_SAMPLES] for name, array in self.validation.inputs.items()}
-        if len(next(iter(feeds.values()))) < 2 or not all(spec.shape for spec in source.inputs):
+        feeds = self.validation.slice(0, CHECK_SAMPLES)
+        if len(self.validation) < 2 or not all(spec.shape for spec in source.inputs if spec.sample_axis is not None):
             return
-        reference = self._run_reference(Dataset(feeds, None, "batch check"))
-        declared = graph_batch(source.onnx_path)
+        if self.state:
+            return  # a stateful graph keeps the batch it was given (its steps run one sample at a time)
+        reference = self._run_reference(Dataset(feeds, None, "batch check", axes=dict(self.validation.axes)), sequence=False)
+        declared = graph_batch(source.onnx_path, self.axes)
         if source.kind == "onnx" and declared is None:
             return  # the original graph itself takes any batch
         dynamic = source.onnx_path if declared is None else set_graph_batch(
-            source.onnx_path, self.workdir / "source-dynamic.onnx", None)
+            source.onnx_path, self.workdir / "source-dynamic.onnx", None, self.axes)
         try:
             backend = OnnxBackend(dynamic, threads=1, log_severity=4)  # its failure is expected and reported
+            backend.set_layout(self.axes)
             why = agrees_per_sample(backend, reference, feeds)
             backend.close()
         except EdgepackError as exc:
@@ -230,26 +323,26 @@ class _Job:
             fixed = source.reference_batch or declared or 1
             self.notes.append(f"batch fixed at {fixed}: a dynamic batch was tried and {why}; the agent splits "
                               f"requests into batches of {fixed}")
-            source.onnx_path = set_graph_batch(source.onnx_path, self.workdir / "source-fixed.onnx", fixed)
+            source.onnx_path = set_graph_batch(source.onnx_path, self.workdir / "source-fixed.onnx", fixed, self.axes)
         source.inputs, source.outputs = specs_from_onnx(source.onnx_path)
+        self._apply_axes()
 
-    def _run_reference(self, data: Dataset) -> list[np.ndarray]:
-        count = len(data)
+    def _run_reference(self, data: Dataset, sequence: bool = True) -> list[np.ndarray]:
+        """The original's outputs on ``data`` (each output's samples on its own axis); a stateful model's
+        over the data as one sequence, carrying its state from step to step."""
+        split = run_in_batches
         # The original runs at the batch it was exported at (any batch when it has none); a last partial
         # chunk of a fixed batch is padded with copies of its last sample, whose outputs are dropped.
-        fixed = self.source.reference_batch
-        step = fixed or 64
-        chunks = []
+        original = _OriginalBackend(self.source)
         try:
-            for start in range(0, count, step):
-                feeds = {k: v[start : start + step] for k, v in data.inputs.items()}
-                real = len(next(iter(feeds.values())))
-                if fixed and real < fixed:
-                    feeds = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in feeds.items()}
-                chunks.append([np.asarray(output)[:real] for output in self.source.reference(feeds)])
-        except Exception as exc:
-            raise ConversionError(f"the original model failed on the validation data: {type(exc).__name__}: {exc}") from None
-        return [np.concatenate([np.asarray(chunk[i]) for chunk in chunks]) for i in range(len(chunks[0]))]
+            if sequence and self.state:
+                return layout_module.run_sequence(lambda feeds: split(original, feeds, 1), data.steps(),
+                                                  self.source.outputs, self.state)
+            return split(original, data.inputs, self.source.reference_batch or 64)
+        except EdgepackError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's model or data: one line that says what to do
+            raise ConversionError(self._failure(exc, "the sequence" if sequence and self.state else "the batches")) from None
 
     # -- the fp32 base graph, per runtime opset ----------------------------------------------------
 
@@ -267,25 +360,36 @@ class _Job:
         if Path(path).suffix == ".tflite":
             from agent.runtime.litert_backend import LiteRTBackend
 
-            return LiteRTBackend(path, threads=threads, integer_io=integer_io, input_names=[s.name for s in self.source.inputs],
-                                 output_names=[s.name for s in self.source.outputs])
-        return OnnxBackend(path, threads=threads, optimize=not reference)
+            backend = LiteRTBackend(path, threads=threads, integer_io=integer_io, input_names=[s.name for s in self.source.inputs],
+                                    output_names=[s.name for s in self.source.outputs])
+        else:
+            backend = OnnxBackend(path, threads=threads, optimize=not reference)
+        backend.set_layout(self.axes, getattr(self, "constants", self.options.constants))
+        return backend
+
+    def run_candidate(self, backend, batch: int) -> list[np.ndarray]:
+        """A candidate's outputs on the validation data, as the gate judges them: over the sequence for a
+        stateful model (each step alone, its own state carried), else in batches of ``batch``."""
+        if self.state:
+            return layout_module.run_sequence(lambda feeds: run_in_batches(backend, feeds, 1), self.validation.steps(),
+                                              backend.outputs, self.state)
+        return run_in_batches(backend, self.validation.inputs, batch)
 
     def evaluate(self, path: Path, threads: int):
         # Keyed by content: two profiles may write different graphs under the same candidate name.
         key = (file_sha256(Path(path)), threads, repr(self.budgets), self.reference_arithmetic)
         if key not in self.evaluations:
             backend = self.backend_for(path, threads, reference=self.reference_arithmetic)
-            invariant, deviation = batch_invariance(backend, {k: v[:CHECK_SAMPLES] for k, v in self.validation.inputs.items()})
+            invariant, deviation = batch_invariance(backend, self.validation.slice(0, CHECK_SAMPLES))
             # A batch-dependent candidate is served one sample at a time: gate what will be served.
-            outputs = run_in_batches(backend, self.validation.inputs, 64 if invariant else 1)
+            outputs = self.run_candidate(backend, 64 if invariant else 1)
             result = gate_module.evaluate(
-                self.reference, outputs, self.output_names, self.budgets, labels=self.validation.labels,
-                kinds=self.options.output_kinds,
+                layout_module.leading(self.reference, self.source.outputs), layout_module.leading(outputs, backend.outputs),
+                self.output_names, self.budgets, labels=self.validation.labels, kinds=self.options.output_kinds,
             )
             result.batch_invariant, result.batch_deviation = invariant, deviation
             backend.close()
-            one = {k: v[:1] for k, v in self.validation.inputs.items()}
+            one = self.validation.slice(0, 1)
             # Timed as this host runs it (fused kernels), whatever arithmetic the accuracy was judged in.
             backend = self.backend_for(path, threads)
             # A fixed-batch model answers one sample with one padded run of its batch, as on the device.
@@ -299,7 +403,7 @@ class _Job:
         key = (file_sha256(Path(path)), file_sha256(Path(base)), threads)
         if key not in self.comparisons:
             candidate, baseline = self.backend_for(path, threads), self.backend_for(base, threads)
-            one = {k: v[:1] for k, v in self.validation.inputs.items()}
+            one = self.validation.slice(0, 1)
             try:
                 self.comparisons[key] = gate_module.compare_latency(lambda feeds: run_in_batches(candidate, feeds),
                                                                     lambda feeds: run_in_batches(baseline, feeds), one)
@@ -465,22 +569,28 @@ class _Job:
                  "invariant": bool(gate_result.batch_invariant),
                  # None when alone and batched differ in shape or in integer outputs (no finite measure)
                  "max_relative_deviation": float(f"{deviation:.3g}") if math.isfinite(deviation) else None}
-        sample_inputs = {k: v[:SAMPLE_COUNT] for k, v in self.validation.inputs.items()}
+        if self.constants:
+            batch["constants"] = dict(self.constants)
+        if self.state:
+            batch["state"] = dict(self.state)
+        sample_inputs = self.validation.slice(0, SAMPLE_COUNT)
         # The expected outputs are computed as the agent will compute them (alone when batch-dependent).
         sample_outputs = run_in_batches(backend, sample_inputs, 64 if batch["invariant"] else 1)
-        samples = {"count": len(next(iter(sample_inputs.values()))), "inputs": {}, "outputs": {}, "tolerance": {}}
+        samples = {"count": min(SAMPLE_COUNT, len(self.validation)), "inputs": {}, "outputs": {}, "tolerance": {}}
         for index, (spec, array) in enumerate(zip(backend.inputs, sample_inputs.values())):
             samples["inputs"][spec.name] = writer.add_array(f"samples/input_{index}.npy", array)
         for index, (spec, array) in enumerate(zip(backend.outputs, sample_outputs)):
             samples["outputs"][spec.name] = writer.add_array(f"samples/output_{index}.npy", _storable(array))
             samples["tolerance"][spec.name] = _tolerance(array)
         stats_data = self.calibration or self.validation
-        reference_outputs = dict(zip(self.output_names, self.reference))
+        # Statistics and drift see samples on axis 0, as the agent hands them over (constants left out).
+        reference_outputs = dict(zip(self.output_names, layout_module.leading(self.reference, self.source.outputs)))
         # Drift is judged against the validation data (held out from calibration, like live traffic).
         kinds = {name: gate_module.output_kind(array, (self.options.output_kinds or {}).get(name))
                  for name, array in reference_outputs.items()}
         writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(
-            stats_data.inputs, stats_data.source, reference_outputs, self.validation.inputs if self.real_data else None, kinds)))
+            _leading_inputs(stats_data), stats_data.source, reference_outputs,
+            _leading_inputs(self.validation) if self.real_data else None, kinds)))
         runtime = profile.runtime("litert" if tflite else "onnxruntime")
         file_io = self.backend_for(candidate.path, threads, integer_io=True) if tflite else backend
         import onnxruntime
@@ -540,6 +650,29 @@ class _Job:
 
             sign_bundle(target, self.options.signing_key)
         return target
+
+
+class _OriginalBackend(Backend):
+    """The original model behind the agent's batch splitter (its batch, its tensors' axes)."""
+
+    def __init__(self, source: SourceModel):
+        self.source, self.inputs, self.outputs = source, source.inputs, source.outputs
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.source.reference_batch
+
+    def run(self, feeds):
+        return [np.asarray(output) for output in self.source.reference(feeds)]
+
+
+def _leading_inputs(data: Dataset) -> dict[str, np.ndarray]:
+    moved = {}
+    for name, array in data.inputs.items():
+        axis = data.axis(name)
+        if axis is not None:
+            moved[name] = np.moveaxis(array, axis, 0) if axis else array
+    return moved
 
 
 def _checked(coverage, result: ProfileResult):

@@ -126,6 +126,7 @@ def _ort_reference(path: Path) -> Reference:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # its failures are reported as one line; no runtime log on the console
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(None, feeds)
 

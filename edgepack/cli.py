@@ -33,6 +33,15 @@ def cli() -> None:
 @click.option("--calibration", help="calibration data: .npy, .npz or an image folder")
 @click.option("--validation", help="validation data (default: the calibration data); .npz may hold 'labels'")
 @click.option("--input-shape", "input_shapes", multiple=True, help="NAME=D1,D2,... (repeatable)")
+@click.option("--batch-axis", "batch_axes", multiple=True,
+              help="NAME=AXIS: the axis of input NAME that holds samples (e.g. state=1), or NAME=none for a "
+                   "per-request constant (default: from the graph)")
+@click.option("--constant", "constants", multiple=True,
+              help="NAME=VALUE: a constant input's value (e.g. sr=16000), used for data that lacks it and "
+                   "recorded as the default a request may leave out")
+@click.option("--state", "state", multiple=True,
+              help="OUTPUT=INPUT: OUTPUT feeds INPUT on the next call (a stateful model, judged on sequences; "
+                   "default: detected)")
 @click.option("--name", help="model name (default: from MODEL)")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="semantic version of the bundle")
 @click.option("--out", default="out", show_default=True, type=click.Path(path_type=Path), help="output folder")
@@ -54,7 +63,7 @@ def cli() -> None:
 @click.option("--color", type=click.Choice(["rgb", "gray"]), default="rgb", show_default=True)
 @click.option("--reference", help="for a .tflite MODEL: the original model it was made from (the accuracy gate compares with it)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def convert(model, profiles, calibration, validation, input_shapes, name, version, out, min_agreement,
+def convert(model, profiles, calibration, validation, input_shapes, batch_axes, constants, state, name, version, out, min_agreement,
             min_confident_agreement, confident_margin, output_kinds, recipes, try_all, signing_key, resize, mean, std,
             scale, layout, color, reference, as_json) -> None:
     """Export, quantize and check MODEL; write one bundle per --profile into --out."""
@@ -63,6 +72,7 @@ def convert(model, profiles, calibration, validation, input_shapes, name, versio
     from converters.data import ImagePreprocessing, parse_floats
     from converters.pipeline import ConvertOptions, convert as run_convert
     from converters.report import render_json, render_tables
+    from converters.layout import parse_batch_axes, parse_constants, parse_state
     from converters.sources import parse_input_shapes
 
     size = parse_floats(resize, "--resize")
@@ -80,6 +90,7 @@ def convert(model, profiles, calibration, validation, input_shapes, name, versio
         budget_overrides={key: value for key, value in (("min_confident_agreement", min_confident_agreement),
                                                         ("confident_margin", confident_margin)) if value is not None},
         output_kinds=_pairs(output_kinds, "--output-kind"),
+        batch_axes=parse_batch_axes(batch_axes), constants=parse_constants(constants), state=parse_state(state),
     )
     console = Console(stderr=True)
     with console.status("converting") as status:

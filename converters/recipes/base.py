@@ -49,7 +49,7 @@ class RecipeContext:
         data = self.calibration.take(limit)
         count = len(data)
         for start in range(0, count, batch):
-            yield {name: np.ascontiguousarray(array[start : start + batch]) for name, array in data.inputs.items()}
+            yield {name: np.ascontiguousarray(array) for name, array in data.slice(start, start + batch).items()}
 
 
 class Recipe:
