@@ -101,13 +101,15 @@ def load_dataset(path: str, inputs: list[TensorSpec], image: ImagePreprocessing 
     elif source.suffix.lower() == ".npy":
         dataset = _load_npy(source, inputs)
     elif source.suffix.lower() == ".npz":
-        dataset = _load_npz(source, inputs)
+        dataset = _load_npz(source, inputs, set(constants or ()))
     else:
         raise InputFileError(f"unknown data format {source.suffix!r} for {path}; use .npy, .npz or a folder of images")
     dataset.axes = {spec.name: spec.sample_axis for spec in inputs}
     for spec in inputs:
         if spec.name in (constants or {}):
             dataset.inputs[spec.name] = np.asarray(constants[spec.name], dtype=spec.dtype).reshape(spec.shape if None not in spec.shape else -1)
+    # In the model's input order: a torch model takes its inputs by position.
+    dataset.inputs = {spec.name: dataset.inputs[spec.name] for spec in inputs if spec.name in dataset.inputs}
     _check(dataset, inputs, path)
     return dataset
 
@@ -124,7 +126,7 @@ def _load_npy(path: Path, inputs: list[TensorSpec]) -> Dataset:
     return Dataset({batched.name: array}, None, str(path))
 
 
-def _load_npz(path: Path, inputs: list[TensorSpec]) -> Dataset:
+def _load_npz(path: Path, inputs: list[TensorSpec], given: set = frozenset()) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -134,13 +136,13 @@ def _load_npz(path: Path, inputs: list[TensorSpec]) -> Dataset:
     names = [spec.name for spec in inputs]
     if len(inputs) == 1 and len(arrays) == 1 and names[0] not in arrays:
         arrays = {names[0]: next(iter(arrays.values()))}  # one input, one array: the name does not matter
-    missing = [n for n in names if n not in arrays]
+    missing = [n for n in names if n not in arrays and n not in given]
     if missing:
         constants = [spec.name for spec in inputs if spec.name in missing and spec.sample_axis is None]
         hint = f" (a constant such as {constants[0]!r} can be given with --constant {constants[0]}=VALUE)" if constants else ""
         raise DataError(f"{path.name} lacks arrays for the inputs {missing}; it has {sorted(arrays)} (labels go under "
                         f"'labels'){hint}")
-    return Dataset({n: arrays[n] for n in names}, labels, str(path))
+    return Dataset({n: arrays[n] for n in names if n in arrays}, labels, str(path))
 
 
 def _load_images(folder: Path, inputs: list[TensorSpec], prep: ImagePreprocessing) -> Dataset:

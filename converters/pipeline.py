@@ -44,6 +44,8 @@ from .stats import dataset_stats
 
 log = logging.getLogger(__name__)
 SAMPLE_COUNT = 4
+#: input bytes the gate's runs hold at once (a batch of 64 small samples; one 640x640 image)
+RUN_BATCH_BYTES = 4 << 20
 #: the "recipe" of a .tflite MODEL packaged without re-conversion
 AS_GIVEN = "tflite-as-given"
 def runs_natively(profile: Profile) -> bool:
@@ -282,7 +284,8 @@ class _Job:
 
     def _call_original(self, feeds: dict, what: str) -> list[np.ndarray]:
         try:
-            return [np.asarray(r) for r in self.source.reference(feeds)]
+            # Through the splitter: a graph with a fixed batch gets it (padded), whatever ``feeds`` hold.
+            return [np.asarray(r) for r in run_in_batches(_OriginalBackend(self.source), feeds, 1)]
         except Exception as exc:  # noqa: BLE001 - the user's model or data: one line that says what to do
             raise ConversionError(self._failure(exc, what)) from None
 
@@ -291,6 +294,14 @@ class _Job:
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
         return (f"the original model failed on {what} of the {'validation' if self.real_data else 'random'} data "
                 f"({shapes}): {message}; check --input-shape, --batch-axis NAME=AXIS and --constant NAME=VALUE")
+
+    @property
+    def run_batch(self) -> int:
+        """Samples the gate runs at once: up to 64, fewer for large samples (a runtime's memory grows
+        with the batch it runs, so memory must not grow with the validation set)."""
+        data = self.validation
+        sample = sum(array.nbytes for name, array in data.inputs.items() if data.axis(name) is not None) // max(1, len(data))
+        return int(max(1, min(64, RUN_BATCH_BYTES // max(1, sample))))
 
     def _settle_batch(self) -> None:
         """Make the exported graph's batch dynamic when it then computes what the original computes at
@@ -338,7 +349,7 @@ class _Job:
             if sequence and self.state:
                 return layout_module.run_sequence(lambda feeds: split(original, feeds, 1), data.steps(),
                                                   self.source.outputs, self.state)
-            return split(original, data.inputs, self.source.reference_batch or 64)
+            return split(original, data.inputs, self.source.reference_batch or self.run_batch)
         except EdgepackError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's model or data: one line that says what to do
@@ -382,7 +393,7 @@ class _Job:
             backend = self.backend_for(path, threads, reference=self.reference_arithmetic)
             invariant, deviation = batch_invariance(backend, self.validation.slice(0, CHECK_SAMPLES))
             # A batch-dependent candidate is served one sample at a time: gate what will be served.
-            outputs = self.run_candidate(backend, 64 if invariant else 1)
+            outputs = self.run_candidate(backend, self.run_batch if invariant else 1)
             result = gate_module.evaluate(
                 layout_module.leading(self.reference, self.source.outputs), layout_module.leading(outputs, backend.outputs),
                 self.output_names, self.budgets, labels=self.validation.labels, kinds=self.options.output_kinds,

@@ -91,7 +91,7 @@ def _expose_all(path: Path, target: Path) -> list[str]:
     return names
 
 
-def _collect(path: Path, batches: list[dict]) -> dict[str, np.ndarray]:
+def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -99,13 +99,78 @@ def _collect(path: Path, batches: list[dict]) -> dict[str, np.ndarray]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    collected: dict[str, list] = {name: [] for name in names}
+    return session, [output.name for output in session.get_outputs()]
+
+
+class _Noise:
+    """Per-channel sums of signal and noise power of one tensor pair, accumulated batch by batch (the
+    SQNR :func:`sqnr_db` computes, without keeping any batch)."""
+
+    __slots__ = ("noise", "signal", "finite")
+
+    def __init__(self):
+        self.noise = self.signal = None
+        self.finite = True
+
+    def add(self, reference: np.ndarray, observed: np.ndarray) -> None:
+        reference, observed = reference.astype(np.float64), observed.astype(np.float64)
+        if reference.ndim >= 2:
+            reference = np.moveaxis(reference, 1, 0).reshape(reference.shape[1], -1)
+            observed = np.moveaxis(observed, 1, 0).reshape(observed.shape[1], -1)
+        else:
+            reference, observed = reference.reshape(1, -1), observed.reshape(1, -1)
+        noise, signal = np.sum((reference - observed) ** 2, axis=1), np.sum(reference**2, axis=1)
+        if self.noise is not None and noise.shape != self.noise.shape:
+            return  # another channel count in this batch: not the same tensor layout
+        self.finite &= bool(np.isfinite(noise).all())
+        self.noise = noise if self.noise is None else self.noise + noise
+        self.signal = signal if self.signal is None else self.signal + signal
+
+    def db(self) -> float:
+        if not self.finite:
+            return -math.inf
+        if self.noise is None or float(self.noise.sum()) == 0:
+            return math.inf
+        live = self.signal > 0
+        ratios = np.where(live, self.noise / np.where(live, self.signal, 1), np.where(self.noise > 0, 1.0, 0.0))
+        mean = float(ratios.mean())
+        return math.inf if mean == 0 else -10 * math.log10(mean)
+
+
+def _stream(float_path: Path, qdq_path: Path, batches) -> tuple[dict[str, float], dict[str, float]]:
+    """Run both exposed graphs batch by batch and accumulate, for every tensor of the float graph, its
+    SQNR as the quantized graph consumes it, and for every tensor the quantized graph quantizes, the
+    SQNR its own QDQ adds. Memory: one batch of each graph's tensors, whatever the number of batches."""
+    float_session, float_names = _session(float_path)
+    qdq_session, qdq_names = _session(qdq_path)
+    consumed: dict[str, tuple[str, _Noise]] = {}
+    quantizing: dict[str, _Noise] = {}
+    first = True
     for feeds in batches:
-        for name, value in zip(names, session.run(names, feeds)):
-            collected[name].append(np.asarray(value))
-    return {name: np.concatenate([v.reshape(1, -1) if v.ndim == 0 else v for v in values]) for name, values in collected.items()
-            if values and all(v.dtype.kind == "f" for v in values)}
+        reference = {name: np.asarray(value) for name, value in zip(float_names, float_session.run(float_names, feeds))}
+        quantized = {name: np.asarray(value) for name, value in zip(qdq_names, qdq_session.run(qdq_names, feeds))}
+        if first:
+            first = False
+            for name, value in reference.items():
+                if value.dtype.kind != "f":
+                    continue
+                # In the QDQ graph a quantized tensor T is consumed as T_DequantizeLinear_Output.
+                for candidate in (f"{name}_DequantizeLinear_Output", name):
+                    if candidate in quantized and quantized[candidate].shape == value.shape:
+                        consumed[name] = (candidate, _Noise())
+                        break
+            for name, value in quantized.items():
+                after = quantized.get(f"{name}_DequantizeLinear_Output")
+                if value.dtype.kind == "f" and after is not None and after.shape == value.shape:
+                    quantizing[name] = _Noise()
+        for name, (candidate, noise) in consumed.items():
+            if reference[name].shape == quantized[candidate].shape:
+                noise.add(reference[name], quantized[candidate])
+        for name, noise in quantizing.items():
+            noise.add(quantized[name], quantized[f"{name}_DequantizeLinear_Output"])
+        del reference, quantized
+    return ({name: noise.db() for name, (_, noise) in consumed.items()},
+            {name: noise.db() for name, noise in quantizing.items()})
 
 
 def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir: Path) -> list[NodeSensitivity]:
@@ -115,8 +180,7 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
     float_exposed, qdq_exposed = workdir / "sens-float.onnx", workdir / "sens-qdq.onnx"
     _expose_all(float_model, float_exposed)
     _expose_all(qdq_model, qdq_exposed)
-    reference = _collect(float_exposed, batches)
-    quantized = _collect(qdq_exposed, batches)
+    consumed, quantizing = _stream(float_exposed, qdq_exposed, batches)
     graph = onnx.load(str(float_model), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
     graph_inputs = {value.name for value in graph.input}
@@ -125,13 +189,7 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
         """SQNR of a tensor as the quantized graph consumes it; None when the quantizer fused it away."""
         if name in graph_inputs:
             return math.inf
-        if name not in reference:
-            return None
-        # In the QDQ graph a quantized tensor T is consumed as T_DequantizeLinear_Output.
-        for candidate in (f"{name}_DequantizeLinear_Output", name):
-            if candidate in quantized and quantized[candidate].shape == reference[name].shape:
-                return sqnr_db(reference[name], quantized[candidate])
-        return None
+        return consumed.get(name)
 
     producers = {output: (node.name or f"{node.op_type}_{i}") for i, node in enumerate(graph.node) for output in node.output}
 
@@ -142,10 +200,7 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
 
     def input_quantization_noise(name: str) -> float:
         """Noise that quantizing tensor ``name`` itself adds (pre- vs post-QDQ in the quantized graph)."""
-        before, after = quantized.get(name), quantized.get(f"{name}_DequantizeLinear_Output")
-        if before is None or after is None or before.shape != after.shape:
-            return 0.0
-        return _noise(sqnr_db(before, after))
+        return _noise(quantizing[name]) if name in quantizing else 0.0
 
     ranked = []
     pending: dict[str, list] = {}  # fused-away tensor -> the nodes (and input SQNR) that produced it

@@ -201,3 +201,22 @@ def fleet_large() -> nn.Module:
     """The fleet model with a ~5 MB weight matrix (for benchmarks/update.py)."""
     torch.manual_seed(6)
     return nn.Sequential(nn.Linear(8, 1280), nn.ReLU(), nn.Linear(1280, 1000), nn.ReLU(), nn.Linear(1000, 4)).eval()
+
+
+class WideActivations(nn.Module):
+    """Three 32-channel 3x3 convolutions at full resolution: activations ~40x the input, the shape of a
+    segmentation or detection backbone (for the converter's memory tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def wide_activations() -> nn.Module:
+    return WideActivations().eval()

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgepack.errors import first_line
 
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
@@ -26,31 +28,62 @@ def count_quantized(path: Path) -> int:
 
 
 class _Reader:
-    """ORT's CalibrationDataReader over the context's calibration samples."""
+    """ORT's CalibrationDataReader over the context's calibration samples, in ranges of batches.
+
+    ``len`` and ``set_range`` let ``quantize_static`` collect one range at a time (its
+    ``CalibStridedMinMax``): the calibrator folds each range into running ranges or histograms and
+    drops its activations, instead of holding every batch's activations until the end."""
 
     def __init__(self, ctx: RecipeContext, limit: int, batch: int):
         from onnxruntime.quantization import CalibrationDataReader
 
+        data = ctx.calibration.take(limit)
+        starts = list(range(0, len(data), batch))
+
         class Reader(CalibrationDataReader):
             def __init__(self):
-                self._batches = iter(list(ctx.calibration_batches(limit, batch)))
+                self.set_range(0, len(starts))
+
+            def __len__(self):
+                return len(starts)
+
+            def set_range(self, start_index: int, end_index: int):
+                self._next, self._end = start_index, min(end_index, len(starts))
 
             def get_next(self):
-                return next(self._batches, None)
+                if self._next >= self._end:
+                    return None
+                start = starts[self._next]
+                self._next += 1
+                return {name: np.ascontiguousarray(array) for name, array in data.slice(start, start + batch).items()}
 
             def rewind(self):
-                self._batches = iter(list(ctx.calibration_batches(limit, batch)))
+                self.set_range(0, len(starts))
 
         self.reader = Reader()
+
+
+#: input bytes one calibration batch of a dynamic-batch model holds at most: the calibrator exposes every
+#: activation, so a batch costs hundreds of times its input (a 640x640 image: ~1 GB of activations)
+CALIBRATION_BATCH_BYTES = 1 << 20
+#: batches whose activations ORT's calibrator holds before it folds them into running ranges (its own
+#: CalibMaxIntermediateOutputs drops them unfolded in onnxruntime 1.32, so ranges come from the reader)
+CALIBRATION_HELD_BATCHES = 1
 
 
 def _calibration_batch(ctx: RecipeContext) -> int:
     import onnx
 
     model = onnx.load(str(ctx.base_model), load_external_data=False)
-    first = model.graph.input[0].type.tensor_type.shape.dim
-    # A fixed batch dimension takes exactly that many samples; a dynamic one takes small batches.
-    return first[0].dim_value if first and first[0].HasField("dim_value") else 16
+    initializers = {init.name for init in model.graph.initializer}
+    first = next((value for value in model.graph.input if value.name not in initializers), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    # A fixed batch dimension takes exactly that many samples; a dynamic one takes small batches, one
+    # sample at a time once a sample is large (the memory follows the batch, not the data set).
+    if dims and dims[0].HasField("dim_value") and ctx.calibration.axes.get(first.name, 0) == 0:
+        return dims[0].dim_value
+    sample = sum(array.nbytes // max(1, len(ctx.calibration)) for array in ctx.calibration.inputs.values())
+    return int(max(1, min(16, CALIBRATION_BATCH_BYTES // max(1, sample))))
 
 
 def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclude: list[str] | None = None) -> dict:
@@ -75,7 +108,9 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
             calibrate_method=methods[method], nodes_to_exclude=nodes_to_exclude or [],
             extra_options={"ActivationSymmetric": config.activation_symmetric,
                            "WeightSymmetric": config.weight_symmetric,
-                           "CalibPercentile": config.percentile},
+                           "CalibPercentile": config.percentile,
+                           # Running ranges: the activations of one range of batches at a time, never all.
+                           "CalibStridedMinMax": CALIBRATION_HELD_BATCHES},
         )
     except RecipeFailed:
         raise
