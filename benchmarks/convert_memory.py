@@ -44,11 +44,12 @@ MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224,
 
 
 def detector() -> Path | None:
-    try:
-        import rapidocr_onnxruntime
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # found, not imported (it needs OpenCV)
+    if spec is None or not spec.origin:
         return None
-    path = Path(rapidocr_onnxruntime.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
+    path = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
     return path if path.is_file() else None
 
 
@@ -82,7 +83,8 @@ def convert(model: str, data: Path, out: Path, extra: list[str]) -> tuple[float,
     seconds = time.perf_counter() - started
     found = re.search(r"maxrss (\d+) (\d+)", done.stderr)
     peak = max(map(int, found.groups())) / 1024 if found else float("nan")
-    status = "ok" if done.returncode == 0 else "error: " + (done.stderr.strip().splitlines() or ["?"])[-1][:80]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")] or ["?"]
+    status = "ok" if done.returncode == 0 else errors[-1][:160]
     return peak, seconds, status
 
 

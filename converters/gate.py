@@ -12,7 +12,9 @@ from edgepack.profiles import Budgets
 
 
 #: what an output is, which decides how it is judged
-OUTPUT_KINDS = ("classes", "embedding", "regression", "labels", "other")
+OUTPUT_KINDS = ("classes", "embedding", "regression", "labels", "map", "other")
+#: a probability map's pixels count as "on" above this (DB text detectors binarise at 0.3)
+MAP_THRESHOLD = 0.3
 
 
 @dataclass
@@ -33,6 +35,8 @@ class OutputMetrics:
     #: regression: mean |error| relative to the mean |original output|
     relative_error: float | None = None
     exact_agreement: float | None = None
+    #: maps: intersection over union of the thresholded maps, over every pixel of the validation set
+    map_iou: float | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -93,10 +97,21 @@ def is_classifier_output(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
 
 
+def is_probability_map(reference: np.ndarray) -> bool:
+    """[N, C<=4, H>=16, W>=16] floats in [0, 1]: a segmentation or detection probability map."""
+    reference = np.asarray(reference)
+    if reference.ndim != 4 or reference.dtype.kind != "f" or reference.shape[1] > 4 or min(reference.shape[2:]) < 16:
+        return False
+    finite = reference[np.isfinite(reference)]
+    return bool(finite.size) and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0
+
+
 def output_kind(reference: np.ndarray, declared: str | None = None) -> str:
     """What an output is: ``classes`` (float [N, C] scores), ``embedding`` (float [N, D] whose rows all
     have unit length, as sentence and image encoders return them), ``regression`` (one float per
-    sample), ``labels`` (integers or strings) or ``other`` (maps, boxes, ...). ``declared`` wins."""
+    sample), ``labels`` (integers or strings), ``map`` (a per-pixel probability map [N, C<=4, H, W] with
+    H, W >= 16 and values in [0, 1], as segmentation and text-detection heads return) or ``other``
+    (boxes, features, ...). ``declared`` wins."""
     if declared:
         return declared
     reference = np.asarray(reference)
@@ -106,6 +121,8 @@ def output_kind(reference: np.ndarray, declared: str | None = None) -> str:
         return "other"
     if reference.ndim == 1 or (reference.ndim == 2 and reference.shape[1] == 1):
         return "regression"
+    if is_probability_map(reference):
+        return "map"
     if is_classifier_output(reference):
         rows = reference.astype(np.float64)
         if _probabilities(rows):
@@ -171,6 +188,15 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, kind
         scale = float(np.abs(ref).mean())
         metrics.relative_error = (float(diff.mean()) / scale if scale > 0 else float(diff.mean())) if finite else float("inf")
         return metrics
+    if metrics.kind == "map":
+        # A map is judged over all its pixels at once: per sample, an image without any text has a map
+        # of near-zeros whose cosine is noise (fp32 itself scored 0.97 that way on photos of text).
+        norm = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+        metrics.cosine = (float((ref * cand).sum()) / norm if norm > 0 else float(not diff.any())) if finite else 0.0
+        on, got = ref > MAP_THRESHOLD, cand > MAP_THRESHOLD
+        union = int(np.logical_or(on, got).sum())
+        metrics.map_iou = (float(np.logical_and(on, got).sum()) / union if union else 1.0) if finite else 0.0
+        return metrics
     num = (ref * cand).sum(axis=1)
     den = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     # Samples whose reference and candidate are both all-zero agree perfectly.
@@ -227,6 +253,8 @@ def evaluate(reference_outputs: list[np.ndarray], candidate_outputs: list[np.nda
         for label, value, limit in budgeted:
             if value is not None and limit is not None and value < limit:
                 result.failures.append(f"{m.name}: {label} {value:.2%} < {limit:.2%}")
+        if m.map_iou is not None and m.map_iou < budgets.min_map_iou:
+            result.failures.append(f"{m.name}: map IoU (pixels > {MAP_THRESHOLD:g}) {m.map_iou:.4f} < {budgets.min_map_iou}")
         if m.relative_error is not None and m.relative_error > budgets.max_relative_error:
             result.failures.append(f"{m.name}: relative error {m.relative_error:.2%} > {budgets.max_relative_error:.2%}")
     if labels is not None:

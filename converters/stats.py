@@ -7,26 +7,81 @@ import numpy as np
 HISTOGRAM_BINS = 20
 
 
+#: float64 bytes one step of the statistics holds (the data set itself is never copied whole)
+CHUNK_BYTES = 8 << 20
+
+
+class _Moments:
+    """Count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        """Fold in the values of a 1-D float64 array."""
+        count = values.size
+        if not count:
+            return
+        mean = values.mean()
+        m2 = ((values - mean) ** 2).sum()
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * count / total
+        self.m2 = self.m2 + m2 + delta**2 * self.count * count / total
+        self.count = total
+
+    @property
+    def std(self):
+        return np.sqrt(self.m2 / self.count) if self.count else 0.0
+
+
+def _chunks(values: np.ndarray):
+    rows = len(values)
+    per_row = max(1, values[0].size * 8) if rows else 8
+    step = max(1, CHUNK_BYTES // per_row)
+    for start in range(0, rows, step):
+        yield values[start:start + step].astype(np.float64)
+
+
 def tensor_stats(array: np.ndarray) -> dict:
-    """Mean, std, min, max and a histogram of all values; per-channel mean/std for axis 1 when small."""
-    values = np.asarray(array, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
+    """Mean, std, min, max and a histogram of all values; per-channel mean/std for axis 1 when small.
+
+    Computed chunk by chunk in float64, so the memory is a few megabytes whatever the data set."""
+    values = np.asarray(array)
+    if values.ndim == 0:
+        values = values.reshape(1)
+    moments, low, high, finite = _Moments(), np.inf, -np.inf, 0
+    channels = values.ndim >= 2 and values.shape[1] <= 64
+    per_channel = [_Moments() for _ in range(values.shape[1])] if channels else []
+    for chunk in _chunks(values):
+        good = chunk[np.isfinite(chunk)]
+        finite += good.size
+        if good.size:
+            moments.add(good)
+            low, high = min(low, float(good.min())), max(high, float(good.max()))
+        if channels:
+            # As before: over every value of the channel (a NaN makes the channel's moments NaN).
+            by_channel = np.moveaxis(chunk, 1, 0).reshape(values.shape[1], -1)
+            for index, row in enumerate(by_channel):
+                per_channel[index].add(row)
+    if finite == 0:
         return {"count": int(values.size), "finite": 0}
-    low, high = float(finite.min()), float(finite.max())
-    counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS, range=(low, high if high > low else low + 1.0))
+    edges = np.histogram_bin_edges([], bins=HISTOGRAM_BINS, range=(low, high if high > low else low + 1.0))
+    counts = np.zeros(HISTOGRAM_BINS, np.int64)
+    for chunk in _chunks(values):
+        counts += np.histogram(chunk[np.isfinite(chunk)], bins=edges)[0]
     stats = {
         "count": int(values.size),
-        "samples": int(values.shape[0]) if values.ndim else 1,
-        "mean": float(finite.mean()),
-        "std": float(finite.std()),
+        "samples": int(values.shape[0]) if np.ndim(array) else 1,
+        "mean": float(moments.mean),
+        "std": float(moments.std),
         "min": low,
         "max": high,
         "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
     }
-    if values.ndim >= 2 and values.shape[1] <= 64:
-        per_channel = np.moveaxis(values, 1, 0).reshape(values.shape[1], -1)
-        stats["per_channel"] = {"axis": 1, "mean": per_channel.mean(axis=1).tolist(), "std": per_channel.std(axis=1).tolist()}
+    if channels:
+        stats["per_channel"] = {"axis": 1, "mean": [float(m.mean) for m in per_channel],
+                                "std": [float(m.std) for m in per_channel]}
     return stats
 
 

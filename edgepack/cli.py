@@ -50,7 +50,7 @@ def cli() -> None:
               help="top-1 agreement budget on the samples the original is confident about (default: the profile's)")
 @click.option("--confident-margin", type=click.FloatRange(0), help="how far (in logits) the original's top-1 must beat "
               "its top-2 for a sample to count as confident (default: the profile's, 1.0)")
-@click.option("--output-kind", "output_kinds", multiple=True, help="NAME=classes|embedding|regression|labels|other: "
+@click.option("--output-kind", "output_kinds", multiple=True, help="NAME=classes|embedding|regression|labels|map|other: "
               "what an output is, which decides how the gate judges it (default: detected)")
 @click.option("--recipe", "recipes", multiple=True, help="recipes to try, in order (overrides the profile's list)")
 @click.option("--try-all", is_flag=True, help="evaluate every recipe, not only up to the first that passes")

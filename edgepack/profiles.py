@@ -102,6 +102,7 @@ class Budgets(_Strict):
     neighbour_margin: float = Field(0.05, ge=0, description="embeddings: cosine similarity")
     max_relative_error: float = Field(0.02, ge=0, description="regression outputs: mean |error| / mean |output|")
     min_cosine: float = Field(0.99, ge=-1, le=1, description="cosine similarity per output")
+    min_map_iou: float = Field(0.9, ge=0, le=1, description="probability maps: IoU of the thresholded maps")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="when labels are given")
     max_latency_ms: float | None = Field(None, gt=0, description="p50 latency on the device, if known")
     max_latency_vs_fp32: float | None = Field(

@@ -275,3 +275,22 @@ def test_unknown_output_kind_is_one_clear_line(tmp_path):
     result = run_cli("convert", tmp_path / "m.pt2", "--profile", "x86-64", "--calibration", tmp_path / "x.npy",
                      "--output-kind", "junk", "--out", tmp_path / "out")
     assert result.returncode == 2 and "NAME=VALUE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_probability_maps_are_judged_over_all_pixels_with_their_thresholded_iou():
+    """A text detector's map: a photo without text gives a map of near-zeros whose per-sample cosine
+    is noise, so maps are compared over all pixels at once, plus the IoU of the thresholded maps."""
+    from converters.gate import compare_output, evaluate, output_kind
+
+    rng = np.random.default_rng(0)
+    maps = np.zeros((4, 1, 32, 32), np.float32)
+    maps[:3, :, 8:20, 4:28] = 0.9  # three images with a text line
+    maps[3] = rng.uniform(0, 1e-7, (1, 32, 32))  # one without text: near-zeros
+    assert output_kind(maps) == "map"
+    noisy = maps + rng.normal(0, 1e-8, maps.shape).astype(np.float32)
+    metrics = compare_output("map", maps, np.clip(noisy, 0, 1))
+    assert metrics.kind == "map" and metrics.cosine > 0.9999 and metrics.map_iou == 1.0
+    shifted = np.roll(maps, 6, axis=3)  # the boxes land elsewhere
+    budgets = Budgets()
+    result = evaluate([maps], [shifted], ["map"], budgets)
+    assert any("map IoU" in failure for failure in result.failures), result.failures

@@ -65,7 +65,7 @@ def test_profiles_cli():
     ("aarch64", False, "rpi4", True),
 ])
 def test_which_hosts_judge_a_profile_with_their_own_kernels(monkeypatch, host, dot, profile, native):
-    from converters import pipeline
+    from converters import evaluation as pipeline  # where runs_natively lives
 
     monkeypatch.setattr(pipeline, "host_arch", lambda: host)
     monkeypatch.setattr(pipeline, "host_int8_dot_product", lambda: dot)

@@ -42,7 +42,7 @@ def _features(matrix: np.ndarray, names: list[str]) -> dict:
 def input_reference(array: np.ndarray) -> dict:
     kind, layout = input_kind(array)
     # In chunks: the image features copy rows in float64, gigabytes for thousands of large images.
-    matrix = np.concatenate([input_features(kind, layout, array[i:i + 256]) for i in range(0, len(array), 256)]) \
+    matrix = np.concatenate([input_features(kind, layout, array[i:i + 32]) for i in range(0, len(array), 32)]) \
         if len(array) else input_features(kind, layout, array)
     return {"kind": kind, "layout": layout, **_features(matrix, input_feature_names(kind, layout, np.shape(array)))}
 
