@@ -56,7 +56,8 @@ class _Interpreter:
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise RuntimeBackendError(f"LiteRT cannot load {Path(model_path).name}: {first_line(exc)}") from None
-        self.batch: int | None = None
+        #: the input shapes its tensors are allocated for (None: as the model file declares)
+        self.batch: tuple | int | None = None
 
 
 class LiteRTBackend(Backend):
@@ -133,11 +134,13 @@ class LiteRTBackend(Backend):
 
     def _invoke(self, slot: _Interpreter, arrays: list[np.ndarray]) -> list[np.ndarray]:
         interpreter = slot.interpreter
-        if self.resizable and arrays and arrays[0].shape[0] != slot.batch:
+        # Keyed by every input's shape: the batch need not lie on axis 0 of each (a recurrent state).
+        shapes = tuple(array.shape for array in arrays)
+        if self.resizable and arrays and shapes != slot.batch:
             for detail, array in zip(self._in, arrays):
                 interpreter.resize_tensor_input(detail["index"], list(array.shape), strict=False)
             interpreter.allocate_tensors()
-            slot.batch = arrays[0].shape[0]
+            slot.batch = shapes
         for detail, array in zip(self._in, arrays):
             interpreter.set_tensor(detail["index"], self._to_model(detail, array))
         interpreter.invoke()

@@ -119,6 +119,7 @@ def test_served_over_oip_carrying_the_state_equals_the_original(bundles, speech)
             answer = client.infer("vad", tensors)
             served.append(float(answer.as_numpy("output")[0, 0]))
             state = answer.as_numpy("stateN")
+        print(f"served vs original over {len(steps)} windows: max abs difference {np.max(np.abs(np.subtract(served, expected))):.2e}")
         np.testing.assert_allclose(served, expected, atol=1e-4)
         # Two streams in one request: the batch on axis 0 of input and axis 1 of state.
         both = [triton.InferInput("input", [2, steps.shape[1]], "FP32"), triton.InferInput("state", [2, 2, 128], "FP32")]
