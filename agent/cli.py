@@ -122,7 +122,8 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
         finally:
             model.close()
     write_outputs(output_path, outputs)
-    count = len(next(iter(outputs.values())))
+    first = next(iter(outputs.values()))
+    count = len(first) if getattr(first, "ndim", 0) else 1
     click.echo(f"scored {count} samples with {model.name} {model.version} -> {output_path}")
 
 

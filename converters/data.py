@@ -107,7 +107,7 @@ def load_dataset(path: str, inputs: list[TensorSpec], image: ImagePreprocessing 
     dataset.axes = {spec.name: spec.sample_axis for spec in inputs}
     for spec in inputs:
         if spec.name in (constants or {}):
-            dataset.inputs[spec.name] = np.asarray(constants[spec.name], dtype=spec.dtype).reshape(spec.shape if None not in spec.shape else -1)
+            dataset.inputs[spec.name] = constant_array(spec, constants[spec.name])
     # In the model's input order: a torch model takes its inputs by position.
     dataset.inputs = {spec.name: dataset.inputs[spec.name] for spec in inputs if spec.name in dataset.inputs}
     _check(dataset, inputs, path)
@@ -215,6 +215,18 @@ def _check(dataset: Dataset, inputs: list[TensorSpec], path: str) -> None:
         raise DataError(f"{path}: 'labels' holds {len(dataset.labels)} entries but the inputs hold another number of samples")
 
 
+def constant_array(spec: TensorSpec, value, shape: tuple | None = None) -> np.ndarray:
+    """``--constant`` VALUE as the input takes it (a scalar fills a fixed shape); UsageError when it
+    does not fit."""
+    array = np.asarray(value, dtype=spec.dtype)
+    target = shape if shape is not None else tuple(d if d is not None else array.size for d in spec.shape)
+    try:
+        return np.broadcast_to(array.reshape(target) if array.size == int(np.prod(target)) else array, target).copy()
+    except ValueError:
+        raise UsageError(f"--constant {spec.name}: {array.size} value(s) do not fit the input {spec.describe()}; give "
+                         f"one value or {int(np.prod(target))}") from None
+
+
 def random_dataset(inputs: list[TensorSpec], count: int = 32, seed: int = 0, constants: dict | None = None,
                    shapes: dict | None = None, zeros: tuple = ()) -> Dataset:
     """Synthetic standard-normal inputs, for checking float recipes when no data is given: ``count``
@@ -227,8 +239,7 @@ def random_dataset(inputs: list[TensorSpec], count: int = 32, seed: int = 0, con
         shape = [g if d is None and given else (d if d is not None else 1)
                  for d, g in zip(spec.shape, given or [None] * len(spec.shape))]
         if spec.sample_axis is None:
-            value = (constants or {}).get(spec.name, 0)
-            arrays[spec.name] = np.broadcast_to(np.asarray(value, dtype=spec.dtype), tuple(shape)).copy()
+            arrays[spec.name] = constant_array(spec, (constants or {}).get(spec.name, 0), tuple(shape))
             continue
         shape[spec.sample_axis] = count
         if spec.name in zeros:

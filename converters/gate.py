@@ -100,13 +100,14 @@ def is_classifier_output(array: np.ndarray) -> bool:
 
 
 def is_probability_map(reference: np.ndarray) -> bool:
-    """[N, C<=4, H>=16, W>=16] floats in [0, 1]: a segmentation or detection probability map."""
+    """[N, C<=2, H>=16, W>=16] floats in [0, 1]: a segmentation or detection probability map (an
+    RGB image output in [0, 1] is not one: declare ``--output-kind NAME=map`` for a multi-class map)."""
     reference = np.asarray(reference)
-    if reference.ndim != 4 or reference.dtype.kind != "f" or reference.shape[1] > 4 or min(reference.shape[2:]) < 16:
+    if reference.ndim != 4 or reference.dtype.kind != "f" or reference.shape[1] > 2 or min(reference.shape[2:]) < 16:
         return False
-    finite = reference[np.isfinite(reference)]
+    low, high = np.nanmin(reference), np.nanmax(reference)  # no copy of the whole map
     # A float32 sigmoid rounds to 1.0000001 now and then.
-    return bool(finite.size) and float(finite.min()) >= -1e-6 and float(finite.max()) <= 1.0 + 1e-6
+    return bool(np.isfinite(low) and np.isfinite(high)) and float(low) >= -1e-6 and float(high) <= 1.0 + 1e-6
 
 
 def output_kind(reference: np.ndarray, declared: str | None = None) -> str:

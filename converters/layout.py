@@ -89,20 +89,22 @@ def graph_dims(path: Path) -> tuple[dict[str, list], dict[str, list]]:
 
 
 def batch_symbol(inputs: dict[str, list]) -> str | None:
-    """The symbolic dimension shared by the most inputs (the batch), if two or more share one."""
-    counts = Counter(symbol for dims in inputs.values() for symbol in set(d for d in dims if isinstance(d, str)))
+    """The batch: the symbolic dimension on axis 0 of some input that the most inputs share, if two or
+    more share it (``seq`` of ``ids [1, seq]`` and ``mask [1, seq]`` is no batch: never on axis 0)."""
+    leading = {dims[0] for dims in inputs.values() if dims and isinstance(dims[0], str)}
+    counts = Counter(symbol for dims in inputs.values() for symbol in set(d for d in dims if isinstance(d, str))
+                     if symbol in leading)
     if not counts:
         return None
-    symbol, shared = counts.most_common(1)[0]
-    ties = [s for s, c in counts.items() if c == shared]
-    if len(ties) > 1:  # prefer the one on axis 0 of some input
-        leading = [s for s in ties if any(dims and dims[0] == s for dims in inputs.values())]
-        symbol = leading[0] if leading else symbol
-    return symbol if shared >= 2 or len(inputs) == 1 else None
+    shared = max(counts.values())
+    symbol = sorted(s for s, c in counts.items() if c == shared)[0]  # deterministic among ties
+    return symbol if shared >= 2 else None
 
 
-def axis_of(dims: list, symbol: str | None, batch_elsewhere: bool) -> int | None:
-    """Where a tensor with ``dims`` holds its samples (None: a constant)."""
+def axis_of(dims: list, symbol: str | None, batch_elsewhere: bool, dynamic_batch: bool = True) -> int | None:
+    """Where a tensor with ``dims`` holds its samples (None: a constant). ``dynamic_batch``: some
+    input's axis 0 is dynamic, so a tensor with a fixed axis 0 and one dynamic axis holds its samples
+    there (``state [2, ?, 128]``); in a graph exported at a fixed batch every axis 0 is the batch."""
     if not dims:
         return None
     if symbol is not None and symbol in dims:
@@ -110,7 +112,7 @@ def axis_of(dims: list, symbol: str | None, batch_elsewhere: bool) -> int | None
     dynamic = [axis for axis, d in enumerate(dims) if not isinstance(d, int)]
     if 0 in dynamic:
         return 0
-    if len(dynamic) == 1:
+    if len(dynamic) == 1 and dynamic_batch:
         return dynamic[0]
     if not dynamic and batch_elsewhere and symbol is not None:
         return None  # fully fixed beside inputs with a symbolic batch: the same for every sample
@@ -121,7 +123,8 @@ def detect_input_axes(path: Path) -> dict[str, int | None]:
     """The sample axis of every graph input (see the module docstring)."""
     inputs, _ = graph_dims(path)
     symbol = batch_symbol(inputs)
-    return {name: axis_of(dims, symbol, True) for name, dims in inputs.items()}
+    dynamic_batch = any(dims and not isinstance(dims[0], int) for dims in inputs.values())
+    return {name: axis_of(dims, symbol, True, dynamic_batch) for name, dims in inputs.items()}
 
 
 def graph_output_axes(path: Path, input_axes: dict[str, int | None]) -> dict[str, int | None]:

@@ -106,8 +106,9 @@ class _Job(Evaluation, Packaging):
                 self.notes.append("no --calibration/--validation data: int8 recipes skipped, float recipes checked on random inputs")
         self._settle_output_axes()
         #: the constant inputs' values the model was judged with: the defaults a request may leave out
+        # (``--constant`` values are in the data already, shaped as the input takes them.)
         self.constants = {name: array.tolist() for name, array in self.validation.inputs.items()
-                          if self.validation.axis(name) is None and array.size <= 64} | dict(options.constants)
+                          if self.validation.axis(name) is None and array.size <= 64}
         # scikit-learn graphs are dynamic by construction; the others may carry a batch baked in.
         if source.kind in ("torch-export", "torchscript", "torch-factory", "onnx") and source.onnx_path is not None:
             progress("settling the batch dimension")

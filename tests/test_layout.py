@@ -172,3 +172,28 @@ def test_the_manifest_refuses_axes_and_states_that_do_not_fit():
         check_manifest(manifest)
     manifest["batch"]["state"] = {"y": "s"}
     assert check_manifest(manifest)
+
+
+def test_fixed_batch_exports_with_named_dimensions_keep_their_batch_on_axis_0(tmp_path):
+    """A batch-1 image model with named H and W, and a batch-1 text model whose inputs share ``seq``:
+    their samples are on axis 0 (a symbol never on axis 0 is no batch)."""
+    image = _graph(tmp_path, {"x": [1, 3, "height", "width"]}, {"y": [1, 10]}, "image.onnx")
+    assert layout.detect_input_axes(image) == {"x": 0}
+    text = _graph(tmp_path, {"ids": [1, "seq"], "mask": [1, "seq"]}, {"y": [1, "seq", 8]}, "text.onnx")
+    assert layout.detect_input_axes(text) == {"ids": 0, "mask": 0}
+    unnamed = _graph(tmp_path, {"ids": [1, None], "mask": [1, None]}, {"y": [1, 8]}, "unnamed.onnx")
+    assert layout.detect_input_axes(unnamed) == {"ids": 0, "mask": 0}
+
+
+def test_an_output_of_unknown_rank_keeps_a_model_mergeable():
+    backend = _Recurrent()
+    backend.inputs = backend.inputs[:1]
+    backend.outputs = [TensorSpec("y", "float32", ())]  # ORT reports an unknown shape as []
+    assert backend.plain
+
+
+def test_a_constant_that_does_not_fit_is_a_usage_error():
+    specs = [TensorSpec("x", "float32", (None, 3)), TensorSpec("gain", "float32", (2,), batch_axis=None)]
+    with pytest.raises(UsageError, match="--constant gain"):
+        random_dataset(specs, constants={"gain": [1.0, 2.0, 3.0]})
+    assert random_dataset(specs, constants={"gain": 0.5}).inputs["gain"].tolist() == [0.5, 0.5]

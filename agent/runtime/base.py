@@ -57,12 +57,19 @@ class Backend(ABC):
     def set_layout(self, axes: dict[str, int | None], defaults: dict | None = None) -> None:
         """Put the samples of the named inputs and outputs on the given axes (None: a constant), as the
         bundle's manifest records them; ``defaults`` fill constant inputs a request leaves out."""
+        self._layout = (dict(axes), dict(defaults or {}))
         for attribute in ("inputs", "outputs"):
             specs = getattr(self, attribute)
             setattr(self, attribute, [spec.with_axis(axes[spec.name]) if spec.name in axes else spec for spec in specs])
         names = {spec.name for spec in self.inputs}
         self.defaults = {name: np.asarray(value, dtype=next(s.dtype for s in self.inputs if s.name == name))
                          for name, value in (defaults or {}).items() if name in names}
+
+    def restore_layout(self) -> None:
+        """Apply the layout given to :meth:`set_layout` again (after a backend rebuilt its specs)."""
+        layout = getattr(self, "_layout", None)
+        if layout is not None:
+            self.set_layout(*layout)
 
     @property
     def batched(self) -> bool:
@@ -72,7 +79,8 @@ class Backend(ABC):
     @property
     def plain(self) -> bool:
         """True when every input and output holds its samples on axis 0."""
-        return plain_layout(self.inputs) and plain_layout(self.outputs)
+        # An output's declared shape may be unknown (rank 0 in the file): its declared axis counts.
+        return plain_layout(self.inputs) and all(spec.batch_axis == 0 for spec in self.outputs)
 
     @property
     def batch_size(self) -> int | None:

@@ -108,6 +108,7 @@ class LiteRTBackend(Backend):
         with self._switch:
             self.integer_io = enabled
             self._build_specs()
+            self.restore_layout()  # the rebuilt specs keep the bundle's axes
         return True
 
     def _spec(self, detail: dict, signature: list) -> TensorSpec:

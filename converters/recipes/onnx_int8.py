@@ -109,8 +109,10 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
             extra_options={"ActivationSymmetric": config.activation_symmetric,
                            "WeightSymmetric": config.weight_symmetric,
                            "CalibPercentile": config.percentile,
-                           # Running ranges: the activations of one range of batches at a time, never all.
-                           "CalibStridedMinMax": CALIBRATION_HELD_BATCHES},
+                           # Running ranges: the activations of one range of batches at a time, never
+                           # all (minmax only: the histogram methods would take their bins from the
+                           # first range, so they keep collecting everything before binning).
+                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES} if method == "minmax" else {})},
         )
     except RecipeFailed:
         raise
