@@ -420,3 +420,95 @@ def test_late_states_and_wills_do_not_overwrite_what_came_after(any_registry):
     assert row() == (True, "1.2.1")
     registry.store_batch([will()])  # an older agent's will (no boot): applies
     assert row() == (False, "1.2.1")
+
+
+def test_boot_numbers_order_states_of_two_boots(any_registry):
+    """A state the old boot left queued (a restarted controller's backlog drained after the new boot's
+    retained state) does not take the device back; a re-flashed device (its boot count starts again,
+    its clock is right) is not stuck."""
+    registry = any_registry
+
+    def store(boot, boot_n, ts, version):
+        registry.store_batch([("d2", "state", {"device": "d2", "boot": boot, "boot_n": boot_n, "ts": ts, "online": True,
+                                               "profile": "x86-64", "models": {"m": {"active": version}}})])
+        (found,) = [r for r in registry.devices() if r["device"] == "d2"]
+        return found["state"]["models"]["m"]["active"]
+
+    assert store("C", 5, 100.0, "1.0.0") == "1.0.0"
+    assert store("D", 6, 50.0, "1.1.0") == "1.1.0"  # the next boot, its clock behind: taken by its number
+    assert store("D", 6, 300.0, "1.2.0") == "1.2.0"  # its clock set right meanwhile
+    assert store("C", 5, 150.0, "1.0.0") == "1.2.0"  # the old boot's backlog, late: dropped
+    assert store("E", 1, 500.0, "2.0.0") == "2.0.0"  # re-flashed: count from 1, clock right: taken
+
+
+def test_a_pending_abort_is_never_replaced_and_pause_resume_cancel_out(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, 4)
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("1,100%"), "soak_s": 3600}, {})
+    rollouts.request(registry, rollout_id, "pause")
+    rollouts.request(registry, rollout_id, "resume")  # before the tick: they cancel out
+    assert _show(registry, rollout_id)["requested"] is None
+    _run(controller, fleet, ticks=2)
+    assert _show(registry, rollout_id)["state"] == "running"
+    rollouts.request(registry, rollout_id, "pause")
+    stale = _show(registry, rollout_id)  # what a tick read before the abort came in
+    rollouts.request(registry, rollout_id, "abort")
+    with pytest.raises(UsageError, match="an abort is requested"):
+        rollouts.request(registry, rollout_id, "pause")
+    assert rollouts._apply_request(registry, stale, time.time()) is False  # the tick's pause lost the race
+    assert _show(registry, rollout_id)["requested"] == "abort"
+    _run(controller, fleet, ticks=2)
+    assert _show(registry, rollout_id)["state"] == "aborted"
+    assert all(d["active"] == "1.0.0" for d in fleet.devices.values())
+    with pytest.raises(UsageError, match="is aborted"):
+        rollouts.request(registry, rollout_id, "resume")
+
+
+def test_a_tick_that_outlives_its_lease_signs_nothing_more(setup):
+    """Controller c1's tick stalls past its lease; c2 takes over. c1's next offer is refused inside
+    its own transaction (the fence), so no device gets two desired states for one step."""
+    from sqlalchemy import update
+
+    from edgepack.fleet.db import leases
+
+    registry, c1, public, _ = setup
+    c2 = FakeController(registry, c1.signing_key, client_id="c2")
+    fleet = FakeFleet(registry, public, 4)
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"}, {"stages": [{"percent": 100.0}], "soak_s": 0}, {})
+    assert rollouts._hold(c1)
+    rollouts.tick(c2)
+    assert c2.published == []  # c1 holds the lease
+    with registry.engine.begin() as db:  # c1 stalls: its lease runs out
+        db.execute(update(leases).values(until=time.time() - 1))
+    assert rollouts._hold(c2)
+    rollout = _show(registry, rollout_id)
+    member = next(m for m in rollout["members"] if m["status"] == "pending")
+    with pytest.raises(rollouts.LeaseLost):
+        rollouts.offer(c1, rollout, member, "1.1.0", "offer")
+    assert c1.published == [] and _offers_of(registry, rollout_id) == 0
+    rollouts.tick(c1)  # its next tick does not get the lease either
+    assert c1.published == []
+    _run(c2, fleet, ticks=5, until=lambda: _show(registry, rollout_id)["state"] == "done")
+    assert _offers_of(registry, rollout_id) == 4 and all(d["active"] == "1.1.0" for d in fleet.devices.values())
+
+
+def test_cohorts_and_device_lists_past_one_in_list(setup, monkeypatch):
+    """A fleet larger than one ``IN (…)`` list (PostgreSQL takes 65,535 parameters): start's check and
+    the tag command go in chunks; the metric cohorts are subqueries."""
+    from edgepack.fleet import db as tables
+
+    registry, controller, public, _ = setup
+    monkeypatch.setattr(tables, "IN_CHUNK", 3)
+    fleet = FakeFleet(registry, public, 10)
+    first = rollouts.start(registry, "m", "1.1.0", {"devices": ["d009"]}, {"stages": [{"percent": 100.0}], "soak_s": 0}, {})
+    with pytest.raises(UsageError, match=f"d009 is in rollout {first}"):
+        rollouts.start(registry, "m", "1.1.0", {"group": "all"})  # d009 is in the last chunk
+    assert len(registry.label("tags", [f"d{i:03d}" for i in range(10)], ["big"], [])) == 10
+    second = rollouts.start(registry, "m", "1.1.0", {"devices": [f"d00{i}" for i in range(9)]},
+                            {"stages": rollouts.parse_stages("50%,100%"), "soak_s": 0},
+                            {"max_latency_ratio": 1.5, "min_requests": 10, "window_s": 600})
+    scripts = {"default": {"p95": 0.01}, "1.1.0": {"p95": 0.05}}
+    _run(controller, fleet, ticks=10, scripts=scripts, until=lambda: _show(registry, second)["state"] == "aborted")
+    verdict = _show(registry, second)["verdicts"]["metrics"]["profiles"]["x86-64"]
+    assert verdict["new"]["devices"] >= 1 and verdict["old"]["devices"] >= 1 and verdict["latency_ratio"] > 1.5

@@ -56,6 +56,23 @@ async def survive(name: str, interval: float, work, metrics, max_backoff: float 
             delay = min(max(delay * 2, interval), max_backoff) * random.uniform(0.75, 1.0)
 
 
+def next_boot_number(root) -> int | None:
+    """One more than the boot number this store's agent last started with, recorded before it is used
+    (a crash between never reuses one); None when the store cannot be written."""
+    from pathlib import Path
+
+    path = Path(root) / "boots.json"
+    try:
+        last = int(json.loads(path.read_text()).get("boots", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        last = 0  # none yet, or damaged: the controller then orders this boot's states by clock
+    try:
+        write_json_atomic(path, {"boots": last + 1})
+    except OSError:
+        return None
+    return last + 1
+
+
 class FleetLink:
     """Connects one daemon to the fleet broker (only when ``mqtt`` is configured)."""
 
@@ -68,6 +85,9 @@ class FleetLink:
         self.store = registry.store
         self.device = device_id(config)
         self.boot = uuid.uuid4().hex[:12]
+        #: how many times this store's agent started: orders the states of two boots when the clock
+        #: cannot (a device without a real-time clock boots with its clock behind)
+        self.boot_n = next_boot_number(self.store.root)
         self.metrics = metrics
         self.spool, aside = open_spool(config.telemetry.spool or self.store.root / "spool.sqlite",
                                        config.telemetry.max_messages, config.telemetry.max_bytes)
@@ -163,7 +183,7 @@ class FleetLink:
                 models[name]["local"] = state["local"]  # an operator's install/rollback holds
             if self.updater and name in self.updater.progress:
                 models[name]["download"] = self.updater.progress[name]
-        body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "online": online,
+        body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "boot_n": self.boot_n, "online": online,
                 "profile": self.config.profile, "ts": time.time(), "models": models,
                 # the group desired-state topics this device follows (the controller authorises chunk
                 # requests by them and targets rollouts by them)

@@ -218,6 +218,17 @@ def insert_for(engine):
     return insert
 
 
+#: ids per ``IN (…)`` list: PostgreSQL takes at most 65,535 bound parameters in one statement
+IN_CHUNK = 10_000
+
+
+def chunked(items, size: int | None = None):
+    """``items`` in lists of at most ``size`` (for ``IN (…)`` lists over a fleet of any size)."""
+    items, size = list(items), size or IN_CHUNK
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
 def take_lease(engine, name: str, owner: str, seconds: float) -> bool:
     """Hold ``name`` for ``seconds`` (renewed by the holder); one statement, so two controllers
     cannot both win."""
@@ -231,14 +242,28 @@ def take_lease(engine, name: str, owner: str, seconds: float) -> bool:
     return bool(won)
 
 
+def lease_held(db, name: str, owner: str) -> bool:
+    """Whether ``owner`` still holds ``name``, read inside the caller's transaction (the fence of a
+    write that only the holder may make). On PostgreSQL the row is locked until that transaction
+    ends, so a takeover cannot commit between this check and the write it guards; on SQLite the
+    caller holds the database's write lock already."""
+    from sqlalchemy import select
+
+    query = select(leases.c.owner).where(leases.c.name == name).where(leases.c.owner == owner).where(leases.c.until >= time.time())
+    if db.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return db.execute(query).first() is not None
+
+
 def release_lease(engine, name: str, owner: str) -> None:
     with engine.begin() as db:
         db.execute(update(leases).where(leases.c.name == name).where(leases.c.owner == owner)
                    .values(owner=None, until=0.0))
 
 
-def rollout_classes_query(model: str, device_ids: list[str], versions: list[str], since_minute: int):
-    """Predicted-class counts of ``model`` at ``versions`` on ``device_ids`` since a minute: (label, count) rows."""
+def rollout_classes_query(model: str, device_ids, versions: list[str], since_minute: int):
+    """Predicted-class counts of ``model`` at ``versions`` on ``device_ids`` (a list, or a SELECT of
+    device ids for a cohort of any size) since a minute: (label, count) rows."""
     from sqlalchemy import func, select
 
     return (select(rollup_classes.c.label, func.sum(rollup_classes.c.count))

@@ -12,7 +12,7 @@ import json
 import math
 import time
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, true, update
 
 from . import db as tables
 from .db import devices, messages, open_engine, rollup_classes, rollups
@@ -96,9 +96,9 @@ class FleetRegistry:
         """Upsert the device's row from a state message.
 
         Ordering: with ``--share all`` two controllers store one device's messages, so an older state
-        can be written after a newer one. A full state replaces the stored one only when it is newer
-        within the same boot (any state of another boot replaces it: a device without a real-time clock
-        can boot with its clock behind). A Last Will (or a clean goodbye) says only "offline" and
+        can be written after a newer one, and a restarted controller's queued backlog can arrive after
+        the retained copy of a newer state. A full state replaces the stored one only when it is newer:
+        by its clock within the same boot, by its boot number (``boot_n``) or its clock across boots. A Last Will (or a clean goodbye) says only "offline" and
         applies only to the boot it was set by: a will of the connection before a reboot arriving after
         the new boot's state leaves the device online. Messages without ``boot``/``ts`` (older agents)
         are stored as they come."""
@@ -113,16 +113,29 @@ class FleetRegistry:
             return
         profile = state.get("profile")
         ts = _number(state.get("ts"), None)
+        boot_n = state.get("boot_n") if isinstance(state.get("boot_n"), int) and not isinstance(state.get("boot_n"), bool) else None
         # What the guard reads back is always a number and a string (PostgreSQL casts it: a stored
         # "ts": "soon" would make every later state of the device fail)
-        state = {k: v for k, v in state.items() if k not in ("ts", "boot")}
-        state.update({"ts": ts} if ts is not None else {}, **({"boot": _clean(boot, 64)} if boot else {}))
+        state = {k: v for k, v in state.items() if k not in ("ts", "boot", "boot_n")}
+        state.update({"ts": ts} if ts is not None else {}, **({"boot": _clean(boot, 64)} if boot else {}),
+                     **({"boot_n": boot_n} if boot_n is not None and 0 < boot_n < 2 ** 62 else {}))
         values = {"online": bool(state.get("online")), "profile": _clean(profile, 64) if isinstance(profile, str) else None,
                   "state": state, "last_seen": now}
         guard = None
         if boot and ts is not None:
-            guard = or_(devices.c.state.is_(None), stored_boot.is_(None), stored_boot != boot,
-                        stored_ts.is_(None), stored_ts <= ts)
+            # Another boot's state is newer when its boot number or its clock says so: the number
+            # orders boots of a device whose clock starts behind; the clock still lets a re-flashed
+            # device (its count starts again) in. A state the old boot left queued — a controller's
+            # backlog drained after the new boot's retained state — says neither, and is dropped.
+            stored_n = devices.c.state["boot_n"].as_integer()
+            other_boot = [stored_ts.is_(None), stored_ts < ts]
+            if boot_n is not None:
+                other_boot += [stored_n.is_(None), stored_n < boot_n]
+            else:
+                other_boot = [true()]  # an agent without boot numbers: every new boot wins, as it always did
+            guard = or_(devices.c.state.is_(None), stored_boot.is_(None),
+                        and_(stored_boot != boot, or_(*other_boot)),
+                        and_(stored_boot == boot, or_(stored_ts.is_(None), stored_ts <= ts)))
         db.execute(self.insert(devices).values(device=device[:128], first_seen=now, tags=[], groups=[], **values)
                    .on_conflict_do_update(index_elements=[devices.c.device], set_=values, where=guard))
 
@@ -250,9 +263,12 @@ class FleetRegistry:
                 values += [v for v in add if v not in values]
                 db.execute(update(devices).where(devices.c.device == device).values(**{column: sorted(values)}))
                 changed.append(device)
+        from .db import chunked
+
         with self.engine.connect() as db:
-            return [dict(r._mapping) for r in db.execute(select(devices).where(devices.c.device.in_(changed))
-                                                         .order_by(devices.c.device))]
+            rows = [dict(r._mapping) for part in chunked(changed)
+                    for r in db.execute(select(devices).where(devices.c.device.in_(part)))]
+        return sorted(rows, key=lambda r: r["device"])
 
 
 def device_groups(row: dict) -> set[str]:

@@ -33,7 +33,8 @@ from sqlalchemy import func, select, text, update
 from edgepack.errors import UsageError
 
 from . import topics
-from .db import desired, devices, rollout_classes_query, rollout_devices, rollouts, rollups, take_lease
+from .db import (chunked, desired, devices, lease_held, rollout_classes_query, rollout_devices, rollouts, rollups,
+                 take_lease)
 from .releases import release
 from .registry import device_groups
 
@@ -140,15 +141,19 @@ def start(registry, name: str, version: str, selector: dict, strategy: dict | No
     criteria = {**DEFAULT_CRITERIA, **{k: v for k, v in (criteria or {}).items() if v is not None}}
     now = time.time()
     with registry.engine.begin() as db:
-        busy = db.execute(select(rollout_devices.c.device, rollouts.c.id).join(rollouts, rollouts.c.id == rollout_devices.c.rollout)
-                          .where(rollouts.c.name == name).where(rollouts.c.state.in_(("running", "paused")))
-                          .where(rollout_devices.c.device.in_([r["device"] for r in chosen]))).first()
+        busy = None
+        for part in chunked(r["device"] for r in chosen):
+            busy = busy or db.execute(select(rollout_devices.c.device, rollouts.c.id)
+                                      .join(rollouts, rollouts.c.id == rollout_devices.c.rollout)
+                                      .where(rollouts.c.name == name).where(rollouts.c.state.in_(("running", "paused")))
+                                      .where(rollout_devices.c.device.in_(part))).first()
         if busy:
             raise UsageError(f"device {busy.device} is in rollout {busy.id} of {name}, still running; "
                              f"abort or finish it first ('edgepack fleet rollout abort {busy.id}')")
         rollout_id = db.execute(rollouts.insert().values(
             kind="rollout", name=name, version=version, selector=selector, strategy=strategy, criteria=criteria,
             state="running", stage=-1, created=now, updated=now, verdicts={})).inserted_primary_key[0]
+        members = []
         for row in chosen:
             models = _models(row).get(name) or {}
             status, detail = "pending", None
@@ -156,10 +161,11 @@ def start(registry, name: str, version: str, selector: dict, strategy: dict | No
                 status, detail = "skipped", f"release has no bundle for profile {row.get('profile')!r}"
             elif models.get("active") == version:
                 status, detail = "committed", "already on this version"
-            db.execute(rollout_devices.insert().values(
-                rollout=rollout_id, device=row["device"], profile=row.get("profile"),
-                rank=_rank(f"{name}@{version}", row["device"]), status=status, from_version=models.get("active"),
-                to_version=version, detail=detail, finished_at=now if status == "committed" else None))
+            members.append(dict(rollout=rollout_id, device=row["device"], profile=row.get("profile"),
+                                rank=_rank(f"{name}@{version}", row["device"]), status=status,
+                                from_version=models.get("active"), to_version=version, detail=detail,
+                                finished_at=now if status == "committed" else None))
+        db.execute(rollout_devices.insert(), members)  # one executemany, not a statement per device
     return rollout_id
 
 
@@ -206,26 +212,76 @@ def start_rollback(registry, name: str | None, selector: dict | None = None, rel
     return rollout_id
 
 
+#: the state a rollout is in once its pending request is done
+_REQUESTED_STATE = {"pause": "paused", "resume": "running", "abort": "aborted"}
+
+
 def request(registry, rollout_id: int, action: str) -> None:
-    """Ask the controller to pause, resume or abort a rollout (done at its next tick)."""
+    """Ask the controller to pause, resume or abort a rollout (done at its next tick).
+
+    A request is judged against the state the rollout will be in once the pending one is done (a
+    pause then a resume before the tick cancel out), and an abort is never replaced: a pause sent
+    after it, or one the tick is doing while the abort arrives, cannot keep the rollout going. The
+    write is conditional on what was read, so a request racing the tick or another CLI is refused
+    rather than lost."""
     with registry.engine.begin() as db:
         row = db.execute(select(rollouts).where(rollouts.c.id == rollout_id)).first()
         if row is None:
             raise UsageError(f"no rollout {rollout_id}; see 'edgepack fleet rollouts'")
+        pending = row.requested
+        effective = _REQUESTED_STATE.get(pending, row.state) if row.state in ("running", "paused") else row.state
         allowed = {"pause": ("running",), "resume": ("paused",), "abort": ("running", "paused")}[action]
-        if row.state not in allowed:
+        if pending == "abort" or effective not in allowed:
             done = {"pause": "paused", "resume": "resumed", "abort": "aborted"}[action]
-            raise UsageError(f"rollout {rollout_id} is {row.state}; it cannot be {done}"
+            said = " (an abort is requested and wins)" if pending == "abort" else ""
+            raise UsageError(f"rollout {rollout_id} is {effective}{said}; it cannot be {done}"
                              + (" (a finished rollout is undone with 'edgepack fleet rollback')" if row.state == "done" else ""))
-        db.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(requested=action, updated=time.time()))
+        # pause+resume (or resume+pause) before the tick: back to no request
+        value = None if _REQUESTED_STATE[action] == row.state and action != "abort" else action
+        same = rollouts.c.requested.is_(None) if pending is None else rollouts.c.requested == pending
+        changed = db.execute(update(rollouts).where(rollouts.c.id == rollout_id).where(rollouts.c.state == row.state)
+                             .where(same).values(requested=value, updated=time.time())).rowcount
+        if not changed:
+            raise UsageError(f"rollout {rollout_id} changed while the request was made; look at "
+                             f"'edgepack fleet rollout show {rollout_id}' and try again")
 
 
 # -- the tick --------------------------------------------------------------------------------------
 
+class LeaseLost(RuntimeError):
+    """This controller's lease on the rollouts ran out during a tick (a tick slower than the lease):
+    another controller may be advancing them now, so this one stops writing."""
+
+
+def _hold(controller) -> bool:
+    """Take or renew the rollouts lease (at the start of a tick and between its rollouts)."""
+    seconds = max(10.0, 5 * controller.tick_s)
+    held = take_lease(controller.registry.engine, LEASE, controller.client_id, seconds)
+    controller._lease = (LEASE, controller.client_id) if held else None
+    return held
+
+
+#: the lease a controller holds while it advances rollouts
+LEASE = "rollouts"
+
+
+def _fence(controller, db) -> None:
+    """Raise LeaseLost unless this controller still holds the lease, inside the transaction of a write
+    only the holder may make (a desired state signed and published). Controllers that never took the
+    lease (tests driving one rollout) are not fenced."""
+    lease = getattr(controller, "_lease", None)
+    if lease is not None and not lease_held(db, *lease):
+        raise LeaseLost(f"controller {lease[1]} lost the {lease[0]} lease during a tick; another controller goes on")
+
+
 def tick(controller) -> None:
-    """One round over every rollout that is not over (only on the controller holding the lease)."""
+    """One round over every rollout that is not over (only on the controller holding the lease).
+
+    The lease is renewed between rollouts, and every desired state is signed in a transaction that
+    checks it is still held (a fence): a tick that takes longer than the lease — a slow database, a
+    paused VM — stops at its next write instead of offering beside the controller that took over."""
     registry = controller.registry
-    if not take_lease(registry.engine, "rollouts", controller.client_id, max(10.0, 5 * controller.tick_s)):
+    if not _hold(controller):
         return
     with registry.engine.connect() as db:
         live = db.execute(select(rollouts.c.id).where(
@@ -241,14 +297,25 @@ def tick(controller) -> None:
     for topic, payload in list(controller.__dict__.get("unpublished", {}).items()):
         _publish(controller, topic, payload)
     for rollout_id in live:
+        if not _hold(controller):
+            log.warning("rollouts lease lost during a tick; another controller goes on")
+            return
         try:
             advance(controller, rollout_id)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            return
         except Exception:  # noqa: BLE001 - one rollout (a device's odd state) must not stall the others
             log.exception("rollout %s: tick failed", rollout_id)
+    if not _hold(controller):
+        return
     now = time.time()
     if now - getattr(controller, "_freshened", 0.0) >= FRESHEN_EVERY_S:
         controller._freshened = now
-        freshen(controller, now)
+        try:
+            freshen(controller, now)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
 
 
 #: how often the controller looks for desired states past half their life
@@ -284,6 +351,7 @@ def freshen(controller, now: float) -> int:
         lifetime = (row.expires_at or now) - (row.created or now)
         with registry.engine.begin() as db:
             number = next_desired_version(db)
+            _fence(controller, db)
             state = DesiredState.model_validate({**document, "version": number, "issued_at": now,
                                                  "expires_at": now + max(lifetime, 60.0)})
             payload = sign_desired(state, controller.signing_key)
@@ -305,14 +373,13 @@ def republish(controller, rollout_ids) -> None:
     the retained copy of a desired state it accepted already as a no-op."""
     registry = controller.registry
     with registry.engine.connect() as db:
-        waiting = db.execute(select(rollout_devices.c.device, rollout_devices.c.desired_version)
+        waiting = db.execute(select(rollout_devices.c.device, desired.c.topic, desired.c.payload).select_from(desired)
+                             .join(rollout_devices, (rollout_devices.c.desired_version == desired.c.desired_version))
                              .where(rollout_devices.c.rollout.in_(list(rollout_ids)))
                              .where(rollout_devices.c.status.in_(WAITING))).all()
-        for device, version in waiting:
-            row = db.execute(select(desired.c.topic, desired.c.payload).where(desired.c.desired_version == version)
-                             .where(desired.c.topic == topics.desired(device))).first()
-            if row:
-                _publish(controller, row.topic, row.payload.encode())
+    for row in waiting:
+        if row.topic == topics.desired(row.device):
+            _publish(controller, row.topic, row.payload.encode())
 
 
 def advance(controller, rollout_id: int) -> None:
@@ -322,9 +389,10 @@ def advance(controller, rollout_id: int) -> None:
         rollout = dict(db.execute(select(rollouts).where(rollouts.c.id == rollout_id)).first()._mapping)
     action = rollout["requested"]
     if action:
-        _apply_request(registry, rollout, now)
+        if not _apply_request(registry, rollout, now):
+            return
         if action == "abort":
-            abort(controller, rollout, "aborted by the operator")
+            finish_abort(controller, rollout)
         return
     refresh(controller, rollout, now)
     if rollout["state"] == "aborted":
@@ -353,14 +421,26 @@ def advance(controller, rollout_id: int) -> None:
     offer_next(controller, rollout, members, metrics, now)
 
 
-def _apply_request(registry, rollout: dict, now: float) -> None:
+def _apply_request(registry, rollout: dict, now: float) -> bool:
+    """Do the rollout's pending request in one conditional write; False when another request replaced
+    it meanwhile (the next tick does that one). An abort is saved as the state at once, so a crash
+    before its rollbacks are offered still leaves an aborted rollout (finished at the next tick); a
+    request to a rollout that is over already (aborted by its criteria meanwhile) is dropped."""
     action = rollout["requested"]
-    state = {"pause": "paused", "resume": "running", "abort": rollout["state"]}[action]
-    values = {"requested": None, "state": state, "updated": now}
-    if action == "resume":
-        values["stage_started"] = now  # the soak of the stage under way starts again
-    _save(registry, rollout["id"], **values)
-    rollout.update(values)
+    if rollout["state"] not in ("running", "paused"):
+        values = {"requested": None, "updated": now}
+    else:
+        values = {"requested": None, "state": _REQUESTED_STATE[action], "updated": now}
+        if action == "resume":
+            values["stage_started"] = now  # the soak of the stage under way starts again
+        if action == "abort":
+            values["reason"] = "aborted by the operator"
+    with registry.engine.begin() as db:
+        done = db.execute(update(rollouts).where(rollouts.c.id == rollout["id"]).where(rollouts.c.requested == action)
+                          .where(rollouts.c.state == rollout["state"]).values(**values)).rowcount
+    if done:
+        rollout.update(values)
+    return bool(done) and "state" in values
 
 
 def _save(registry, rollout_id: int, **values) -> None:
@@ -463,9 +543,12 @@ def failure_verdict(rollout: dict, members: list[dict]) -> dict | None:
 
 # -- model metrics: the new cohort against the old -------------------------------------------------
 
-def _cohort(registry, model: str, devices_: list[str], versions: list[str], since_minute: int) -> dict:
-    if not devices_ or not versions:
-        return {"devices": 0, "requests": 0}
+def _cohort(registry, model: str, devices_, versions: list[str], since_minute: int) -> dict:
+    """Summed rollups of ``model`` at ``versions`` on ``devices_`` (a SELECT of device ids: a fleet's
+    cohort can pass PostgreSQL's 65,535 bound parameters as a literal list)."""
+    if not versions:
+        return {"devices": 0, "requests": 0, "errors": 0, "error_rate": None, "p95_s": None, "drift_share": None,
+                "classes": {}}
     with registry.engine.connect() as db:
         row = db.execute(select(func.count(func.distinct(rollups.c.device)), func.sum(rollups.c.requests),
                                 func.sum(rollups.c.errors), func.sum(rollups.c.p95_weighted), func.sum(rollups.c.p95_requests),
@@ -505,11 +588,12 @@ def metric_verdict(registry, rollout: dict, members: list[dict], now: float) -> 
     profiles: dict[str, dict] = {}
     for profile in sorted({m["profile"] for m in members if m["profile"]}):
         mine = [m for m in members if m["profile"] == profile]
-        new = [m["device"] for m in mine if m["status"] == "committed"]
-        if not new:
+        if not any(m["status"] == "committed" for m in mine):
             continue  # nothing of this profile updated yet: nothing to judge
         old_versions = sorted({m["from_version"] for m in mine if m["from_version"] and m["from_version"] != rollout["version"]})
-        everyone = [m["device"] for m in mine]
+        everyone = (select(rollout_devices.c.device).where(rollout_devices.c.rollout == rollout["id"])
+                    .where(rollout_devices.c.profile == profile))
+        new = everyone.where(rollout_devices.c.status == "committed")
         cohort_new = _cohort(registry, rollout["name"], new, [rollout["version"]], since)
         cohort_old = _cohort(registry, rollout["name"], everyone, old_versions, since)
         verdict = {"new": {k: v for k, v in cohort_new.items() if k != "classes"},
@@ -637,6 +721,8 @@ def finish_abort(controller, rollout: dict) -> None:
             continue
         try:
             offer(controller, rollout, member, member["from_version"], "rollback", from_status=member["status"])
+        except LeaseLost:
+            raise
         except Exception:  # noqa: BLE001 - one device must not cost the others their rollback; next tick again
             log.exception("rollback offer to %s failed", member["device"])
 
@@ -687,6 +773,7 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
     device = member["device"]
     with registry.engine.begin() as db:
         number = next_desired_version(db)
+        _fence(controller, db)
         state = DesiredState(version=number, device=device, issued_at=now,
                              expires_at=now + float(strategy.get("expires_s") or 7 * 86400),
                              model=ModelRef(name=rollout["name"], version=version),
