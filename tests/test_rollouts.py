@@ -512,3 +512,48 @@ def test_cohorts_and_device_lists_past_one_in_list(setup, monkeypatch):
     _run(controller, fleet, ticks=10, scripts=scripts, until=lambda: _show(registry, second)["state"] == "aborted")
     verdict = _show(registry, second)["verdicts"]["metrics"]["profiles"]["x86-64"]
     assert verdict["new"]["devices"] >= 1 and verdict["old"]["devices"] >= 1 and verdict["latency_ratio"] > 1.5
+
+
+def test_a_renewal_neither_out_versions_a_group_push_nor_counts_as_a_new_try(setup, tmp_path):
+    """freshen() leaves a device's state alone while a newer push to a group it follows waits for it;
+    a renewal says which offer it renews, so a failure reported against the offer before it still
+    answers the rollout, and an agent that failed that target does not try it again."""
+    from sqlalchemy import select
+
+    from agent.updates import record as agent_record
+    from edgepack.fleet.db import desired
+
+    registry, controller, public, _ = setup
+    FakeFleet(registry, public, 3)
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"devices": ["d000", "d001"]},
+                                {"stages": [{"percent": 100.0}], "soak_s": 0}, {"max_failure_pct": 100})
+    rollouts.tick(controller)  # offered; the devices have not answered yet
+    offered = {m["device"]: m["desired_version"] for m in _show(registry, rollout_id)["members"]}
+    with registry.engine.begin() as db:  # a 'fleet push --group all' of another version, newer
+        db.execute(desired.insert().values(topic=topics.group_desired("all"), desired_version=offered["d001"] + 100,
+                                           model="m", version="1.2.0", purpose="push", payload="{}", created=time.time()))
+    later = time.time() + 13 * 3600
+    assert rollouts.freshen(controller, later) == 0  # both follow group 'all': the push is newer
+    with registry.engine.begin() as db:
+        db.execute(desired.delete().where(desired.c.topic == topics.group_desired("all")))
+    before = len(controller.published)
+    assert rollouts.freshen(controller, later) == 2
+    renewal = verify_desired(dict(controller.published[before:])[topics.desired("d000")], [public], now=later)
+    assert renewal.renews == offered["d000"] and renewal.version > offered["d000"]
+    with registry.engine.connect() as db:
+        assert db.execute(select(desired.c.desired_version).where(desired.c.desired_version == renewal.version)).scalar()
+    # d000's failure of the first offer arrives after the renewal: it answers the rollout
+    registry.record_state("d000", {"online": True, "profile": "x86-64", "groups": ["all"], "models": {"m": {
+        "active": "1.0.0", "target": "1.1.0", "desired_version": offered["d000"],
+        "update": {"state": "idle", "result": "rolled_back", "reason": "probation", "since": time.time()}}}})
+    rollouts.tick(controller)
+    assert {m["device"]: m["status"] for m in _show(registry, rollout_id)["members"]}["d000"] == "failed"
+    # the agent side: a renewal of a target it failed keeps the failure (no new try); a new offer clears it
+    record = agent_record.empty_record()
+    bundle = renewal.for_profile("x86-64")
+    record["failed"][bundle.sha256] = {"reason": "probation", "attempts": 1}
+    agent_record.accept(record, topics.desired("d000"), renewal, bundle)
+    assert bundle.sha256 in record["failed"]
+    first = verify_desired(next(p for t, p in controller.published[:before] if t == topics.desired("d000")), [public])
+    agent_record.accept(record, topics.desired("d000"), first, bundle)
+    assert bundle.sha256 not in record["failed"]

@@ -139,7 +139,9 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
     record["digests"][topic] = state.digest
     record["models"][name] = max(record["models"].get(name, 0), state.version)
     record["wanted"][name] = target
-    record["failed"].pop(bundle.sha256, None)  # pushing it again is how an operator retries
+    if state.renews is None:
+        # pushing it again is how an operator retries; a renewal of the same offer is not a new try
+        record["failed"].pop(bundle.sha256, None)
     # The clock floor moves with what the fleet signed, never beyond this device's own clock at the
     # time: one pusher whose clock runs far ahead cannot make every later desired state look expired,
     # and a clock set back afterwards (a reboot without RTC) cannot revive an expired one.

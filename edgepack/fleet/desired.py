@@ -150,6 +150,10 @@ class DesiredState(_Strict):
     model: ModelRef
     bundles: dict[str, BundleRef] = Field(min_length=1, description="profile -> bundle")
     probation: ProbationBudget | None = None
+    #: set on a desired state re-signed only to renew its expiry (the fleet's freshness statement):
+    #: the version of the first state of that chain. A device that failed that target does not take
+    #: the renewal as a new offer to try again (a new offer or push leaves it out).
+    renews: int | None = Field(None, ge=1)
     #: sha256 of the signed document's bytes (set by verify_desired): tells a re-signed document
     #: that reuses an accepted version from the retained copy of that very document
     _digest: str | None = PrivateAttr(None)

@@ -344,7 +344,17 @@ def freshen(controller, now: float) -> int:
             waiting = db.execute(select(rollout_devices.c.status).where(rollout_devices.c.device == device)
                                  .where(rollout_devices.c.desired_version == row.desired_version)
                                  .where(rollout_devices.c.status.in_(WAITING))).first()
-        model = (((state_row.state if state_row else None) or {}).get("models") or {}).get(row.model) or {}
+            reported = (state_row.state if state_row else None) or {}
+            followed = [topics.group_desired(g) for g in reported.get("groups") or [] if isinstance(g, str)]
+            # A newer state for this model on a group topic the device follows (a 'fleet push --group'
+            # it has not taken yet) is what the fleet wants now: renewing the device's own state
+            # with a higher number would out-version it.
+            newer = followed and db.execute(
+                select(func.max(desired.c.desired_version)).where(desired.c.topic.in_(followed))
+                .where(desired.c.model == row.model)).scalar()
+        if newer and newer > row.desired_version:
+            continue
+        model = (reported.get("models") or {}).get(row.model) or {}
         if model.get("active") != row.version and waiting is None:
             continue
         document = json.loads(json.loads(row.payload)["desired"])
@@ -353,7 +363,8 @@ def freshen(controller, now: float) -> int:
             number = next_desired_version(db)
             _fence(controller, db)
             state = DesiredState.model_validate({**document, "version": number, "issued_at": now,
-                                                 "expires_at": now + max(lifetime, 60.0)})
+                                                 "expires_at": now + max(lifetime, 60.0),
+                                                 "renews": document.get("renews") or row.desired_version})
             payload = sign_desired(state, controller.signing_key)
             db.execute(desired.insert().values(topic=row.topic, desired_version=number, model=row.model, version=row.version,
                                                rollout=row.rollout, purpose="refresh", payload=payload.decode(),
@@ -475,7 +486,8 @@ def refresh(controller, rollout: dict, now: float) -> None:
             values.update(status="committed" if row.status == "offered" else "rolled_back", finished_at=now,
                           detail=None)
         elif (row.status == "offered" and idle and model.get("target") == row.to_version
-              and update_state.get("result") in ("failed", "rolled_back") and _answers(model, update_state, row)):
+              and update_state.get("result") in ("failed", "rolled_back")
+              and _answers(model, update_state, row, _offer_floor(registry, row.desired_version))):
             values.update(status="failed", finished_at=now, detail=update_state.get("reason"))
         elif row.status == "offered" and (row.seen_at or values.get("seen_at")) and now - (row.seen_at or now) > timeout:
             values.update(status="timed_out", finished_at=now,
@@ -497,14 +509,28 @@ def refresh(controller, rollout: dict, now: float) -> None:
                 _retry(controller, rollout, device, retries)
 
 
-def _answers(model: dict, update_state: dict, row) -> bool:
+def _answers(model: dict, update_state: dict, row, floor: int | None = None) -> bool:
     """Whether the failure a device reports is the result of this offer, not of an earlier one: by the
-    desired-state version the device names (agents report it), else by time."""
+    desired-state version the device names (agents report it; ``floor``, the first version of a
+    renewed offer, counts as this offer too), else by time."""
     reported = model.get("desired_version")
     if isinstance(reported, int) and not isinstance(reported, bool):
-        return reported >= (row.desired_version or 0)
+        return reported >= min(floor or row.desired_version or 0, row.desired_version or 0)
     since = update_state.get("since")
     return isinstance(since, (int, float)) and since >= (row.offered_at or 0)
+
+
+def _offer_floor(registry, desired_version: int | None) -> int | None:
+    """The first desired-state version of the offer ``desired_version`` renews (itself when it renews
+    none): a failure the device reports against the offer before a renewal still answers it."""
+    if not desired_version:
+        return None
+    with registry.engine.connect() as db:
+        payload = db.execute(select(desired.c.payload).where(desired.c.desired_version == desired_version)).scalar()
+    try:
+        return int(json.loads(json.loads(payload)["desired"]).get("renews") or desired_version)
+    except (TypeError, ValueError, KeyError):
+        return desired_version
 
 
 def _retry(controller, rollout: dict, device: str, retries: int) -> None:
