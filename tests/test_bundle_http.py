@@ -107,6 +107,12 @@ def test_a_server_without_range_support_still_works(tmp_path):
         got = {}
         source.fetch(3, 5, CHUNK, len(data), got.__setitem__, threading.Event())
         assert sorted(got) == [3, 4, 5] and got[5] == data[5 * CHUNK:]
+        # with what is still missing given, the one whole-file pass brings every missing chunk
+        got = {0: data[:CHUNK]}
+        assert source.fetch(1, 1, CHUNK, len(data), got.__setitem__, threading.Event(),
+                            wanted=lambda index: index not in got) is True
+        assert sorted(got) == [0, 1, 2, 3, 4, 5] and b"".join(got[i] for i in range(6)) == data
+        assert source.requests == 2
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -139,3 +145,43 @@ def test_a_bad_redirect_is_a_fatal_source_failure_not_an_escape(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_abort_wakes_a_read_on_a_connection_close_answer(tmp_path):
+    """A server that answers ``Connection: close`` and then stalls mid-body: http.client hands the
+    socket to the response, and abort() from another thread still ends the read at once."""
+    import socket
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def stall():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-2999/3000\r\n"
+                     b"Content-Length: 3000\r\nConnection: close\r\n\r\n" + b"x" * CHUNK)
+        time.sleep(30)  # the rest never comes
+        conn.close()
+
+    threading.Thread(target=stall, daemon=True).start()
+    source = HttpSource(f"http://127.0.0.1:{port}/b.edgepack", timeout_s=25)
+    got, failed = {}, []
+
+    def run():
+        try:
+            source.fetch(0, 2, CHUNK, 3 * CHUNK, got.__setitem__, threading.Event())
+        except SourceFailed as exc:
+            failed.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    source.abort()
+    worker.join(10)
+    listener.close()
+    assert not worker.is_alive() and time.monotonic() - started < 5
+    assert sorted(got) == [0] and failed and "\n" not in failed[0].message

@@ -76,11 +76,13 @@ class HttpSource:
         #: bytes received over HTTP (all tries), for the download's progress and the benchmarks
         self.bytes = 0
         self.requests = 0
+        self._sock = None
 
     def abort(self) -> None:
         """Wake a read blocked on the socket (from another thread): it fails at once."""
-        connection = self._connection
-        sock = getattr(connection, "sock", None)
+        # The socket of the request under way, not the connection's: for a ``Connection: close``
+        # answer http.client hands the socket to the response and the connection's is None.
+        sock = self._sock or getattr(self._connection, "sock", None)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -120,6 +122,7 @@ class HttpSource:
                        "Accept-Encoding": "identity"}
             try:
                 connection.request("GET", path, headers=headers)
+                self._sock = connection.sock
                 response = connection.getresponse()
             except ssl.SSLCertVerificationError as exc:
                 self.close()
@@ -156,14 +159,20 @@ class HttpSource:
         raise SourceFailed(f"{self.url}: more than {MAX_REDIRECTS} redirects", fatal=True)
 
     def fetch(self, first: int, last: int, chunk_bytes: int, size: int, deliver: Callable[[int, bytes], None],
-              stop: threading.Event) -> None:
+              stop: threading.Event, wanted: Callable[[int], bool] | None = None) -> bool:
         """Fetch chunks ``first..last`` and hand each to ``deliver(index, data)`` as it completes.
-        Raises :class:`SourceFailed` (what was delivered stays) or :class:`Stopped`."""
+        Raises :class:`SourceFailed` (what was delivered stays) or :class:`Stopped`.
+
+        True when the server ignored the range and sent the whole file: then it is read to its end
+        and every other chunk ``wanted(index)`` asks for is delivered too, so a server without Range
+        support costs one pass over the file, not one per run of missing chunks."""
         first_byte, last_byte = first * chunk_bytes, min(size, (last + 1) * chunk_bytes) - 1
         response, offset = self._open(first_byte, last_byte)
+        whole = response.status == 200
+        end = (size - 1) // chunk_bytes if whole and wanted is not None else last
         try:
             index = offset // chunk_bytes
-            while index <= last:
+            while index <= end:
                 if stop.is_set():
                     raise Stopped()
                 want = min(chunk_bytes, size - index * chunk_bytes)
@@ -175,7 +184,7 @@ class HttpSource:
                 if len(data) != want:
                     raise SourceFailed(f"{self.url}: the body ended after chunk {index - 1} "
                                        f"({len(data)} of {want} bytes of chunk {index})")
-                if index >= first:
+                if first <= index <= last or (whole and wanted is not None and wanted(index)):
                     deliver(index, data)
                 index += 1
             if not response.isclosed():
@@ -183,6 +192,9 @@ class HttpSource:
         except BaseException:
             self.close()  # a connection with an unread body cannot carry the next request
             raise
+        finally:
+            self._sock = None
+        return whole
 
 
 def _explanation(response: http.client.HTTPResponse) -> str:

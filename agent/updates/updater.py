@@ -439,7 +439,12 @@ class Updater:
 
         def fetch_missing() -> None:
             for first, last in runs(download.missing()):
-                source.fetch(first, last, download.chunk_bytes, download.size, deliver, stop)
+                if all(i in download.received for i in range(first, last + 1)):
+                    continue  # brought by a whole-file answer to an earlier run
+                whole = source.fetch(first, last, download.chunk_bytes, download.size, deliver, stop,
+                                     wanted=lambda index: index not in download.received)
+                if whole:
+                    return  # the server sent the whole file: every missing chunk came with it
 
         failures, delay, reported = 0, BACKOFF_MIN_S, -1
         work = None
