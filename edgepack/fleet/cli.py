@@ -65,6 +65,9 @@ def fleet() -> None:
                    "chunks on Mosquitto, all on brokers that skip offline members (README: several controllers)")
 @click.option("--tick", "tick_s", type=click.FloatRange(0.1), default=2.0, show_default=True,
               help="seconds between rollout ticks")
+@click.option("--ingest-workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="processes that store telemetry and events (MQTT 5 shared subscription between them): "
+                   "one per core the controller may use")
 @click.option("--keep-raw", "keep_raw", default="7d", show_default=True, help="how long raw telemetry is kept")
 @click.option("--http", "http_listen", metavar="HOST:PORT",
               help="also serve the bundles over HTTP with Range requests; rollouts then name it as each bundle's source")
@@ -72,8 +75,8 @@ def fleet() -> None:
               help="base URL of a copy of the bundles folder (S3, a CDN, nginx): rollouts name URL<sha256>.edgepack "
                    "as the source devices download with Range requests (MQTT chunks stay the fallback)")
 @_auth
-def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, keep_raw, http_listen, bundle_url, protocol,
-          username, password, ca_file, cert_file, key_file) -> None:
+def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, ingest_workers, keep_raw, http_listen,
+          bundle_url, protocol, username, password, ca_file, cert_file, key_file) -> None:
     """Record device state, telemetry and events; answer bundle chunk requests; advance rollouts.
     Runs until SIGTERM (then stores and acknowledges what it received, and stops)."""
     import logging
@@ -94,17 +97,32 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, ke
         server = BundleServer(bundles_dir, *parse_listen(http_listen)).start()
         bundle_url = bundle_url or server.url
         click.echo(f"bundles over HTTP on {http_listen} (sources named: {bundle_url}<sha256>.edgepack)", err=True)
+    if ingest_workers > 1 and address.negotiate() != "5":
+        click.echo("--ingest-workers: the broker speaks MQTT 3.1.1 only (no shared subscriptions); "
+                   "one process stores telemetry", err=True)
+        ingest_workers = 1
     controller = FleetController(address, db_url, bundles_dir, client_id=client_id, share=share, tick_s=tick_s,
                                  signing_key=load_private_key(private_key) if private_key else None,
-                                 keep_raw_s=parse_duration(keep_raw), bundle_url=bundle_url)
+                                 keep_raw_s=parse_duration(keep_raw), bundle_url=bundle_url,
+                                 role="control" if ingest_workers > 1 else "all")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    workers = None
+    if ingest_workers > 1:
+        from .ingest import IngestWorkers
+
+        workers = IngestWorkers(address, db_url, bundles_dir, controller.client_id, ingest_workers, share).start()
+        if not workers.wait_ready():
+            click.echo("warning: not every ingest worker subscribed within 60 s; going on", err=True)
     click.echo(f"fleet controller {controller.client_id} on {broker} (MQTT {address.protocol}), registry {db_url}, "
-               f"bundles in {bundles_dir}{', rollouts on' if private_key else ''}", err=True)
+               f"bundles in {bundles_dir}{', rollouts on' if private_key else ''}"
+               f"{f', {ingest_workers} ingest workers' if workers else ''}", err=True)
     try:
         controller.serve(stop)
     finally:
+        if workers:
+            workers.stop()
         if server:
             server.stop()
 

@@ -208,8 +208,14 @@ class FleetController:
     def __init__(self, broker: Broker, db_url: str | None, bundles: Path, client_id: str | None = None,
                  signing_key=None, tick_s: float = 2.0, share: str = "none", chunk_workers: int = 4,
                  chunk_rate: float = 256.0, chunk_burst: float = 512.0, keep_raw_s: float = 7 * 86400,
-                 keep_rollups_s: float = 90 * 86400, bundle_url: str | None = None):
+                 keep_rollups_s: float = 90 * 86400, bundle_url: str | None = None, role: str = "all",
+                 ingest_share: str | None = None):
         self.broker = broker
+        #: "all" (one process does everything), "control" (telemetry and events are left to ingest
+        #: workers) or "ingest" (an ingest worker: stores its share of telemetry and events, nothing else)
+        self.role = role
+        #: the shared-subscription group an ingest worker takes its share from
+        self.ingest_share = ingest_share
         #: base URL of an HTTP(S) copy of the shelf (``<url><sha256>.edgepack``) named in rollout offers
         self.bundle_url = bundle_url
         self.registry = FleetRegistry(db_url)
@@ -257,8 +263,9 @@ class FleetController:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        for row in self.registry.devices():
-            self._groups[row["device"]] = set((row.get("state") or {}).get("groups") or [])
+        if role != "ingest":
+            for row in self.registry.devices():
+                self._groups[row["device"]] = set((row.get("state") or {}).get("groups") or [])
 
     # -- paho's thread: hand over, never block on the database -------------------------------------
 
@@ -267,12 +274,19 @@ class FleetController:
             log.error("broker refused the controller: %s", reason_code)
             return
         self._generation += 1
+        if self.role == "ingest":
+            # an ingest worker: its share of the telemetry and events, split by the broker; ready
+            # (``connected``) once the broker confirmed the subscription
+            client.on_subscribe = lambda *_: self.connected.set()
+            client.subscribe([(f"$share/{self.ingest_share}/{topics.PREFIX}/devices/+/{leaf}", 1)
+                              for leaf in ("telemetry", "events")])
+            return
         # Retained states and desired states go to every controller (shared subscriptions get no
         # retained messages, and each controller needs the whole picture); what --share names is split.
         client.subscribe(f"{topics.PREFIX}/devices/+/desired", qos=1)
         client.subscribe(f"{topics.PREFIX}/groups/+/desired", qos=1)
         client.subscribe(f"{topics.PREFIX}/devices/+/state", qos=1)
-        for leaf in ("telemetry", "events", "chunks/req"):
+        for leaf in ("telemetry", "events", "chunks/req") if self.role == "all" else ("chunks/req",):
             share = "$share/edgepack/" if leaf in self.shared_leaves else ""
             client.subscribe(f"{share}{topics.PREFIX}/devices/+/{leaf}", qos=1)
         self.connected.set()
@@ -544,7 +558,8 @@ class FleetController:
         writer = threading.Thread(target=self._write, args=(writer_done,), name="fleet-writer", daemon=True)
         ticker = threading.Thread(target=self._tick, args=(stop,), name="fleet-tick", daemon=True)
         writer.start()
-        ticker.start()
+        if self.role != "ingest":
+            ticker.start()
         try:
             stop.wait()
         finally:

@@ -50,18 +50,40 @@ def _client(broker: Broker, client_id: str):
     return client
 
 
-def _serve(broker: Broker, db: str, shelf: Path) -> subprocess.Popen:
+def _serve(broker: Broker, db: str, shelf: Path, workers: int = 1) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edgepack.cli", "fleet", "serve", "--broker", broker.url, "--db", db,
-                             "--bundles", str(shelf), "--client-id", "controller-under-test"],
+                             "--bundles", str(shelf), "--client-id", "controller-under-test",
+                             "--ingest-workers", str(workers)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_a_controller_stopped_or_killed_with_a_backlog_stores_every_message_once(tmp_path, how):
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how,workers", [(signal.SIGTERM, 1), (signal.SIGKILL, 1), (signal.SIGTERM, 2),
+                                         (signal.SIGKILL, 2)])
+def test_a_controller_stopped_or_killed_with_a_backlog_stores_every_message_once(tmp_path, how, workers):
+    """Also with ingest workers (processes in one MQTT 5 shared subscription): killed with the
+    controller, they do not outlive it, and their sessions' backlog is stored once after the restart."""
     broker = Broker(tmp_path / "broker")
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     registry = FleetRegistry(db)
-    controller = _serve(broker, db, tmp_path / "shelf")
+    controller = _serve(broker, db, tmp_path / "shelf", workers)
     device = _client(broker, "sender")
     try:
         # The controller is there once it stored a state.
@@ -83,12 +105,15 @@ def test_a_controller_stopped_or_killed_with_a_backlog_stores_every_message_once
         sender = threading.Thread(target=send)
         sender.start()
         wait_for(lambda: registry.message_count() >= 300, 60, "a few hundred stored")
+        spawned = _children(controller.pid)
+        assert len(spawned) >= (workers if workers > 1 else 0)
         controller.send_signal(how)
         assert controller.wait(30) == (-how if how == signal.SIGKILL else 0), controller.stderr.read()[-2000:]
+        wait_for(lambda: not any(_alive(pid) for pid in spawned), 30, "the ingest workers to go with the controller")
         stored_at_stop = registry.message_count()
         sender.join(60)
         assert len(sent) == total
-        controller = _serve(broker, db, tmp_path / "shelf")  # the broker kept the rest for its session
+        controller = _serve(broker, db, tmp_path / "shelf", workers)  # the broker kept the rest for its session
         wait_for(lambda: registry.message_count() >= total, 90, "every message")
         time.sleep(1.0)
         rows = registry.messages(None, "telemetry", 10_000)

@@ -1,0 +1,142 @@
+"""Ingest workers: telemetry and events stored by several processes of one controller.
+
+One controller process stores what paho hands it on one core: paho's receive path and the writer
+share the GIL, so on a 2-core machine the second core idles while ingestion saturates the first.
+``edgepack fleet serve --ingest-workers N`` starts N worker processes instead, each a persistent MQTT
+session of its own (client id ``<controller id>-ingest-<k>``) in one MQTT 5 shared subscription
+(``$share/<group>/…/telemetry`` and ``…/events``): the broker splits the messages between them, each
+stores its share and acknowledges it after the commit, exactly as the single process does. The
+controller process keeps states, desired states, chunk requests and the rollout tick.
+
+A worker that dies is started again with the same client id, so its persistent session — and what
+the broker queued for it meanwhile (Mosquitto 2.0.11 keeps handing a share's messages to a member
+that is away) — is picked up where it stopped. Workers die with the controller: a ``kill -9`` of the
+controller sends them SIGTERM (``PR_SET_PDEATHSIG``), and they drain and stop, so a restarted
+controller's workers never fight orphans over their sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("edgepack.fleet")
+
+
+def share_group(client_id: str, share: str) -> str:
+    """The shared-subscription group of a controller's ingest workers: ``edgepack`` when telemetry is
+    split between controllers too (``--share all``), else one group per controller (each controller
+    still gets every message, and stores it once)."""
+    if share == "all":
+        return "edgepack"
+    return "edgepack-" + re.sub(r"[^A-Za-z0-9_.-]", "_", client_id)[:80]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the controller process goes, however it goes (elsewhere: the
+    watchdog thread of :func:`_worker` notices a new parent)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str, parent: int, ready) -> None:
+    from .controller import FleetController
+
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{client_id}] %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if os.getppid() != parent:
+        return  # the controller went before this worker could ask to follow it
+
+    def watchdog() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                stop.set()
+
+    threading.Thread(target=watchdog, name="ingest-watchdog", daemon=True).start()
+    controller = FleetController(broker, db_url, Path(bundles), client_id=client_id, role="ingest", ingest_share=group)
+
+    def report() -> None:  # the controller process waits for this before it takes its own subscriptions
+        while not stop.is_set():
+            if controller.connected.wait(0.5):
+                ready.set()
+                return
+
+    threading.Thread(target=report, name="ingest-ready", daemon=True).start()
+    controller.serve(stop)
+
+
+class IngestWorkers:
+    """``count`` worker processes storing telemetry and events; restarted when one dies."""
+
+    #: a worker that keeps dying is started again at most this often
+    RESTART_S = 1.0
+
+    def __init__(self, broker, db_url: str | None, bundles: Path, client_id: str, count: int, share: str = "none"):
+        self.broker, self.db_url, self.bundles = broker, db_url, str(bundles)
+        self.ids = [f"{client_id}-ingest-{k}"[:128] for k in range(count)]
+        self.group = share_group(client_id, share)
+        self.processes: dict[str, multiprocessing.Process] = {}
+        self.restarts = 0
+        self.ready: dict[str, object] = {}
+        self._context = multiprocessing.get_context("spawn")  # no copy of the controller's threads and sockets
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def _start(self, client_id: str) -> None:
+        ready = self.ready.setdefault(client_id, self._context.Event())
+        process = self._context.Process(target=_worker, name=client_id, daemon=True,
+                                        args=(self.broker, self.db_url, self.bundles, client_id, self.group, os.getpid(),
+                                              ready))
+        process.start()
+        self.processes[client_id] = process
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until every worker's subscription is confirmed: the controller connects after that, so
+        once it stores a device's state its telemetry has somewhere to go (a first start loses
+        nothing the single-process controller would not)."""
+        deadline = time.monotonic() + timeout
+        return all(event.wait(max(0.0, deadline - time.monotonic())) for event in self.ready.values())
+
+    def start(self) -> "IngestWorkers":
+        for client_id in self.ids:
+            self._start(client_id)
+        self._supervisor = threading.Thread(target=self._supervise, name="ingest-supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.RESTART_S):
+            for client_id, process in list(self.processes.items()):
+                if not process.is_alive() and not self._stop.is_set():
+                    log.warning("ingest worker %s exited (%s); starting it again", client_id, process.exitcode)
+                    self.restarts += 1
+                    self._start(client_id)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM every worker (each stores and acknowledges what it took, then stops) and wait."""
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5)
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()  # what it did not acknowledge stays with the broker for its session
+                process.join(5)
