@@ -109,15 +109,15 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, in
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     workers = None
-    if ingest_workers > 1:
-        from .ingest import IngestWorkers
+    from .ingest import IngestWorkers, worker_count
 
+    if ingest_workers > 1 or (address.negotiate() == "5" and worker_count(db_url, controller.client_id) > 1):
         workers = IngestWorkers(address, db_url, bundles_dir, controller.client_id, ingest_workers, share).start()
         if not workers.wait_ready():
             click.echo("warning: not every ingest worker subscribed within 60 s; going on", err=True)
     click.echo(f"fleet controller {controller.client_id} on {broker} (MQTT {address.protocol}), registry {db_url}, "
                f"bundles in {bundles_dir}{', rollouts on' if private_key else ''}"
-               f"{f', {ingest_workers} ingest workers' if workers else ''}", err=True)
+               f"{f', {ingest_workers} ingest workers' if ingest_workers > 1 else ''}", err=True)
     try:
         controller.serve(stop)
     finally:

@@ -209,8 +209,12 @@ class FleetController:
                  signing_key=None, tick_s: float = 2.0, share: str = "none", chunk_workers: int = 4,
                  chunk_rate: float = 256.0, chunk_burst: float = 512.0, keep_raw_s: float = 7 * 86400,
                  keep_rollups_s: float = 90 * 86400, bundle_url: str | None = None, role: str = "all",
-                 ingest_share: str | None = None):
+                 ingest_share: str | None = None, retire: bool = False):
         self.broker = broker
+        #: an ingest worker of a controller that now runs fewer: take what the broker queued for this
+        #: session, store it, then end the session (the broker no longer hands it a share)
+        self.retire = retire
+        self.last_message = time.monotonic()
         #: "all" (one process does everything), "control" (telemetry and events are left to ingest
         #: workers) or "ingest" (an ingest worker: stores its share of telemetry and events, nothing else)
         self.role = role
@@ -277,9 +281,13 @@ class FleetController:
         if self.role == "ingest":
             # an ingest worker: its share of the telemetry and events, split by the broker; ready
             # (``connected``) once the broker confirmed the subscription
+            filters = [f"$share/{self.ingest_share}/{topics.PREFIX}/devices/+/{leaf}" for leaf in ("telemetry", "events")]
+            if self.retire:
+                client.on_unsubscribe = lambda *_: self.connected.set()
+                client.unsubscribe(filters)  # what is queued for the session still comes
+                return
             client.on_subscribe = lambda *_: self.connected.set()
-            client.subscribe([(f"$share/{self.ingest_share}/{topics.PREFIX}/devices/+/{leaf}", 1)
-                              for leaf in ("telemetry", "events")])
+            client.subscribe([(f, 1) for f in filters])
             return
         # Retained states and desired states go to every controller (shared subscriptions get no
         # retained messages, and each controller needs the whole picture); what --share names is split.
@@ -295,6 +303,7 @@ class FleetController:
         self.connected.clear()
 
     def _on_message(self, client, userdata, message) -> None:
+        self.last_message = time.monotonic()
         if self._closing.is_set():
             return  # not acknowledged: the broker keeps it for the next connection
         topic, payload = message.topic, bytes(message.payload)
@@ -571,7 +580,15 @@ class FleetController:
             if ticker.is_alive():
                 ticker.join(10)
             self._chunk_pool.shutdown(wait=True, cancel_futures=True)
-            self.client.disconnect()
+            if self.retire and self.inbox.empty():
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                ending = Properties(PacketTypes.DISCONNECT)
+                ending.SessionExpiryInterval = 0  # the broker forgets the session (and its share) now
+                self.client.disconnect(properties=ending)
+            else:
+                self.client.disconnect()
             self.client.loop_stop()
 
     def stop(self) -> None:

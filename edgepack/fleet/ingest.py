@@ -50,7 +50,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str, parent: int, ready) -> None:
+def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str, parent: int, ready,
+            retire: bool = False) -> None:
     from .controller import FleetController
 
     _die_with_parent()
@@ -67,7 +68,8 @@ def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str
                 stop.set()
 
     threading.Thread(target=watchdog, name="ingest-watchdog", daemon=True).start()
-    controller = FleetController(broker, db_url, Path(bundles), client_id=client_id, role="ingest", ingest_share=group)
+    controller = FleetController(broker, db_url, Path(bundles), client_id=client_id, role="ingest", ingest_share=group,
+                                 retire=retire)
 
     def report() -> None:  # the controller process waits for this before it takes its own subscriptions
         while not stop.is_set():
@@ -75,8 +77,20 @@ def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str
                 ready.set()
                 return
 
+    def idle() -> None:  # a retiring worker stops once its session's queue stopped coming
+        while not stop.wait(0.5):
+            if (controller.connected.is_set() and controller.inbox.empty()
+                    and time.monotonic() - controller.last_message > RETIRE_IDLE_S):
+                stop.set()
+
     threading.Thread(target=report, name="ingest-ready", daemon=True).start()
+    if retire:
+        threading.Thread(target=idle, name="ingest-retire", daemon=True).start()
     controller.serve(stop)
+
+
+#: a retiring worker ends its session after this long without a message
+RETIRE_IDLE_S = 3.0
 
 
 class IngestWorkers:
@@ -87,22 +101,26 @@ class IngestWorkers:
 
     def __init__(self, broker, db_url: str | None, bundles: Path, client_id: str, count: int, share: str = "none"):
         self.broker, self.db_url, self.bundles = broker, db_url, str(bundles)
-        self.ids = [f"{client_id}-ingest-{k}"[:128] for k in range(count)]
+        # one "worker" is the controller process itself: no worker process, only a surplus to retire
+        self.ids = [f"{client_id}-ingest-{k}"[:128] for k in range(count)] if count > 1 else []
         self.group = share_group(client_id, share)
         self.processes: dict[str, multiprocessing.Process] = {}
         self.restarts = 0
         self.ready: dict[str, object] = {}
+        #: workers of an earlier run with more of them: draining their sessions, then ending them
+        self.retiring: dict[str, multiprocessing.Process] = {}
+        self.client_id, self.count = client_id, count
         self._context = multiprocessing.get_context("spawn")  # no copy of the controller's threads and sockets
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
 
-    def _start(self, client_id: str) -> None:
+    def _start(self, client_id: str, retire: bool = False) -> None:
         ready = self.ready.setdefault(client_id, self._context.Event())
         process = self._context.Process(target=_worker, name=client_id, daemon=True,
                                         args=(self.broker, self.db_url, self.bundles, client_id, self.group, os.getpid(),
-                                              ready))
+                                              ready, retire))
         process.start()
-        self.processes[client_id] = process
+        (self.retiring if retire else self.processes)[client_id] = process
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until every worker's subscription is confirmed: the controller connects after that, so
@@ -114,12 +132,28 @@ class IngestWorkers:
     def start(self) -> "IngestWorkers":
         for client_id in self.ids:
             self._start(client_id)
+        for client_id in self._surplus():
+            self._start(client_id, retire=True)
         self._supervisor = threading.Thread(target=self._supervise, name="ingest-supervisor", daemon=True)
         self._supervisor.start()
         return self
 
+    def _surplus(self) -> list[str]:
+        """Client ids of workers an earlier run had beyond this one's count (recorded in the database):
+        their sessions stay in the share, and Mosquitto keeps handing them messages, until ended."""
+        before = worker_count(self.db_url, self.client_id)
+        return [f"{self.client_id}-ingest-{k}"[:128] for k in range(len(self.ids), before)]
+
     def _supervise(self) -> None:
+        recorded = False
         while not self._stop.wait(self.RESTART_S):
+            if not recorded and all(not p.is_alive() for p in self.retiring.values()):
+                failed = [c for c, p in self.retiring.items() if p.exitcode != 0]
+                if failed:  # tried again at the next start
+                    log.warning("ingest workers %s did not end their sessions", ", ".join(failed))
+                else:
+                    record_worker_count(self.db_url, self.client_id, self.count)
+                recorded = True
             for client_id, process in list(self.processes.items()):
                 if not process.is_alive() and not self._stop.is_set():
                     log.warning("ingest worker %s exited (%s); starting it again", client_id, process.exitcode)
@@ -131,12 +165,47 @@ class IngestWorkers:
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(5)
-        for process in self.processes.values():
+        everyone = [*self.processes.values(), *self.retiring.values()]
+        for process in everyone:
             if process.is_alive():
                 process.terminate()
         deadline = time.monotonic() + timeout
-        for process in self.processes.values():
+        for process in everyone:
             process.join(max(0.1, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()  # what it did not acknowledge stays with the broker for its session
                 process.join(5)
+
+
+def _key(client_id: str) -> str:
+    return f"ingest-workers/{client_id}"[:64]
+
+
+def worker_count(db_url: str | None, client_id: str) -> int:
+    """How many ingest workers the controller ``client_id`` last ran with (0: none recorded)."""
+    from sqlalchemy import select
+
+    from .db import leases, open_engine
+
+    engine = open_engine(db_url)
+    try:
+        with engine.connect() as db:
+            value = db.execute(select(leases.c.until).where(leases.c.name == _key(client_id))).scalar()
+    finally:
+        engine.dispose()
+    return int(value or 0)
+
+
+def record_worker_count(db_url: str | None, client_id: str, count: int) -> None:
+    """Record that ``client_id`` runs ``count`` ingest workers (1: none), once the surplus of an
+    earlier run ended their sessions; kept in the leases table (a row per controller)."""
+    from .db import insert_for, leases, open_engine
+
+    engine = open_engine(db_url)
+    try:
+        insert = insert_for(engine)
+        with engine.begin() as db:
+            db.execute(insert(leases).values(name=_key(client_id), owner=None, until=float(count))
+                       .on_conflict_do_update(index_elements=[leases.c.name], set_={"until": float(count)}))
+    finally:
+        engine.dispose()

@@ -20,7 +20,14 @@ from edgepack.bundle.signing import generate_keys, load_private_key
 from edgepack.fleet import chunks, topics
 from edgepack.fleet.controller import Broker as BrokerAddress
 from edgepack.fleet.controller import FleetController
-from edgepack.fleet.desired import BundleRef, DesiredState, ModelRef, chunk_digests_of, sign_desired
+from edgepack.fleet.desired import (
+    BundleRef,
+    DesiredState,
+    ModelRef,
+    chunk_digests_of,
+    sign_desired,
+)
+from edgepack.fleet.ingest import RETIRE_IDLE_S
 from edgepack.fleet.registry import FleetRegistry
 
 from ..conftest import run_cli
@@ -218,3 +225,41 @@ def test_releases_are_registered_once_and_immutable(fleet_bundles, tmp_path):
     assert len(shelf) == 2 and all(len(name) == 64 + len(".edgepack") for name in shelf)
     unknown = run_cli("fleet", "rollout", "start", "fleet@9.0.0", "--group", "g", "--db", db)
     assert unknown.returncode == 2 and "no release fleet@9.0.0" in unknown.stderr
+
+
+def test_fewer_ingest_workers_drain_and_end_the_sessions_of_the_ones_gone(tmp_path):
+    """Run with 2 ingest workers, stop, and start with 1 (the controller alone): what the broker queued
+    for the two workers' sessions while it was away is stored, and those sessions are ended — Mosquitto
+    would otherwise go on handing them a share of every later message, stored by nobody."""
+    broker = Broker(tmp_path / "broker")
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    registry = FleetRegistry(db)
+    device = _client(broker, "sender")
+
+    def send(first, last):
+        for seq in range(first, last + 1):
+            body = {"schema": 1, "kind": "telemetry", "device": "d1", "boot": "b1", "seq": seq, "ts": time.time()}
+            device.publish(topics.telemetry("d1"), json.dumps(body), qos=1).wait_for_publish(10)
+
+    controller = _serve(broker, db, tmp_path / "shelf", 2)
+    try:
+        device.publish(topics.state("d1"), json.dumps({"online": True, "profile": "x86-64", "models": {}}), qos=1,
+                       retain=True)
+        wait_for(lambda: registry.device("d1"), 60, "the controller")
+        send(1, 100)
+        wait_for(lambda: registry.message_count() >= 100, 60, "the first hundred")
+        controller.send_signal(signal.SIGTERM)
+        assert controller.wait(60) == 0, controller.stderr.read()[-2000:]
+        send(101, 300)  # queued round-robin for the two workers' sessions
+        controller = _serve(broker, db, tmp_path / "shelf", 1)
+        wait_for(lambda: registry.message_count() >= 300, 60, "the backlog of the workers' sessions")
+        time.sleep(RETIRE_IDLE_S + 3)  # the retiring workers end their sessions
+        send(301, 400)  # all to the controller now: nothing goes to a session nobody reads
+        wait_for(lambda: registry.message_count() >= 400, 60, "every later message")
+        seqs = sorted(r["seq"] for r in registry.messages("d1", "telemetry", 10_000))
+        assert seqs == list(range(1, 401))
+    finally:
+        controller.send_signal(signal.SIGTERM)
+        controller.wait(60)
+        device.loop_stop()
+        broker.stop()
