@@ -49,7 +49,7 @@ class FakeFleet:
 
     def report(self, device):
         d = self.devices[device]
-        state = {"online": d["online"], "profile": d["profile"], "groups": ["all"],
+        state = {"online": d["online"], "profile": d["profile"], "groups": ["all"], "accepts": ["renews"],
                  "models": {self.model: {"active": d["active"], "previous": d["previous"], "target": d["target"],
                                          "update": {"state": "idle", "result": d["result"], "since": time.time()}}}}
         self.registry.record_state(device, state)
@@ -428,17 +428,21 @@ def test_boot_numbers_order_states_of_two_boots(any_registry):
     its clock is right) is not stuck."""
     registry = any_registry
 
-    def store(boot, boot_n, ts, version):
-        registry.store_batch([("d2", "state", {"device": "d2", "boot": boot, "boot_n": boot_n, "ts": ts, "online": True,
-                                               "profile": "x86-64", "models": {"m": {"active": version}}})])
+    def store(boot, boot_n, ts, version, store="s1"):
+        registry.store_batch([("d2", "state", {"device": "d2", "boot": boot, "boot_n": boot_n, "boot_store": store,
+                                               "ts": ts, "online": True, "profile": "x86-64",
+                                               "models": {"m": {"active": version}}})])
         (found,) = [r for r in registry.devices() if r["device"] == "d2"]
         return found["state"]["models"]["m"]["active"]
 
     assert store("C", 5, 100.0, "1.0.0") == "1.0.0"
     assert store("D", 6, 50.0, "1.1.0") == "1.1.0"  # the next boot, its clock behind: taken by its number
-    assert store("D", 6, 300.0, "1.2.0") == "1.2.0"  # its clock set right meanwhile
-    assert store("C", 5, 150.0, "1.0.0") == "1.2.0"  # the old boot's backlog, late: dropped
-    assert store("E", 1, 500.0, "2.0.0") == "2.0.0"  # re-flashed: count from 1, clock right: taken
+    assert store("C", 5, 101.0, "1.0.0") == "1.1.0"  # the old boot's backlog, late, its clock ahead: dropped
+    assert store("D", 6, 300.0, "1.2.0") == "1.2.0"
+    assert store("C", 5, 150.0, "1.0.0") == "1.2.0"
+    assert store("E", 1, 20.0, "2.0.0", store="s2") == "2.0.0"  # re-flashed: a new count under a new id
+    assert store("F", 2 ** 40, 30.0, "2.1.0", store="s2") == "2.1.0"  # a number past 32 bits: not compared
+    assert store("G", 2, 40.0, "2.2.0", store="s2") == "2.2.0"  # and it breaks nothing after it
 
 
 def test_a_pending_abort_is_never_replaced_and_pause_resume_cancel_out(setup):
@@ -543,14 +547,20 @@ def test_a_renewal_neither_out_versions_a_group_push_nor_counts_as_a_new_try(set
     with registry.engine.connect() as db:
         assert db.execute(select(desired.c.desired_version).where(desired.c.desired_version == renewal.version)).scalar()
     # d000's failure of the first offer arrives after the renewal: it answers the rollout
-    registry.record_state("d000", {"online": True, "profile": "x86-64", "groups": ["all"], "models": {"m": {
+    registry.record_state("d000", {"online": True, "profile": "x86-64", "groups": ["all"], "accepts": ["renews"],
+                                   "models": {"m": {
         "active": "1.0.0", "target": "1.1.0", "desired_version": offered["d000"],
         "update": {"state": "idle", "result": "rolled_back", "reason": "probation", "since": time.time()}}}})
     rollouts.tick(controller)
     assert {m["device"]: m["status"] for m in _show(registry, rollout_id)["members"]}["d000"] == "failed"
     # the agent side: a renewal of a target it failed keeps the failure (no new try); a new offer clears it
-    record = agent_record.empty_record()
     bundle = renewal.for_profile("x86-64")
+    unseen = agent_record.empty_record()  # offline through the first offer: the renewal is that offer
+    unseen["failed"][bundle.sha256] = {"reason": "probation", "attempts": 1}
+    agent_record.accept(unseen, topics.desired("d000"), renewal, bundle)
+    assert bundle.sha256 not in unseen["failed"]
+    record = agent_record.empty_record()
+    record["models"]["m"] = offered["d000"]  # it took the first offer and failed it
     record["failed"][bundle.sha256] = {"reason": "probation", "attempts": 1}
     agent_record.accept(record, topics.desired("d000"), renewal, bundle)
     assert bundle.sha256 in record["failed"]

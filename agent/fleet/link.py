@@ -56,21 +56,27 @@ async def survive(name: str, interval: float, work, metrics, max_backoff: float 
             delay = min(max(delay * 2, interval), max_backoff) * random.uniform(0.75, 1.0)
 
 
-def next_boot_number(root) -> int | None:
-    """One more than the boot number this store's agent last started with, recorded before it is used
-    (a crash between never reuses one); None when the store cannot be written."""
+def next_boot_number(root) -> tuple[int | None, str | None]:
+    """(boot number, store id): one more than the number this store's agent last started with,
+    recorded before it is used (a crash between never reuses one), and the random id of this store's
+    count (a re-flashed or damaged store starts a new count under a new id, so the controller does not
+    compare it with the old one). (None, None) when the store cannot be written."""
+    import secrets
     from pathlib import Path
 
     path = Path(root) / "boots.json"
     try:
-        last = int(json.loads(path.read_text()).get("boots", 0))
-    except (OSError, ValueError, AttributeError, TypeError):
-        last = 0  # none yet, or damaged: the controller then orders this boot's states by clock
+        record = json.loads(path.read_text())
+        last, store = int(record["boots"]), str(record["store"])
+        if not 0 <= last < 2 ** 31 - 1 or not store:
+            raise ValueError("out of range")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        last, store = 0, secrets.token_hex(8)  # none yet, or damaged: a new count
     try:
-        write_json_atomic(path, {"boots": last + 1})
+        write_json_atomic(path, {"boots": last + 1, "store": store})
     except OSError:
-        return None
-    return last + 1
+        return None, None
+    return last + 1, store
 
 
 class FleetLink:
@@ -87,7 +93,7 @@ class FleetLink:
         self.boot = uuid.uuid4().hex[:12]
         #: how many times this store's agent started: orders the states of two boots when the clock
         #: cannot (a device without a real-time clock boots with its clock behind)
-        self.boot_n = next_boot_number(self.store.root)
+        self.boot_n, self.boot_store = next_boot_number(self.store.root)
         self.metrics = metrics
         self.spool, aside = open_spool(config.telemetry.spool or self.store.root / "spool.sqlite",
                                        config.telemetry.max_messages, config.telemetry.max_bytes)
@@ -183,7 +189,10 @@ class FleetLink:
                 models[name]["local"] = state["local"]  # an operator's install/rollback holds
             if self.updater and name in self.updater.progress:
                 models[name]["download"] = self.updater.progress[name]
-        body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "boot_n": self.boot_n, "online": online,
+        body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "boot_n": self.boot_n,
+                "boot_store": self.boot_store, "online": online,
+                # what this agent's desired-state parser takes beyond the first schema
+                "accepts": ["renews"],
                 "profile": self.config.profile, "ts": time.time(), "models": models,
                 # the group desired-state topics this device follows (the controller authorises chunk
                 # requests by them and targets rollouts by them)

@@ -135,13 +135,14 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
               "probation": state.probation.model_dump(exclude_none=True) if state.probation else None,
               "desired_version": state.version, "topic": topic, "accepted_at": time.time(),
               "expires_at": state.expires_at}
+    if state.renews is None or state.renews > record["models"].get(name, 0):
+        # Pushing it again is how an operator retries; a renewal of an offer this device took is
+        # not a new try (one of an offer it never saw — it was offline — is that offer).
+        record["failed"].pop(bundle.sha256, None)
     record["accepted"][topic] = state.version
     record["digests"][topic] = state.digest
     record["models"][name] = max(record["models"].get(name, 0), state.version)
     record["wanted"][name] = target
-    if state.renews is None:
-        # pushing it again is how an operator retries; a renewal of the same offer is not a new try
-        record["failed"].pop(bundle.sha256, None)
     # The clock floor moves with what the fleet signed, never beyond this device's own clock at the
     # time: one pusher whose clock runs far ahead cannot make every later desired state look expired,
     # and a clock set back afterwards (a reboot without RTC) cannot revive an expired one.

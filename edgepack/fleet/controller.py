@@ -215,6 +215,12 @@ class FleetController:
         #: session, store it, then end the session (the broker no longer hands it a share)
         self.retire = retire
         self.last_message = time.monotonic()
+        #: messages handed to the writer and not yet stored and acknowledged
+        self.taken = 0
+        self._taken_lock = threading.Lock()
+        self.late = False  # a message came while closing (left with the broker, unacknowledged)
+        #: a retiring worker ended its session (everything it took was stored and acknowledged)
+        self.retired = False
         #: "all" (one process does everything), "control" (telemetry and events are left to ingest
         #: workers) or "ingest" (an ingest worker: stores its share of telemetry and events, nothing else)
         self.role = role
@@ -286,7 +292,7 @@ class FleetController:
                 client.on_unsubscribe = lambda *_: self.connected.set()
                 client.unsubscribe(filters)  # what is queued for the session still comes
                 return
-            client.on_subscribe = lambda *_: self.connected.set()
+            client.on_subscribe = self._on_ingest_subscribed
             client.subscribe([(f, 1) for f in filters])
             return
         # Retained states and desired states go to every controller (shared subscriptions get no
@@ -297,6 +303,19 @@ class FleetController:
         for leaf in ("telemetry", "events", "chunks/req") if self.role == "all" else ("chunks/req",):
             share = "$share/edgepack/" if leaf in self.shared_leaves else ""
             client.subscribe(f"{share}{topics.PREFIX}/devices/+/{leaf}", qos=1)
+        if self.role == "control":
+            # a persistent session of a controller that stored telemetry itself before it had
+            # workers still holds those subscriptions: it would go on storing everything too
+            client.unsubscribe([f"{share}{topics.PREFIX}/devices/+/{leaf}" for leaf in ("telemetry", "events")
+                                for share in ("", "$share/edgepack/")])
+        self.connected.set()
+
+    def _on_ingest_subscribed(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:  # an ACL or a broker without shared subscriptions: telemetry would reach nobody
+            log.error("the broker refused the ingest subscription (%s); trying again on reconnect", ", ".join(refused))
+            client.disconnect()
+            return
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
@@ -305,6 +324,7 @@ class FleetController:
     def _on_message(self, client, userdata, message) -> None:
         self.last_message = time.monotonic()
         if self._closing.is_set():
+            self.late = True  # a retiring worker must not end a session that still holds this
             return  # not acknowledged: the broker keeps it for the next connection
         topic, payload = message.topic, bytes(message.payload)
         if topic.endswith("/desired"):
@@ -327,6 +347,8 @@ class FleetController:
         if leaf not in ("state", "telemetry", "events"):
             client.ack(message.mid, message.qos)
             return
+        with self._taken_lock:
+            self.taken += 1
         self.inbox.put((device, leaf, payload, message.mid, message.qos, self._generation))
 
     def _note_desired(self, topic: str, payload: bytes) -> None:
@@ -423,6 +445,8 @@ class FleetController:
             for *_, mid, qos, generation in batch:
                 if generation == self._generation:
                     self.client.ack(mid, qos)
+            with self._taken_lock:
+                self.taken -= len(batch)
 
     def _store_one_by_one(self, items: list) -> None:
         for item in items:
@@ -580,7 +604,9 @@ class FleetController:
             if ticker.is_alive():
                 ticker.join(10)
             self._chunk_pool.shutdown(wait=True, cancel_futures=True)
-            if self.retire and self.inbox.empty():
+            self.retired = (self.retire and not writer.is_alive() and self.taken == 0 and not self.late
+                            and self.inbox.empty())
+            if self.retired:
                 from paho.mqtt.packettypes import PacketTypes
                 from paho.mqtt.properties import Properties
 

@@ -79,7 +79,7 @@ def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str
 
     def idle() -> None:  # a retiring worker stops once its session's queue stopped coming
         while not stop.wait(0.5):
-            if (controller.connected.is_set() and controller.inbox.empty()
+            if (controller.connected.is_set() and controller.inbox.empty() and controller.taken == 0
                     and time.monotonic() - controller.last_message > RETIRE_IDLE_S):
                 stop.set()
 
@@ -87,6 +87,8 @@ def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str
     if retire:
         threading.Thread(target=idle, name="ingest-retire", daemon=True).start()
     controller.serve(stop)
+    if retire and not controller.retired:
+        raise SystemExit(1)  # its session keeps what it did not store: retired again at the next start
 
 
 #: a retiring worker ends its session after this long without a message
@@ -151,9 +153,13 @@ class IngestWorkers:
                 failed = [c for c, p in self.retiring.items() if p.exitcode != 0]
                 if failed:  # tried again at the next start
                     log.warning("ingest workers %s did not end their sessions", ", ".join(failed))
+                    recorded = True
                 else:
-                    record_worker_count(self.db_url, self.client_id, self.count)
-                recorded = True
+                    try:
+                        record_worker_count(self.db_url, self.client_id, self.count)
+                        recorded = True
+                    except Exception:  # noqa: BLE001 - the database away: the next round tries again
+                        log.exception("could not record the ingest worker count")
             for client_id, process in list(self.processes.items()):
                 if not process.is_alive() and not self._stop.is_set():
                     log.warning("ingest worker %s exited (%s); starting it again", client_id, process.exitcode)

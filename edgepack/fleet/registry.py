@@ -147,28 +147,30 @@ class FleetRegistry:
             return
         profile = state.get("profile")
         ts = _number(state.get("ts"), None)
-        boot_n = state.get("boot_n") if isinstance(state.get("boot_n"), int) and not isinstance(state.get("boot_n"), bool) else None
+        boot_n = state.get("boot_n")
+        boot_n = boot_n if isinstance(boot_n, int) and not isinstance(boot_n, bool) and 0 < boot_n < 2 ** 31 else None
+        store = _clean(state.get("boot_store"), 32) if isinstance(state.get("boot_store"), str) and boot_n else None
         # What the guard reads back is always a number and a string (PostgreSQL casts it: a stored
-        # "ts": "soon" would make every later state of the device fail)
-        state = {k: v for k, v in state.items() if k not in ("ts", "boot", "boot_n")}
+        # "ts": "soon" or a boot number past 32 bits would make every later state of the device fail)
+        state = {k: v for k, v in state.items() if k not in ("ts", "boot", "boot_n", "boot_store")}
         state.update({"ts": ts} if ts is not None else {}, **({"boot": _clean(boot, 64)} if boot else {}),
-                     **({"boot_n": boot_n} if boot_n is not None and 0 < boot_n < 2 ** 62 else {}))
+                     **({"boot_n": boot_n, "boot_store": store} if store else {}))
         values = {"online": bool(state.get("online")), "profile": _clean(profile, 64) if isinstance(profile, str) else None,
                   "state": state, "last_seen": now}
         guard = None
         if boot and ts is not None:
-            # Another boot's state is newer when its boot number or its clock says so: the number
-            # orders boots of a device whose clock starts behind; the clock still lets a re-flashed
-            # device (its count starts again) in. A state the old boot left queued — a controller's
-            # backlog drained after the new boot's retained state — says neither, and is dropped.
-            stored_n = devices.c.state["boot_n"].as_integer()
-            other_boot = [stored_ts.is_(None), stored_ts < ts]
-            if boot_n is not None:
-                other_boot += [stored_n.is_(None), stored_n < boot_n]
+            # Another boot's state is newer when its boot number says so — the count of the same
+            # store, so a device whose clock starts behind is ordered right, and a state the old
+            # boot left queued (a controller's backlog drained after the new boot's retained state)
+            # is dropped. A state of another store (re-flashed) or without a number (an older
+            # agent) wins, as every new boot always did.
+            stored_n, stored_store = devices.c.state["boot_n"].as_integer(), devices.c.state["boot_store"].as_string()
+            if store:
+                other_boot = or_(stored_store.is_(None), stored_store != store, stored_n.is_(None), stored_n < boot_n)
             else:
-                other_boot = [true()]  # an agent without boot numbers: every new boot wins, as it always did
+                other_boot = true()
             guard = or_(devices.c.state.is_(None), stored_boot.is_(None),
-                        and_(stored_boot != boot, or_(*other_boot)),
+                        and_(stored_boot != boot, other_boot),
                         and_(stored_boot == boot, or_(stored_ts.is_(None), stored_ts <= ts)))
         db.execute(self.insert(devices).values(device=device[:128], first_seen=now, tags=[], groups=[], **values)
                    .on_conflict_do_update(index_elements=[devices.c.device], set_=values, where=guard))

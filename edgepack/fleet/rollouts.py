@@ -351,7 +351,8 @@ def freshen(controller, now: float) -> int:
             # with a higher number would out-version it.
             newer = followed and db.execute(
                 select(func.max(desired.c.desired_version)).where(desired.c.topic.in_(followed))
-                .where(desired.c.model == row.model)).scalar()
+                .where(desired.c.model == row.model)
+                .where(desired.c.expires_at.is_(None) | (desired.c.expires_at > now))).scalar()
         if newer and newer > row.desired_version:
             continue
         model = (reported.get("models") or {}).get(row.model) or {}
@@ -364,7 +365,9 @@ def freshen(controller, now: float) -> int:
             _fence(controller, db)
             state = DesiredState.model_validate({**document, "version": number, "issued_at": now,
                                                  "expires_at": now + max(lifetime, 60.0),
-                                                 "renews": document.get("renews") or row.desired_version})
+                                                 # agents before 'renews' refuse fields they do not know
+                                                 **({"renews": document.get("renews") or row.desired_version}
+                                                    if "renews" in (reported.get("accepts") or []) else {})})
             payload = sign_desired(state, controller.signing_key)
             db.execute(desired.insert().values(topic=row.topic, desired_version=number, model=row.model, version=row.version,
                                                rollout=row.rollout, purpose="refresh", payload=payload.decode(),
