@@ -60,10 +60,14 @@ def cli() -> None:
 @click.option("--port", type=int, help="TCP port (default 8000; 0 picks a free one and logs it)")
 @click.option("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (0 picks a free one and logs it)")
 @click.option("--token-file", type=click.Path(path_type=Path), help="file holding the bearer token")
+@click.option("--shadow", "shadows", multiple=True, type=click.Path(path_type=Path),
+              help="run this bundle in shadow beside the active version of its model (repeatable)")
+@click.option("--split", "splits", multiple=True, metavar="BUNDLE=PERCENT",
+              help="A/B: answer PERCENT of the requests of the bundle's model with it (repeatable)")
 @key_option
-def run(config_path, bundles, store, host, port, grpc_port, token_file, keys) -> None:
+def run(config_path, bundles, store, host, port, grpc_port, token_file, keys, shadows, splits) -> None:
     """The daemon: serve models over HTTP (Open Inference Protocol v2), and gRPC when asked, until SIGTERM."""
-    from .config import load_config
+    from .config import add_candidate, load_config
     from .daemon import serve
 
     def absolute(path):
@@ -73,6 +77,17 @@ def run(config_path, bundles, store, host, port, grpc_port, token_file, keys) ->
         "store": absolute(store), "server.host": host, "server.port": port, "server.grpc_port": grpc_port,
         "server.token_file": absolute(token_file), "trusted_keys": [absolute(k) for k in keys] or None,
     })
+    for path in shadows:
+        add_candidate(config, "shadow", path.resolve())
+    for text in splits:
+        path, _, percent = text.rpartition("=")
+        try:
+            value = float(percent)
+        except ValueError:
+            value = None
+        if not path or value is None:
+            raise click.UsageError(f"--split {text}: give BUNDLE=PERCENT, e.g. --split v2.edgepack=20")
+        add_candidate(config, "split", Path(path).resolve(), value)
     sys.exit(serve(config, [b.resolve() for b in bundles]))
 
 

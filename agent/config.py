@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgepack.errors import UsageError, first_line
+from edgepack.errors import EdgepackError, UsageError, first_line
 from edgepack.profiles import validation_problems
 
 
@@ -45,6 +45,33 @@ class Batching(_Strict):
         description="how long the first request of a batch may wait for more; 0 batches only what queued "
         "up while the model was busy (no added latency at low load)",
     )
+
+
+class ShadowConfig(_Strict):
+    """A candidate version that sees the active version's inputs off the request path and is compared
+    with it (agreement, latency, errors); it never answers a request."""
+
+    bundle: Path = Field(description="the candidate's bundle file (same model name and inputs as the active one)")
+    sample_rate: float = Field(1.0, gt=0, le=1, description="share of answered requests mirrored to the candidate")
+    queue: int = Field(4, ge=1, le=1024, description="mirrored requests that may wait; more are dropped "
+                       "(shadow work is dropped, never an answer delayed)")
+    cpu_share: float = Field(0.25, gt=0, le=1, description="most of one core the candidate may use: after a "
+                             "run taking t seconds of CPU it rests t * (1 / cpu_share - 1)")
+    threads: int = Field(1, ge=1, le=256, description="the candidate's intra-op threads (1: it runs on its own "
+                         "low-priority thread only)")
+    timeout_s: float = Field(10.0, gt=0, le=3600, description="a candidate run longer than this is hung: "
+                             "nothing more is mirrored until it returns")
+    max_samples: int = Field(64, ge=1, le=100_000, description="larger requests are not mirrored")
+    confident_margin: float = Field(1.0, ge=0, description="class scores: top-1 beats top-2 by this (logits) "
+                                    "for a sample to count as confident, as in the accuracy gate")
+
+
+class SplitConfig(_Strict):
+    """A/B: a share of requests answered by a second version, sticky per client id."""
+
+    bundle: Path = Field(description="the B version's bundle file (same model name and inputs as the active one)")
+    percent: float = Field(gt=0, lt=100, description="share of requests (of client ids, when requests carry "
+                           "one) that the B version answers")
 
 
 class ModelConfig(_Strict):
@@ -88,6 +115,8 @@ class ModelConfig(_Strict):
     integer_io: bool = Field(
         False, description="full-int8 TFLite models: take and return raw int8 tensors instead of floats "
         "(callers quantize with the scale/zero point in the model metadata)")
+    shadow: ShadowConfig | None = Field(None, description="run a candidate version in shadow beside this one")
+    split: SplitConfig | None = Field(None, description="answer a share of requests with a B version (A/B)")
 
 
 class ServerConfig(_Strict):
@@ -317,6 +346,9 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
         config.fleet_keys = [_relative(base, key) for key in config.fleet_keys]
         for model in config.models:
             model.bundle = _relative(base, model.bundle)
+            for extra in (model.shadow, model.split):
+                if extra is not None:
+                    extra.bundle = _relative(base, extra.bundle)
         for key in ("token_file", "tls_cert", "tls_key"):
             setattr(config.server, key, _relative(base, getattr(config.server, key)))
         if config.mqtt:
@@ -333,6 +365,27 @@ def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{label}: mqtt.{key}: {path} is not a readable file; fix the path")
     return config
+
+
+def add_candidate(config: AgentConfig, kind: str, bundle: Path, percent: float | None = None) -> None:
+    """Give the model of ``bundle`` a shadow candidate or an A/B split's B version (``--shadow``,
+    ``--split``): the model's entry in ``config.models`` gains it (a new entry when it has none)."""
+    from edgepack.bundle import open_bundle
+
+    try:
+        with open_bundle(bundle, verify_files=False) as opened:
+            name = opened.manifest["name"]
+    except EdgepackError as exc:
+        raise ConfigError(f"--{kind} {bundle}: {exc.message}") from None
+    entry = next((model for model in config.models if model.name == name), None)
+    if entry is None:
+        entry = ModelConfig(name=name)
+        config.models.append(entry)
+    try:
+        value = ShadowConfig(bundle=bundle) if kind == "shadow" else SplitConfig(bundle=bundle, percent=percent)
+    except ValidationError as exc:
+        raise ConfigError(f"--{kind} {bundle}: " + "; ".join(validation_problems(exc))) from None
+    setattr(entry, kind, value)
 
 
 def _relative(base: Path, value: Path | None) -> Path | None:

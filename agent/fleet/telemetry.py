@@ -130,6 +130,12 @@ class TelemetryCollector:
                     counts = getattr(scheduler.current, "predictions", None)
                     if counts is not None:
                         entry["predictions"] = self._predictions(name, scheduler.current, counts)
+                if getattr(scheduler, "shadow", None) is not None:
+                    entry["shadow"] = scheduler.shadow.summary()  # cumulative since it loaded
+                if getattr(scheduler, "split", None) is not None:
+                    split = scheduler.split
+                    entry["split"] = {"version": split.version, "percent": split.percent,
+                                      "health": split.served.health.summary()}
         if self.store is not None:
             for name in models:
                 try:

@@ -26,6 +26,7 @@ from . import model_info
 from .oip import HEADER_LENGTH, RequestError
 from .registry import ModelRegistry
 from .shared_buffers import SharedBody
+from .split import CLIENT_HEADER
 
 log = logging.getLogger("edgepack.agent.serving")
 
@@ -144,6 +145,13 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         scheduler, error = model_or_404(request)
         return error or _json(model_info.model_config(scheduler))
 
+    async def shadow(request: Request) -> Response:
+        """edgepack's own: the shadow candidate's agreement, counts and latency (not part of OIP)."""
+        try:
+            return _json(service.shadow(request.path_params["name"]))
+        except ServiceError as exc:
+            return _json({"error": exc.message}, exc.status)
+
     async def infer(request: Request) -> Response:
         declared = request.headers.get("content-length", "")
         try:
@@ -154,7 +162,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
                 header_length=request.headers.get(HEADER_LENGTH),
                 declared=int(declared) if declared.isdigit() else None,
                 watch=lambda queued: _unless_disconnected(request, queued),
-                reserved=request.scope.pop(PLACE, None))
+                reserved=request.scope.pop(PLACE, None), client=request.headers.get(CLIENT_HEADER))
         except ServiceError as exc:
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)
@@ -188,6 +196,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         Route("/v2/models/{name}/versions/{version}/stats", statistics, methods=["GET"]),
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/shadow", shadow, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import numpy as np
+
 from starlette.requests import ClientDisconnect
 
 from edgepack.errors import DataError, EdgepackError
@@ -121,6 +123,14 @@ def unknown_model(name: str, version: str | None, known: list[str]) -> ModelNotF
     return ModelNotFound(f"Request for unknown model: {what} is not found; served models: {', '.join(known) or 'none'}")
 
 
+def served_versions(scheduler) -> list[str]:
+    """The versions of a model that answer requests: the active one, and an A/B split's B version."""
+    versions = [scheduler.current.version]
+    if scheduler.split is not None:
+        versions.append(scheduler.split.version)
+    return versions
+
+
 def count_samples(feeds: dict, model) -> int:
     """The sample rule, in one place: the size of the sample axis (each input's own; constants hold
     none) when the model takes batches, else one."""
@@ -203,7 +213,7 @@ class InferenceService:
     def model(self, name: str, version: str | None = None):
         """The scheduler serving ``name`` (at ``version``, when given), else ModelNotFound."""
         scheduler = self.registry.get(name)
-        if scheduler is None or (version is not None and version != scheduler.current.version):
+        if scheduler is None or (version is not None and version not in served_versions(scheduler)):
             return self._not_found(name, version)
         return scheduler
 
@@ -214,11 +224,20 @@ class InferenceService:
     def statistics(self, name: str | None = None, version: str | None = None) -> dict:
         """Triton's statistics of one model version, of a model's served version, or of every model."""
         if name is None:
-            pairs = [(n, self.registry.get(n).current.version) for n in sorted(self.registry.schedulers)
-                     if self.registry.get(n)]
+            pairs = [(n, v) for n in sorted(self.registry.schedulers) if self.registry.get(n)
+                     for v in served_versions(self.registry.get(n))]
         else:
-            pairs = [(name, self.model(name, version).current.version)]
+            scheduler = self.model(name, version)
+            pairs = [(name, version)] if version is not None else [(name, v) for v in served_versions(scheduler)]
         return self.metrics.statistics.report(pairs)
+
+    def shadow(self, name: str) -> dict:
+        """The model's shadow candidate: how it compares with the active version so far (404 without one)."""
+        scheduler = self.model(name)
+        if scheduler.shadow is None:
+            raise ModelNotFound(f"model '{_printable(name)}' has no shadow version (models.{_printable(name)}.shadow "
+                                "in agent.yaml, or edgepack-agent run --shadow BUNDLE)")
+        return {"model": name, "active": scheduler.current.version, **scheduler.shadow.summary()}
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -242,20 +261,22 @@ class InferenceService:
 
     async def infer(self, name: str, version: str | None, body: bytes | BodyReader, *, encoding: str = "identity",
                     header_length: str | None = None, declared: int | None = None,
-                    watch: Callable[[Awaitable], Awaitable] | None = None, wire=None, reserved=None) -> Answer:
+                    watch: Callable[[Awaitable], Awaitable] | None = None, wire=None, reserved=None,
+                    client: str | None = None) -> Answer:
         """Run one OIP request. ``body``: the bytes, or a reader a door reads them with (after
         admission: a refused request's body is not read). ``declared``: the body's announced length
         (admission of large bodies). ``watch``: wraps the wait for the result (a door that can see its
         client leave cancels it). ``wire``: the body's form (default: OIP REST with ``encoding`` and
         ``header_length``). ``reserved``: ``(scheduler, place)`` already taken from the request head
-        (the HTTP front door's), used instead of taking one here (given back whatever happens)."""
+        (the HTTP front door's), used instead of taking one here (given back whatever happens).
+        ``client``: the door's client id (a header or metadata; an A/B split routes by it)."""
         wire = wire or OipWire(encoding, header_length)
         started = time.perf_counter()
         scheduler = self.registry.get(name)
         if reserved is not None and reserved[0] is not scheduler:
             reserved[0].unreserve(reserved[1])  # another scheduler's (the model was reloaded since)
             reserved = None
-        if scheduler is None or (version is not None and version != scheduler.current.version):
+        if scheduler is None or (version is not None and version not in served_versions(scheduler)):
             if reserved is not None:
                 scheduler.unreserve(reserved[1])
             self.metrics.observe_request(name if name in self.registry.schedulers else "_unknown", "not_found")
@@ -263,7 +284,7 @@ class InferenceService:
         if declared is None and isinstance(body, (bytes, bytearray, memoryview)):
             declared = len(body)
         large = declared is not None and self.codec.offloads(declared)
-        place, served, shared, release_feeds, counted = None, None, None, None, False
+        place, served, shared, release_feeds, counted, mirrored = None, None, None, None, False, None
         try:
             # Shed load before reading the body: a full queue costs the client one round trip, no more.
             place = reserved[1] if reserved is not None else scheduler.reserve()
@@ -273,7 +294,8 @@ class InferenceService:
                                       f"(server.large_body_budget_bytes: {self.large_budget}); retry later",
                                       {"retry-after": "1"})
                 counted = True
-            served = scheduler.pin()
+            split = scheduler.split
+            served = scheduler.pin(split.served if split and version is not None and version == split.version else None)
             if not isinstance(body, (bytes, bytearray, memoryview)):
                 try:
                     body = await asyncio.wait_for(body(self.max_body, self.codec), self.config.server.body_timeout_s)
@@ -292,6 +314,11 @@ class InferenceService:
             backend = served.model.backend
             if backend.defaults or len(feeds) < len(backend.inputs):
                 feeds = fill_constants(feeds, backend)
+            if split is not None and version is None and split.takes(decoded.client_id or client):
+                # The B version takes the same inputs (checked when it loaded): the check above holds.
+                scheduler.unpin(served)
+                served = None
+                served = scheduler.pin(split.served)
             samples = count_samples(feeds, served.model)
             if samples > options.max_samples_per_request:
                 raise TooManySamples(f"the request carries {samples} samples; this model takes at most "
@@ -301,6 +328,10 @@ class InferenceService:
                       decoded.timeout_us / 1e6 if decoded.timeout_us is not None else None]
             limits = [limit for limit in limits if limit is not None]
             deadline = started + min(limits) if limits else None
+            shadow = scheduler.shadow
+            if shadow is not None and served is scheduler.current and shadow.wants(samples):
+                # A copy: the scheduler frees the feeds' memory (shared memory of a large body) after the run.
+                mirrored = shadow, {key: np.array(value) for key, value in feeds.items()}
             # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
             handed, release_feeds = release_feeds, None
             held, place = place, None  # submit uses the place, whatever happens in it
@@ -332,6 +363,11 @@ class InferenceService:
             if release_feeds is not None:
                 release_feeds()
         total = time.perf_counter() - started
+        if mirrored is not None and result.served is scheduler.current:
+            mirrored[0].offer(mirrored[1], result.outputs)
+        if scheduler.split is not None:
+            role = "b" if result.served is scheduler.split.served else "a"
+            self.metrics.split_requests.labels(name, result.version, role).inc()
         self.metrics.observe_request(name, "ok", total, result.queue_seconds)
         self.metrics.statistics.request(name, result.version, True, total, result.queue_seconds, input_s,
                                         result.inference_seconds, output_s)

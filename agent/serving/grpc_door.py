@@ -26,6 +26,7 @@ from . import model_info
 from .dataplane import BadRequest, ClientGone, InferenceService, ServiceError, Unavailable
 from .oip_grpc import messages as pb
 from .oip_grpc.wire import GrpcWire
+from .split import CLIENT_HEADER
 
 log = logging.getLogger("edgepack.agent.grpc")
 #: requests of one ModelStreamInfer stream in progress at once (the stream waits beyond it)
@@ -91,6 +92,14 @@ def _tensor_metadata(entry: dict):
             tensor.parameters[key].double_param = float(value)
     return tensor
 
+
+
+def client_metadata(context) -> str | None:
+    """The call's ``edgepack-client-id`` metadata (an A/B split routes by it)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_HEADER and isinstance(value, str) and value:
+            return value
+    return None
 
 class GrpcDoor:
     """The gRPC server of one daemon; ``await start()`` binds and serves, ``await stop()`` drains."""
@@ -248,14 +257,15 @@ class GrpcDoor:
 
     # -- inference -----------------------------------------------------------------------------------
 
-    async def _infer(self, body: bytes) -> bytes:
+    async def _infer(self, body: bytes, client: str | None = None) -> bytes:
         target = infer_target(body)
         if target is None:  # as HTTP answers a body that is not JSON: 400, whatever model it was for
             self.service.metrics.observe_request("_unknown", BadRequest.outcome)
             raise BadRequest("the body is not a valid inference.ModelInferRequest")
         name, version = target
         try:
-            answer = await self.service.infer(name, version, body, declared=len(body), wire=GrpcWire(name, version))
+            answer = await self.service.infer(name, version, body, declared=len(body), wire=GrpcWire(name, version),
+                                              client=client)
         except asyncio.CancelledError:
             # the client cancelled the call (or went away): counted as HTTP counts a client that left
             self.service.metrics.observe_request(name if name in self.registry.schedulers else "_unknown",
@@ -266,7 +276,7 @@ class GrpcDoor:
     async def model_infer(self, body: bytes, context):
         await self._authorize(context)
         try:
-            return await self._infer(body)
+            return await self._infer(body, client_metadata(context))
         except ServiceError as exc:
             await self._fail(context, exc)
 
@@ -274,6 +284,7 @@ class GrpcDoor:
         """Triton's bidirectional stream: answers (or per-request errors, the stream goes on) in the
         order they are ready, at most STREAM_IN_FLIGHT requests of the stream at once."""
         await self._authorize(context)
+        client = client_metadata(context)
         # Bounded both ways: a request holds its place until its answer is queued, and at most as many
         # answers wait for the client as requests may run, so a client that sends without reading its
         # answers stops being read (gRPC's flow control then holds its sender), it never fills memory.
@@ -284,7 +295,7 @@ class GrpcDoor:
         async def one(body: bytes) -> None:
             try:
                 try:
-                    frame = _stream_frame(2, await self._infer(body))
+                    frame = _stream_frame(2, await self._infer(body, client))
                 except ServiceError as exc:
                     frame = _stream_frame(1, f"[{exc.grpc}] {exc.message}".encode())
                 await answers.put(frame)

@@ -61,6 +61,16 @@ class ServingMetrics:
                                      "survived (logged), by task", ["task"], registry=r)
         self.dropped_messages = Counter("edgepack_mqtt_dropped_messages", "Incoming MQTT messages dropped unread "
                                         "(too large, or the daemon too far behind), by reason", ["reason"], registry=r)
+        self.shadow_requests = Counter("edgepack_shadow_requests", "Requests mirrored to a shadow candidate, by "
+                                       "outcome (offered, compared, dropped, errors, nonfinite)",
+                                       ["model", "version", "outcome"], registry=r)
+        self.shadow_seconds = Histogram("edgepack_shadow_run_seconds", "Time the shadow candidate took per mirrored "
+                                        "request", ["model", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.shadow_agreement = Gauge("edgepack_shadow_agreement", "How often the shadow candidate agrees with the "
+                                      "active version (top-1 for classes, IoU for maps, else cosine)",
+                                      ["model", "version"], registry=r)
+        self.split_requests = Counter("edgepack_split_requests", "Requests answered per version of an A/B split",
+                                      ["model", "version", "role"], registry=r)
         self.load_failures = Counter("edgepack_model_load_failures", "Versions that failed to load or smoke-test",
                                      ["model"], registry=r)
 

@@ -33,11 +33,29 @@ def server_metadata(registry) -> dict:
             "models": sorted(name for name in registry.schedulers if registry.get(name))}
 
 
+def roles(scheduler) -> dict[str, str]:
+    """Version -> its role: ``active`` (answers requests), ``b`` (answers an A/B split's share),
+    ``shadow`` (sees the inputs, answers nothing)."""
+    served = {scheduler.current.version: "active"}
+    if scheduler.split is not None:
+        served[scheduler.split.version] = "b"
+    if scheduler.shadow is not None:
+        served.setdefault(scheduler.shadow.version, "shadow")
+    return served
+
+
 def model_metadata(scheduler) -> dict:
+    """OIP model metadata; ``versions`` lists every loaded version, the active one first, and
+    ``parameters.roles`` says what each does (the gRPC door leaves the parameters out)."""
     model = scheduler.current.model
-    return {"name": scheduler.name, "versions": [model.version], "platform": platform(model),
+    body = {"name": scheduler.name, "versions": list(roles(scheduler)), "platform": platform(model),
             "inputs": [tensor_metadata(s) for s in model.inputs],
             "outputs": [tensor_metadata(s) for s in model.outputs]}
+    if scheduler.split is not None or scheduler.shadow is not None:
+        body["parameters"] = {"roles": roles(scheduler)}
+        if scheduler.split is not None:
+            body["parameters"]["split_percent"] = scheduler.split.percent
+    return body
 
 
 def repository_index(registry) -> list[dict]:

@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 
 from edgepack.tensors import TensorSpec
+from .split import client_of
 
 HEADER_LENGTH = "inference-header-content-length"
 #: More elements than any body within server.max_body_bytes can describe (a BOOL is one byte).
@@ -55,6 +56,8 @@ class InferRequest:
     binary_default: bool = False
     #: Triton's ``timeout`` request parameter: how long (microseconds) the request may wait in the queue
     timeout_us: int | None = None
+    #: the ``client_id`` parameter (A/B splits route by it; agent.serving.split)
+    client_id: str | None = None
 
 
 def oip_datatype(spec: TensorSpec) -> str:
@@ -225,7 +228,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             if "classification" in out_params:
                 raise RequestError("the classification extension is not supported; request the output tensor instead")
             outputs[item["name"]] = bool(out_params.get("binary_data", binary_default))
-    return InferRequest(request_id, inputs, outputs, binary_default, timeout_us)
+    return InferRequest(request_id, inputs, outputs, binary_default, timeout_us, client_of(params, None))
 
 
 def validate_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec], allow_nonfinite: bool) -> dict[str, np.ndarray]:

@@ -194,8 +194,55 @@ class ModelRegistry:
                 raise EdgepackError(f"cannot serve {path}: {exc.message}") from None
             self._scheduler(served.model.name).swap(served)
         await self._refresh()
+        await self._load_candidates()
         settle_heap()  # once everything is loaded, whatever changed
         self._watcher = asyncio.ensure_future(self._watch())
+
+    def _load_candidate(self, path: Path, name: str, threads: int | None) -> ServedVersion:
+        """A shadow or B version from its bundle file: the same model name, the same inputs."""
+        started = time.perf_counter()
+        folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=self._temp))
+        model = load_bundle(path, folder, keys=self.keys, profile=self.config.profile, threads=threads)
+        active = self.schedulers[name].current.model
+        problem = None
+        if model.name != name:
+            problem = f"it is model {model.name!r}, not {name!r}"
+        elif [(s.name, s.dtype, tuple(s.shape)) for s in model.inputs] != \
+                [(s.name, s.dtype, tuple(s.shape)) for s in active.inputs]:
+            problem = "its inputs differ from the active version's (a candidate must take the same requests)"
+        elif model.version in (active.version,):
+            problem = f"it is the active version ({model.version})"
+        if problem:
+            model.close()
+            raise EdgepackError(f"cannot use {path} beside {name} {active.version}: {problem}")
+        return self._served(model, None, started, f"file:{path}")
+
+    async def _load_candidates(self) -> None:
+        """Load the shadow candidates and A/B versions agent.yaml names; a bad one stops the start."""
+        from .shadow import ShadowRunner
+        from .split import Split
+
+        loop = asyncio.get_running_loop()
+        for options in self.config.models:
+            for kind in ("split", "shadow"):
+                extra = getattr(options, kind)
+                if extra is None:
+                    continue
+                scheduler = self.get(options.name)
+                if scheduler is None:
+                    raise EdgepackError(f"models.{options.name}.{kind}: the daemon serves no {options.name!r} to "
+                                        "compare it with; install or name its active bundle first")
+                threads = extra.threads if kind == "shadow" else options.threads
+                try:
+                    served = await loop.run_in_executor(None, self._load_candidate, extra.bundle, options.name, threads)
+                except EdgepackError as exc:
+                    raise EdgepackError(f"models.{options.name}.{kind}: {exc.message}") from None
+                if kind == "split":
+                    scheduler.split = Split(options.name, served, extra.percent)
+                else:
+                    scheduler.shadow = ShadowRunner(options.name, served, extra, self.metrics)
+                log.info(f"{kind} version loaded", extra={"model": options.name, "version": served.version,
+                                                           "active": scheduler.current.version})
 
     async def refresh(self) -> None:
         """Load the store's active slot of every model whose state changed since the last look."""

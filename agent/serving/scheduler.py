@@ -247,6 +247,10 @@ class ModelScheduler:
         self.options = options
         self.metrics = metrics
         self.current: ServedVersion | None = None
+        #: an A/B split's B version (agent.serving.split.Split) and a shadow candidate
+        #: (agent.serving.shadow.ShadowRunner), when configured
+        self.split = None
+        self.shadow = None
         self._pending: collections.deque[Work] = collections.deque()
         self._wakeup = asyncio.Event()
         #: places of requests admitted from their head whose body is still being read and decoded
@@ -368,9 +372,10 @@ class ModelScheduler:
                 raise  # a place that still counts, given back twice: a bug, not a silent miscount
             # else an expired place, forgotten already (see _held)
 
-    def pin(self) -> ServedVersion:
-        """The current version, held until :meth:`unpin`; validate the request against it."""
-        served = self.current
+    def pin(self, served: ServedVersion | None = None) -> ServedVersion:
+        """The current version (or ``served``: an A/B split's B version), held until :meth:`unpin`;
+        validate the request against it."""
+        served = served or self.current
         if served is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
         served.acquire()
@@ -598,10 +603,13 @@ class ModelScheduler:
         return outputs
 
     async def close(self) -> None:
-        """Finish queued work, stop the workers and close the active version."""
+        """Finish queued work, stop the workers and close the active version (and a shadow or B one)."""
         self._closing = True
         self._wakeup.set()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        for extra in (self.shadow, self.split):
+            if extra is not None:
+                extra.close()
         if self.current is not None:
             self.current.retire()

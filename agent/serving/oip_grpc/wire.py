@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from ..oip import DATATYPES, FROM_NUMPY, MAX_ELEMENTS, MAX_TIMEOUT_US, InferRequest, RequestError, _bytes_block, \
     _bytes_elements, validate_inputs
+from ..split import client_of
 from . import messages as pb
 
 #: OIP datatype -> the InferTensorContents field holding it (FP16 has none: raw contents only)
@@ -112,7 +113,7 @@ def decode_infer(body: bytes, target: tuple[str, str | None] | None = None) -> t
         if "classification" in item.parameters:
             raise RequestError("the classification extension is not supported; request the output tensor instead")
         outputs[item.name] = True
-    return InferRequest(message.id or None, inputs, outputs, True, timeout_us), inputs
+    return InferRequest(message.id or None, inputs, outputs, True, timeout_us, client_of(params, None)), inputs
 
 
 def _varint(value: int) -> bytes:
