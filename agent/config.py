@@ -55,10 +55,9 @@ class ShadowConfig(_Strict):
     sample_rate: float = Field(1.0, gt=0, le=1, description="share of answered requests mirrored to the candidate")
     queue: int = Field(4, ge=1, le=1024, description="mirrored requests that may wait; more are dropped "
                        "(shadow work is dropped, never an answer delayed)")
-    cpu_share: float = Field(0.25, gt=0, le=1, description="most of one core the candidate may use: after a "
-                             "run taking t seconds of CPU it rests t * (1 / cpu_share - 1)")
-    threads: int = Field(1, ge=1, le=256, description="the candidate's intra-op threads (1: it runs on its own "
-                         "low-priority thread only)")
+    cpu_share: float = Field(0.25, gt=0, le=1, description="most of one core the candidate may use: it runs on "
+                             "one low-priority thread (one intra-op thread), and after a run taking t seconds of "
+                             "CPU it rests t * (1 / cpu_share - 1)")
     timeout_s: float = Field(10.0, gt=0, le=3600, description="a candidate run longer than this is hung: "
                              "nothing more is mirrored until it returns")
     max_samples: int = Field(64, ge=1, le=100_000, description="larger requests are not mirrored")

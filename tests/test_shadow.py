@@ -177,3 +177,12 @@ def _wait(check, timeout=10.0):
             return value
         time.sleep(0.01)
     raise AssertionError("timed out")
+
+
+def test_outputs_of_another_shape_or_missing_count_as_disagreements():
+    agreement = Agreement(["labels", "gone"])
+    agreement.update({"labels": np.arange(4), "gone": np.ones((4, 2))}, {"labels": np.arange(4)})
+    agreement.update({"labels": np.arange(4), "gone": np.ones((4, 2))}, {"labels": np.arange(6)})
+    figures = agreement.summary()["outputs"]
+    assert figures["labels"]["exact_agreement"] == 0.5 and figures["labels"]["mismatched_samples"] == 4
+    assert figures["gone"]["mismatched_samples"] == 8

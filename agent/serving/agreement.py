@@ -44,9 +44,12 @@ class OutputAgreement:
             self.kind = output_kind(reference)  # fixed by the first request: one kind for the whole run
         rows = len(reference) if reference.ndim else 1
         if reference.shape != candidate.shape:
-            if reference.size != candidate.size:
+            if reference.size != candidate.size:  # every sample disagrees, and its values count
                 self.samples += rows
                 self.mismatched += rows
+                self.values += reference.size
+                if self.kind == "map":
+                    self.union += int((reference > MAP_THRESHOLD).sum())
                 return
             reference = reference.reshape(candidate.shape)
         self.samples += rows
@@ -105,7 +108,8 @@ class OutputAgreement:
             out["exact_agreement"] = self.agree / self.values if self.values else 0.0
             return out
         out["max_abs_error"] = self.worst if self.nonfinite == 0 else float("inf")
-        out["mean_abs_error"] = self.error_sum / self.values if self.values else None
+        out["mean_abs_error"] = (self.error_sum / self.values if self.values else None) if self.nonfinite == 0 \
+            else float("inf")
         if self.kind == "regression":
             mean = self.error_sum / self.values if self.values else 0.0
             scale = self.reference_sum / self.values if self.values else 0.0
@@ -114,7 +118,7 @@ class OutputAgreement:
             return out
         if self.kind == "map":
             norm = float(np.sqrt(self.ref_power) * np.sqrt(self.cand_power))
-            out["cosine"] = self.dot / norm if norm > 0 else float(self.error_sum == 0)
+            out["cosine"] = (self.dot / norm if norm > 0 else float(self.error_sum == 0)) if not self.nonfinite else 0.0
             out["map_iou"] = self.inter / self.union if self.union else 1.0
             return out
         out["cosine"] = self.cosine_sum / self.samples
@@ -130,6 +134,7 @@ class Agreement:
     """Running comparison of every output of a candidate with the active version's."""
 
     def __init__(self, names: list[str], confident_margin: float = 1.0):
+        """``names``: the active version's outputs (one the candidate lacks counts as disagreeing)."""
         self.outputs = {name: OutputAgreement(name, confident_margin) for name in names}
 
     def update(self, reference: dict, candidate: dict) -> None:

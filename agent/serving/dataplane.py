@@ -29,6 +29,7 @@ from .codec import BodyTooLarge, Codec
 from .oip import RequestError
 from .scheduler import DeadlineExceeded, Overloaded
 from .shared_buffers import SharedBody
+from .split import served_versions
 
 log = logging.getLogger("edgepack.agent.serving")
 
@@ -121,14 +122,6 @@ def unknown_model(name: str, version: str | None, known: list[str]) -> ModelNotF
     name, version = _printable(name), _printable(version) if version is not None else None
     what = f"'{name}'" + (f" version {version}" if version is not None else "")
     return ModelNotFound(f"Request for unknown model: {what} is not found; served models: {', '.join(known) or 'none'}")
-
-
-def served_versions(scheduler) -> list[str]:
-    """The versions of a model that answer requests: the active one, and an A/B split's B version."""
-    versions = [scheduler.current.version]
-    if scheduler.split is not None:
-        versions.append(scheduler.split.version)
-    return versions
 
 
 def count_samples(feeds: dict, model) -> int:
@@ -237,7 +230,7 @@ class InferenceService:
         if scheduler.shadow is None:
             raise ModelNotFound(f"model '{_printable(name)}' has no shadow version (models.{_printable(name)}.shadow "
                                 "in agent.yaml, or edgepack-agent run --shadow BUNDLE)")
-        return {"model": name, "active": scheduler.current.version, **scheduler.shadow.summary()}
+        return {"model": name, **scheduler.shadow.summary()}
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -330,8 +323,9 @@ class InferenceService:
             deadline = started + min(limits) if limits else None
             shadow = scheduler.shadow
             if shadow is not None and served is scheduler.current and shadow.wants(samples):
-                # A copy: the scheduler frees the feeds' memory (shared memory of a large body) after the run.
-                mirrored = shadow, {key: np.array(value) for key, value in feeds.items()}
+                # Feeds in shared memory (a large body) are freed after the run: those are copied. The
+                # others view the request's own bytes, which nothing writes to.
+                mirrored = shadow, feeds if release_feeds is None else {k: np.array(v) for k, v in feeds.items()}
             # From here the scheduler owns the feeds and their memory: it frees it once no run reads them.
             handed, release_feeds = release_feeds, None
             held, place = place, None  # submit uses the place, whatever happens in it
@@ -343,6 +337,10 @@ class InferenceService:
             payload, headers = await wire.encode(self.codec, name, result.version, decoded, result.outputs,
                                                  result.served.model.outputs)
             output_s = time.perf_counter() - encode_started
+            if mirrored is not None and result.served is mirrored[0].active:
+                # copies: a merged batch's outputs are slices that would keep the whole batch alive
+                mirrored[0].offer(mirrored[1], {k: np.array(v) for k, v in result.outputs.items()})
+                mirrored = None
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure becomes one ServiceError
@@ -352,6 +350,8 @@ class InferenceService:
                 self.metrics.statistics.request(name, served.version, False, time.perf_counter() - started)
             raise error from None
         finally:
+            if mirrored is not None:  # the request failed: its claimed place in the shadow's queue goes back
+                mirrored[0].abandon()
             if place is not None:
                 scheduler.unreserve(place)
             if served is not None:
@@ -363,8 +363,6 @@ class InferenceService:
             if release_feeds is not None:
                 release_feeds()
         total = time.perf_counter() - started
-        if mirrored is not None and result.served is scheduler.current:
-            mirrored[0].offer(mirrored[1], result.outputs)
         if scheduler.split is not None:
             role = "b" if result.served is scheduler.split.served else "a"
             self.metrics.split_requests.labels(name, result.version, role).inc()

@@ -14,6 +14,7 @@ import hmac
 import orjson
 
 from .scheduler import Overloaded
+from .split import served_versions
 
 #: Paths open without a token: liveness/readiness probes reveal nothing about models or data.
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -69,7 +70,7 @@ def build_front_door(config, registry, metrics):
         if target is None:
             return None
         scheduler = registry.get(target[0])
-        if scheduler is None or (target[1] is not None and target[1] != scheduler.current.version):
+        if scheduler is None or (target[1] is not None and target[1] not in served_versions(scheduler)):
             return None  # 404 from the application
         if expected is not None and not token_matches(headers, expected):
             return None  # 401 from the application; the queue's state is not for strangers

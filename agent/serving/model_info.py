@@ -7,6 +7,7 @@ from __future__ import annotations
 from edgepack import __version__
 
 from .oip import CONFIG_TYPES, oip_datatype, oip_shape
+from .split import served_versions
 
 #: Protocol extensions served (the same over HTTP and gRPC). Not "model_repository": of it only the
 #: index is served (models come from the store, not from load/unload calls), and a client that sees the
@@ -45,10 +46,11 @@ def roles(scheduler) -> dict[str, str]:
 
 
 def model_metadata(scheduler) -> dict:
-    """OIP model metadata; ``versions`` lists every loaded version, the active one first, and
-    ``parameters.roles`` says what each does (the gRPC door leaves the parameters out)."""
+    """OIP model metadata; ``versions`` lists the versions that answer (the active one first), and
+    ``parameters.roles`` what every loaded one does, the shadow's included (the gRPC door leaves the
+    parameters out)."""
     model = scheduler.current.model
-    body = {"name": scheduler.name, "versions": list(roles(scheduler)), "platform": platform(model),
+    body = {"name": scheduler.name, "versions": served_versions(scheduler), "platform": platform(model),
             "inputs": [tensor_metadata(s) for s in model.inputs],
             "outputs": [tensor_metadata(s) for s in model.outputs]}
     if scheduler.split is not None or scheduler.shadow is not None:

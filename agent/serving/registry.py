@@ -27,6 +27,7 @@ from ..model import release_freed_memory
 from ..store import ModelStore
 from .metrics import ServingMetrics
 from .scheduler import ModelScheduler, ServedVersion
+from .split import candidate_problem
 
 log = logging.getLogger("edgepack.agent.serving")
 #: how often freed memory is handed back to the OS (malloc_trim; a few ms of work)
@@ -198,20 +199,15 @@ class ModelRegistry:
         settle_heap()  # once everything is loaded, whatever changed
         self._watcher = asyncio.ensure_future(self._watch())
 
-    def _load_candidate(self, path: Path, name: str, threads: int | None) -> ServedVersion:
-        """A shadow or B version from its bundle file: the same model name, the same inputs."""
+    def _load_candidate(self, path: Path, name: str, threads: int | None, instances: int) -> ServedVersion:
+        """A shadow or B version from its bundle file: the same model, the same inputs and outputs."""
         started = time.perf_counter()
         folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=self._temp))
-        model = load_bundle(path, folder, keys=self.keys, profile=self.config.profile, threads=threads)
+        model = load_bundle(path, folder, keys=self.keys, profile=self.config.profile, threads=threads,
+                            instances=instances)
+        self._apply_options(model)
         active = self.schedulers[name].current.model
-        problem = None
-        if model.name != name:
-            problem = f"it is model {model.name!r}, not {name!r}"
-        elif [(s.name, s.dtype, tuple(s.shape)) for s in model.inputs] != \
-                [(s.name, s.dtype, tuple(s.shape)) for s in active.inputs]:
-            problem = "its inputs differ from the active version's (a candidate must take the same requests)"
-        elif model.version in (active.version,):
-            problem = f"it is the active version ({model.version})"
+        problem = candidate_problem(active, model)
         if problem:
             model.close()
             raise EdgepackError(f"cannot use {path} beside {name} {active.version}: {problem}")
@@ -229,18 +225,20 @@ class ModelRegistry:
                 if extra is None:
                     continue
                 scheduler = self.get(options.name)
-                if scheduler is None:
-                    raise EdgepackError(f"models.{options.name}.{kind}: the daemon serves no {options.name!r} to "
-                                        "compare it with; install or name its active bundle first")
-                threads = extra.threads if kind == "shadow" else options.threads
+                if scheduler is None:  # its active version failed to load (logged): the others still serve
+                    log.error(f"{kind} version not loaded", extra={"model": options.name,
+                              "reason": "no active version to compare it with"})
+                    continue
+                one = kind == "shadow"  # the shadow runs on its own low-priority thread only
                 try:
-                    served = await loop.run_in_executor(None, self._load_candidate, extra.bundle, options.name, threads)
+                    served = await loop.run_in_executor(None, self._load_candidate, extra.bundle, options.name,
+                                                        1 if one else options.threads, 1 if one else options.instances)
                 except EdgepackError as exc:
                     raise EdgepackError(f"models.{options.name}.{kind}: {exc.message}") from None
                 if kind == "split":
                     scheduler.split = Split(options.name, served, extra.percent)
                 else:
-                    scheduler.shadow = ShadowRunner(options.name, served, extra, self.metrics)
+                    scheduler.shadow = ShadowRunner(options.name, served, extra, self.metrics, scheduler.current)
                 log.info(f"{kind} version loaded", extra={"model": options.name, "version": served.version,
                                                            "active": scheduler.current.version})
 

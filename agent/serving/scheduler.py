@@ -313,9 +313,29 @@ class ModelScheduler:
         self.metrics.model_load_seconds.labels(self.name).set(served.load_seconds)
         if old is not None:
             old.retire()
+        self._check_candidates()
         log.info("model active", extra={"model": self.name, "version": served.version, "slot": served.slot,
                                         "previous": old.version if old else None})
         return old
+
+    def _check_candidates(self) -> None:
+        """After a swap: a B version or shadow candidate that no longer fits the new active version
+        (another version's inputs, or the same version) is dropped, with a log line; a shadow that
+        fits starts comparing anew, against the new active version."""
+        from .split import candidate_problem
+
+        for kind in ("split", "shadow"):
+            extra = getattr(self, kind)
+            if extra is None:
+                continue
+            problem = candidate_problem(self.current.model, extra.served.model)
+            if problem:
+                setattr(self, kind, None)
+                extra.close()
+                log.warning(f"{kind} version dropped", extra={"model": self.name, "version": extra.version,
+                                                              "active": self.current.version, "reason": problem})
+            elif kind == "shadow":
+                extra.reset(self.current)
 
     def unload(self) -> None:
         """Stop serving (no version left in the store): new requests get 404/503; queued ones finish."""

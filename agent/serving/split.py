@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+import numpy as np
+
 #: where a request names its client
 CLIENT_HEADER = "edgepack-client-id"
 CLIENT_PARAMETER = "client_id"
@@ -41,6 +43,35 @@ class Split:
 
     def close(self) -> None:
         self.served.retire()
+
+
+def served_versions(scheduler) -> list[str]:
+    """The versions of a model that answer requests: the active one, and an A/B split's B version."""
+    versions = [scheduler.current.version]
+    if scheduler.split is not None and scheduler.split.version != versions[0]:
+        versions.append(scheduler.split.version)
+    return versions
+
+
+def candidate_problem(active, candidate) -> str | None:
+    """Why ``candidate`` (a LoadedModel) cannot stand beside ``active`` as its shadow or B version: it
+    must be the same model taking the same requests and giving the same outputs; None when it can."""
+    def inputs(model):
+        return [(s.name, s.dtype, tuple(s.shape), s.sample_axis, str(s.quantization or ""))
+                for s in model.inputs]
+
+    if candidate.name != active.name:
+        return f"it is model {candidate.name!r}, not {active.name!r}"
+    if candidate.version == active.version:
+        return f"it is the active version ({active.version})"
+    if inputs(candidate) != inputs(active):
+        return "its inputs differ from the active version's (a candidate must take the same requests)"
+    if sorted(s.name for s in candidate.outputs) != sorted(s.name for s in active.outputs):
+        return "its outputs differ from the active version's"
+    mine, theirs = candidate.backend.defaults, active.backend.defaults
+    if set(mine) != set(theirs) or any(not np.array_equal(mine[k], theirs[k]) for k in mine):
+        return "its constant inputs' defaults differ from the active version's"
+    return None
 
 
 def client_of(parameters: dict | None, header: str | None) -> str | None:
