@@ -23,4 +23,9 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && command -v 
         || echo "warning: could not install nginx; the HTTP download tests will be skipped" >&2
     if [ -n "$policy_added" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+# Chromium and its driver for the dashboard's browser test (skipped without them).
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+        || echo "warning: could not install chromium; the dashboard's browser test will be skipped" >&2
+fi
 exec .venv/bin/python -m pytest -q --durations=30 "$@"

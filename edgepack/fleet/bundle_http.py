@@ -154,14 +154,14 @@ class BundleServer(ThreadingHTTPServer):
         self.server_close()
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, option: str = "--http") -> tuple[str, int]:
     """``HOST:PORT`` (or ``[v6]:PORT``, or ``PORT`` alone for 127.0.0.1)."""
     host, _, port = value.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
         number = int(port)
     except ValueError:
-        raise UsageError(f"--http {value!r}: give HOST:PORT, e.g. 0.0.0.0:8080") from None
+        raise UsageError(f"{option} {value!r}: give HOST:PORT, e.g. 127.0.0.1:8080") from None
     if not 0 <= number <= 65535:
-        raise UsageError(f"--http {value!r}: the port must be 0-65535")
+        raise UsageError(f"{option} {value!r}: the port must be 0-65535")
     return host, number

@@ -74,9 +74,14 @@ def fleet() -> None:
 @click.option("--bundle-url", metavar="URL",
               help="base URL of a copy of the bundles folder (S3, a CDN, nginx): rollouts name URL<sha256>.edgepack "
                    "as the source devices download with Range requests (MQTT chunks stay the fallback)")
+@click.option("--dashboard", "dashboard_listen", metavar="HOST:PORT",
+              help="also serve the live fleet page (devices, rollouts, charts) and its JSON API; read-only without the token")
+@click.option("--dashboard-token", envvar="EDGEPACK_DASHBOARD_TOKEN", metavar="TOKEN",
+              help="bearer token the page's actions (pause, resume, abort, rollback) need "
+                   "[env EDGEPACK_DASHBOARD_TOKEN; default: a random one, printed at start]")
 @_auth
 def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, ingest_workers, keep_raw, http_listen,
-          bundle_url, protocol, username, password, ca_file, cert_file, key_file) -> None:
+          bundle_url, dashboard_listen, dashboard_token, protocol, username, password, ca_file, cert_file, key_file) -> None:
     """Record device state, telemetry and events; answer bundle chunk requests; advance rollouts.
     Runs until SIGTERM (then stores and acknowledges what it received, and stops)."""
     import logging
@@ -97,6 +102,14 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, in
         server = BundleServer(bundles_dir, *parse_listen(http_listen)).start()
         bundle_url = bundle_url or server.url
         click.echo(f"bundles over HTTP on {http_listen} (sources named: {bundle_url}<sha256>.edgepack)", err=True)
+    dashboard = None
+    if dashboard_listen:
+        from .bundle_http import parse_listen
+        from .dashboard.server import DashboardServer
+
+        dashboard = DashboardServer(db_url, *parse_listen(dashboard_listen, "--dashboard"), token=dashboard_token).start()
+        shown = "as given" if dashboard_token else dashboard.token
+        click.echo(f"dashboard on {dashboard.url} (actions need the token: {shown})", err=True)
     if ingest_workers > 1 and address.negotiate() != "5":
         click.echo("--ingest-workers: the broker speaks MQTT 3.1.1 only (no shared subscriptions); "
                    "one process stores telemetry", err=True)
@@ -125,6 +138,8 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, in
             workers.stop()
         if server:
             server.stop()
+        if dashboard:
+            dashboard.stop()
 
 
 @fleet.command()

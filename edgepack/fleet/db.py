@@ -71,6 +71,24 @@ rollup_classes = Table(
     Column("count", Big, nullable=False, default=0),
 )
 
+#: the last shadow comparison each device reported per minute: cumulative since the candidate loaded
+#: (a shadow stage and the dashboard read the latest row of each device)
+rollup_shadow = Table(
+    "rollup_shadow", metadata,
+    Column("device", String(128), primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),  # the candidate's
+    Column("minute", Integer, primary_key=True),
+    Column("active", String(64)),  # the version it was compared with
+    Column("state", String(16)),  # running | hung | failed
+    Column("samples", Big, nullable=False, default=0),
+    Column("agreement", Float),
+    Column("errors", Big, nullable=False, default=0),
+    Column("latency_p95", Float),
+    Column("ts", Float),
+    Index("rollup_shadow_by_minute", "minute"),
+)
+
 #: every bundle the controller can send, by content
 bundles = Table(
     "bundles", metadata,

@@ -44,9 +44,33 @@ _ROLLUPS_UPSERT = (
     f"INSERT INTO rollups (device, model, version, minute, {', '.join(_SUMS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (device, model, version, minute) DO UPDATE SET "
     + ", ".join(f"{c} = rollups.{c} + excluded.{c}" for c in _SUMS))
+_SHADOW_COLUMNS = ("active", "state", "samples", "agreement", "errors", "latency_p95", "ts")
+#: a later report of the same minute replaces the row (the numbers are cumulative)
+_SHADOW_UPSERT = (
+    f"INSERT INTO rollup_shadow (device, model, version, minute, {', '.join(_SHADOW_COLUMNS)}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, model, version, minute) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _SHADOW_COLUMNS)
+    + " WHERE rollup_shadow.ts IS NULL OR excluded.ts >= rollup_shadow.ts")
 _CLASSES_UPSERT = (
     "INSERT INTO rollup_classes (device, model, version, minute, label, count) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (device, model, version, minute, label) DO UPDATE SET count = rollup_classes.count + excluded.count")
+
+
+def _shadow_row(shadow, ts: float) -> tuple | None:
+    """(candidate version, active, state, samples, agreement, errors, p95 s, ts) of a telemetry entry's
+    ``shadow`` summary; None when it has none (or no version)."""
+    if not isinstance(shadow, dict) or not isinstance(shadow.get("version"), str):
+        return None
+    outputs = shadow.get("outputs") if isinstance(shadow.get("outputs"), dict) else {}
+    samples = max([int(_number(o.get("samples"))) for o in outputs.values() if isinstance(o, dict)] or [0])
+    counts = shadow.get("requests") if isinstance(shadow.get("requests"), dict) else {}
+    errors = int(_number(counts.get("errors"))) + int(_number(counts.get("nonfinite")))
+    latency = shadow.get("latency_s") if isinstance(shadow.get("latency_s"), dict) else {}
+    agreement = _number(shadow.get("agreement"), None)
+    active = shadow.get("active") if isinstance(shadow.get("active"), str) else None
+    state = shadow.get("state") if isinstance(shadow.get("state"), str) else None
+    return (_clean(shadow["version"], 64), _clean(active, 64) if active else None, _clean(state, 16) if state else None,
+            samples, agreement, errors, _number(latency.get("p95"), None), float(_number(ts, 0.0)))
 
 
 class FleetRegistry:
@@ -194,6 +218,7 @@ class FleetRegistry:
     def _roll_up(self, db, telemetry: list[dict], now: float) -> None:
         sums: dict[tuple, dict] = {}
         classes: dict[tuple, int] = {}
+        shadows: dict[tuple, tuple] = {}
         for row in telemetry:
             models = row[7].get("models")
             if not isinstance(models, dict):
@@ -217,6 +242,11 @@ class FleetRegistry:
                     total["p95_requests"] += ok + errors
                 total["drift_messages"] += drifted is not None
                 total["drifted_messages"] += bool(drifted)
+                shadow = _shadow_row(entry.get("shadow"), row[5] or now)
+                if shadow is not None:
+                    shadow_key = (row[0], key[1], shadow[0], minute)
+                    if shadow_key not in shadows or shadows[shadow_key][-1] <= shadow[-1]:
+                        shadows[shadow_key] = shadow[1:]
                 predictions = entry.get("predictions")
                 if isinstance(predictions, dict):
                     for label, count in list(predictions.items())[:256]:
@@ -228,6 +258,8 @@ class FleetRegistry:
             db.exec_driver_sql(self._sql(_ROLLUPS_UPSERT), [key + tuple(total[c] for c in _SUMS) for key, total in sums.items()])
         if classes:
             db.exec_driver_sql(self._sql(_CLASSES_UPSERT), [key + (count,) for key, count in classes.items()])
+        if shadows:
+            db.exec_driver_sql(self._sql(_SHADOW_UPSERT), [key + values for key, values in shadows.items()])
 
     def record_state(self, device: str, state: dict) -> None:
         self.store_batch([(device, "state", state)])
@@ -246,6 +278,7 @@ class FleetRegistry:
             oldest = int((now - keep_rollups_s) // 60)
             db.execute(delete(rollups).where(rollups.c.minute < oldest))
             db.execute(delete(rollup_classes).where(rollup_classes.c.minute < oldest))
+            db.execute(delete(tables.rollup_shadow).where(tables.rollup_shadow.c.minute < oldest))
         return gone
 
     # -- reading -----------------------------------------------------------------------------------
