@@ -189,10 +189,19 @@ class FleetLink:
                 models[name]["local"] = state["local"]  # an operator's install/rollback holds
             if self.updater and name in self.updater.progress:
                 models[name]["download"] = self.updater.progress[name]
+            shadow = getattr(scheduler, "shadow", None) if scheduler else None
+            failure = self.updater.shadow_failure(name) if self.updater else None
+            if shadow is not None:
+                models[name]["shadow"] = {"version": shadow.version, "state": shadow.state,
+                                          "fleet": shadow.fleet_sha256 is not None}
+            elif failure:
+                wanted = (self.updater.record["wanted"].get(name) or {}).get("shadow") or {}
+                models[name]["shadow"] = {"version": wanted.get("version"), "state": "failed",
+                                          "reason": failure.get("message")}
         body = {"schema": topics.SCHEMA, "device": self.device, "boot": self.boot, "boot_n": self.boot_n,
                 "boot_store": self.boot_store, "online": online,
                 # what this agent's desired-state parser takes beyond the first schema
-                "accepts": ["renews"],
+                "accepts": ["renews", "shadow"],
                 "profile": self.config.profile, "ts": time.time(), "models": models,
                 # the group desired-state topics this device follows (the controller authorises chunk
                 # requests by them and targets rollouts by them)

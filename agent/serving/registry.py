@@ -242,6 +242,48 @@ class ModelRegistry:
                 log.info(f"{kind} version loaded", extra={"model": options.name, "version": served.version,
                                                            "active": scheduler.current.version})
 
+    # -- a shadow candidate the fleet asks for (a rollout's shadow stage) ----------------------------
+
+    def fleet_shadow(self, name: str) -> str | None:
+        """sha256 of the bundle of the shadow the fleet attached to ``name`` (None: none, or one of agent.yaml)."""
+        scheduler = self.schedulers.get(name)
+        shadow = getattr(scheduler, "shadow", None) if scheduler else None
+        return getattr(shadow, "fleet_sha256", None) if shadow is not None else None
+
+    async def attach_shadow(self, name: str, path: Path, sha256: str, sample_rate: float | None = None,
+                            cpu_share: float | None = None) -> str:
+        """Run the bundle at ``path`` in shadow beside ``name``'s active version (replacing any shadow
+        it had); the candidate's version. EdgepackError when it cannot serve beside the active one."""
+        from ..config import ShadowConfig
+        from .shadow import ShadowRunner
+
+        scheduler = self.get(name)
+        if scheduler is None:
+            raise EdgepackError(f"no active version of {name!r} to compare a shadow with")
+        configured = next((m.shadow for m in self.config.models if m.name == name and m.shadow is not None), None)
+        base = configured.model_dump() if configured else {}
+        options = ShadowConfig(**{**base, "bundle": path, **({"sample_rate": sample_rate} if sample_rate else {}),
+                                  **({"cpu_share": cpu_share} if cpu_share else {})})
+        served = await asyncio.get_running_loop().run_in_executor(None, self._load_candidate, path, name, 1, 1)
+        runner = ShadowRunner(name, served, options, self.metrics, scheduler.current)
+        runner.fleet_sha256 = sha256
+        old, scheduler.shadow = scheduler.shadow, runner
+        if old is not None:
+            old.close()
+        log.info("shadow version attached", extra={"model": name, "version": served.version,
+                                                    "active": scheduler.current.version})
+        return served.version
+
+    def detach_shadow(self, name: str) -> None:
+        """Stop the shadow the fleet attached to ``name`` (one agent.yaml names stays)."""
+        scheduler = self.schedulers.get(name)
+        old = getattr(scheduler, "shadow", None) if scheduler else None
+        if old is None or getattr(old, "fleet_sha256", None) is None:
+            return
+        scheduler.shadow = None
+        old.close()
+        log.info("shadow version detached", extra={"model": name, "version": old.version})
+
     async def refresh(self) -> None:
         """Load the store's active slot of every model whose state changed since the last look."""
         if await self._refresh():

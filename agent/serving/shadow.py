@@ -33,6 +33,9 @@ class ShadowRunner:
     touch a counter and a deque under a lock held for no more than that; the comparison's numbers are
     published by the shadow thread as a finished snapshot."""
 
+    #: sha256 of the bundle when the fleet attached this shadow (a rollout's shadow stage); None from agent.yaml
+    fleet_sha256: str | None = None
+
     def __init__(self, model_name: str, served, options, metrics=None, active=None):
         self.model_name = model_name
         self.served = served
@@ -188,13 +191,17 @@ class ShadowRunner:
             with self._lock:
                 self._ready.wait_for(lambda: self._closing, timeout=cpu * (1 / share - 1))
 
+    @property
+    def state(self) -> str:
+        """running, hung (a run past timeout_s) or failed (the comparison broke)."""
+        return "failed" if self._failed else "hung" if self.hung else "running"
+
     def summary(self) -> dict:
         """What telemetry, /metrics and a rollout read: counts, agreement, the candidate's time per sample
         (the active version's is in its health summary)."""
         with self._lock:
             snapshot, counts = self._snapshot, dict(self._counts)
-        state = "failed" if self._failed else "hung" if self.hung else "running"
-        body = {"version": self.version, "state": state, "requests": {k: v for k, v in counts.items() if v},
+        body = {"version": self.version, "state": self.state, "requests": {k: v for k, v in counts.items() if v},
                 "agreement": snapshot["agreement"], "outputs": snapshot["outputs"],
                 "latency_s": percentiles(list(self._run_seconds)),
                 "cpu_share": round(self._cpu / max(1e-9, time.monotonic() - self._started), 4)}

@@ -119,11 +119,14 @@ def check_desired(record: dict, topic: str, payload: bytes, *, device: str, grou
         raise DesiredStateError("replayed", f"desired state version {state.version} is not newer than "
                                 f"version {last} accepted before (a replayed message)")
     bundle = state.for_profile(profile)
+    shadow = state.shadow.for_profile(profile) if state.shadow is not None else None
     from edgepack.fleet.chunks import CHUNK_BYTES
 
-    if bundle.chunk_bytes != CHUNK_BYTES:
-        raise DesiredStateError("malformed", f"the desired state lists chunks of {bundle.chunk_bytes} bytes; this "
-                                f"agent fetches chunks of {CHUNK_BYTES}")
+    for ref in (bundle, shadow):
+        if ref is not None and ref.chunk_bytes != CHUNK_BYTES:
+            raise DesiredStateError("malformed", f"the desired state lists chunks of {ref.chunk_bytes} bytes; this "
+                                    f"agent fetches chunks of {CHUNK_BYTES}")
+    state._shadow_bundle = shadow
     return state, bundle
 
 
@@ -134,7 +137,12 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
               "chunk_bytes": bundle.chunk_bytes, "chunks": bundle.chunks, "url": bundle.url,
               "probation": state.probation.model_dump(exclude_none=True) if state.probation else None,
               "desired_version": state.version, "topic": topic, "accepted_at": time.time(),
-              "expires_at": state.expires_at}
+              "expires_at": state.expires_at, "shadow": None}
+    shadow = getattr(state, "_shadow_bundle", None)
+    if state.shadow is not None and shadow is not None:
+        target["shadow"] = {"name": name, "version": state.shadow.version, "sha256": shadow.sha256, "size": shadow.size,
+                            "chunk_bytes": shadow.chunk_bytes, "chunks": shadow.chunks, "url": shadow.url,
+                            "sample_rate": state.shadow.sample_rate, "cpu_share": state.shadow.cpu_share}
     if state.renews is None or state.renews > record["models"].get(name, 0):
         # Pushing it again is how an operator retries; a renewal of an offer this device took is
         # not a new try (one of an offer it never saw — it was offline — is that offer).

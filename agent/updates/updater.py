@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
 from edgepack.errors import EdgepackError, StoreError, first_line
@@ -45,6 +48,10 @@ ATTEMPTS = 3
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 300.0
 #: obligations (commit, rollback) are retried at most this far apart
 OBLIGATION_MAX_S = 30.0
+
+
+class _FromShadow(Exception):
+    """The bundle is the shadow's file already: the download steps are skipped."""
 
 
 class _Superseded(Exception):
@@ -276,7 +283,11 @@ class Updater:
                         continue
                 target = self._next_target()
                 if target is None:
-                    await self._wake.wait()
+                    change = self._next_shadow()
+                    if change is None:
+                        await self._wake.wait()
+                    else:
+                        await self._shadow(*change)
                     continue
                 await self._update(target)
                 delay, last_reason = BACKOFF_MIN_S, None
@@ -360,12 +371,21 @@ class Updater:
                             _digests(target))
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.options.download_timeout_s
+        promoted = await loop.run_in_executor(self._disk, self._shadow_file, name, target["sha256"])
         try:
+            if promoted is not None:
+                # Promoted from shadow: the bundle ran beside the active version already; no download.
+                log.info("bundle taken from the shadow", extra={"model": name, "version": target["version"]})
+                self.emit("download_skipped", {"model": name, "version": target["version"], "reason": "shadow"})
+                path = promoted
+                raise _FromShadow()
             await loop.run_in_executor(self._disk, download.begin)
             if target.get("url") and self.options.http_sources and not download.complete:
                 await self._download_http(download, target, deadline)
             await self._download(download, target, deadline)  # over MQTT: whatever is still missing
             path = await loop.run_in_executor(self._disk, download.verify)
+        except _FromShadow:
+            pass
         except _Superseded:
             return  # the next round starts what is wanted now
         except FatalUpdateError as exc:
@@ -395,6 +415,103 @@ class Updater:
         download.discard()
         await self._probation(name, target, old_health)
 
+    # -- a shadow candidate the fleet asks for ------------------------------------------------------
+
+    def _shadow_folder(self, name: str):
+        return self.store.root / "shadow" / name
+
+    def _shadow_file(self, name: str, sha256: str):
+        """The shadow's bundle file of ``name`` when it is ``sha256`` (checked), else None."""
+        from edgepack.bundle.format import sha256_file
+
+        path = self._shadow_folder(name) / f"{sha256}.edgepack"
+        try:
+            return path if path.is_file() and sha256_file(path) == sha256 else None
+        except OSError:
+            return None
+
+    def _next_shadow(self) -> tuple[str, dict | None] | None:
+        """A model whose running shadow differs from what its wanted target asks (one that failed here
+        is not tried again until the fleet names another): (name, the wanted shadow or None)."""
+        for name, target in sorted(self.record["wanted"].items()):
+            want = target.get("shadow")
+            if want and want["sha256"] in self.record["failed"]:
+                want = None
+            if self.registry.get(name) is None:
+                continue  # nothing serves to compare with (yet)
+            if (want or {}).get("sha256") != self.registry.fleet_shadow(name):
+                return name, want
+        return None
+
+    async def _shadow(self, name: str, want: dict | None) -> None:
+        """Start, replace or stop ``name``'s fleet shadow. Its bundle comes like an update's (signed
+        chunk list, HTTP or MQTT) into ``<store>/shadow/<name>/``; a failure is recorded against that
+        bundle and reported, and never touches what serves."""
+        folder = self._shadow_folder(name)
+        loop = asyncio.get_running_loop()
+        if want is None:
+            self.registry.detach_shadow(name)
+            await loop.run_in_executor(self._disk, shutil.rmtree, folder, True)
+            self.emit("shadow_stopped", {"model": name})
+            self.state_changed()
+            return
+        path = await loop.run_in_executor(self._disk, self._shadow_file, name, want["sha256"])
+        if path is None:
+            download = Download(self.store.root / "downloads", want["sha256"], want["size"], want["chunk_bytes"],
+                                _digests(want))
+            deadline = time.monotonic() + self.options.download_timeout_s
+            check = lambda d, t, dl: self._check_shadow_wanted(name, want, dl)  # noqa: E731
+            try:
+                await loop.run_in_executor(self._disk, download.begin)
+                if want.get("url") and self.options.http_sources and not download.complete:
+                    await self._download_http(download, want, deadline, check)
+                await self._download(download, want, deadline, check)
+                part = await loop.run_in_executor(self._disk, download.verify)
+            except _Superseded:
+                return
+            except FatalUpdateError as exc:
+                download.discard()
+                self._shadow_failed(name, want, exc.reason, exc.message)
+                return
+            finally:
+                self.progress.pop(name, None)
+
+            def keep() -> Path:
+                shutil.rmtree(folder, ignore_errors=True)  # the one before, if any
+                folder.mkdir(parents=True, exist_ok=True)
+                final = folder / f"{want['sha256']}.edgepack"
+                os.replace(part, final)
+                download.discard()
+                return final
+
+            path = await loop.run_in_executor(self._disk, keep)
+        try:
+            version = await self.registry.attach_shadow(name, path, want["sha256"], want.get("sample_rate"),
+                                                        want.get("cpu_share"))
+        except EdgepackError as exc:
+            self._shadow_failed(name, want, "shadow", exc.message)
+            return
+        self.emit("shadow_started", {"model": name, "version": version, "sha256": want["sha256"]})
+        self.state_changed()
+
+    def _check_shadow_wanted(self, name: str, want: dict, deadline: float) -> None:
+        wanted = (self.record["wanted"].get(name) or {}).get("shadow") or {}
+        if wanted.get("sha256") != want["sha256"] or self._next_target() is not None:
+            raise _Superseded()  # another shadow, none, or an update wanted first
+        if time.monotonic() > deadline:
+            raise FatalUpdateError("timeout", f"the shadow's download did not finish within "
+                                   f"{self.options.download_timeout_s:g} s")
+
+    def _shadow_failed(self, name: str, want: dict, reason: str, message: str) -> None:
+        self._fail({**want, "name": name}, reason, message)
+        self.emit("shadow_failed", {"model": name, "version": want["version"], "reason": reason, "message": message})
+        self.state_changed()
+
+    def shadow_failure(self, name: str) -> dict | None:
+        """The failure recorded against the shadow ``name``'s wanted target names, if any (for the state)."""
+        want = (self.record["wanted"].get(name) or {}).get("shadow")
+        return self.record["failed"].get(want["sha256"]) if want else None
+
     def _old_health(self, name: str) -> dict | None:
         scheduler = self.registry.schedulers.get(name)
         return scheduler.current.health.summary() if scheduler and scheduler.current else None
@@ -421,7 +538,7 @@ class Updater:
             self.state_changed()
         return step
 
-    async def _download_http(self, download: Download, target: dict, deadline: float) -> None:
+    async def _download_http(self, download: Download, target: dict, deadline: float, check=None) -> None:
         """Fetch the missing chunks from the target's signed HTTP(S) source, each checked against its
         signed digest. Returns when the file is complete, or when the source keeps failing (then the
         MQTT chunks bring the rest: what came over HTTP stays)."""
@@ -450,7 +567,7 @@ class Updater:
         work = None
         try:
             while not download.complete:
-                self._check_wanted(download, target, deadline)
+                (check or self._check_wanted)(download, target, deadline)
                 before = len(download.received)
                 work = loop.run_in_executor(self._http, fetch_missing)
                 try:
@@ -465,7 +582,7 @@ class Updater:
                             except Exception as exc:  # noqa: BLE001 - a source bug must not block the update
                                 raise SourceFailed(f"{source.url}: {type(exc).__name__}: {exc}", fatal=True) from None
                             break
-                        self._check_wanted(download, target, deadline)
+                        (check or self._check_wanted)(download, target, deadline)
                 except SourceFailed as exc:
                     failures = 1 if len(download.received) > before else failures + 1
                     if exc.fatal or failures >= options.http_attempts:
@@ -486,7 +603,7 @@ class Updater:
         self.emit("download_source_done", {"model": name, "url": source.url, "bytes": source.bytes,
                                            "requests": source.requests})
 
-    async def _download(self, download: Download, target: dict, deadline: float) -> None:
+    async def _download(self, download: Download, target: dict, deadline: float, check=None) -> None:
         """Request missing chunks over MQTT, a window at a time, until the file is complete, the target
         is no longer wanted, or the download deadline passes."""
         loop = asyncio.get_running_loop()
@@ -498,7 +615,7 @@ class Updater:
         while not self._frames.empty():  # frames of an earlier download
             self._frames.get_nowait()
         while not download.complete:
-            self._check_wanted(download, target, deadline)
+            (check or self._check_wanted)(download, target, deadline)
             reported = self._report_progress(download, target, reported, "mqtt")
             if not self.connected.is_set():
                 began = time.monotonic()

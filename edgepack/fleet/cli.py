@@ -371,7 +371,9 @@ def rollout() -> None:
 @click.option("--group")
 @click.option("--tag")
 @click.option("--devices", "device_list", help="comma-separated device ids")
-@click.option("--stages", help="cumulative stages: percentages (1%,10%,100%) or counts (5,20,100) [default 10%,100%]")
+@click.option("--stages", help="cumulative stages: percentages (1%,10%,100%) or counts (5,20,100) [default 10%,100%]; "
+                                "shadow:10% runs the release in shadow on those devices first, promoted by the next stage "
+                                "when the shadow criteria hold over the soak")
 @click.option("--soak", default="60s", show_default=True, help="how long each stage runs before the next")
 @click.option("--min-devices", type=click.IntRange(1), help="devices in a stage at least")
 @click.option("--rate", help="instead of stages: devices per minute (10/min)")
@@ -392,11 +394,20 @@ def rollout() -> None:
               help="requests per cohort before the metric criteria judge")
 @click.option("--window", default="10m", show_default=True, help="the metric criteria's window")
 @click.option("--probation", help="how long each device watches the new version (its own probation)")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="shadow stage: agreement with the active version "
+              "(top-1 for classes, IoU for maps, cosine for embeddings) at least this [default 0.95]")
+@click.option("--min-shadow-samples", type=click.IntRange(1), help="shadow stage: samples compared before it judges [default 200]")
+@click.option("--max-shadow-error-rate", type=click.FloatRange(0, 1), help="shadow stage: candidate errors / samples at most [default 0.01]")
+@click.option("--max-shadow-latency-ratio", type=click.FloatRange(0, min_open=True),
+              help="shadow stage: the candidate's p95 run time over the active version's p95 at most")
+@click.option("--shadow-sample-rate", type=click.FloatRange(0, 1, min_open=True),
+              help="shadow stage: share of answered requests mirrored to the candidate [device default 1]")
 @db_option
 @click.option("--json", "as_json", is_flag=True)
 def rollout_start(release_name, group, tag, device_list, stages, soak, min_devices, rate, growth, device_timeout, retries,
                   max_failure_pct, min_finished, max_latency_ratio, max_error_delta, max_drift_delta, max_prediction_psi,
-                  min_requests, window, probation, db_url, as_json) -> None:
+                  min_requests, window, probation, min_agreement, min_shadow_samples, max_shadow_error_rate,
+                  max_shadow_latency_ratio, shadow_sample_rate, db_url, as_json) -> None:
     """Roll NAME@VERSION out to a group, a tag or listed devices, in stages, gated on install failures
     and on model metrics against the devices still on the old version ('fleet serve --key' runs it)."""
     from edgepack.errors import UsageError
@@ -417,7 +428,11 @@ def rollout_start(release_name, group, tag, device_list, stages, soak, min_devic
                 "max_error_delta": max_error_delta, "max_drift_delta": max_drift_delta,
                 "max_prediction_psi": max_prediction_psi, "min_requests": min_requests,
                 "window_s": plans.parse_duration(window),
-                "probation_s": plans.parse_duration(probation) if probation else None}
+                "probation_s": plans.parse_duration(probation) if probation else None,
+                "min_agreement": min_agreement, "min_shadow_samples": min_shadow_samples,
+                "max_shadow_error_rate": max_shadow_error_rate, "max_shadow_latency_ratio": max_shadow_latency_ratio}
+    if shadow_sample_rate:
+        strategy["shadow_sample_rate"] = shadow_sample_rate
     registry = FleetRegistry(db_url)
     name, version = parse_release(release_name)
     rollout_id = plans.start(registry, name, version, _selector(group, tag, device_list), strategy, criteria)

@@ -355,7 +355,9 @@ class FleetController:
         named: set[str] = set()
         try:
             document = json.loads(json.loads(payload)["desired"]) if payload else {}
-            named = {ref["sha256"] for ref in (document.get("bundles") or {}).values() if isinstance(ref, dict)}
+            shadow = document.get("shadow") if isinstance(document.get("shadow"), dict) else {}
+            named = {ref["sha256"] for part in (document.get("bundles"), shadow.get("bundles"))
+                     for ref in (part or {}).values() if isinstance(ref, dict)}
         except (ValueError, KeyError, TypeError, AttributeError):
             pass  # not a desired state: it names nothing
         self.wanted[topic] = named

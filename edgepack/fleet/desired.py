@@ -138,6 +138,32 @@ class ModelRef(_Strict):
         return value
 
 
+class ShadowRef(_Strict):
+    """A candidate version the device runs in shadow beside the active one: it sees the answered
+    inputs off the request path and reports how often it agrees (agents that list ``shadow`` in
+    ``accepts``)."""
+
+    version: str
+    bundles: dict[str, BundleRef] = Field(min_length=1, description="profile -> the candidate's bundle")
+    sample_rate: float | None = Field(None, gt=0, le=1, description="share of answered requests mirrored")
+    cpu_share: float | None = Field(None, gt=0, le=1, description="most of one core the shadow may take")
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not is_valid_semver(value):
+            raise ValueError("not a semantic version")
+        return value
+
+    def for_profile(self, profile: str | None) -> BundleRef:
+        if profile is None and len(self.bundles) == 1:
+            return next(iter(self.bundles.values()))
+        if profile not in self.bundles:
+            raise DesiredStateError("profile", f"the desired state's shadow has no bundle for profile {profile!r} "
+                                    f"(only {', '.join(sorted(self.bundles))})")
+        return self.bundles[profile]
+
+
 class DesiredState(_Strict):
     """The signed document."""
 
@@ -154,9 +180,13 @@ class DesiredState(_Strict):
     #: the version of the first state of that chain. A device that failed that target does not take
     #: the renewal as a new offer to try again (a new offer or push leaves it out).
     renews: int | None = Field(None, ge=1)
+    #: a candidate version to run in shadow beside ``model`` (a rollout's shadow stage)
+    shadow: ShadowRef | None = None
     #: sha256 of the signed document's bytes (set by verify_desired): tells a re-signed document
     #: that reuses an accepted version from the retained copy of that very document
     _digest: str | None = PrivateAttr(None)
+    #: this device's profile's shadow bundle, set by the agent's acceptance check
+    _shadow_bundle: BundleRef | None = PrivateAttr(None)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -166,6 +196,8 @@ class DesiredState(_Strict):
             raise ValueError("name exactly one of device or group")
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
+        if self.shadow is not None and self.shadow.version == self.model.version:
+            raise ValueError("the shadow version must differ from the model's")
         return self
 
     def for_profile(self, profile: str | None) -> BundleRef:

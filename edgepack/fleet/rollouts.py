@@ -32,7 +32,7 @@ from sqlalchemy import func, select, text, update
 
 from edgepack.errors import UsageError
 
-from . import topics
+from . import shadow_stage, topics
 from .db import (chunked, desired, devices, lease_held, rollout_classes_query, rollout_devices, rollouts, rollups,
                  take_lease)
 from .releases import release
@@ -42,7 +42,7 @@ log = logging.getLogger("edgepack.fleet.rollouts")
 #: statuses of a device in a rollout that are final for its offer
 FINISHED = ("committed", "failed", "timed_out")
 #: statuses that wait for the device
-WAITING = ("offered", "rollback_offered")
+WAITING = ("offered", "rollback_offered", shadow_stage.OFFERED)
 DEFAULT_STRATEGY = {"stages": [{"percent": 10.0}, {"percent": 100.0}], "soak_s": 60.0, "min_devices": 1,
                     "device_timeout_s": 1800.0, "retries": 0, "expires_s": 86400.0}
 DEFAULT_CRITERIA = {"max_failure_pct": 20.0, "min_finished": 5, "min_requests": 100, "window_s": 600.0}
@@ -54,9 +54,12 @@ METRIC_LIMITS = {"max_latency_ratio": "latency_ratio", "max_error_delta": "error
 # -- parsing the command line ----------------------------------------------------------------------
 
 def parse_stages(text: str) -> list[dict]:
-    """``1%,10%,100%`` or ``5,20,100`` (counts) -> stage list."""
+    """``1%,10%,100%`` or ``5,20,100`` (counts) -> stage list; ``shadow:10%`` is a shadow stage (the
+    release runs in shadow on those devices and is promoted by the stages after it)."""
     stages = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
+        shadow = part.lower().startswith("shadow:")
+        part = part.split(":", 1)[1].strip() if shadow else part
         try:
             if part.endswith("%"):
                 value = float(part[:-1])
@@ -69,9 +72,15 @@ def parse_stages(text: str) -> list[dict]:
                     raise ValueError
                 stages.append({"count": value})
         except ValueError:
-            raise UsageError(f"--stages {text!r}: give percentages (1%,10%,100%) or device counts (5,20,100)") from None
+            raise UsageError(f"--stages {text!r}: give percentages (1%,10%,100%) or device counts (5,20,100), "
+                             "a shadow stage as shadow:10%") from None
+        if shadow:
+            stages[-1]["shadow"] = True
     if not stages:
         raise UsageError("--stages needs at least one stage")
+    if stages[-1].get("shadow"):
+        raise UsageError(f"--stages {text!r}: a shadow stage needs a stage after it that makes the release active "
+                         "(e.g. shadow:10%,50%,100%)")
     return stages
 
 
@@ -288,7 +297,8 @@ def tick(controller) -> None:
             rollouts.c.state.in_(("running", "paused")) | rollouts.c.id.in_(
                 select(rollout_devices.c.rollout).where(rollout_devices.c.status.in_(WAITING)))
             | (rollouts.c.state == "aborted") & rollouts.c.id.in_(  # an abort not finished yet
-                select(rollout_devices.c.rollout).where(rollout_devices.c.status.in_(("committed", "timed_out")))
+                select(rollout_devices.c.rollout)
+                .where(rollout_devices.c.status.in_(("committed", "timed_out") + shadow_stage.ACTIVE_STATUSES))
                 .where(rollout_devices.c.to_version != rollout_devices.c.from_version)))
             .order_by(rollouts.c.id)).scalars().all()
     if not getattr(controller, "_republished", False):
@@ -485,7 +495,12 @@ def refresh(controller, rollout: dict, now: float) -> None:
         if row.online and row.seen_at is None:
             values["seen_at"] = now
         idle = update_state.get("state") == "idle"
-        if model.get("active") == row.to_version and idle:
+        if row.status == shadow_stage.OFFERED:
+            values.update(shadow_stage.refresh(row.state, row._mapping, rollout["name"], now))
+            if not values.get("status") and (row.seen_at or values.get("seen_at")) and now - (row.seen_at or now) > timeout:
+                values.update(status=shadow_stage.FAILED, finished_at=now,
+                              detail=f"no shadow running within {timeout:g} s of the device coming online")
+        elif model.get("active") == row.to_version and idle:
             values.update(status="committed" if row.status == "offered" else "rolled_back", finished_at=now,
                           detail=None)
         elif (row.status == "offered" and idle and model.get("target") == row.to_version
@@ -694,6 +709,9 @@ def offer_next(controller, rollout: dict, members: list[dict], metrics: dict, no
     sizes = _stage_sizes(strategy, len(eligible))
     stage = rollout["stage"]
     current = eligible[: sizes[stage]]
+    if shadow_stage.is_shadow(strategy, stage):
+        _shadow_stage(controller, rollout, current, now)
+        return
     pending = [m for m in current if m["status"] == "pending"]
     for member in pending:
         offer(controller, rollout, member, member["to_version"], "offer")
@@ -721,6 +739,55 @@ def offer_next(controller, rollout: dict, members: list[dict], metrics: dict, no
         _save(controller.registry, rollout["id"], state="done")
 
 
+def _shadow_stage(controller, rollout: dict, current: list[dict], now: float) -> None:
+    """Offer the stage's devices the release in shadow; after the soak, judge the agreement they
+    report: promote (the next stage makes it active, on these devices first) or abort with the numbers."""
+    registry, strategy, name = controller.registry, rollout["strategy"], rollout["name"]
+    for member in [m for m in current if m["status"] == "pending"]:
+        problem = shadow_stage.can_shadow(registry.device(member["device"]), member)
+        if problem is None:
+            old = release(registry, name, member["from_version"])
+            if old is None or member["profile"] not in old["bundles"]:
+                problem = (f"release {name}@{member['from_version']} for profile {member['profile']!r} is not registered "
+                           "('edgepack fleet release add')")
+        if problem:
+            if member["detail"] != f"not in shadow: {problem}":
+                _mark(registry, rollout["id"], member["device"], "pending", detail=f"not in shadow: {problem}")
+            continue
+        offer(controller, rollout, member, member["from_version"], "shadow")
+    ids = {m["device"] for m in current}
+    mine = [m for m in _members(registry, rollout["id"]) if m["device"] in ids and m["status"] in shadow_stage.ACTIVE_STATUSES]
+    if not mine:
+        reasons = sorted({m["detail"] for m in current if m["detail"]})
+        abort(controller, rollout, f"shadow stage {rollout['stage'] + 1}: no device of the stage can run the release "
+                                   f"in shadow ({'; '.join(reasons)[:300] or 'none pending'})")
+        return
+    waited = now - (rollout["stage_started"] or now)
+    if waited < float(strategy.get("soak_s") or 0) or not _settled(mine):
+        return
+    result = shadow_stage.verdict(registry, rollout, mine, now)
+    with registry.engine.connect() as db:
+        verdicts = dict(db.execute(select(rollouts.c.verdicts).where(rollouts.c.id == rollout["id"])).scalar() or {})
+    verdicts["shadow"] = result
+    _save(registry, rollout["id"], verdicts=verdicts)
+    if result["decision"] == "waiting":
+        if waited < 3 * max(float(strategy.get("soak_s") or 0), 60.0):
+            return
+        result = dict(result, decision="abort", message=f"shadow stage {rollout['stage'] + 1}: {result['message']} "
+                                                        f"after {waited:.0f} s")
+    if result["decision"] == "abort":
+        abort(controller, rollout, result["message"])
+        return
+    with registry.engine.begin() as db:  # promoted: the next stage offers these devices the release first
+        db.execute(update(rollout_devices).where(rollout_devices.c.rollout == rollout["id"])
+                   .where(rollout_devices.c.device.in_([m["device"] for m in mine]))
+                   .where(rollout_devices.c.status.in_(shadow_stage.ACTIVE_STATUSES))
+                   .values(status="pending", finished_at=None, detail="promoted from shadow"))
+    log.info("rollout %s: shadow stage %d passed (agreement %s over %d samples); promoted", rollout["id"],
+             rollout["stage"] + 1, result["agreement"], result["samples"])
+    _save(registry, rollout["id"], stage=rollout["stage"] + 1, stage_started=now)
+
+
 def _settled(members: list[dict]) -> bool:
     """Every device of the stage that came online since its offer has a result (one that stayed
     offline does not hold the stage up: its retained desired state waits for it)."""
@@ -742,6 +809,14 @@ def finish_abort(controller, rollout: dict) -> None:
         return  # a fleet rollback that is aborted just stops: offering the newer version again would undo it
     registry = controller.registry
     for member in _members(registry, rollout["id"]):
+        if member["status"] in shadow_stage.ACTIVE_STATUSES:
+            try:  # a desired state without the shadow: the device stops it and keeps its version
+                offer(controller, rollout, member, member["from_version"], "unshadow", from_status=member["status"])
+            except LeaseLost:
+                raise
+            except Exception:  # noqa: BLE001 - as below
+                log.exception("shadow stop offer to %s failed", member["device"])
+            continue
         if member["status"] not in ("offered", "committed", "timed_out") or member["to_version"] == member["from_version"]:
             continue
         if not member["from_version"]:
@@ -783,16 +858,24 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
     the device's new status in one transaction, then publish it retained."""
     from .desired import BundleRef, DesiredState, ModelRef, ProbationBudget, sign_desired
 
+    from .desired import ShadowRef
+
     registry = controller.registry
     target = release(registry, rollout["name"], version)
     ref = (target or {}).get("bundles", {}).get(member["profile"])
-    if ref is None:
+    # a shadow offer names the version the device runs, and the release as its shadow
+    candidate = release(registry, rollout["name"], rollout["version"]) if purpose == "shadow" else None
+    shadow_ref = (candidate or {}).get("bundles", {}).get(member["profile"]) if purpose == "shadow" else None
+    if ref is None or (purpose == "shadow" and shadow_ref is None):
         _mark(registry, rollout["id"], member["device"], from_status, status="skipped",
-              detail=f"no release {rollout['name']}@{version} for profile {member['profile']!r}")
+              detail=f"no release {rollout['name']}@{version if ref is None else rollout['version']} "
+                     f"for profile {member['profile']!r}")
         return False
     if getattr(controller, "bundle_url", None):
         # an HTTP(S) source (the shelf's content-addressed name under it); MQTT chunks stay the fallback
         ref = dict(ref, url=f"{controller.bundle_url}{ref['sha256']}.edgepack")
+        if shadow_ref is not None:
+            shadow_ref = dict(shadow_ref, url=f"{controller.bundle_url}{shadow_ref['sha256']}.edgepack")
     criteria, strategy = rollout["criteria"], rollout["strategy"]
     budget = {"duration_s": criteria.get("probation_s"), "max_latency_ratio": criteria.get("max_latency_ratio"),
               "max_error_rate": criteria.get("max_device_error_rate"), "max_p95_ms": criteria.get("max_p95_ms"),
@@ -807,13 +890,22 @@ def offer(controller, rollout: dict, member: dict, version: str, purpose: str, f
                              expires_at=now + float(strategy.get("expires_s") or 7 * 86400),
                              model=ModelRef(name=rollout["name"], version=version),
                              bundles={member["profile"]: BundleRef(**ref)},
-                             probation=ProbationBudget(**budget) if budget else None)
+                             probation=ProbationBudget(**budget) if budget else None,
+                             shadow=ShadowRef(version=rollout["version"], bundles={member["profile"]: BundleRef(**shadow_ref)},
+                                              sample_rate=strategy.get("shadow_sample_rate"))
+                             if shadow_ref is not None else None)
         payload = sign_desired(state, controller.signing_key)
         db.execute(desired.insert().values(topic=topics.desired(device), desired_version=number, model=rollout["name"],
                                            version=version, rollout=rollout["id"], purpose=purpose,
                                            payload=payload.decode(), created=now, expires_at=state.expires_at))
         status = "offered" if purpose == "offer" else "rollback_offered"
-        if purpose == "rollback" and rollout["kind"] == "rollout":
+        if purpose == "shadow":
+            values = {"status": shadow_stage.OFFERED, "desired_version": number, "offered_at": now, "seen_at": None,
+                      "finished_at": None, "stage": rollout["stage"], "detail": None}
+        elif purpose == "unshadow":
+            values = {"status": shadow_stage.ENDED, "desired_version": number, "finished_at": now,
+                      "detail": "shadow stopped: the rollout was aborted"}
+        elif purpose == "rollback" and rollout["kind"] == "rollout":
             values = {"status": status, "desired_version": number, "to_version": version, "offered_at": now,
                       "seen_at": None, "finished_at": None}
         else:

@@ -72,13 +72,15 @@ class Release:
     latency_sigma: float = 0.3
     error_rate: float = 0.0
     classes: tuple[tuple[str, float], ...] = (("0", 1.0), ("1", 1.0), ("2", 1.0))
+    #: as a shadow candidate: the share of samples that agree with the active version
+    agreement: float = 1.0
 
 
 def parse_release(text: str, base: Release = Release()) -> Release:
     """``latency_ms=30,latency_sigma=0.2,error_rate=0.05,classes=0.2/0.3/0.5`` (classes: weights of the
     labels 0, 1, 2…, or ``cat:0.2/dog:0.8``); keys not given keep ``base``'s values."""
     values = {"latency_ms": base.latency_ms, "latency_sigma": base.latency_sigma, "error_rate": base.error_rate,
-              "classes": base.classes}
+              "classes": base.classes, "agreement": base.agreement}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
         key = {"sigma": "latency_sigma", "latency": "latency_ms"}.get(key.strip(), key.strip())
@@ -95,12 +97,14 @@ def parse_release(text: str, base: Release = Release()) -> Release:
                 values[key] = float(value)
             else:
                 raise UsageError(f"--metrics: unknown key {key!r} in {text!r}; use latency_ms, latency_sigma, "
-                                 "error_rate, classes")
+                                 "error_rate, classes, agreement")
         except ValueError:
             raise UsageError(f"--metrics: {part!r} is not a valid value (e.g. latency_ms=30, error_rate=0.05, "
                              "classes=0.2/0.3/0.5)") from None
-    if values["latency_ms"] <= 0 or values["latency_sigma"] < 0 or not 0 <= values["error_rate"] <= 1:
-        raise UsageError(f"--metrics {text!r}: latency_ms > 0, latency_sigma >= 0, 0 <= error_rate <= 1")
+    if (values["latency_ms"] <= 0 or values["latency_sigma"] < 0 or not 0 <= values["error_rate"] <= 1
+            or not 0 <= values["agreement"] <= 1):
+        raise UsageError(f"--metrics {text!r}: latency_ms > 0, latency_sigma >= 0, 0 <= error_rate <= 1, "
+                         "0 <= agreement <= 1")
     return Release(**values)
 
 
@@ -233,10 +237,35 @@ class SimServed:
         self.load_seconds = 0.0
 
 
+class SimShadow:
+    """A simulated shadow candidate: what telemetry and the fleet link read of a ``ShadowRunner``
+    (version, state, summary), its agreement and latency scripted per version (``--metrics``)."""
+
+    def __init__(self, version: str, sha256: str, active: str):
+        self.version, self.fleet_sha256, self.active = version, sha256, active
+        self.state = "running"
+        self.samples = self.agreeing = self.errors = 0
+        self.latency = collections.deque(maxlen=512)
+
+    def summary(self) -> dict:
+        from agent.serving.shadow import percentiles
+
+        agreement = self.agreeing / self.samples if self.samples else None
+        return {"version": self.version, "state": self.state, "active": self.active,
+                "requests": {k: v for k, v in (("compared", self.samples), ("errors", self.errors)) if v},
+                "agreement": agreement,
+                "outputs": {"output": {"kind": "classes", "samples": self.samples, "top1_agreement": agreement}},
+                "latency_s": percentiles(list(self.latency))}
+
+    def close(self) -> None:
+        self.state = "stopped"
+
+
 class SimScheduler:
     def __init__(self, name: str):
         self.name = name
         self.current: SimServed | None = None
+        self.shadow: SimShadow | None = None
 
 
 class SimRegistry:
@@ -284,6 +313,31 @@ class SimRegistry:
 
     def forget_failure(self, name: str) -> None:
         self._failed.pop(name, None)
+
+    def fleet_shadow(self, name: str) -> str | None:
+        scheduler = self.schedulers.get(name)
+        return scheduler.shadow.fleet_sha256 if scheduler and scheduler.shadow else None
+
+    async def attach_shadow(self, name: str, path: Path, sha256: str, sample_rate=None, cpu_share=None) -> str:
+        """"Load" the candidate: its manifest's version (a scripted install failure fails it too)."""
+        from edgepack.bundle import open_bundle
+        from edgepack.errors import EdgepackError
+
+        scheduler = self.get(name)
+        if scheduler is None:
+            raise EdgepackError(f"no active version of {name!r} to compare a shadow with")
+        with open_bundle(path) as bundle:
+            version = bundle.manifest["version"]
+        if self._fails(version):
+            raise EdgepackError(f"scripted install failure of {version} (edgepack fleet simulate --fail-install)")
+        scheduler.shadow = SimShadow(version, sha256, scheduler.current.version)
+        return version
+
+    def detach_shadow(self, name: str) -> None:
+        scheduler = self.schedulers.get(name)
+        if scheduler and scheduler.shadow:
+            scheduler.shadow.close()
+            scheduler.shadow = None
 
     async def activate(self, name: str) -> str | None:
         """Serve the store's active version of ``name`` (None), or say why not (the old one serves on)."""
@@ -561,6 +615,16 @@ class SimDevice:
                 served.predictions.update(rng.choices(labels, cum_weights=cumulative, k=ok))
             if errors:
                 self.metrics.requests.labels(name, "error").inc(errors)
+            shadow = scheduler.shadow
+            if shadow is not None and shadow.version == served.version:
+                scheduler.shadow = None  # promoted: the agent drops a shadow of the version it now serves
+            elif shadow is not None and ok:
+                candidate = self.sim.release(shadow.version)
+                shadow.samples += ok
+                shadow.agreeing += sum(rng.random() < candidate.agreement for _ in range(ok))
+                shadow.errors += sum(rng.random() < candidate.error_rate for _ in range(ok))
+                shadow.latency.extend(rng.lognormvariate(math.log(candidate.latency_ms / 1000.0), candidate.latency_sigma)
+                                      for _ in range(min(ok, 32)))
 
     def status(self) -> dict:
         if self.dirty:
