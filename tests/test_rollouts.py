@@ -567,3 +567,50 @@ def test_a_renewal_neither_out_versions_a_group_push_nor_counts_as_a_new_try(set
     first = verify_desired(next(p for t, p in controller.published[:before] if t == topics.desired("d000")), [public])
     agent_record.accept(record, topics.desired("d000"), first, bundle)
     assert bundle.sha256 not in record["failed"]
+
+
+def test_shadow_stages_parse_and_need_a_stage_after_them():
+    assert rollouts.parse_stages("shadow:10%,50%,100%") == [{"percent": 10.0, "shadow": True}, {"percent": 50.0},
+                                                            {"percent": 100.0}]
+    assert rollouts.parse_stages("SHADOW:3,100%")[0] == {"count": 3, "shadow": True}
+    with pytest.raises(UsageError, match="stage after it"):
+        rollouts.parse_stages("10%,shadow:100%")
+    with pytest.raises(UsageError, match="shadow:10%"):
+        rollouts.parse_stages("shadow:x")
+
+
+def test_a_shadow_stage_skips_agents_without_shadow_and_aborts_when_none_can_run_it(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, count=10)  # agents that list only 'renews' in accepts
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("shadow:30%,100%"), "soak_s": 0})
+    _run(controller, fleet, ticks=3)
+    head = _show(registry, rollout_id)
+    assert head["state"] == "aborted" and "no device of the stage can run the release in shadow" in head["reason"]
+    assert "does not run shadow versions" in head["reason"]
+    assert not controller.published  # nothing was offered: every device keeps its version
+    assert {d["active"] for d in fleet.devices.values()} == {"1.0.0"}
+
+
+def test_a_shadow_offer_names_the_running_version_and_the_release_as_its_shadow(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, count=10)
+    for device in fleet.devices:
+        state = registry.device(device)["state"]
+        registry.record_state(device, {**state, "accepts": ["renews", "shadow"], "ts": time.time() + 1})
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("shadow:30%,100%"), "soak_s": 0})
+    rollouts.tick(controller)
+    offered = [verify_desired(payload, [public]) for _, payload in controller.published]
+    assert len(offered) == 3
+    assert all(s.model.version == "1.0.0" and s.shadow.version == "1.1.0" and s.probation is None for s in offered)
+    assert all(list(s.shadow.bundles) == list(s.bundles) for s in offered)
+    members = {m["device"]: m for m in _show(registry, rollout_id)["counts"] and rollouts.summary(registry, rollout_id)[0]["members"]}
+    assert sum(m["status"] == "shadow_offered" for m in members.values()) == 3
+    # the devices never report a shadow running: an abort stops the offered ones
+    rollouts.request(registry, rollout_id, "abort")
+    rollouts.tick(controller)
+    stopped = [verify_desired(payload, [public]) for _, payload in controller.published[3:]]
+    assert len(stopped) == 3 and all(s.shadow is None and s.model.version == "1.0.0" for s in stopped)
+    statuses = {m["status"] for m in rollouts.summary(registry, rollout_id)[0]["members"]}
+    assert statuses == {"shadow_ended", "pending"}

@@ -441,6 +441,8 @@ class Updater:
                 continue  # nothing serves to compare with (yet)
             if (want or {}).get("sha256") != self.registry.fleet_shadow(name):
                 return name, want
+            if want is None and self._shadow_folder(name).exists():
+                return name, None  # a shadow promoted (or failed) leaves its folder: removed
         return None
 
     async def _shadow(self, name: str, want: dict | None) -> None:
@@ -450,10 +452,12 @@ class Updater:
         folder = self._shadow_folder(name)
         loop = asyncio.get_running_loop()
         if want is None:
+            running = self.registry.fleet_shadow(name) is not None
             self.registry.detach_shadow(name)
             await loop.run_in_executor(self._disk, shutil.rmtree, folder, True)
-            self.emit("shadow_stopped", {"model": name})
-            self.state_changed()
+            if running:
+                self.emit("shadow_stopped", {"model": name})
+                self.state_changed()
             return
         path = await loop.run_in_executor(self._disk, self._shadow_file, name, want["sha256"])
         if path is None:

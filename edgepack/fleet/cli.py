@@ -160,13 +160,17 @@ def serve(broker, db_url, bundles_dir, private_key, client_id, share, tick_s, in
               help="seconds until the desired state expires")
 @click.option("--bundle-url", metavar="URL", help="base URL of an HTTP(S) copy of the bundles folder: devices "
               "download URL<sha256>.edgepack with Range requests (MQTT chunks stay the fallback)")
+@click.option("--shadow", "shadow_bundles", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="another version's bundle (one per profile; repeatable) to run in shadow beside BUNDLES: devices "
+                   "mirror answered inputs to it and report how often it agrees")
+@click.option("--shadow-sample-rate", type=click.FloatRange(0, 1, min_open=True), help="share of requests mirrored to the shadow")
 @broker_option
 @bundles_option
 @db_option
 @_auth
 def push(bundles, device, group, private_key, desired_version, probation_s, min_runs, max_error_rate, max_latency_ratio,
-         max_p95_ms, expires_s, bundle_url, broker, bundles_dir, db_url, protocol, username, password, ca_file, cert_file,
-         key_file) -> None:
+         max_p95_ms, expires_s, bundle_url, shadow_bundles, shadow_sample_rate, broker, bundles_dir, db_url, protocol,
+         username, password, ca_file, cert_file, key_file) -> None:
     """Sign (with the fleet key) and publish (retained) the desired state: run BUNDLES (one per profile)
     on a device or group, with the probation budget devices enforce."""
     from edgepack.bundle.signing import load_private_key
@@ -191,7 +195,7 @@ def push(bundles, device, group, private_key, desired_version, probation_s, min_
     budget = {"duration_s": probation_s, "min_runs": min_runs, "max_error_rate": max_error_rate,
               "max_latency_ratio": max_latency_ratio, "max_p95_ms": max_p95_ms}
     shelf = BundleShelf(bundles_dir)
-    for bundle in bundles:
+    for bundle in (*bundles, *shadow_bundles):
         shelf.add(bundle)  # where 'fleet serve' finds it
     import time as _time
 
@@ -207,7 +211,8 @@ def push(bundles, device, group, private_key, desired_version, probation_s, min_
             desired_version = max(recorded, retained + 1)
         state = desired_for_bundles(list(bundles), device=device, group=group, version=desired_version,
                                     expires_s=expires_s, probation={k: v for k, v in budget.items() if v is not None} or None,
-                                    bundle_url=_base_url(bundle_url) if bundle_url else None)
+                                    bundle_url=_base_url(bundle_url) if bundle_url else None,
+                                    shadow=list(shadow_bundles) or None, shadow_sample_rate=shadow_sample_rate)
         payload = sign_desired(state, key)
         try:
             with registry.engine.begin() as db:  # every signed desired state is on record
@@ -224,8 +229,9 @@ def push(bundles, device, group, private_key, desired_version, probation_s, min_
     else:
         raise UsageError("could not record the desired state: its version kept being taken; try again")
     publish_retained(address, target, payload, f"edgepack-push-{threading.get_ident()}")
+    shadow = f", shadow {state.shadow.version}" if state.shadow else ""
     click.echo(f"desired state {state.version}: {state.model.name} {state.model.version} "
-               f"({', '.join(sorted(state.bundles))}) -> {target}")
+               f"({', '.join(sorted(state.bundles))}){shadow} -> {target}")
 
 
 @fleet.group(invoke_without_command=True)

@@ -682,14 +682,11 @@ def read_retained_version(broker: Broker, topic: str, client_id: str, timeout: f
     return max(found, default=0)
 
 
-def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str | None, version: int,
-                        expires_s: float, probation: dict | None = None, bundle_url: str | None = None):
-    """The desired state naming ``bundles`` (one per profile, same model and version), with the
-    signed chunk list of each and the probation budget devices enforce (``probation``); with
-    ``bundle_url``, each bundle's HTTP(S) source ``<bundle_url><sha256>.edgepack``."""
+def bundle_refs(bundles: list[Path], bundle_url: str | None = None) -> tuple[tuple[str, str], dict]:
+    """(model name, version) and profile -> BundleRef of ``bundles`` (one per profile, one model version)."""
     from edgepack.bundle import open_bundle
 
-    from .desired import BundleRef, DesiredState, ModelRef, ProbationBudget, chunk_digests_of
+    from .desired import BundleRef, chunk_digests_of
 
     refs, model = {}, None
     for path in bundles:
@@ -707,10 +704,32 @@ def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str |
                                               chunk_bytes=chunks.CHUNK_BYTES,
                                               chunks=chunk_digests_of(path, chunks.CHUNK_BYTES), file=Path(path).name,
                                               url=f"{bundle_url}{digest}.edgepack" if bundle_url else None)
+    return model, refs
+
+
+def desired_for_bundles(bundles: list[Path], *, device: str | None, group: str | None, version: int,
+                        expires_s: float, probation: dict | None = None, bundle_url: str | None = None,
+                        shadow: list[Path] | None = None, shadow_sample_rate: float | None = None):
+    """The desired state naming ``bundles`` (one per profile, same model and version), with the
+    signed chunk list of each and the probation budget devices enforce (``probation``); with
+    ``bundle_url``, each bundle's HTTP(S) source ``<bundle_url><sha256>.edgepack``; with ``shadow``,
+    another version of the model to run in shadow beside it."""
+    from .desired import DesiredState, ModelRef, ProbationBudget, ShadowRef
+
+    model, refs = bundle_refs(bundles, bundle_url)
+    shadow_ref = None
+    if shadow:
+        candidate, shadow_refs = bundle_refs(shadow, bundle_url)
+        if candidate[0] != model[0] or candidate[1] == model[1]:
+            raise UsageError(f"--shadow: give another version of {model[0]} (the shadow is {candidate[0]} {candidate[1]})")
+        missing = sorted(set(refs) - set(shadow_refs))
+        if missing:
+            raise UsageError(f"--shadow: no shadow bundle for profile {', '.join(missing)}; give one per profile pushed")
+        shadow_ref = ShadowRef(version=candidate[1], bundles=shadow_refs, sample_rate=shadow_sample_rate)
     now = time.time()
     state = DesiredState(version=version, device=device, group=group, issued_at=now, expires_at=now + expires_s,
                          model=ModelRef(name=model[0], version=model[1]), bundles=refs,
-                         probation=ProbationBudget(**probation) if probation else None)
+                         probation=ProbationBudget(**probation) if probation else None, shadow=shadow_ref)
     size = len(json.dumps(state.document())) + 512  # the envelope and its signatures
     from .desired import MAX_DESIRED_BYTES
 

@@ -756,9 +756,10 @@ def _shadow_stage(controller, rollout: dict, current: list[dict], now: float) ->
             continue
         offer(controller, rollout, member, member["from_version"], "shadow")
     ids = {m["device"] for m in current}
-    mine = [m for m in _members(registry, rollout["id"]) if m["device"] in ids and m["status"] in shadow_stage.ACTIVE_STATUSES]
+    stage_members = [m for m in _members(registry, rollout["id"]) if m["device"] in ids]
+    mine = [m for m in stage_members if m["status"] in shadow_stage.ACTIVE_STATUSES]
     if not mine:
-        reasons = sorted({m["detail"] for m in current if m["detail"]})
+        reasons = sorted({m["detail"] for m in stage_members if m["detail"]})
         abort(controller, rollout, f"shadow stage {rollout['stage'] + 1}: no device of the stage can run the release "
                                    f"in shadow ({'; '.join(reasons)[:300] or 'none pending'})")
         return

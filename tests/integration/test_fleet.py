@@ -72,14 +72,19 @@ class Fleet:
         return self.agent
 
     def push(self, version: str, profile: str = "x86-64", desired_version: int | None = None, key=None,
-             expires_s: float = 3600, raw: bytes | None = None, probation: dict | None = None) -> None:
+             expires_s: float = 3600, raw: bytes | None = None, probation: dict | None = None,
+             shadow: str | None = None) -> None:
         bundle = self.setup["bundles"][(version, profile)]
+        shadow_bundle = self.setup["bundles"][(shadow, profile)] if shadow else None
         if self.controller:
             self.controller.shelf.add(bundle)
+            if shadow_bundle:
+                self.controller.shelf.add(shadow_bundle)
         if desired_version is None:
             desired_version = 100 + next(self.versions)
         payload = raw or sign_desired(desired_for_bundles([bundle], device=DEVICE, group=None, version=desired_version,
-                                                          expires_s=expires_s, probation=probation),
+                                                          expires_s=expires_s, probation=probation,
+                                                          shadow=[shadow_bundle] if shadow_bundle else None),
                                       load_private_key(key or self.setup["private"]))
         publish_retained(self.address, topics.desired(DEVICE), payload, f"pusher-{time.monotonic_ns()}")
 
@@ -626,3 +631,67 @@ def test_group_desired_state_updates_a_member(fleet, fleet_bundles):
                      sign_desired(other, load_private_key(fleet_bundles["private"])), "group-pusher-2")
     time.sleep(1.0)
     assert fleet.active() == "1.1.0" and not fleet.events("desired_refused")
+
+
+def _shadow_report(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/v2/models/fleet/shadow", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_shadow_the_fleet_asks_for_runs_beside_the_active_version_and_is_promoted_without_a_download(fleet):
+    """The real agent: the fleet's desired state names 1.0.0 with 1.1.0 in shadow; the agent fetches the
+    shadow bundle over MQTT, answers every request with 1.0.0 and compares 1.1.0; its agreement reaches
+    the controller's rollups; pushing 1.1.0 then installs it from the shadow's bundle; a NaN candidate
+    in shadow is counted and never seen by a client."""
+    from sqlalchemy import select
+
+    from edgepack.fleet.db import rollup_shadow
+
+    fleet.start_controller()
+    agent = fleet.start_agent()
+    wait_for(lambda: fleet.controller.registry.devices(), 30, "the agent online")
+    fleet.push("1.0.0", shadow="1.1.0")
+    started = wait_for(lambda: fleet.events("shadow_started"), 60, "the shadow started")
+    assert started[-1]["version"] == "1.1.0"
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        status, body = infer(agent.url, rng.uniform(0.1, 1.0, 8).astype(float).tolist())
+        assert status == 200 and body["model_version"] == "1.0.0"
+    report = wait_for(lambda: (r := _shadow_report(agent.url)).get("requests", {}).get("compared", 0) >= 35 and r,
+                      30, "the comparisons")
+    assert report["version"] == "1.1.0" and report["active"] == "1.0.0" and report["agreement"] == 1.0
+    registry = fleet.controller.registry
+
+    def rolled_up():
+        with registry.engine.connect() as db:
+            rows = db.execute(select(rollup_shadow).where(rollup_shadow.c.version == "1.1.0")).all()
+        return [r for r in rows if r.samples >= 35 and r.agreement == 1.0 and r.active == "1.0.0"]
+
+    wait_for(rolled_up, 30, "the shadow's agreement in the controller's rollups")
+    shown = wait_for(lambda: (registry.devices()[0]["state"]["models"]["fleet"].get("shadow") or None), 20, "state")
+    assert shown == {"version": "1.1.0", "state": "running", "fleet": True}
+    assert (fleet.store / "shadow" / "fleet").is_dir()
+
+    # Promotion: the bundle is taken from the shadow, nothing downloaded again
+    progress_before = len(fleet.events("download_progress"))
+    fleet.push("1.1.0")
+    fleet.wait_commit("1.1.0")
+    skipped = wait_for(lambda: fleet.events("download_skipped"), 10, "the skipped download")
+    assert skipped[-1] == {"model": "fleet", "version": "1.1.0", "reason": "shadow"} or skipped[-1]["reason"] == "shadow"
+    assert len(fleet.events("download_progress")) == progress_before
+    wait_for(lambda: not (fleet.store / "shadow" / "fleet").exists(), 20, "the shadow folder removed")
+
+    # A candidate that returns NaN (for negative inputs), in shadow: counted, never answered
+    fleet.push("1.1.0", shadow="1.2.0")
+    wait_for(lambda: any(e["version"] == "1.2.0" for e in fleet.events("shadow_started")), 60, "the NaN shadow")
+    for _ in range(20):
+        status, body = infer(agent.url, -0.5)
+        assert status == 200 and body["model_version"] == "1.1.0"
+        assert all(np.isfinite(v) for o in body["outputs"] for v in o["data"])
+    report = wait_for(lambda: (r := _shadow_report(agent.url)).get("requests", {}).get("nonfinite", 0) >= 10 and r,
+                      30, "the NaN counted")
+    assert report["version"] == "1.2.0" and report["agreement"] < 1.0
+    # and a desired state without the shadow stops it
+    fleet.push("1.1.0")
+    wait_for(lambda: fleet.events("shadow_stopped"), 30, "the shadow stopped")
+    assert agent.stop() == 0
