@@ -18,7 +18,6 @@ import numpy as np
 
 def build_model():
     """A compact CNN: two conv blocks and a linear classifier (about 12k parameters)."""
-    import torch
     from torch import nn
 
     return nn.Sequential(

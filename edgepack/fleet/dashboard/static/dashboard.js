@@ -5,7 +5,7 @@
 
 const CHARTS = ["p95_ms", "error_rate", "drift", "shadow_agreement"];
 const PALETTE = ["#0969da", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0550ae", "#57606a"];
-const IN_FLIGHT = ["offered", "downloading", "staging", "switching", "probation", "rollback_offered"];
+const IN_FLIGHT = ["offered", "downloading", "staging", "switching", "probation", "rollback_offered", "shadow_offered"];
 const charts = {};
 let source = null;
 let token = sessionStorage.getItem("edgepack-token") || "";
@@ -116,8 +116,8 @@ function renderDevices(fleet) {
 
 function stageBar(counts, total) {
   const sum = (keys) => keys.reduce((n, k) => n + (counts[k] || 0), 0);
-  const parts = [["committed", sum(["committed"])], ["in-flight", sum(IN_FLIGHT)],
-                 ["failed", sum(["failed", "timed_out"])], ["rolled-back", sum(["rolled_back"])]];
+  const parts = [["committed", sum(["committed"])], ["shadowing", sum(["shadowing"])], ["in-flight", sum(IN_FLIGHT)],
+                 ["failed", sum(["failed", "timed_out", "shadow_failed"])], ["rolled-back", sum(["rolled_back", "shadow_ended"])]];
   const bar = el("div", {class: "bar"});
   for (const [name, count] of parts) {
     if (!count) continue;
@@ -140,14 +140,31 @@ function flatten(value, prefix, out) {
   return out;
 }
 
-function verdictText(verdicts) {
-  const lines = [];
-  for (const [name, verdict] of Object.entries(verdicts || {})) {
-    if (!verdict || typeof verdict !== "object") continue;
-    const text = flatten(verdict, "", []).join(", ");
-    lines.push(`${name}: ${text.length > 500 ? text.slice(0, 500) + "…" : text}`);
+const round = (v) => (typeof v === "number" ? Math.round(v * 1000) / 1000 : v);
+
+// The numbers an operator reads first, per verdict kind; anything else is flattened
+function verdictLine(name, verdict) {
+  const pick = (object, keys) => keys.filter((k) => object[k] !== null && object[k] !== undefined && object[k] !== "")
+    .map((k) => `${k.replace(/_/g, " ")} ${round(object[k])}`).join(", ");
+  if (name === "failures") return `install failures: ${verdict.failed} of ${verdict.finished} finished (${verdict.decision})`;
+  if (name === "shadow") {
+    const failed = (verdict.failed_devices || []).length ? `, failed on ${verdict.failed_devices.length}` : "";
+    return `shadow: ${verdict.decision}: ${pick(verdict, ["agreement", "samples", "reporting", "error_rate", "latency_ratio"])}` +
+      `${failed} (agreement >= ${verdict.criteria ? verdict.criteria.min_agreement : "?"})`;
   }
-  return lines.join("\n");
+  if (name === "metrics") {
+    const profiles = Object.entries(verdict.profiles || {}).map(([profile, v]) =>
+      `${profile} ${v.decision}${v.message && v.decision !== "pass" ? ` (${v.message})` : ""}: ` +
+      pick(v, ["prediction_psi", "latency_ratio", "error_delta", "drift_delta"]));
+    return `metrics vs the old version: ${verdict.decision}${profiles.length ? "; " + profiles.join("; ") : ""}`;
+  }
+  const text = flatten(verdict, "", []).join(", ");
+  return `${name}: ${text.length > 300 ? text.slice(0, 300) + "…" : text}`;
+}
+
+function verdictText(verdicts) {
+  return Object.entries(verdicts || {}).filter(([, v]) => v && typeof v === "object")
+    .map(([name, v]) => verdictLine(name, v)).join("\n");
 }
 
 function renderRollouts(rollouts) {
@@ -157,7 +174,12 @@ function renderRollouts(rollouts) {
     return;
   }
   box.replaceChildren(...rollouts.map((r) => {
-    const stages = Object.entries(r.per_stage).sort(([a], [b]) => (a === "-" ? 1 : b === "-" ? -1 : a - b));
+    const perStage = {...r.per_stage};
+    // a shadow stage's devices move on to the next stage when it passes: its row shows the verdict
+    for (const index of r.shadow_stages) {
+      if (!perStage[String(index)] && r.stage > index) perStage[String(index)] = {};
+    }
+    const stages = Object.entries(perStage).sort(([a], [b]) => (a === "-" ? 1 : b === "-" ? -1 : a - b));
     const committed = r.counts.committed || 0;
     const title = el("h3", {},
       el("span", {}, `#${r.id} ${r.kind} ${r.release}`),
@@ -166,6 +188,13 @@ function renderRollouts(rollouts) {
       el("span", {class: "empty"}, r.stage >= 0 && r.stages.length ? `stage ${r.stage + 1} of ${r.stages.length}` : ""));
     const rows = stages.map(([stage, counts]) => {
       const total = Object.values(counts).reduce((a, b) => a + b, 0);
+      const shadowVerdict = r.verdicts.shadow;
+      if (!total && r.shadow_stages.includes(+stage)) {
+        return el("div", {class: "stage", "data-stage": stage},
+          el("span", {}, `stage ${+stage + 1} (${r.stages[+stage]}%) shadow`), el("div", {class: "bar shadow-done"}),
+          el("span", {class: "counts"}, shadowVerdict ? `${shadowVerdict.decision}: agreement ${round(shadowVerdict.agreement)}, ` +
+                                                       `${shadowVerdict.reporting} devices, promoted` : "promoted"));
+      }
       const percent = stage !== "-" && r.stages[+stage] !== undefined ? ` (${r.stages[+stage]}%)` : "";
       const shadow = r.shadow_stages.includes(+stage) ? " shadow" : "";
       return el("div", {class: "stage", "data-stage": stage},
