@@ -196,7 +196,7 @@ class Updater:
                         self.store.cancel_download(name, "no longer wanted")
             except EdgepackError as exc:
                 log.error("could not end an orphan download", extra={"model": name, "error": exc.message})
-        remove_leftovers(self.store.root / "downloads", keep)
+        remove_leftovers(self.store.root / "downloads", self._wanted_shas())
         self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
@@ -342,7 +342,7 @@ class Updater:
                 old = update.get("target") or {}
                 await self._disk_call(self.store.cancel_download, name, "a newer desired state replaced it")
                 if old.get("sha256"):
-                    remove_leftovers(self.store.root / "downloads", {t["sha256"] for t in self.record["wanted"].values()})
+                    remove_leftovers(self.store.root / "downloads", self._wanted_shas())
                 state = self.store.state(name)
                 if (state.get("active") and
                         state["slots"].get(state["active"], {}).get("bundle_sha256") == target["sha256"]):
@@ -416,6 +416,12 @@ class Updater:
         await self._probation(name, target, old_health)
 
     # -- a shadow candidate the fleet asks for ------------------------------------------------------
+
+    def _wanted_shas(self) -> set[str]:
+        """Bundles a download of which is kept: every wanted target's and its shadow's (a partial shadow
+        download resumes after a restart like an update's)."""
+        return ({t["sha256"] for t in self.record["wanted"].values()}
+                | {t["shadow"]["sha256"] for t in self.record["wanted"].values() if t.get("shadow")})
 
     def _shadow_folder(self, name: str):
         return self.store.root / "shadow" / name

@@ -695,3 +695,37 @@ def test_a_shadow_the_fleet_asks_for_runs_beside_the_active_version_and_is_promo
     fleet.push("1.1.0")
     wait_for(lambda: fleet.events("shadow_stopped"), 30, "the shadow stopped")
     assert agent.stop() == 0
+
+
+KILL_AT_ATTACH = """
+import os, signal, sys
+from agent.serving.registry import ModelRegistry
+from agent.cli import main
+async def attach_shadow(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # the shadow's bundle is downloaded and kept: killed before it runs
+ModelRegistry.attach_shadow = attach_shadow
+"""
+
+
+def test_kill_9_after_the_shadow_download_runs_it_at_restart_without_downloading_it_again(fleet):
+    fleet.start_controller()
+    fleet.start_agent(python_code=KILL_AT_ATTACH)
+    probe = Probe(fleet)
+    probe.start()
+    wait_for(lambda: fleet.controller.registry.devices(), 30, "the agent online")
+    fleet.push("1.0.0", shadow="1.1.0")
+    assert fleet.agent.process.wait(90) == -signal.SIGKILL
+    assert list((fleet.store / "shadow" / "fleet").glob("*.edgepack"))
+    downloads = len([e for e in fleet.events("download_progress") if e.get("version") == "1.1.0"])
+    agent = fleet.start_agent()
+    wait_for(lambda: fleet.events("shadow_started"), 60, "the shadow started after the restart")
+    for _ in range(10):
+        status, body = infer(agent.url, 0.5)
+        assert status == 200 and body["model_version"] == "1.0.0"
+    report = wait_for(lambda: (r := _shadow_report(agent.url)).get("requests", {}).get("compared", 0) >= 5 and r,
+                      30, "comparisons after the restart")
+    assert report["version"] == "1.1.0" and report["agreement"] == 1.0
+    assert len([e for e in fleet.events("download_progress") if e.get("version") == "1.1.0"]) == downloads
+    seen = probe.stop()
+    assert {status for status, _ in seen} <= {0, 200} and seen[-1][0] == 200
+    assert fleet.active() == "1.0.0"
