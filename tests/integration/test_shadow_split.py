@@ -135,3 +135,40 @@ def test_split_sends_a_sticky_share_of_clients_to_the_b_version(fleet_bundles):
             result = client.infer("fleet", [tensor], headers={"edgepack-client-id": f"client-{index}"})
             assert result.get_response().model_version == versions[index]
         assert daemon.stop() == 0
+
+
+def test_a_swap_re_checks_the_shadow_and_the_b_version(fleet_bundles, tmp_path):
+    """An install swaps the active version under a configured shadow and split: a shadow that still
+    fits compares against the new active version from zero; a B or shadow version that is now the
+    active one is dropped (one log line each), and answers never fail."""
+    from ..conftest import run_cli
+
+    bundles = fleet_bundles["bundles"]
+    store = tmp_path / "store"
+    installed = run_cli("install", bundles[("1.0.0", "x86-64")], "--store", store, program="edgepack-agent")
+    assert installed.returncode == 0, installed.stderr
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8], "data": [0.5] * 8}]}
+    with Daemon("--store", store, "--shadow", bundles[("1.1.0", "x86-64")],
+                "--split", f"{bundles[('1.2.0', 'x86-64')]}=50") as daemon, httpx.Client(base_url=daemon.url) as http:
+        for index in range(20):
+            assert http.post("/v2/models/fleet/infer", json=body, headers={"edgepack-client-id": f"c{index}"}).status_code == 200
+        first = _wait_for(lambda: (r := http.get("/v2/models/fleet/shadow").json())["requests"].get("compared") and r)
+        assert first["active"] == "1.0.0"
+        assert http.get("/v2/models/fleet").json()["parameters"]["roles"] == {"1.0.0": "active", "1.2.0": "b",
+                                                                             "1.1.0": "shadow"}
+        # 1.2.0 (the B version) becomes active: the split is dropped; the shadow (1.1.0) still fits and
+        # starts again against 1.2.0
+        assert run_cli("install", bundles[("1.2.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
+        _wait_for(lambda: http.get("/v2/models/fleet/shadow").json().get("active") == "1.2.0")
+        restarted = http.get("/v2/models/fleet/shadow").json()  # new sums (the request counts stay cumulative)
+        assert restarted["agreement"] is None and all(o["samples"] == 0 for o in restarted["outputs"].values())
+        assert http.get("/v2/models/fleet").json()["parameters"]["roles"] == {"1.2.0": "active", "1.1.0": "shadow"}
+        # 1.1.0 (the shadow) becomes active: dropped too
+        assert run_cli("install", bundles[("1.1.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
+        _wait_for(lambda: http.get("/v2/models/fleet/shadow").status_code == 404)
+        for index in range(20):
+            answer = http.post("/v2/models/fleet/infer", json=body, headers={"edgepack-client-id": f"c{index}"})
+            assert answer.status_code == 200 and answer.json()["model_version"] == "1.1.0"
+        dropped = [e for e in daemon.logs if e.get("msg") in ("split version dropped", "shadow version dropped")]
+        assert [e["msg"] for e in dropped] == ["split version dropped", "shadow version dropped"], dropped
+        assert daemon.stop() == 0
