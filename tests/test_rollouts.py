@@ -614,3 +614,37 @@ def test_a_shadow_offer_names_the_running_version_and_the_release_as_its_shadow(
     assert len(stopped) == 3 and all(s.shadow is None and s.model.version == "1.0.0" for s in stopped)
     statuses = {m["status"] for m in rollouts.summary(registry, rollout_id)[0]["members"]}
     assert statuses == {"shadow_ended", "pending"}
+
+
+def test_promoted_shadow_devices_get_their_shadow_stopped_when_the_rollout_is_aborted_before_their_offer(setup):
+    registry, controller, public, _ = setup
+    fleet = FakeFleet(registry, public, count=10)
+    for device in fleet.devices:
+        registry.record_state(device, {**registry.device(device)["state"], "accepts": ["renews", "shadow"],
+                                       "ts": time.time() + 1})
+    rollout_id = rollouts.start(registry, "m", "1.1.0", {"group": "all"},
+                                {"stages": rollouts.parse_stages("shadow:30%,100%"), "soak_s": 0},
+                                {"min_shadow_samples": 50})
+    rollouts.tick(controller)
+    shadowed = [topic.split("/")[3] for topic, _ in controller.published]
+    for seq, device in enumerate(shadowed):  # each reports the shadow running and agreeing
+        state = registry.device(device)["state"]
+        state["models"]["m"]["shadow"] = {"version": "1.1.0", "state": "running", "fleet": True}
+        registry.record_state(device, {**state, "ts": time.time() + 2})
+        registry.record_message(device, {"kind": "telemetry", "boot": "b", "seq": 1000 + seq, "ts": time.time(),
+                                         "models": {"m": {"version": "1.0.0", "requests": {"ok": 30}, "shadow": {
+                                             "version": "1.1.0", "active": "1.0.0", "state": "running", "agreement": 1.0,
+                                             "outputs": {"y": {"samples": 30}}}}}})
+    rollouts.tick(controller)  # shadowing, judged (soak 0): passed, promoted; the next tick would offer the release
+    head = rollouts.summary(registry, rollout_id)[0]
+    assert head["verdicts"]["shadow"]["decision"] == "pass" and head["stage"] == 1, head["verdicts"]
+    assert {m["status"] for m in head["members"] if m["device"] in shadowed} == {"shadow_passed"}
+    rollouts.request(registry, rollout_id, "pause")
+    rollouts.tick(controller)
+    rollouts.request(registry, rollout_id, "abort")
+    before = len(controller.published)
+    rollouts.tick(controller)
+    stopped = {topic.split("/")[3]: verify_desired(payload, [public]) for topic, payload in controller.published[before:]}
+    assert set(stopped) == set(shadowed) and all(s.shadow is None and s.model.version == "1.0.0" for s in stopped.values())
+    assert {m["status"] for m in rollouts.summary(registry, rollout_id)[0]["members"] if m["device"] in shadowed} == {
+        "shadow_ended"}

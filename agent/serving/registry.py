@@ -269,19 +269,19 @@ class ModelRegistry:
         runner.fleet_sha256 = sha256
         old, scheduler.shadow = scheduler.shadow, runner
         if old is not None:
-            old.close()
+            await asyncio.get_running_loop().run_in_executor(None, old.close)  # joins a thread, closes a model
         log.info("shadow version attached", extra={"model": name, "version": served.version,
                                                     "active": scheduler.current.version})
         return served.version
 
-    def detach_shadow(self, name: str) -> None:
+    async def detach_shadow(self, name: str) -> None:
         """Stop the shadow the fleet attached to ``name`` (one agent.yaml names stays)."""
         scheduler = self.schedulers.get(name)
         old = getattr(scheduler, "shadow", None) if scheduler else None
         if old is None or getattr(old, "fleet_sha256", None) is None:
             return
         scheduler.shadow = None
-        old.close()
+        await asyncio.get_running_loop().run_in_executor(None, old.close)
         log.info("shadow version detached", extra={"model": name, "version": old.version})
 
     async def refresh(self) -> None:

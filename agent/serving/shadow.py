@@ -132,10 +132,13 @@ class ShadowRunner:
             with self._lock:
                 while not self._pending and not self._closing:
                     self._ready.wait()
-                if self._closing:
-                    return
-                feeds, outputs, generation = self._pending.popleft()
-                agreement = self._agreement if generation == self._generation else None
+                closing = self._closing
+                if not closing:
+                    feeds, outputs, generation = self._pending.popleft()
+                    agreement = self._agreement if generation == self._generation else None
+            if closing:
+                self._retire()  # when close() could not (a run was still under way)
+                return
             try:
                 self._run_one(feeds, outputs, generation, agreement)
             except Exception as exc:  # noqa: BLE001 - a bug of the comparison stops the shadow, not the daemon
@@ -219,7 +222,15 @@ class ShadowRunner:
             self._ready.notify_all()
         self._thread.join(timeout=0.2)
         if not self._thread.is_alive():
-            self.served.retire()
+            self._retire()
+
+    def _retire(self) -> None:
+        """Close the candidate once, from close() or from the thread ending after it."""
+        with self._lock:
+            if getattr(self, "_retired", False):
+                return
+            self._retired = True
+        self.served.retire()
 
 
 def _line(exc: BaseException) -> str:

@@ -147,6 +147,8 @@ def accept(record: dict, topic: str, state: DesiredState, bundle) -> dict:
         # Pushing it again is how an operator retries; a renewal of an offer this device took is
         # not a new try (one of an offer it never saw — it was offline — is that offer).
         record["failed"].pop(bundle.sha256, None)
+        if target["shadow"]:
+            record["failed"].pop(target["shadow"]["sha256"], None)
     record["accepted"][topic] = state.version
     record["digests"][topic] = state.digest
     record["models"][name] = max(record["models"].get(name, 0), state.version)

@@ -436,15 +436,21 @@ class Updater:
         except OSError:
             return None
 
+    def _given_up(self, sha256: str) -> bool:
+        """Whether a failure recorded against ``sha256`` is final (the update loop's retry rule)."""
+        failure = self.record["failed"].get(sha256)
+        return bool(failure) and (failure.get("reason") not in RETRYABLE or failure.get("attempts", 1) >= ATTEMPTS)
+
     def _next_shadow(self) -> tuple[str, dict | None] | None:
         """A model whose running shadow differs from what its wanted target asks (one that failed here
         is not tried again until the fleet names another): (name, the wanted shadow or None)."""
         for name, target in sorted(self.record["wanted"].items()):
             want = target.get("shadow")
-            if want and want["sha256"] in self.record["failed"]:
+            if want and self._given_up(want["sha256"]):
                 want = None
-            if self.registry.get(name) is None:
-                continue  # nothing serves to compare with (yet)
+            scheduler = self.registry.get(name)
+            if scheduler is None or scheduler.current is None or scheduler.current.version != target["version"]:
+                continue  # not the version the shadow is to be compared with (an update first, or it failed)
             if (want or {}).get("sha256") != self.registry.fleet_shadow(name):
                 return name, want
             if want is None and self._shadow_folder(name).exists():
@@ -459,8 +465,10 @@ class Updater:
         loop = asyncio.get_running_loop()
         if want is None:
             running = self.registry.fleet_shadow(name) is not None
-            self.registry.detach_shadow(name)
+            await self.registry.detach_shadow(name)
             await loop.run_in_executor(self._disk, shutil.rmtree, folder, True)
+            # partial downloads of a shadow no longer wanted go too
+            await loop.run_in_executor(self._disk, remove_leftovers, self.store.root / "downloads", self._wanted_shas())
             if running:
                 self.emit("shadow_stopped", {"model": name})
                 self.state_changed()
@@ -480,7 +488,8 @@ class Updater:
             except _Superseded:
                 return
             except FatalUpdateError as exc:
-                download.discard()
+                if exc.reason not in RETRYABLE:
+                    download.discard()  # a time-out keeps what came: the next try asks only for the rest
                 self._shadow_failed(name, want, exc.reason, exc.message)
                 return
             finally:
@@ -518,9 +527,10 @@ class Updater:
         self.state_changed()
 
     def shadow_failure(self, name: str) -> dict | None:
-        """The failure recorded against the shadow ``name``'s wanted target names, if any (for the state)."""
+        """The final failure of the shadow ``name``'s wanted target names, if any (for the state: one
+        that is tried again is not reported as failed)."""
         want = (self.record["wanted"].get(name) or {}).get("shadow")
-        return self.record["failed"].get(want["sha256"]) if want else None
+        return self.record["failed"].get(want["sha256"]) if want and self._given_up(want["sha256"]) else None
 
     def _old_health(self, name: str) -> dict | None:
         scheduler = self.registry.schedulers.get(name)

@@ -298,12 +298,15 @@ def tick(controller) -> None:
                 select(rollout_devices.c.rollout).where(rollout_devices.c.status.in_(WAITING)))
             | (rollouts.c.state == "aborted") & rollouts.c.id.in_(  # an abort not finished yet
                 select(rollout_devices.c.rollout)
-                .where(rollout_devices.c.status.in_(("committed", "timed_out") + shadow_stage.ACTIVE_STATUSES))
+                .where(rollout_devices.c.status.in_(("committed", "timed_out") + shadow_stage.SHADOWED))
                 .where(rollout_devices.c.to_version != rollout_devices.c.from_version)))
             .order_by(rollouts.c.id)).scalars().all()
     if not getattr(controller, "_republished", False):
         controller._republished = True
-        republish(controller, live)
+        with registry.engine.connect() as db:  # and the shadow stops of rollouts aborted in the last day
+            recent = db.execute(select(rollouts.c.id).where(rollouts.c.state == "aborted")
+                                .where(rollouts.c.updated > time.time() - 86400)).scalars().all()
+        republish(controller, sorted(set(live) | set(recent)))
     for topic, payload in list(controller.__dict__.get("unpublished", {}).items()):
         _publish(controller, topic, payload)
     for rollout_id in live:
@@ -393,14 +396,15 @@ def freshen(controller, now: float) -> int:
 
 def republish(controller, rollout_ids) -> None:
     """After a restart: publish again the (identical, already signed) desired state of every device
-    still waiting, in case the controller died between recording and publishing it. A device takes
+    still waiting (or told to stop a shadow), in case the controller died between recording and
+    publishing it. A device takes
     the retained copy of a desired state it accepted already as a no-op."""
     registry = controller.registry
     with registry.engine.connect() as db:
         waiting = db.execute(select(rollout_devices.c.device, desired.c.topic, desired.c.payload).select_from(desired)
                              .join(rollout_devices, (rollout_devices.c.desired_version == desired.c.desired_version))
                              .where(rollout_devices.c.rollout.in_(list(rollout_ids)))
-                             .where(rollout_devices.c.status.in_(WAITING))).all()
+                             .where(rollout_devices.c.status.in_(WAITING + (shadow_stage.ENDED,)))).all()
     for row in waiting:
         if row.topic == topics.desired(row.device):
             _publish(controller, row.topic, row.payload.encode())
@@ -712,9 +716,9 @@ def offer_next(controller, rollout: dict, members: list[dict], metrics: dict, no
     if shadow_stage.is_shadow(strategy, stage):
         _shadow_stage(controller, rollout, current, now)
         return
-    pending = [m for m in current if m["status"] == "pending"]
+    pending = [m for m in current if m["status"] in ("pending", shadow_stage.PASSED)]
     for member in pending:
-        offer(controller, rollout, member, member["to_version"], "offer")
+        offer(controller, rollout, member, member["to_version"], "offer", from_status=member["status"])
     if pending:
         return
     soaked = now - (rollout["stage_started"] or now) >= float(strategy.get("soak_s") or 0)
@@ -759,6 +763,10 @@ def _shadow_stage(controller, rollout: dict, current: list[dict], now: float) ->
     stage_members = [m for m in _members(registry, rollout["id"]) if m["device"] in ids]
     mine = [m for m in stage_members if m["status"] in shadow_stage.ACTIVE_STATUSES]
     if not mine:
+        if not any(m["status"] == "pending" for m in stage_members):
+            # every device of the stage is on the release already (a second rollout of it): nothing to judge
+            _save(registry, rollout["id"], stage=rollout["stage"] + 1, stage_started=now)
+            return
         reasons = sorted({m["detail"] for m in stage_members if m["detail"]})
         abort(controller, rollout, f"shadow stage {rollout['stage'] + 1}: no device of the stage can run the release "
                                    f"in shadow ({'; '.join(reasons)[:300] or 'none pending'})")
@@ -779,14 +787,16 @@ def _shadow_stage(controller, rollout: dict, current: list[dict], now: float) ->
     if result["decision"] == "abort":
         abort(controller, rollout, result["message"])
         return
-    with registry.engine.begin() as db:  # promoted: the next stage offers these devices the release first
+    # Promoted, in one transaction (a crash leaves the stage either judged or not): the next stage
+    # offers these devices the release first.
+    with registry.engine.begin() as db:
         db.execute(update(rollout_devices).where(rollout_devices.c.rollout == rollout["id"])
-                   .where(rollout_devices.c.device.in_([m["device"] for m in mine]))
                    .where(rollout_devices.c.status.in_(shadow_stage.ACTIVE_STATUSES))
-                   .values(status="pending", finished_at=None, detail="promoted from shadow"))
+                   .values(status=shadow_stage.PASSED, finished_at=None, detail="promoted from shadow"))
+        db.execute(update(rollouts).where(rollouts.c.id == rollout["id"])
+                   .values(stage=rollout["stage"] + 1, stage_started=now, updated=time.time()))
     log.info("rollout %s: shadow stage %d passed (agreement %s over %d samples); promoted", rollout["id"],
              rollout["stage"] + 1, result["agreement"], result["samples"])
-    _save(registry, rollout["id"], stage=rollout["stage"] + 1, stage_started=now)
 
 
 def _settled(members: list[dict]) -> bool:
@@ -810,7 +820,7 @@ def finish_abort(controller, rollout: dict) -> None:
         return  # a fleet rollback that is aborted just stops: offering the newer version again would undo it
     registry = controller.registry
     for member in _members(registry, rollout["id"]):
-        if member["status"] in shadow_stage.ACTIVE_STATUSES:
+        if member["status"] in shadow_stage.SHADOWED:
             try:  # a desired state without the shadow: the device stops it and keeps its version
                 offer(controller, rollout, member, member["from_version"], "unshadow", from_status=member["status"])
             except LeaseLost:

@@ -5,8 +5,8 @@ rollout stops with the numbers.
 
 A member of a shadow stage goes ``pending`` -> ``shadow_offered`` (a desired state naming its active
 version, with the release as ``shadow``) -> ``shadowing`` once it reports the candidate running (or
-``shadow_failed``). On promotion its status is ``pending`` again, so the next stage offers it the
-release as an ordinary update — which the device installs from the shadow's bundle, without a
+``shadow_failed``). On promotion it is ``shadow_passed``, and the next stage offers it the release
+first, as an ordinary update — which the device installs from the shadow's bundle, without a
 download. On an abort each one gets a desired state without the shadow (``shadow_ended``).
 
 Agreement comes from the devices' telemetry (the agent's running comparison, the same sums as the
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from .db import rollup_shadow, rollups
+from .db import rollout_devices, rollup_shadow, rollups
 
-#: statuses of a member in a shadow stage
-OFFERED, RUNNING, FAILED, ENDED = "shadow_offered", "shadowing", "shadow_failed", "shadow_ended"
+#: statuses of a member in a shadow stage (PASSED: promoted, waiting for the next stage's offer)
+OFFERED, RUNNING, FAILED, PASSED, ENDED = "shadow_offered", "shadowing", "shadow_failed", "shadow_passed", "shadow_ended"
 ACTIVE_STATUSES = (OFFERED, RUNNING, FAILED)
+#: a member whose retained desired state still names the shadow: an abort sends it one without
+SHADOWED = ACTIVE_STATUSES + (PASSED,)
 DEFAULT_CRITERIA = {"min_agreement": 0.95, "min_shadow_samples": 200, "max_shadow_error_rate": 0.01}
 
 
@@ -56,10 +58,8 @@ def refresh(state: dict | None, member: dict, name: str, now: float) -> dict:
     return {}
 
 
-def _latest(registry, name: str, version: str, devices: list[str], since: float) -> dict[str, dict]:
-    """The latest shadow report of each device since ``since``."""
-    if not devices:
-        return {}
+def _latest(registry, name: str, version: str, devices, since: float) -> dict[str, dict]:
+    """The latest shadow report of each of ``devices`` (a SELECT of device ids) since ``since``."""
     newest = (select(rollup_shadow.c.device, func.max(rollup_shadow.c.ts).label("ts"))
               .where(rollup_shadow.c.model == name).where(rollup_shadow.c.version == version)
               .where(rollup_shadow.c.device.in_(devices)).where(rollup_shadow.c.ts >= since)
@@ -70,7 +70,7 @@ def _latest(registry, name: str, version: str, devices: list[str], since: float)
         return {r.device: dict(r._mapping) for r in db.execute(query)}
 
 
-def _active_p95(registry, name: str, versions: list[str], devices: list[str], since: float) -> float | None:
+def _active_p95(registry, name: str, versions: list[str], devices, since: float) -> float | None:
     with registry.engine.connect() as db:
         weighted, count = db.execute(
             select(func.sum(rollups.c.p95_weighted), func.sum(rollups.c.p95_requests))
@@ -85,19 +85,23 @@ def verdict(registry, rollout: dict, members: list[dict], now: float) -> dict:
     criteria = {**DEFAULT_CRITERIA, **{k: v for k, v in rollout["criteria"].items() if v is not None}}
     since = float(rollout.get("stage_started") or now)
     mine = [m for m in members if m["status"] in (RUNNING, FAILED)]
-    reports = _latest(registry, rollout["name"], rollout["version"], [m["device"] for m in mine], since)
+    # the device ids as a SELECT, not a literal list: a stage can pass PostgreSQL's 65,535 parameters
+    stage = (select(rollout_devices.c.device).where(rollout_devices.c.rollout == rollout["id"])
+             .where(rollout_devices.c.status.in_((RUNNING, FAILED))))
+    reports = _latest(registry, rollout["name"], rollout["version"], stage, since)
     # a report against another active version (the device changed meanwhile) is not this comparison
     reports = {d: r for d, r in reports.items()
                if r.get("active") in (None, next((m["from_version"] for m in mine if m["device"] == d), None))}
+    # (a hung run is slow, not failed: the device reports it running again once it returns)
     failed = sorted({m["device"] for m in mine if m["status"] == FAILED}
-                    | {d for d, r in reports.items() if r.get("state") in ("failed", "hung")})
+                    | {d for d, r in reports.items() if r.get("state") == "failed"})
     samples = sum(int(r["samples"] or 0) for r in reports.values())
     agreeing = sum(float(r["agreement"]) * int(r["samples"] or 0) for r in reports.values() if r["agreement"] is not None)
     errors = sum(int(r["errors"] or 0) for r in reports.values())
     timed = [(float(r["latency_p95"]), int(r["samples"] or 0)) for r in reports.values() if r["latency_p95"] is not None]
     shadow_p95 = sum(p * n for p, n in timed) / sum(n for _, n in timed) if timed and sum(n for _, n in timed) else None
     old = sorted({m["from_version"] for m in mine if m["from_version"]})
-    active_p95 = _active_p95(registry, rollout["name"], old, list(reports), since) if reports and old else None
+    active_p95 = _active_p95(registry, rollout["name"], old, stage, since) if reports and old else None
     result = {
         "devices": len(mine), "reporting": len(reports), "failed_devices": failed, "samples": samples,
         "agreement": round(agreeing / samples, 5) if samples else None,

@@ -326,14 +326,14 @@ class SimRegistry:
         scheduler = self.get(name)
         if scheduler is None:
             raise EdgepackError(f"no active version of {name!r} to compare a shadow with")
-        with open_bundle(path) as bundle:
+        with open_bundle(path, verify_files=False) as bundle:
             version = bundle.manifest["version"]
         if self._fails(version):
             raise EdgepackError(f"scripted install failure of {version} (edgepack fleet simulate --fail-install)")
         scheduler.shadow = SimShadow(version, sha256, scheduler.current.version)
         return version
 
-    def detach_shadow(self, name: str) -> None:
+    async def detach_shadow(self, name: str) -> None:
         scheduler = self.schedulers.get(name)
         if scheduler and scheduler.shadow:
             scheduler.shadow.close()

@@ -240,3 +240,40 @@ def _next_event(stream) -> dict:
             data = json.loads(line[6:])
         elif line == "\n" and data is not None:
             return data
+
+
+def test_odd_device_states_rebinding_hosts_and_bad_requests_do_not_break_the_dashboard(tmp_path):
+    import http.client
+
+    from edgepack.fleet.dashboard.server import DashboardServer
+    from edgepack.fleet.registry import FleetRegistry
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    registry = FleetRegistry(url)
+    now = time.time()
+    registry.store_batch([
+        ("ok-1", "state", {"online": True, "profile": "rpi4", "boot": "b", "ts": now,
+                           "models": {"m": {"active": "1.0.0", "update": {"state": "idle"}}}}),
+        ("odd-1", "state", {"online": True, "profile": ["x"], "boot": "b", "ts": now,
+                            "models": {"m": {"active": 3, "update": {"state": ["idle"]}}}}),
+        ("odd-2", "state", {"online": True, "boot": "b", "ts": now, "models": ["not", "a", "dict"]}),
+        ("odd-3", "state", {"online": True, "boot": "b", "ts": now, "models": {"m": {"update": {"state": 7}},
+                                                                             "<img src=x onerror=alert(1)>": {}}}),
+    ])
+    server = DashboardServer(url, "127.0.0.1", 0, token=TOKEN, interval=0.2).start()
+    try:
+        snapshot = json.load(urllib.request.urlopen(f"{server.url}api/snapshot", timeout=10))
+        assert snapshot["error"] is None and snapshot["devices"]["total"] == 4
+        assert snapshot["devices"]["choices"]["state"] == ["idle"] and snapshot["devices"]["choices"]["profile"] == ["rpi4"]
+        port = int(server.url.rsplit(":", 1)[1].strip("/"))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/api/snapshot", headers={"Host": "evil.example:8080"})
+        assert connection.getresponse().status == 421  # a rebinding page's request
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/api/rollouts/1/pause", headers={"Content-Length": "-5"})
+        assert connection.getresponse().status == 400
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/static/../server.py")
+        assert connection.getresponse().status == 404
+    finally:
+        server.stop()

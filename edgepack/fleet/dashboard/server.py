@@ -76,7 +76,9 @@ class Snapshots:
             made["error"] = None
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the page: it says so
             log.warning("dashboard: reading the registry failed: %s", exc)
-            made = dict(self.latest or {}, error=f"reading the registry failed: {str(exc).splitlines()[0][:200]}")
+            # what the page says (anyone may read it): no driver text, which can name hosts and users
+            made = dict(self.latest or {}, error=f"reading the registry failed ({type(exc).__name__}); "
+                                                 "see the controller's log")
             made["time"] = time.time()
         digest = json.dumps({k: v for k, v in made.items() if k != "time"}, sort_keys=True, default=str)
         with self._changed:
@@ -125,6 +127,18 @@ def _filters(query: str) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgepack-dashboard"
     protocol_version = "HTTP/1.1"
+    #: socket time-out: an idle keep-alive connection, a slow request and an event stream nobody reads
+    #: (a blocked write) each give their thread back after this
+    timeout = 30
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if not self.app.host_allowed(self.headers.get("Host")):
+            # DNS rebinding: a page of another site whose name now points at 127.0.0.1 is not this host
+            self._error(421, "this dashboard answers to its own address only (Host header)")
+            return False
+        return True
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         log.debug("dashboard " + format, *args)
@@ -207,8 +221,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.app.close_stream()
 
     def do_POST(self):  # noqa: N802
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            return self._error(400, "Content-Length must be a number of bytes")
         if length > 65536:
+            self.close_connection = True
             return self._error(413, "request body over 64 KiB")
         if length:
             self.rfile.read(length)
@@ -268,6 +289,16 @@ class DashboardServer:
         self.snapshots.stop()
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def host_allowed(self, header: str | None) -> bool:
+        """On a loopback address only loopback names are this host (DNS rebinding); bound elsewhere,
+        the operator chose who reaches it."""
+        host = self._httpd.server_address[0]
+        if not (host.startswith("127.") or host in ("::1", "localhost")):
+            return True
+        name = (header or "").strip().lower()
+        name = name[1:].split("]", 1)[0] if name.startswith("[") else name.rsplit(":", 1)[0]
+        return name in ("localhost", "::1") or name.startswith("127.")
 
     def authorised(self, header: str | None) -> bool:
         scheme, _, value = (header or "").partition(" ")

@@ -8,28 +8,39 @@ import time
 
 from sqlalchemy import func, select
 
-from ..db import rollup_shadow, rollups
+from ..db import rollout_devices, rollouts, rollup_shadow, rollups
 from ..registry import device_groups
-from ..rollouts import summary
+
+#: an offered device's detail that says how far it got (what 'rollout show' shows too)
+IN_FLIGHT_DETAILS = ("downloading", "staging", "switching", "probation")
 
 #: device filters the page and ``/api/devices`` take
 FILTERS = ("group", "tag", "profile", "state", "version", "online")
 
 
+def _text(value) -> str | None:
+    """A string a device reported, or None (states are stored as the devices sent them)."""
+    return value[:128] if isinstance(value, str) else None
+
+
 def device_view(row: dict) -> dict:
-    """One device as the table shows it: its models' active/previous versions and update state."""
-    state = row.get("state") or {}
+    """One device as the table shows it: its models' active/previous versions and update state. Only
+    strings are taken from what the device reported, so one odd state cannot break the page."""
+    state = row.get("state") if isinstance(row.get("state"), dict) else {}
+    reported = state.get("models") if isinstance(state.get("models"), dict) else {}
     models = {}
-    for name, model in (state.get("models") or {}).items():
+    for name, model in list(reported.items())[:32]:
         if not isinstance(model, dict):
             continue
         update = model.get("update") if isinstance(model.get("update"), dict) else {}
-        models[name] = {"active": model.get("active"), "previous": model.get("previous"),
-                        "state": update.get("state"), "step": update.get("step"),
-                        "shadow": (model.get("shadow") or {}).get("version") if isinstance(model.get("shadow"), dict) else None}
-    return {"device": row["device"], "online": bool(row.get("online")), "profile": row.get("profile"),
-            "groups": sorted(device_groups(row)), "tags": sorted(row.get("tags") or []), "models": models,
-            "last_seen": row.get("last_seen")}
+        shadow = model.get("shadow") if isinstance(model.get("shadow"), dict) else {}
+        models[str(name)[:128]] = {"active": _text(model.get("active")), "previous": _text(model.get("previous")),
+                                   "state": _text(update.get("state")), "step": _text(update.get("step")),
+                                   "shadow": _text(shadow.get("version"))}
+    groups = sorted(g for g in device_groups(row) if isinstance(g, str))
+    tags = sorted(t for t in (row.get("tags") or []) if isinstance(t, str))
+    return {"device": row["device"], "online": bool(row.get("online")), "profile": _text(row.get("profile")),
+            "groups": groups, "tags": tags, "models": models, "last_seen": row.get("last_seen")}
 
 
 def matches(view: dict, filters: dict) -> bool:
@@ -67,17 +78,37 @@ def devices_view(registry, filters: dict | None = None) -> dict:
 
 
 def rollouts_view(registry, limit: int = 20) -> list[dict]:
-    """The latest rollouts (newest first) with counts per stage and status and their verdicts."""
-    rows = summary(registry)[-limit:][::-1]
+    """The latest rollouts (newest first) with counts per stage and status and their verdicts: the
+    heads with LIMIT and the counts grouped in SQL (a fleet's history is not read every second)."""
+    with registry.engine.connect() as db:
+        heads = [dict(r._mapping) for r in db.execute(select(rollouts).order_by(rollouts.c.id.desc()).limit(limit))]
+        ids = [h["id"] for h in heads]
+        grouped = db.execute(
+            select(rollout_devices.c.rollout, rollout_devices.c.stage, rollout_devices.c.status,
+                   rollout_devices.c.detail, func.count())
+            .where(rollout_devices.c.rollout.in_(ids))
+            .group_by(rollout_devices.c.rollout, rollout_devices.c.stage, rollout_devices.c.status,
+                      rollout_devices.c.detail)).all() if ids else []
+    counts: dict[int, dict] = {i: {} for i in ids}
+    stages: dict[int, dict] = {i: {} for i in ids}
+    for rollout_id, stage, status, detail, count in grouped:
+        if status == "offered" and detail in IN_FLIGHT_DETAILS:
+            status = detail
+        counts[rollout_id][status] = counts[rollout_id].get(status, 0) + count
+        key = str(stage) if stage is not None else "-"
+        per = stages[rollout_id].setdefault(key, {})
+        per[status] = per.get(status, 0) + count
     out = []
-    for row in rows:
+    for row in heads:
         strategy = row.get("strategy") or {}
-        out.append({"id": row["id"], "kind": row["kind"], "release": f"{row['name']}@{row['version']}" if row.get("version") else row["name"],
+        planned = strategy.get("stages") or []
+        out.append({"id": row["id"], "kind": row["kind"],
+                    "release": f"{row['name']}@{row['version']}" if row.get("version") else row["name"],
                     "state": row["state"], "stage": row["stage"], "requested": row.get("requested"),
-                    "stages": [s.get("percent") for s in strategy.get("stages") or []],
-                    "shadow_stages": [i for i, s in enumerate(strategy.get("stages") or []) if s.get("shadow")],
-                    "devices": row["devices"], "counts": row["counts"], "per_stage": row["stages"],
-                    "reason": row.get("reason"), "verdicts": row.get("verdicts") or {},
+                    "stages": [f"{s['percent']:g}%" if "percent" in s else f"{s.get('count')} devices" for s in planned],
+                    "shadow_stages": [i for i, s in enumerate(planned) if s.get("shadow")],
+                    "devices": sum(counts[row["id"]].values()), "counts": counts[row["id"]],
+                    "per_stage": stages[row["id"]], "reason": row.get("reason"), "verdicts": row.get("verdicts") or {},
                     "created": row.get("created"), "updated": row.get("updated")})
     return out
 

@@ -116,7 +116,7 @@ function renderDevices(fleet) {
 
 function stageBar(counts, total) {
   const sum = (keys) => keys.reduce((n, k) => n + (counts[k] || 0), 0);
-  const parts = [["committed", sum(["committed"])], ["shadowing", sum(["shadowing"])], ["in-flight", sum(IN_FLIGHT)],
+  const parts = [["committed", sum(["committed"])], ["shadowing", sum(["shadowing", "shadow_passed"])], ["in-flight", sum(IN_FLIGHT)],
                  ["failed", sum(["failed", "timed_out", "shadow_failed"])], ["rolled-back", sum(["rolled_back", "shadow_ended"])]];
   const bar = el("div", {class: "bar"});
   for (const [name, count] of parts) {
@@ -191,11 +191,11 @@ function renderRollouts(rollouts) {
       const shadowVerdict = r.verdicts.shadow;
       if (!total && r.shadow_stages.includes(+stage)) {
         return el("div", {class: "stage", "data-stage": stage},
-          el("span", {}, `stage ${+stage + 1} (${r.stages[+stage]}%) shadow`), el("div", {class: "bar shadow-done"}),
+          el("span", {}, `stage ${+stage + 1} (${r.stages[+stage]}) shadow`), el("div", {class: "bar shadow-done"}),
           el("span", {class: "counts"}, shadowVerdict ? `${shadowVerdict.decision}: agreement ${round(shadowVerdict.agreement)}, ` +
                                                        `${shadowVerdict.reporting} devices, promoted` : "promoted"));
       }
-      const percent = stage !== "-" && r.stages[+stage] !== undefined ? ` (${r.stages[+stage]}%)` : "";
+      const percent = stage !== "-" && r.stages[+stage] !== undefined ? ` (${r.stages[+stage]})` : "";
       const shadow = r.shadow_stages.includes(+stage) ? " shadow" : "";
       return el("div", {class: "stage", "data-stage": stage},
         el("span", {}, stage === "-" ? "not staged" : `stage ${+stage + 1}${percent}${shadow}`), stageBar(counts, total),
