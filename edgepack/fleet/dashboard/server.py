@@ -52,14 +52,35 @@ MAX_STREAMS = 32
 KEEPALIVE_S = 15.0
 
 
+#: the most of one core the poller may take: a snapshot that costs more is taken less often
+MAX_SHARE = 0.1
+#: the per-minute series change once a minute: read again this often (or less, as for MAX_SHARE)
+SERIES_EVERY_S = 15.0
+SERIES_SHARE = 0.05
+
+
+def plan(devices_s: float, series_s: float, interval: float = 1.0) -> tuple[float, float]:
+    """(seconds between snapshots, seconds between series reads) for snapshots whose device and
+    rollout part takes ``devices_s`` and whose series take ``series_s``."""
+    return max(interval, devices_s / MAX_SHARE), max(SERIES_EVERY_S, series_s / SERIES_SHARE)
+
+
 class Snapshots:
-    """The latest registry snapshot, refreshed by one thread; streams wait for the next version."""
+    """The latest registry snapshot, refreshed by one thread; streams wait for the next version.
+
+    Devices and rollouts are read every ``interval`` seconds, the per-minute series every 15 s; both
+    less often when they cost more, so the dashboard never takes more than about 15% of a core from
+    the controller's ingestion and ticks, whatever the size of the fleet (benchmarks/dashboard.py)."""
 
     def __init__(self, registry, interval: float = 1.0, window_s: float = 3600.0):
         self.registry, self.interval, self.window_s = registry, interval, window_s
         self.version = 0
         self.latest: dict | None = None
+        self.latest_text = "{}"
         self._digest = None
+        self._series: dict | None = None
+        self._series_at = 0.0
+        self._costs = (0.0, 0.0)  # devices + rollouts, series (seconds)
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dashboard-poller", daemon=True)
@@ -69,26 +90,39 @@ class Snapshots:
         self._thread.start()
         return self
 
+    def _read(self) -> dict:
+        began = time.perf_counter()
+        series_cost, read_series = self._costs[1], 0.0
+        if self._series is None or time.monotonic() - self._series_at >= plan(*self._costs, self.interval)[1]:
+            self._series = views.series_view(self.registry, self.window_s)
+            self._series_at = time.monotonic()
+            series_cost = read_series = time.perf_counter() - began
+        made = {"devices": views.devices_view(self.registry), "rollouts": views.rollouts_view(self.registry),
+                "series": self._series, "error": None}
+        self._costs = (time.perf_counter() - began - read_series, series_cost)
+        return made
+
     def refresh(self) -> None:
         """Read the registry once; a new version when anything but the clock changed."""
         try:
-            made = views.snapshot(self.registry, window_s=self.window_s)
-            made["error"] = None
+            made = self._read()
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the page: it says so
             log.warning("dashboard: reading the registry failed: %s", exc)
             # what the page says (anyone may read it): no driver text, which can name hosts and users
-            made = dict(self.latest or {}, error=f"reading the registry failed ({type(exc).__name__}); "
-                                                 "see the controller's log")
-            made["time"] = time.time()
-        digest = json.dumps({k: v for k, v in made.items() if k != "time"}, sort_keys=True, default=str)
+            made = {k: v for k, v in (self.latest or {}).items() if k != "time"}
+            made["error"] = f"reading the registry failed ({type(exc).__name__}); see the controller's log"
+        digest = json.dumps(made, default=str, separators=(",", ":"))
         with self._changed:
             if digest != self._digest:
-                self._digest, self.latest = digest, made
+                self._digest = digest
+                self.latest = {**made, "time": time.time()}
+                # the unfiltered stream's data, encoded once per version for every page that shows it all
+                self.latest_text = f'{digest[:-1]},"time":{self.latest["time"]}}}'
                 self.version += 1
                 self._changed.notify_all()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(plan(*self._costs, self.interval)[0]):
             self.refresh()
 
     def wait(self, seen: int, timeout: float) -> tuple[int, dict | None]:
@@ -212,7 +246,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if snapshot is None:
                     self.wfile.write(b": keep-alive\n\n")
                 else:
-                    data = json.dumps(filtered(snapshot, filters), default=str, separators=(",", ":"))
+                    data = (json.dumps(filtered(snapshot, filters), default=str, separators=(",", ":"))
+                            if any(filters.values()) else snapshots.latest_text)
                     self.wfile.write(f"id: {seen}\nevent: snapshot\ndata: {data}\n\n".encode())
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
