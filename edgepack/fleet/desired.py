@@ -133,9 +133,26 @@ class ModelRef(_Strict):
     @field_validator("version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not is_valid_semver(value):
-            raise ValueError("not a semantic version")
-        return value
+        return _semver(value)
+
+
+def _semver(value: str) -> str:
+    if not is_valid_semver(value):
+        raise ValueError("not a semantic version")
+    return value
+
+
+def _bundle_for(bundles: dict[str, "BundleRef"], profile: str | None, what: str) -> "BundleRef":
+    """``what``'s bundle for ``profile``; DesiredStateError 'profile' when there is none."""
+    if profile is None:
+        if len(bundles) == 1:
+            return next(iter(bundles.values()))
+        raise DesiredStateError("profile", f"{what} has bundles for several profiles and this "
+                                "device has no profile set in agent.yaml")
+    if profile not in bundles:
+        raise DesiredStateError("profile", f"{what} has no bundle for profile {profile!r} "
+                                f"(only {', '.join(sorted(bundles))})")
+    return bundles[profile]
 
 
 class ShadowRef(_Strict):
@@ -151,17 +168,10 @@ class ShadowRef(_Strict):
     @field_validator("version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not is_valid_semver(value):
-            raise ValueError("not a semantic version")
-        return value
+        return _semver(value)
 
     def for_profile(self, profile: str | None) -> BundleRef:
-        if profile is None and len(self.bundles) == 1:
-            return next(iter(self.bundles.values()))
-        if profile not in self.bundles:
-            raise DesiredStateError("profile", f"the desired state's shadow has no bundle for profile {profile!r} "
-                                    f"(only {', '.join(sorted(self.bundles))})")
-        return self.bundles[profile]
+        return _bundle_for(self.bundles, profile, "the desired state's shadow")
 
 
 class DesiredState(_Strict):
@@ -202,15 +212,7 @@ class DesiredState(_Strict):
 
     def for_profile(self, profile: str | None) -> BundleRef:
         """The bundle for ``profile``; DesiredStateError 'profile' when there is none."""
-        if profile is None:
-            if len(self.bundles) == 1:
-                return next(iter(self.bundles.values()))
-            raise DesiredStateError("profile", "the desired state has bundles for several profiles and this "
-                                    "device has no profile set in agent.yaml")
-        if profile not in self.bundles:
-            raise DesiredStateError("profile", f"the desired state has no bundle for profile {profile!r} "
-                                    f"(only {', '.join(sorted(self.bundles))})")
-        return self.bundles[profile]
+        return _bundle_for(self.bundles, profile, "the desired state")
 
     @property
     def digest(self) -> str | None:

@@ -14,6 +14,7 @@ import yaml
 from edgepack.bundle import open_bundle
 
 from .daemon import Daemon
+from .test_rollout_e2e import wait_for
 
 
 def _session_outputs(bundle, images):
@@ -23,17 +24,6 @@ def _session_outputs(bundle, images):
         session = ort.InferenceSession(opened.read_file(opened.manifest["model_file"]), providers=["CPUExecutionProvider"])
     return np.concatenate([session.run(None, {"input": images[i:i + 1]})[0] for i in range(len(images))])
 
-
-def _wait_for(check, timeout=60.0, every=0.1):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
 
 
 def test_shadow_reports_the_offline_agreement_and_never_changes_an_answer(serving_bundles, digits, tmp_path):
@@ -63,7 +53,7 @@ def test_shadow_reports_the_offline_agreement_and_never_changes_an_answer(servin
             assert result.get_response()["model_version"] == "1.0.0"  # the shadow never answers
             got.append(result.as_numpy(name))
         np.testing.assert_allclose(np.concatenate(got), expected, rtol=1e-5, atol=1e-5)
-        report = _wait_for(lambda: (r := httpx.get(f"{daemon.url}/v2/models/digits/shadow").json())
+        report = wait_for(lambda: (r := httpx.get(f"{daemon.url}/v2/models/digits/shadow").json())
                            ["requests"].get("compared", 0) >= len(images) and r)
         assert report["active"] == "1.0.0" and report["version"] == "2.0.0" and report["state"] == "running"
         assert report["requests"] == {"offered": len(images), "compared": len(images)}
@@ -152,20 +142,20 @@ def test_a_swap_re_checks_the_shadow_and_the_b_version(fleet_bundles, tmp_path):
                 "--split", f"{bundles[('1.2.0', 'x86-64')]}=50") as daemon, httpx.Client(base_url=daemon.url) as http:
         for index in range(20):
             assert http.post("/v2/models/fleet/infer", json=body, headers={"edgepack-client-id": f"c{index}"}).status_code == 200
-        first = _wait_for(lambda: (r := http.get("/v2/models/fleet/shadow").json())["requests"].get("compared") and r)
+        first = wait_for(lambda: (r := http.get("/v2/models/fleet/shadow").json())["requests"].get("compared") and r)
         assert first["active"] == "1.0.0"
         assert http.get("/v2/models/fleet").json()["parameters"]["roles"] == {"1.0.0": "active", "1.2.0": "b",
                                                                              "1.1.0": "shadow"}
         # 1.2.0 (the B version) becomes active: the split is dropped; the shadow (1.1.0) still fits and
         # starts again against 1.2.0
         assert run_cli("install", bundles[("1.2.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
-        _wait_for(lambda: http.get("/v2/models/fleet/shadow").json().get("active") == "1.2.0")
+        wait_for(lambda: http.get("/v2/models/fleet/shadow").json().get("active") == "1.2.0")
         restarted = http.get("/v2/models/fleet/shadow").json()  # new sums (the request counts stay cumulative)
         assert restarted["agreement"] is None and all(o["samples"] == 0 for o in restarted["outputs"].values())
         assert http.get("/v2/models/fleet").json()["parameters"]["roles"] == {"1.2.0": "active", "1.1.0": "shadow"}
         # 1.1.0 (the shadow) becomes active: dropped too
         assert run_cli("install", bundles[("1.1.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
-        _wait_for(lambda: http.get("/v2/models/fleet/shadow").status_code == 404)
+        wait_for(lambda: http.get("/v2/models/fleet/shadow").status_code == 404)
         for index in range(20):
             answer = http.post("/v2/models/fleet/infer", json=body, headers={"edgepack-client-id": f"c{index}"})
             assert answer.status_code == 200 and answer.json()["model_version"] == "1.1.0"
