@@ -151,7 +151,7 @@ def test_bias_correction_removes_the_mean_shift_of_int8_weights(depthwise_onnx, 
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from converters.bias_correction import correct_biases
+    from converters.onnx.bias_correction import correct_biases
 
     path, data = depthwise_onnx
     calibration, validation = data[:32], data[32:]
@@ -191,7 +191,7 @@ def test_pt2e_quantizes_relu6_after_the_clamp_not_before(activation):
     from litert_torch.quantize import pt2e_quantizer
     from torchao.quantization.pt2e import quantize_pt2e
 
-    from converters.recipes.tflite import _quantizer
+    from converters.pt2e.quantize import quantizer as _quantizer
 
     torch.manual_seed(0)
     # nn.ReLU6 exports as hardtanh(0, 6), F.relu6 as relu6: real models use both.
@@ -241,8 +241,8 @@ def test_pt2e_bias_correction_never_touches_the_source_module():
     import torch
     from torchao.quantization.pt2e import quantize_pt2e
 
-    from converters.pt2e_bias_correction import correct_if_better
-    from converters.recipes.tflite import _quantizer
+    from converters.pt2e.bias_correction import correct_if_better
+    from converters.pt2e.quantize import quantizer as _quantizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()

@@ -119,7 +119,7 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
     except Exception as exc:
         raise RecipeFailed(f"static quantization failed: {first_line(exc, 200)}") from None
     if config.bias_correction:
-        from ..bias_correction import correct_biases
+        from ..onnx.bias_correction import correct_biases
 
         batches = list(ctx.calibration_batches(min(config.calibration_samples, BIAS_CORRECTION_SAMPLES),
                                                _calibration_batch(ctx)))
@@ -145,7 +145,7 @@ class StaticConfig:
     #: from 0.9998 to 0.98. 7-bit weights cannot overflow (ONNX Runtime's advice for non-VNNI x86).
     reduce_range: bool = False
     #: subtract the mean output shift int8 weight rounding causes from each layer's bias
-    #: (converters.bias_correction); on real pretrained depthwise CNNs this is what keeps int8 faithful
+    #: (converters.onnx.bias_correction); on real pretrained depthwise CNNs this is what keeps int8 faithful
     bias_correction: bool = True
 
 

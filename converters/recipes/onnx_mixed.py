@@ -1,6 +1,6 @@
 """Mixed precision: static int8 QDQ with the layers most sensitive to quantization kept in float.
 
-The layers are found by measurement (``converters.sensitivity``), then excluded greedily: the worst
+The layers are found by measurement (``converters.onnx.sensitivity``), then excluded greedily: the worst
 1, 2, 4, ... layers are kept float until the candidate meets the gate, or the search gives up at half
 of the quantizable layers (past that, fp16/fp32 are the better recipes).
 """
@@ -11,7 +11,7 @@ import hashlib
 
 from dataclasses import dataclass
 
-from ..sensitivity import rank_nodes
+from ..onnx.sensitivity import rank_nodes
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 from .onnx_int8 import StaticConfig, count_quantized, quantize_static_qdq
 

@@ -26,13 +26,9 @@ import numpy as np
 
 from edgepack.errors import first_line
 
+from ..pt2e.quantize import mark_eval, quantize_module
 from ..sources import package_versions
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
-
-#: calibration samples the bias correction averages layer inputs over (batch 1: each is one run)
-BIAS_CORRECTION_SAMPLES = 64
-#: of those, the samples that decide whether the correction is kept
-BIAS_CHECK_SAMPLES = 16
 
 WHY_NOT = {
     "onnx": "the model was given as ONNX; litert-torch converts PyTorch programs only (an ONNX graph would "
@@ -43,7 +39,8 @@ WHY_NOT = {
 }
 
 
-def _example(ctx: RecipeContext):
+def example_inputs(ctx: RecipeContext):
+    """One calibration sample as the tuple of tensors torch.export and litert-torch take."""
     import torch
 
     data = ctx.calibration.take(1)
@@ -59,7 +56,7 @@ def _lowering_error(exc: Exception) -> RecipeFailed:
     return RecipeFailed(f"litert-torch could not convert the model: {first}")
 
 
-def _torch_module(ctx: RecipeContext):
+def torch_module(ctx: RecipeContext):
     """The source's torch module in eval mode, or a RecipeFailed saying why there is none."""
     source = ctx.source
     if source is None or source.torch_module is None:
@@ -69,15 +66,8 @@ def _torch_module(ctx: RecipeContext):
     try:
         module.eval()
     except (NotImplementedError, RuntimeError):
-        _mark_eval(module)
+        mark_eval(module)
     return module
-
-
-def _mark_eval(graph_module) -> None:
-    """Clear the training flag of an exported graph module (its ops were fixed at export; .eval() is
-    refused), so litert-torch does not warn that the model converts in training mode."""
-    for module in graph_module.modules():
-        module.training = False
 
 
 def _quiet_litert() -> None:
@@ -103,7 +93,7 @@ def convert_to_tflite(ctx: RecipeContext, path: Path, quantize=None) -> Path:
     """Convert the source module to ``path`` with litert-torch; ``quantize(module, example)`` returns
     (module to convert, QuantConfig or None). Lowering failures become a RecipeFailed naming the op."""
     litert_torch = _litert_torch()
-    module, example = _torch_module(ctx), _example(ctx)
+    module, example = torch_module(ctx), example_inputs(ctx)
     try:
         module, quant_config = quantize(module, example) if quantize else (module, None)
         converted = litert_torch.convert(module, example, quant_config=quant_config)
@@ -124,10 +114,11 @@ class _TfliteRecipe(Recipe):
 
     def run(self, ctx: RecipeContext) -> Candidate:
         path = convert_to_tflite(ctx, ctx.workdir / f"{self.name}.tflite", lambda m, e: self.quantize(m, e, ctx))
-        return Candidate(self.name, path, "tflite", self.precision, self.config_dict(), _converter())
+        return Candidate(self.name, path, "tflite", self.precision, self.config_dict(), converter_details())
 
 
-def _converter() -> dict:
+def converter_details() -> dict:
+    """The converter's name and version, for the candidate's report."""
     import litert_torch
 
     return {"converter": f"litert-torch {litert_torch.__version__}"}
@@ -174,107 +165,7 @@ class TfliteFp16Recipe(Recipe):
         path.write_bytes(bytes(result.quantized_model))
         quantizer_version = package_versions("ai-edge-quantizer").get("ai-edge-quantizer", "?")
         return Candidate(self.name, path, "tflite", self.precision, self.config_dict(),
-                         _converter() | {"quantizer": f"ai-edge-quantizer {quantizer_version}"})
-
-
-def _quantizer(dynamic: bool, per_channel: bool, keep_float=()):
-    """litert-torch's PT2E quantizer; nodes named in ``keep_float`` (and patterns holding them) stay float.
-
-    One pattern is added: a convolution followed by a clamp (ReLU6 = hardtanh(0, 6), the activation of
-    MobileNet/EfficientNet-Lite) is annotated like conv + ReLU, so only the clamp's output is quantized.
-    The stock quantizer quantizes the convolution's unclamped output and lets the clamp share those
-    parameters: [0, 6] then gets a few dozen of the 256 int8 levels and a real pretrained CNN loses most
-    of its agreement (EfficientNet-Lite0: cosine 0.83 to fp32). TFLite fuses the clamp into the
-    convolution either way.
-    """
-    from litert_torch.quantize import pt2e_quantizer
-
-    class SelectiveQuantizer(pt2e_quantizer.PT2EQuantizer):
-        # Its own set_module_name(name, None) is not supported (it asserts), and module-name filters
-        # parse dynamo-style names that torch.export does not produce: filtering by node name is exact.
-        def _annotate_all_static_patterns(self, model, config, filter_fn=None):
-            def keep(node):
-                return node.name not in skipped and (filter_fn is None or filter_fn(node))
-
-            if config is not None and not config.is_qat:
-                _annotate_conv_clamp(model, config, keep)
-            return super()._annotate_all_static_patterns(model, config, keep)
-
-    skipped = set(keep_float)
-    quantizer = SelectiveQuantizer()
-    return quantizer.set_global(pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic))
-
-
-#: clamps TFLite fuses into a convolution (RELU6, RELU_N1_TO_1)
-_FUSED_CLAMPS = {(0.0, 6.0), (-1.0, 1.0)}
-
-
-def _annotate_conv_clamp(model, config, keep) -> None:
-    """Annotate conv -> hardtanh(lo, hi) as one partition whose only output quantization is the clamp's."""
-    import torch
-    from litert_torch.quantize import pt2e_quantizer_utils as utils
-
-    convs = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default}
-    clamps = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
-    relu6 = {torch.ops.aten.relu6.default}  # F.relu6 exports as its own op, nn.ReLU6 as hardtanh
-    for clamp in model.graph.nodes:
-        if clamp.op != "call_function" or clamp.target not in clamps | relu6:
-            continue
-        if clamp.target in relu6:
-            bounds = (0.0, 6.0)
-        else:
-            bounds = (float(clamp.args[1]) if len(clamp.args) > 1 else -1.0,
-                      float(clamp.args[2]) if len(clamp.args) > 2 else 1.0)
-        conv = clamp.args[0]
-        if (bounds not in _FUSED_CLAMPS or getattr(conv, "op", None) != "call_function" or conv.target not in convs
-                or len(conv.users) != 1):
-            continue
-        if conv.target == torch.ops.aten.convolution.default and len(conv.args) > 6 and conv.args[6]:
-            continue  # a transposed convolution: TFLite does not fuse a clamp into it
-        inputs = {conv.args[0]: utils.get_input_act_qspec(config), conv.args[1]: utils.get_weight_qspec(config)}
-        partition = [clamp, conv, conv.args[1]]
-        bias = conv.args[2] if len(conv.args) > 2 else None
-        if isinstance(bias, torch.fx.Node):
-            inputs[bias] = utils.get_bias_qspec(config)
-            partition.append(bias)
-        if utils._is_annotated(partition) or not all(keep(node) for node in partition):
-            continue
-        conv.meta["quantization_annotation"] = utils.QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
-        clamp.meta["quantization_annotation"] = utils.QuantizationAnnotation(
-            output_qspec=utils.get_output_act_qspec(config), _annotated=True)
-        utils._mark_nodes_as_annotated(partition)
-
-
-def _prepare(module, example, quantizer, ctx: RecipeContext, samples: int):
-    """Export, insert observers, and calibrate on ``samples`` calibration samples."""
-    import torch
-    from torchao.quantization.pt2e import quantize_pt2e
-
-    prepared = quantize_pt2e.prepare_pt2e(torch.export.export(module, example).module(), quantizer)
-    # The exported program is specialised to batch 1: calibrate one sample at a time.
-    for feeds in ctx.calibration_batches(limit=samples, batch=1):
-        prepared(*(torch.from_numpy(array) for array in feeds.values()))
-    return prepared
-
-
-def _pt2e(module, example, ctx: RecipeContext, dynamic: bool, per_channel: bool, samples: int, keep_float=(),
-          bias_correction: bool = False):
-    import torch
-    from litert_torch.quantize import quant_config
-    from torchao.quantization.pt2e import quantize_pt2e
-
-    quantizer = _quantizer(dynamic, per_channel, keep_float)
-    prepared = _prepare(module, example, quantizer, ctx, 1 if dynamic else samples)
-    converted = quantize_pt2e.convert_pt2e(prepared, fold_quantize=False)
-    _mark_eval(converted)
-    if bias_correction and not dynamic:
-        from ..pt2e_bias_correction import correct_if_better
-
-        feeds = [tuple(torch.from_numpy(a) for a in f.values())
-                 for f in ctx.calibration_batches(limit=min(samples, BIAS_CORRECTION_SAMPLES), batch=1)]
-        outcome = correct_if_better(converted, module, feeds, feeds[:BIAS_CHECK_SAMPLES])
-        logging.getLogger(__name__).info("PT2E bias correction: %s", outcome)
-    return converted, quant_config.QuantConfig(pt2e_quantizer=quantizer)
+                         converter_details() | {"quantizer": f"ai-edge-quantizer {quantizer_version}"})
 
 
 class TfliteInt8Recipe(_TfliteRecipe):
@@ -287,12 +178,12 @@ class TfliteInt8Recipe(_TfliteRecipe):
     class Config:
         per_channel: bool = True
         calibration_samples: int = 256
-        #: converters.pt2e_bias_correction: undo the mean shift int8 weight rounding causes per layer
+        #: converters.pt2e.bias_correction: undo the mean shift int8 weight rounding causes per layer
         bias_correction: bool = True
 
     def quantize(self, module, example, ctx):
-        return _pt2e(module, example, ctx, False, self.config.per_channel, self.config.calibration_samples,
-                     bias_correction=self.config.bias_correction)
+        return quantize_module(module, example, ctx, False, self.config.per_channel, self.config.calibration_samples,
+                               bias_correction=self.config.bias_correction)
 
 
 class TfliteDynamicInt8Recipe(_TfliteRecipe):
@@ -306,4 +197,4 @@ class TfliteDynamicInt8Recipe(_TfliteRecipe):
         per_channel: bool = True
 
     def quantize(self, module, example, ctx):
-        return _pt2e(module, example, ctx, True, self.config.per_channel, 1)
+        return quantize_module(module, example, ctx, True, self.config.per_channel, 1)

@@ -1,7 +1,7 @@
 """Selective TFLite quantization: full-integer int8 with the most sensitive layers kept in float.
 
 The TFLite counterpart of ``onnx-int8-mixed``: quantization points are ranked by measured noise
-(``converters.pt2e_sensitivity``), then the nodes around the worst 1, 2, 4, ... points are kept float
+(``converters.pt2e.sensitivity``), then the nodes around the worst 1, 2, 4, ... points are kept float
 until the candidate meets the gate, or the search gives up at ``max_float_fraction`` of the points
 (past that a float recipe is the honest choice). Float regions sit between QUANTIZE/DEQUANTIZE ops in
 the .tflite file, so the model's inputs and outputs stay int8 like ``tflite-int8``.
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
-from .tflite import _converter, _example, _prepare, _pt2e, _quantizer, _torch_module, convert_to_tflite
+from ..pt2e.quantize import prepare_calibrated, quantize_module, quantizer
+from .tflite import convert_to_tflite, converter_details, example_inputs, torch_module
 
 
 class TfliteMixedInt8Recipe(Recipe):
@@ -32,11 +33,11 @@ class TfliteMixedInt8Recipe(Recipe):
     def run(self, ctx: RecipeContext) -> Candidate:
         import torch
 
-        from ..pt2e_sensitivity import rank_points
+        from ..pt2e.sensitivity import rank_points
 
         config = self.config
-        module, example = _torch_module(ctx), _example(ctx)
-        prepared = _prepare(module, example, _quantizer(False, config.per_channel), ctx, config.calibration_samples)
+        module, example = torch_module(ctx), example_inputs(ctx)
+        prepared = prepare_calibrated(module, example, quantizer(False, config.per_channel), ctx, config.calibration_samples)
         # The first calibration samples: the observers have seen them, so recording them moves nothing.
         samples = [tuple(torch.from_numpy(a) for a in feeds.values())
                    for feeds in ctx.calibration_batches(limit=config.sensitivity_samples, batch=1)]
@@ -50,7 +51,7 @@ class TfliteMixedInt8Recipe(Recipe):
             keep = list(dict.fromkeys(name for item in ranked[:count] for name in item.group))
             path = convert_to_tflite(
                 ctx, ctx.workdir / f"{self.name}-{count}.tflite",
-                lambda m, e: _pt2e(m, e, ctx, False, config.per_channel, config.calibration_samples, keep,
+                lambda m, e: quantize_module(m, e, ctx, False, config.per_channel, config.calibration_samples, keep,
                                    bias_correction=config.bias_correction),
             )
             gate, latency = ctx.evaluate(path)
@@ -58,7 +59,7 @@ class TfliteMixedInt8Recipe(Recipe):
             if gate.passed or count >= limit:
                 break
             count *= 2
-        details = _converter() | {
+        details = converter_details() | {
             "float_layers": [{"node": item.node, "op": item.op_type, "group": item.group,
                               "sqnr_db": round(item.sqnr_out_db, 2)} for item in ranked[:count]],
             "search": tried,

@@ -1,6 +1,6 @@
 """Bias correction of a PT2E-quantized PyTorch graph before it becomes a full-integer TFLite model.
 
-The same correction as ``converters.bias_correction`` (Nagel et al. 2019), on the graph
+The same correction as ``converters.onnx.bias_correction`` (Nagel et al. 2019), on the graph
 ``convert_pt2e(..., fold_quantize=False)`` returns: there every convolution and linear layer reads its
 weight through ``dequantize_per_channel(quantize_per_channel(W))``, so the int8 weights the TFLite model
 will hold are known exactly. The mean input of each layer is measured on the calibration data by
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .pt2e_sensitivity import _is_dequantize, _is_quantize
+from .sensitivity import _is_dequantize, _is_quantize
 
 _LAYERS = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default"}
 
@@ -154,7 +154,7 @@ def _dequantize(module, weight_dq, float_weight):
 
 def _conv_shift(node, mean, delta):
     """The layer's mean output shift, or None for string padding ("same"/"valid"), left uncorrected."""
-    from .bias_correction import conv_mean_shift
+    from ..onnx.bias_correction import conv_mean_shift
 
     args = list(node.args) + [None] * (7 - len(node.args))
     spatial = delta.dim() - 2

@@ -1,10 +1,10 @@
 """Where PT2E quantization hurts a PyTorch model most, measured rather than guessed.
 
-The TFLite counterpart of ``converters.sensitivity`` (which works on ONNX QDQ graphs). The calibrated
+The TFLite counterpart of ``converters.onnx.sensitivity`` (which works on ONNX QDQ graphs). The calibrated
 PT2E model is converted to its quantize/dequantize form and run with ``torch.fx.Interpreter`` on a few
 calibration samples, recording every quantization point: the float tensor that goes into a
 ``quantize`` op and what comes out of the matching ``dequantize``. The signal-to-quantization-noise
-ratio of each point (``converters.sensitivity.sqnr_db``) is the error that point adds by itself.
+ratio of each point (``converters.onnx.sensitivity.sqnr_db``) is the error that point adds by itself.
 
 A quantization point sits on an edge: it goes away only when the producer and every consumer of
 the edge stay float (the producer's output and the consumers' inputs are what PT2E annotates). So each
@@ -19,7 +19,7 @@ import copy
 
 import numpy as np
 
-from .sensitivity import NodeSensitivity, sqnr_db
+from ..onnx.sensitivity import NodeSensitivity, sqnr_db
 
 
 def _is_quantize(node) -> bool:
