@@ -24,6 +24,7 @@ from . import gate as gate_module
 from . import layout as layout_module
 from .batching import CHECK_SAMPLES, agrees_per_sample, batch_invariance, graph_batch, set_graph_batch
 from .data import Dataset
+from .onnx.simplify import opset_of, simplify
 from .sources import SourceModel, file_sha256, specs_from_onnx
 
 log = logging.getLogger(__name__)
@@ -267,12 +268,13 @@ class _OriginalBackend(Backend):
 
 
 def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
-    """The fp32 graph every recipe starts from: opset converted down if needed, then pre-processed."""
+    """The fp32 graph every recipe starts from: opset converted (down when the runtime needs it, up to
+    ``QUANTIZATION_OPSET`` when it allows), pre-processed, then simplified (``converters.onnx.simplify``)."""
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(source))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     converted = folder / "converted.onnx"
     if max_opset and opset > max_opset:
         from onnx import version_converter
@@ -285,18 +287,54 @@ def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
                 f"the graph uses opset {opset} and cannot be converted down to opset {max_opset} for this profile's "
                 f"runtime ({first_line(exc, 160)})"
             ) from None
+    elif opset and opset < QUANTIZATION_OPSET and (max_opset is None or max_opset > opset):
+        model = _upgraded(model, min(QUANTIZATION_OPSET, max_opset or QUANTIZATION_OPSET))
     onnx.save(model, str(converted))
     target = folder / "fp32.onnx"
     # Shape inference and ORT's portable graph optimizations: what quantization expects as input. Its
     # symbolic shape inference writes a temporary file into the *current* folder when it gives up, so
     # it runs in a child process whose working folder is the work folder (never os.chdir here: that
-    # is process-wide).
-    code = ("import sys\nfrom onnxruntime.quantization.shape_inference import quant_pre_process\n"
-            "quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=False)")
-    done = subprocess.run([sys.executable, "-c", code, str(converted.resolve()), str(target.resolve())], cwd=folder,
-                          capture_output=True, text=True)
-    if done.returncode != 0 or not target.is_file():
-        error = (done.stderr.strip().splitlines() or ["unknown error"])[-1][:200]
-        log.info("pre-processing skipped (%s); using the exported graph as is", error)
+    # is process-wide). A graph it cannot infer symbolically (PP-OCR's detector: "Incomplete symbolic
+    # shape inference") still gets ONNX's shape inference and the optimizations (Conv+BN folding).
+    errors = []
+    for symbolic in (True, False):
+        code = ("import sys\nfrom onnxruntime.quantization.shape_inference import quant_pre_process\n"
+                f"quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape={not symbolic})")
+        done = subprocess.run([sys.executable, "-c", code, str(converted.resolve()), str(target.resolve())], cwd=folder,
+                              capture_output=True, text=True)
+        if done.returncode == 0 and target.is_file():
+            break
+        errors.append((done.stderr.strip().splitlines() or ["unknown error"])[-1][:200])
+    else:
+        log.info("pre-processing skipped (%s); using the exported graph as is", "; ".join(errors))
         shutil.copyfile(converted, target)
+    model = onnx.load(str(target))
+    counts = simplify(model)
+    if any(counts.values()):
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+            onnx.checker.check_model(model)
+        except Exception as exc:  # noqa: BLE001 - a rewrite the checker refuses is not used
+            log.info("graph simplification skipped (%s)", first_line(exc, 200))
+        else:
+            log.info("graph simplified: %s", counts)
+            onnx.save(model, str(target))
     return target
+
+
+#: per-channel QDQ needs DequantizeLinear's axis (opset 13); HardSwish is an operator from opset 14
+QUANTIZATION_OPSET = 14
+
+
+def _upgraded(model, opset: int):
+    """``model`` converted up to ``opset``, or unchanged when ONNX's version converter cannot."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # noqa: BLE001 - older opsets still convert; only per-channel int8 and fusions need it
+        log.info("opset %d kept (%s)", opset_of(model), first_line(exc, 160))
+        return model
+    return upgraded

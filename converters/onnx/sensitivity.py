@@ -236,3 +236,124 @@ def rank_nodes(float_model: Path, qdq_model: Path, batches: list[dict], workdir:
         ranked.append(item)
     ranked.sort(key=lambda item: item.added_noise, reverse=True)
     return ranked
+
+
+#: the nodes that carry weights and most of the time; the output-referred ranking measures these
+COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def rank_by_output(float_model: Path, qdq_model: Path, batches: list[dict]) -> list[NodeSensitivity]:
+    """Compute nodes ranked by the error quantizing each one *alone* causes at the model's outputs.
+
+    For each Conv/ConvTranspose/Gemm/MatMul, the float graph is run with only that node quantized as
+    ``qdq_model`` quantizes it (its dequantized weights, its activation inputs through the same
+    QuantizeLinear/DequantizeLinear pair) and its outputs are compared with the float graph's.
+
+    :func:`rank_nodes` measures the noise a node adds where it is; this measures what reaches the
+    output, so the gain of the layers after it counts. The two differ most on high-resolution dense
+    heads: on PP-OCRv4's text detector the stem's four convolutions each cost 11-15 dB at the output
+    (the input quantization alone 21 dB) while adding little locally, and keeping 60 locally ranked
+    layers float left the map's cosine at 0.55. ``sqnr_out_db`` is the output SQNR; ``group`` is the
+    node and the elementwise chain after it up to the next compute node (requantized with it).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    base = onnx.load(str(float_model))
+    quantized = onnx.load(str(qdq_model))
+    q_inits = {init.name: init for init in quantized.graph.initializer}
+    activation_qdq = {node.input[0]: (node.input[1], node.input[2] if len(node.input) > 2 else "")
+                      for node in quantized.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in q_inits}
+    float_inits = {init.name for init in base.graph.initializer}
+    dequantized = {}
+    for node in quantized.graph.node:
+        source = node.input[0] if node.op_type == "DequantizeLinear" else ""
+        if source in q_inits and source.endswith("_quantized") and source[:-len("_quantized")] in float_inits:
+            dequantized[source[:-len("_quantized")]] = _dequantize(node, q_inits, numpy_helper)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 0
+
+    def run(model) -> list[list[np.ndarray]]:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [session.run(None, feeds) for feeds in batches]
+
+    reference = run(base)
+    consumers: dict[str, list] = {}
+    for node in base.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    ranked = []
+    for index, node in enumerate(base.graph.node):
+        if node.op_type not in COMPUTE:
+            continue
+        name = node.name or f"{node.op_type}_{index}"
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        target = model.graph.node[index]
+        inserted = []
+        for position, tensor in enumerate(node.input):
+            if tensor in dequantized:
+                model.graph.initializer.append(numpy_helper.from_array(dequantized[tensor], f"{tensor}__sens"))
+                target.input[position] = f"{tensor}__sens"
+            elif tensor in activation_qdq:
+                scale, zero = activation_qdq[tensor]
+                for extra in (scale, zero):
+                    if extra:
+                        model.graph.initializer.append(q_inits[extra])
+                pair = [scale, zero] if zero else [scale]
+                inserted += [helper.make_node("QuantizeLinear", [tensor, *pair], [f"{tensor}__q{index}"]),
+                             helper.make_node("DequantizeLinear", [f"{tensor}__q{index}", *pair], [f"{tensor}__dq{index}"])]
+                target.input[position] = f"{tensor}__dq{index}"
+        if list(target.input) == list(node.input):
+            continue  # the quantizer left this node float
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes[:index] + inserted + nodes[index:])
+        _dedupe_initializers(model.graph)
+        noises = [_Noise() for _ in reference[0]]
+        for expected, observed in zip(reference, run(model)):
+            for noise, a, b in zip(noises, expected, observed):
+                if np.asarray(a).dtype.kind == "f":
+                    noise.add(np.asarray(a), np.asarray(b))
+        power = float(np.mean([_noise(noise.db()) for noise in noises]))
+        sqnr = math.inf if power == 0 else (-math.inf if not math.isfinite(power) else -10 * math.log10(power))
+        ranked.append(NodeSensitivity(name, node.op_type, math.inf, sqnr, [name, *_elementwise_tail(node, consumers)]))
+    ranked.sort(key=lambda item: item.added_noise, reverse=True)
+    return ranked
+
+
+def _dequantize(node, initializers, numpy_helper) -> np.ndarray:
+    values = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+    zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+    axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+    shape = [1] * values.ndim
+    if scale.ndim and values.ndim:
+        shape[min(axis % max(1, values.ndim), values.ndim - 1)] = -1
+    return ((values - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+
+
+def _dedupe_initializers(graph) -> None:
+    seen, kept = set(), []
+    for init in graph.initializer:
+        if init.name not in seen:
+            seen.add(init.name)
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _elementwise_tail(node, consumers) -> list[str]:
+    """Names of the non-compute nodes fed, directly or through each other, by ``node`` alone."""
+    tail, frontier, seen = [], list(node.output), set()
+    while frontier:
+        for user in consumers.get(frontier.pop(), []):
+            if user.op_type in COMPUTE or user.name in seen or not user.name:
+                continue
+            seen.add(user.name)
+            tail.append(user.name)
+            frontier += list(user.output)
+    return tail

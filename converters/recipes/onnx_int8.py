@@ -86,7 +86,8 @@ def _calibration_batch(ctx: RecipeContext) -> int:
     return int(max(1, min(16, CALIBRATION_BATCH_BYTES // max(1, sample))))
 
 
-def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclude: list[str] | None = None) -> dict:
+def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclude: list[str] | None = None,
+                        op_types: list[str] | None = None) -> dict:
     """Static QDQ quantization of the context's base model into ``target``; returns what bias
     correction did (for the report)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -106,6 +107,7 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
             quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=config.reduce_range,
             activation_type=types[config.activation_type], weight_type=types[config.weight_type],
             calibrate_method=methods[method], nodes_to_exclude=nodes_to_exclude or [],
+            op_types_to_quantize=list(op_types) if op_types else None,
             extra_options={"ActivationSymmetric": config.activation_symmetric,
                            "WeightSymmetric": config.weight_symmetric,
                            "CalibPercentile": config.percentile,

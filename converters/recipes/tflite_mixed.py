@@ -10,8 +10,10 @@ the .tflite file, so the model's inputs and outputs stay int8 like ``tflite-int8
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+from .mixed_search import search_float_layers
 from ..pt2e.quantize import prepare_calibrated, quantize_module, quantizer
 from .tflite import convert_to_tflite, converter_details, example_inputs, torch_module
 
@@ -45,20 +47,16 @@ class TfliteMixedInt8Recipe(Recipe):
         if not ranked:
             raise RecipeFailed("no layer adds measurable quantization error; mixed precision cannot help")
         limit = max(1, int(len(ranked) * config.max_float_fraction))
-        tried, count = [], 1
-        while True:
-            count = min(count, limit)
-            keep = list(dict.fromkeys(name for item in ranked[:count] for name in item.group))
-            path = convert_to_tflite(
+
+        def build(count: int, keep: list[str]) -> Path:
+            return convert_to_tflite(
                 ctx, ctx.workdir / f"{self.name}-{count}.tflite",
                 lambda m, e: quantize_module(m, e, ctx, False, config.per_channel, config.calibration_samples, keep,
-                                   bias_correction=config.bias_correction),
+                                             bias_correction=config.bias_correction),
             )
-            gate, latency = ctx.evaluate(path)
-            tried.append({"float_layers": count, "passed": gate.passed, "failures": gate.failures[:2]})
-            if gate.passed or count >= limit:
-                break
-            count *= 2
+
+        found = search_float_layers(ranked, limit, build, ctx.evaluate)
+        count, path, gate, latency, tried = found.count, found.path, found.gate, found.latency, found.tried
         details = converter_details() | {
             "float_layers": [{"node": item.node, "op": item.op_type, "group": item.group,
                               "sqnr_db": round(item.sqnr_out_db, 2)} for item in ranked[:count]],
