@@ -14,20 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ProfileError
+from .recipes import RECIPES
 
-#: Recipe names the converters know; the registry in ``converters.recipes`` maps them to classes.
-KNOWN_RECIPES = (
-    "onnx-fp32",
-    "onnx-fp16",
-    "onnx-int8-dynamic",
-    "onnx-int8-static",
-    "onnx-int8-mixed",
-    "tflite-fp32",
-    "tflite-fp16",
-    "tflite-int8-dynamic",
-    "tflite-int8",
-    "tflite-int8-mixed",
-)
+#: Recipe names the converters know (``edgepack.recipes`` holds their facts; ``converters.recipes``
+#: maps them to classes).
+KNOWN_RECIPES = tuple(RECIPES)
 
 
 class _Strict(BaseModel):
@@ -138,7 +129,7 @@ class Profile(_Strict):
     def _recipes_have_runtime(self) -> "Profile":
         names = {runtime.name for runtime in self.runtimes}
         for index, recipe in enumerate(self.recipes):
-            needed = "litert" if recipe.name.startswith("tflite") else "onnxruntime"
+            needed = RECIPES[recipe.name].runtime
             if needed not in names:
                 raise ValueError(f"recipes.{index}: {recipe.name} needs runtime {needed!r}, not in runtimes")
         return self

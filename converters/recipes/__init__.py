@@ -2,6 +2,8 @@
 
 Like Microsoft Olive's passes, recipes are small classes with a declared JSON-serialisable config and
 one ``run``; this table maps names to ``"module:Class"`` so nothing is imported until it is used.
+What a recipe is (its runtime, precision, whether it calibrates) is data in ``edgepack.recipes``, under
+the same names (tests/test_recipes_table.py keeps the two tables and the classes in agreement).
 """
 
 from __future__ import annotations
