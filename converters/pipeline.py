@@ -150,7 +150,10 @@ class _Job(Evaluation, Packaging):
             ctx = RecipeContext(candidates, base, self.calibration or self.validation, self.real_data,
                                 lambda path: self.evaluate(path, threads), source=self.source)
             chosen = None
-            specs = [(name, {}) for name in self.options.recipes] if self.options.recipes else [(r.name, r.options) for r in profile.recipes]
+            # A recipe named with --recipe keeps the options the profile gives it (x86-64's 7-bit weights).
+            listed = {r.name: r.options for r in profile.recipes}
+            specs = ([(name, listed.get(name, {})) for name in self.options.recipes] if self.options.recipes
+                     else [(r.name, r.options) for r in profile.recipes])
             for recipe_name, recipe_options in specs:
                 if chosen is not None and not self.options.try_all:
                     result.candidates.append(CandidateReport(recipe_name, "not tried", ["an earlier recipe was shipped"]))
