@@ -16,7 +16,7 @@ FORMATS = (".npy", ".npz", ".jsonl")
 
 
 def read_inputs(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Inputs by name, N samples on the first axis."""
+    """Inputs by name, the samples on each input's own axis (``TensorSpec.sample_axis``)."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"input file {path} does not exist; check the path")
@@ -45,7 +45,10 @@ def read_inputs(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
 
 
 def _read_jsonl(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """One JSON value per line: an object keyed by input name, or (one input) the sample itself."""
+    """One JSON value per line, one sample each: an object keyed by input name, or (one input) the
+    sample itself. A sample is the tensor without its samples' axis, stacked along that axis (axis 1 of
+    a ``state [2, batch, 128]``: each line holds a [2, 128]); a constant input (a sample rate) may be
+    left out (the bundle's default fills it) or given once per line with the same value."""
     columns: dict[str, list] = {spec.name: [] for spec in inputs}
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
@@ -60,22 +63,36 @@ def _read_jsonl(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
                     raise DataError(f"{path.name} line {number}: give an object keyed by input name")
                 record = {inputs[0].name: record}
             for spec in inputs:
-                if spec.name not in record:
+                if spec.name in record:
+                    columns[spec.name].append(record[spec.name])
+                elif spec.sample_axis is not None:
                     raise DataError(f"{path.name} line {number} lacks input {spec.name!r}")
-                columns[spec.name].append(record[spec.name])
-    if not next(iter(columns.values()), []):
+    if not any(columns[spec.name] for spec in inputs if spec.sample_axis is not None):
         raise DataError(f"{path.name} holds no samples")
     result = {}
     for spec in inputs:
+        values = columns[spec.name]
+        if not values:
+            continue  # a constant left out
         try:
-            result[spec.name] = np.asarray(columns[spec.name], dtype=spec.dtype)
-        except (ValueError, TypeError):
-            raise DataError(f"{path.name}: input {spec.name!r} has ragged or non-numeric samples") from None
+            if spec.sample_axis is None:
+                first = np.asarray(values[0], dtype=spec.dtype)
+                if any(not np.array_equal(np.asarray(value, dtype=spec.dtype), first) for value in values[1:]):
+                    raise DataError(f"{path.name}: input {spec.name!r} is a constant (one value for every sample) but "
+                                    "its value changes between lines; score each value in its own file")
+                result[spec.name] = first
+            else:
+                result[spec.name] = np.stack([np.asarray(value, dtype=spec.dtype) for value in values], axis=spec.sample_axis)
+        except (ValueError, TypeError, np.exceptions.AxisError):
+            where = f" along axis {spec.sample_axis}" if spec.sample_axis else ""
+            raise DataError(f"{path.name}: input {spec.name!r} has ragged or non-numeric samples, or samples that do not "
+                            f"stack{where} (give each line's sample without that axis)") from None
     return result
 
 
-def write_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
-    """Write outputs by the suffix of ``path``; never leaves a half-written file."""
+def write_outputs(path: Path, outputs: dict[str, np.ndarray], specs: list[TensorSpec] | None = None) -> None:
+    """Write outputs by the suffix of ``path``; never leaves a half-written file. ``specs`` say on which
+    axis each output holds its samples (JSONL writes one sample per line; absent: axis 0)."""
     path = Path(path)
     suffix = path.suffix.lower()
     buffer = io.BytesIO()
@@ -84,9 +101,12 @@ def write_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
     elif suffix == ".npz":
         np.savez(buffer, **outputs)
     elif suffix == ".jsonl":
-        count = len(next(iter(outputs.values())))
+        axes = {spec.name: spec.sample_axis for spec in specs or []}
+        axis = {name: axes.get(name, 0) if np.ndim(value) else None for name, value in outputs.items()}
+        count = max((np.shape(value)[axis[name]] for name, value in outputs.items() if axis[name] is not None), default=1)
         for index in range(count):
-            record = {name: value[index].tolist() for name, value in outputs.items()}
+            record = {name: (np.take(value, index, axis=axis[name]) if axis[name] is not None else np.asarray(value)).tolist()
+                      for name, value in outputs.items()}
             buffer.write((json.dumps(record) + "\n").encode())
     else:
         raise UsageError(f"unknown output format {suffix!r}; use {', '.join(FORMATS)}")

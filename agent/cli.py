@@ -134,9 +134,10 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
                 raise click.UsageError(f"--integer-io: {model.name} has float inputs and outputs; drop the flag")
             feeds = read_inputs(input_path, model.inputs)
             outputs = model.predict(feeds, max_batch=batch_size)
+            output_specs = list(model.outputs)
         finally:
             model.close()
-    write_outputs(output_path, outputs)
+    write_outputs(output_path, outputs, output_specs)
     first = next(iter(outputs.values()))
     count = len(first) if getattr(first, "ndim", 0) else 1
     click.echo(f"scored {count} samples with {model.name} {model.version} -> {output_path}")

@@ -190,7 +190,7 @@ class Evaluation:
         runtime = profile.runtime("onnxruntime")
         max_opset = runtime.max_opset if runtime else None
         if max_opset not in self.bases:
-            self.bases[max_opset] = _prepare_base(self.source.onnx_path, self.workdir / f"base-{max_opset}", max_opset)
+            self.bases[max_opset] = prepare_base(self.source.onnx_path, self.workdir / f"base-{max_opset}", max_opset)
         return self.bases[max_opset]
 
     def backend_for(self, path: Path, threads: int, integer_io: bool = False, reference: bool = False):
@@ -267,7 +267,7 @@ class _OriginalBackend(Backend):
         return [np.asarray(output) for output in self.source.reference(feeds)]
 
 
-def _prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
+def prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
     """The fp32 graph every recipe starts from: opset converted (down when the runtime needs it, up to
     ``QUANTIZATION_OPSET`` when it allows), pre-processed, then simplified (``converters.onnx.simplify``)."""
     import onnx

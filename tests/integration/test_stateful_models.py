@@ -187,3 +187,35 @@ def test_mistakes_get_one_line_that_says_what_to_do(speech, tmp_path):
     done = run_cli("convert", MODELS / "silero_vad.onnx", "--profile", "x86-64", "--batch-axis", "state=5", "--out", tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr and "rank 3" in done.stderr, done.stderr
     assert not list(tmp_path.glob("*.edgepack"))
+
+
+def test_jsonl_batch_file_stacks_each_input_on_its_own_axis(bundles, speech, tmp_path):
+    """JSONL: one stream per line, each line's state a [2, 128] (its axis 1 left out), the rate given on
+    some lines and left to the bundle's default on others; the output lines split stateN on axis 1."""
+    out, _ = bundles
+    _, steps = speech
+    with open(tmp_path / "in.jsonl", "w") as handle:
+        for index, window in enumerate(steps[:6]):
+            record = {"input": window.tolist(), "state": np.zeros((2, 128)).tolist()}
+            if index % 2:
+                record["sr"] = 16000
+            handle.write(json.dumps(record) + "\n")
+    done = run_cli("predict", "--bundle", out / "vad-1.0.0-x86-64.edgepack", "--input", tmp_path / "in.jsonl",
+                   "--output", tmp_path / "out.jsonl", program="edgepack-agent")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(MODELS / "silero_vad.onnx"), providers=["CPUExecutionProvider"])
+    assert len(rows) == 6
+    for row, window in zip(rows, steps[:6]):
+        probability, state = session.run(None, {"input": window[None], "state": np.zeros((2, 1, 128), np.float32),
+                                                "sr": np.array(16000, np.int64)})
+        np.testing.assert_allclose(row["output"], probability[0], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(row["stateN"]), state[:, 0], atol=1e-4)
+    with open(tmp_path / "bad.jsonl", "w") as handle:
+        handle.write(json.dumps({"input": steps[0].tolist(), "state": np.zeros((2, 128)).tolist(), "sr": 16000}) + "\n")
+        handle.write(json.dumps({"input": steps[1].tolist(), "state": np.zeros((2, 128)).tolist(), "sr": 8000}) + "\n")
+    done = run_cli("predict", "--bundle", out / "vad-1.0.0-x86-64.edgepack", "--input", tmp_path / "bad.jsonl",
+                   "--output", tmp_path / "bad-out.jsonl", program="edgepack-agent")
+    assert done.returncode != 0 and "constant" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
