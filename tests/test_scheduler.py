@@ -217,3 +217,15 @@ def test_front_door_answers_only_what_the_request_head_decides():
         await scheduler.close()
 
     asyncio.run(scenario())
+
+
+def test_predicted_classes_are_counted_along_each_outputs_samples_axis():
+    from edgepack.tensors import TensorSpec
+
+    model = SimpleNamespace(outputs=[TensorSpec("scores", "float32", (None, 3)),
+                                     TensorSpec("columns", "float32", (3, None), batch_axis=1)])
+    served = ServedVersion(model, None, 0.0, "key")
+    served.class_outputs = ("scores", "columns")
+    rows = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]], np.float32)  # classes 1 and 0
+    served.count_classes({"scores": rows, "columns": rows.T})
+    assert served.predictions == {1: 2, 0: 2}

@@ -170,6 +170,8 @@ class ServedVersion:
         #: compares them between versions
         self.class_outputs: tuple[str, ...] = ()
         self.predictions: dict[int, int] = {}
+        #: each output's samples axis (the manifest's batch_axis; absent: 0)
+        self.output_axes = {spec.name: spec.sample_axis for spec in getattr(model, "outputs", [])}
 
     @property
     def version(self) -> str:
@@ -179,9 +181,14 @@ class ServedVersion:
         """Count the predicted class of every row of each class-score output (worker thread)."""
         for name in self.class_outputs:
             value = outputs.get(name)
-            if value is None or getattr(value, "ndim", 0) != 2 or not 2 <= value.shape[1] <= 100_000 or not len(value):
+            # Rows are samples on the output's own samples axis (a [classes, N] output holds them on 1).
+            samples_axis = self.output_axes.get(name, 0)
+            if value is None or getattr(value, "ndim", 0) != 2 or samples_axis not in (0, 1):
                 continue
-            labels, counts = np.unique(value.argmax(axis=1), return_counts=True)
+            classes_axis = 1 - samples_axis
+            if not 2 <= value.shape[classes_axis] <= 100_000 or not value.shape[samples_axis]:
+                continue
+            labels, counts = np.unique(value.argmax(axis=classes_axis), return_counts=True)
             for label, count in zip(labels.tolist(), counts.tolist()):
                 self.predictions[label] = self.predictions.get(label, 0) + count
 
