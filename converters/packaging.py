@@ -10,11 +10,13 @@ import platform
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from agent.drift.reference import FALSE_ALARM_RATE
 from agent.runtime import run_in_batches
 from edgepack import __version__
-from edgepack.bundle import BundleWriter, bundle_filename
+from edgepack.bundle import SCHEMA, BundleWriter, bundle_filename
+from edgepack.bundle.manifest import Batch, Manifest, RuntimeEntry, Samples, TensorEntry, Tolerance, manifest_error
 from edgepack.profiles import Profile
 
 from . import gate as gate_module
@@ -36,28 +38,44 @@ class Packaging:
 
     def _write_bundle(self, profile: Profile, row: CandidateReport, candidate, fp32_latency, threads, coverage) -> Path:
         writer = BundleWriter()
+        try:
+            manifest = self._manifest(writer, profile, row, candidate, fp32_latency, threads, coverage)
+        except ValidationError as exc:  # a builder bug: refused here as the writer would refuse it
+            raise manifest_error(exc) from None
+        target = self.options.out / bundle_filename(self.name, self.options.version, profile.name)
+        writer.write(target, manifest.to_dict())
+        if self.options.signing_key:
+            from edgepack.bundle.sign import sign_bundle
+
+            sign_bundle(target, self.options.signing_key)
+        return target
+
+    def _manifest(self, writer: BundleWriter, profile: Profile, row: CandidateReport, candidate, fp32_latency, threads,
+                  coverage) -> Manifest:
+        """Add the model, samples and statistics to ``writer``; return the manifest that describes them."""
         tflite = candidate.format == "tflite"
         model_file = writer.add_file("model/model.tflite" if tflite else "model/model.onnx", candidate.path)
         backend = self.backend_for(candidate.path, threads, reference=self.reference_arithmetic)
         gate_result, _ = self.evaluate(candidate.path, threads)
         deviation = gate_result.batch_deviation
-        batch = {"mode": "fixed" if backend.batch_size else "dynamic", "size": backend.batch_size,
-                 "invariant": bool(gate_result.batch_invariant),
-                 # None when alone and batched differ in shape or in integer outputs (no finite measure)
-                 "max_relative_deviation": float(f"{deviation:.3g}") if math.isfinite(deviation) else None}
-        if self.constants:
-            batch["constants"] = dict(self.constants)
-        if self.state:
-            batch["state"] = dict(self.state)
+        # constants and state are left unset (absent from the manifest) when there are none
+        batch = Batch(mode="fixed" if backend.batch_size else "dynamic", size=backend.batch_size,
+                      invariant=bool(gate_result.batch_invariant),
+                      # None when alone and batched differ in shape or in integer outputs (no finite measure)
+                      max_relative_deviation=float(f"{deviation:.3g}") if math.isfinite(deviation) else None,
+                      **({"constants": dict(self.constants)} if self.constants else {}),
+                      **({"state": dict(self.state)} if self.state else {}))
         sample_inputs = self.validation.slice(0, SAMPLE_COUNT)
         # The expected outputs are computed as the agent will compute them (alone when batch-dependent).
-        sample_outputs = run_in_batches(backend, sample_inputs, 64 if batch["invariant"] else 1)
-        samples = {"count": min(SAMPLE_COUNT, len(self.validation)), "inputs": {}, "outputs": {}, "tolerance": {}}
+        sample_outputs = run_in_batches(backend, sample_inputs, 64 if batch.invariant else 1)
+        sample_files: dict[str, dict[str, str]] = {"inputs": {}, "outputs": {}}
+        tolerance: dict[str, Tolerance] = {}
         for index, (spec, array) in enumerate(zip(backend.inputs, sample_inputs.values())):
-            samples["inputs"][spec.name] = writer.add_array(f"samples/input_{index}.npy", array)
+            sample_files["inputs"][spec.name] = writer.add_array(f"samples/input_{index}.npy", array)
         for index, (spec, array) in enumerate(zip(backend.outputs, sample_outputs)):
-            samples["outputs"][spec.name] = writer.add_array(f"samples/output_{index}.npy", _storable(array))
-            samples["tolerance"][spec.name] = _tolerance(array)
+            sample_files["outputs"][spec.name] = writer.add_array(f"samples/output_{index}.npy", _storable(array))
+            tolerance[spec.name] = _tolerance(array)
+        samples = Samples(count=min(SAMPLE_COUNT, len(self.validation)), **sample_files, tolerance=tolerance)
         stats_data = self.calibration or self.validation
         # Statistics and drift see samples on axis 0, as the agent hands them over (constants left out).
         reference_outputs = dict(zip(self.output_names, layout_module.leading(self.reference, self.source.outputs)))
@@ -77,55 +95,51 @@ class Packaging:
         else:
             tools["onnxruntime"] = onnxruntime.__version__
 
-        manifest = {
-            "name": self.name,
-            "version": self.options.version,
-            "profile": profile.name,
-            "created": _created(),
-            "runtime": {"name": runtime.name, "min_version": runtime.min_version,
-                        "execution_providers": runtime.execution_providers, "delegates": runtime.delegates,
-                        "threads": profile.threads},
-            "format": candidate.format,
-            "precision": candidate.precision,
+        manifest = Manifest(
+            schema=SCHEMA,
+            name=self.name,
+            version=self.options.version,
+            profile=profile.name,
+            created=_created(),
+            runtime=RuntimeEntry(name=runtime.name, min_version=runtime.min_version,
+                                 execution_providers=runtime.execution_providers, delegates=runtime.delegates,
+                                 threads=profile.threads),
+            format=candidate.format,
+            precision=candidate.precision,
             # The CPU the gate's verdict assumed: an int8 ONNX graph judged for a profile with int8 dot
             # products computes something else on x86 without VNNI (the agent says so if its check fails).
-            "cpu": {"arch": profile.arch, "int8_dot_product": profile.cpu.int8_dot_product},
-            "model_file": model_file,
+            cpu={"arch": profile.arch, "int8_dot_product": profile.cpu.int8_dot_product},
+            model_file=model_file,
+            files=writer.file_entries(),
             # The model file's own I/O types (int8 + scale/zero point for full-integer TFLite models).
-            "inputs": [spec.to_dict() for spec in file_io.inputs],
-            "outputs": [spec.to_dict() for spec in file_io.outputs],
-            "preprocessing": self.validation.preprocessing or None,
-            "recipe": {"name": row.recipe, "config": row.config, "details": row.details, "reason": row.reasons},
-            "metrics": {**(row.metrics or {}), "validation": {"source": Path(self.validation.source).name if self.real_data else "random",
-                                                              "samples": len(self.validation), "labels": self.validation.labels is not None}},
-            "host_latency": {"p50_ms": row.p50_ms, "fp32_p50_ms": fp32_latency.p50_ms, "ratio_vs_fp32": row.latency_ratio,
-                             # the ratio that decided, where measured interleaved (one thread, with its interval)
-                             "ratio_interval": row.details.get("latency_ratio_ci"),
-                             "threads": threads, "machine": platform.machine(), "batch": 1},
-            "size": {"bytes": row.size_bytes, "ratio_vs_fp32": row.size_ratio},
-            "samples": samples,
+            inputs=[TensorEntry.model_validate(spec.to_dict()) for spec in file_io.inputs],
+            outputs=[TensorEntry.model_validate(spec.to_dict()) for spec in file_io.outputs],
+            preprocessing=self.validation.preprocessing or None,
+            recipe={"name": row.recipe, "config": row.config, "details": row.details, "reason": row.reasons},
+            metrics={**(row.metrics or {}), "validation": {"source": Path(self.validation.source).name if self.real_data else "random",
+                                                           "samples": len(self.validation), "labels": self.validation.labels is not None}},
+            host_latency={"p50_ms": row.p50_ms, "fp32_p50_ms": fp32_latency.p50_ms, "ratio_vs_fp32": row.latency_ratio,
+                          # the ratio that decided, where measured interleaved (one thread, with its interval)
+                          "ratio_interval": row.details.get("latency_ratio_ci"),
+                          "threads": threads, "machine": platform.machine(), "batch": 1},
+            size={"bytes": row.size_bytes, "ratio_vs_fp32": row.size_ratio},
+            samples=samples,
             # How the agent may split and merge work: the model file's batch, and whether a sample's
             # output is independent of the rest of its batch (else requests are never merged).
-            "batch": batch,
-            "reference_stats": "stats/reference.json",
+            batch=batch,
+            reference_stats="stats/reference.json",
             # What the agent's drift alarms are set to (agent.drift; drift_false_alarm_rate overrides it)
-            "drift": {"false_alarm_rate": FALSE_ALARM_RATE, "reference": "validation",
-                      "samples": len(self.validation)} if self.real_data else None,
-            "coverage": {"opset": coverage.opset, "warnings": coverage.warnings} if not tflite else
-                        {"ops": sorted(backend.op_names()), "min_runtime_version": tflite_min_runtime(candidate.path),
-                         "warnings": []},
-            "source": {"kind": self.source.kind, "name": Path(self.source.spec).name, "sha256": self.source.sha256},
-            "tools": tools,
-            "notes": self.notes,
-        }
+            drift={"false_alarm_rate": FALSE_ALARM_RATE, "reference": "validation",
+                   "samples": len(self.validation)} if self.real_data else None,
+            coverage={"opset": coverage.opset, "warnings": coverage.warnings} if not tflite else
+                     {"ops": sorted(backend.op_names()), "min_runtime_version": tflite_min_runtime(candidate.path),
+                      "warnings": []},
+            source={"kind": self.source.kind, "name": Path(self.source.spec).name, "sha256": self.source.sha256},
+            tools=tools,
+            notes=self.notes,
+        )
         backend.close()
-        target = self.options.out / bundle_filename(self.name, self.options.version, profile.name)
-        writer.write(target, manifest)
-        if self.options.signing_key:
-            from edgepack.bundle.sign import sign_bundle
-
-            sign_bundle(target, self.options.signing_key)
-        return target
+        return manifest
 
 
 def _leading_inputs(data: Dataset) -> dict[str, np.ndarray]:
@@ -162,7 +176,7 @@ def _storable(array: np.ndarray) -> np.ndarray:
     return array.astype(str) if array.dtype.kind == "O" else array
 
 
-def _tolerance(array: np.ndarray) -> dict:
+def _tolerance(array: np.ndarray) -> Tolerance:
     """How close a device's output must be to the expected sample output (the smoke test).
 
     Another CPU, runtime build or kernel choice rounds int8 and float differently, so the bound is
@@ -170,9 +184,9 @@ def _tolerance(array: np.ndarray) -> dict:
     """
     array = np.asarray(array)
     if array.dtype.kind != "f" or array.size == 0:
-        return {"exact": True}
+        return Tolerance(exact=True)
     spread = float(np.nanmax(array) - np.nanmin(array)) if np.isfinite(array).any() else 0.0
-    return {"atol": max(1e-4, 0.05 * spread), "rtol": 1e-3}
+    return Tolerance(atol=max(1e-4, 0.05 * spread), rtol=1e-3)
 
 
 def _json_bytes(data) -> bytes:

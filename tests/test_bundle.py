@@ -254,3 +254,24 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+def test_a_typed_manifest_writes_what_was_given_and_no_defaults(tmp_path):
+    """The converter builds a typed Manifest; its dict has the keys given (nulls where given), no more."""
+    from edgepack.bundle import SCHEMA
+    from edgepack.bundle.manifest import Batch, Manifest, Samples, Tolerance
+
+    writer = BundleWriter()
+    writer.add_bytes("model/model.onnx", b"model")
+    writer.add_array("samples/input_0.npy", np.zeros((1, 4), np.float32))
+    given = {**MANIFEST, "schema": SCHEMA, "files": writer.file_entries(), "preprocessing": None, "drift": None}
+    manifest = Manifest(**{**given, "samples": Samples(count=1, inputs={"x": "samples/input_0.npy"}, outputs={},
+                                                       tolerance={"y": Tolerance(exact=True)}),
+                           "batch": Batch(mode="dynamic", size=None, invariant=True)})
+    data = manifest.to_dict()
+    assert data == {**given, "samples": {"count": 1, "inputs": {"x": "samples/input_0.npy"}, "outputs": {},
+                                         "tolerance": {"y": {"exact": True}}},
+                    "batch": {"mode": "dynamic", "size": None, "invariant": True}}
+    writer.write(tmp_path / "a.edgepack", data)
+    with open_bundle(tmp_path / "a.edgepack") as bundle:
+        assert bundle.manifest == data

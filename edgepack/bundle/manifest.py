@@ -173,6 +173,20 @@ class Manifest(_Open):
                     raise ValueError(f"batch.state {output!r} -> {feeds!r} does not name an output and an input of the model")
         return self
 
+    def to_dict(self) -> dict:
+        """What ``manifest.json`` holds (``BundleWriter`` takes it): the fields that were given, under
+        their JSON names (``schema``), a null only where None was given; defaults left unset stay absent."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
+
+
+def manifest_error(exc: ValidationError) -> BundleError:
+    """The BundleError for a manifest (or part of one) that does not fit the schema: the first bad field."""
+    from ..profiles import validation_problems
+
+    problems = validation_problems(exc)
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return BundleError(f"manifest.json: {problems[0]}{more}; refusing the bundle")
+
 
 def check_manifest(manifest: dict) -> dict:
     """Validate ``manifest`` against the schema; return it unchanged or raise BundleError naming the
@@ -180,9 +194,5 @@ def check_manifest(manifest: dict) -> dict:
     try:
         Manifest.model_validate(manifest)
     except ValidationError as exc:
-        from ..profiles import validation_problems
-
-        problems = validation_problems(exc)
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BundleError(f"manifest.json: {problems[0]}{more}; refusing the bundle") from None
+        raise manifest_error(exc) from None
     return manifest
