@@ -31,7 +31,7 @@ sys.exit(code)
 """
 
 
-def _peak_rss(tmp_path, samples: int) -> int:
+def _peak_rss(tmp_path, samples: int, recipes=("onnx-int8-static", "onnx-int8-mixed", "onnx-fp32"), env=None) -> int:
     rng = np.random.default_rng(samples)
     data = tmp_path / f"calib-{samples}.npy"
     # Smooth images (not white noise): activations with a realistic spread.
@@ -39,9 +39,9 @@ def _peak_rss(tmp_path, samples: int) -> int:
     np.save(data, np.repeat(np.repeat(base, 16, axis=2), 16, axis=3))
     done = subprocess.run([sys.executable, "-c", MEASURED, "convert", "tests.models:wide_activations",
                            "--input-shape", "x=1,3,128,128", "--profile", "x86-64", "--calibration", data,
-                           "--recipe", "onnx-int8-static", "--recipe", "onnx-int8-mixed", "--recipe", "onnx-fp32",
+                           *[arg for recipe in recipes for arg in ("--recipe", recipe)],
                            "--try-all", "--out", tmp_path / f"out-{samples}"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     own, children = map(int, re.search(r"maxrss (\d+) (\d+)", done.stderr).groups())
     return max(own, children)
@@ -50,4 +50,23 @@ def _peak_rss(tmp_path, samples: int) -> int:
 def test_peak_memory_does_not_grow_with_four_times_the_calibration_samples(tmp_path):
     small, large = _peak_rss(tmp_path, 8), _peak_rss(tmp_path, 32)
     print(f"peak RSS: 8 samples {small / 1024:.0f} MiB, 32 samples {large / 1024:.0f} MiB ({large / small:.2f}x)")
+    assert large <= 1.3 * small, (small, large)
+
+
+def test_percentile_calibration_does_not_grow_either(tmp_path):
+    """Percentile histograms are merged range by range too (a profile asking for that method)."""
+    import os
+
+    import yaml
+
+    profile = yaml.safe_load((ROOT / "device-profiles" / "x86-64.yaml").read_text())
+    profile["recipes"] = [{"name": "onnx-int8-static", "options": {"calibrate_method": "percentile", "reduce_range": True}},
+                          "onnx-fp32"]
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "x86-64.yaml").write_text(yaml.safe_dump(profile))
+    env = {**os.environ, "EDGEPACK_PROFILES_DIR": str(folder)}
+    small = _peak_rss(tmp_path, 8, ("onnx-int8-static", "onnx-fp32"), env)
+    large = _peak_rss(tmp_path, 32, ("onnx-int8-static", "onnx-fp32"), env)
+    print(f"percentile, peak RSS: 8 samples {small / 1024:.0f} MiB, 32 samples {large / 1024:.0f} MiB ({large / small:.2f}x)")
     assert large <= 1.3 * small, (small, large)

@@ -111,10 +111,12 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
             extra_options={"ActivationSymmetric": config.activation_symmetric,
                            "WeightSymmetric": config.weight_symmetric,
                            "CalibPercentile": config.percentile,
-                           # Running ranges: the activations of one range of batches at a time, never
-                           # all (minmax only: the histogram methods would take their bins from the
-                           # first range, so they keep collecting everything before binning).
-                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES} if method == "minmax" else {})},
+                           # Running ranges or histograms: the activations of one range of batches at a
+                           # time, never all. ORT merges percentile histograms range by range, growing
+                           # the bins at the first range's width. Entropy and distribution merge the same
+                           # way, but their threshold search is quadratic in the bins a wider later range
+                           # adds, so they still collect everything before binning.
+                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES} if method in ("minmax", "percentile") else {})},
         )
     except RecipeFailed:
         raise
