@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agent.runtime import Backend, run_in_batches
+if TYPE_CHECKING:
+    from .evaluation import Backend
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ def agrees_per_sample(backend: Backend, reference: list[np.ndarray], feeds: dict
                       tolerance: float = 1e-3) -> str | None:
     """None when ``backend`` gives the ``reference`` outputs at batch 1 and with all samples in one batch;
     else why not."""
+    from .evaluation import run_in_batches  # the agent's splitter (evaluation imports this module)
+
     try:
         count = backend.count(feeds)
         alone = run_in_batches(backend, feeds, max_batch=1)
@@ -170,6 +174,8 @@ def batch_invariance(backend: Backend, feeds: dict[str, np.ndarray]) -> tuple[bo
     A batch-1 model runs every sample alone anyway: invariant by construction."""
     if not backend.batched or backend.batch_size == 1:
         return True, 0.0
+    from .evaluation import run_in_batches  # the agent's splitter (evaluation imports this module)
+
     count = backend.count(feeds)
     alone = run_in_batches(backend, feeds, max_batch=1)
     together = run_in_batches(backend, feeds, max_batch=count)

@@ -17,6 +17,9 @@ import numpy as np
 from agent.runtime import Backend, run_in_batches
 from agent.runtime.cpu import host_arch, host_int8_dot_product
 from agent.runtime.onnx_backend import OnnxBackend
+# The rest of converters reaches agent through this module only (DESIGN.md section 2): re-exported.
+from agent.drift.reference import FALSE_ALARM_RATE, drift_reference  # noqa: F401
+from agent.runtime.litert_backend import LiteRTBackend, interpreter_class, model_ops  # noqa: F401
 from edgepack.errors import ConversionError, EdgepackError, UsageError, first_line
 from edgepack.profiles import Profile
 

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from agent.drift.reference import FALSE_ALARM_RATE
-from agent.runtime import run_in_batches
 from edgepack import __version__
 from edgepack.bundle import SCHEMA, BundleWriter, bundle_filename
 from edgepack.bundle.manifest import Batch, Manifest, RuntimeEntry, Samples, TensorEntry, Tolerance, manifest_error
@@ -23,6 +21,7 @@ from . import gate as gate_module
 from . import layout as layout_module
 from .coverage import tflite_min_runtime
 from .data import Dataset
+from .evaluation import FALSE_ALARM_RATE, interpreter_class, run_in_batches
 from .results import CandidateReport
 from .sources import package_versions
 from .stats import dataset_stats
@@ -154,8 +153,6 @@ def _leading_inputs(data: Dataset) -> dict[str, np.ndarray]:
 def tflite_precision(path: Path) -> str:
     """What a .tflite file computes in: int8 (integer I/O or int8 activations), int8-dynamic (int8
     weights only), fp16 (fp16 weights), else fp32."""
-    from agent.runtime.litert_backend import interpreter_class
-
     interpreter = interpreter_class()(model_path=str(path))
     details = interpreter.get_tensor_details()
     inputs = {d["index"] for d in interpreter.get_input_details()}

@@ -204,7 +204,7 @@ class _Job(Evaluation, Packaging):
         row = self._row(recipe_name, candidate.config, candidate.path, gate, latency, fp32_latency, fp32_size, candidate.details)
         reasons = list(gate.failures)
         if candidate.format == "tflite":
-            from agent.runtime.litert_backend import model_ops
+            from .evaluation import model_ops
 
             reasons += check_tflite_coverage(model_ops(candidate.path), profile, tflite_min_runtime(candidate.path)).errors
         limit = profile.budgets.max_latency_vs_fp32 if not self.reference_arithmetic else None
@@ -233,7 +233,7 @@ class _Job(Evaluation, Packaging):
 
     def _package_tflite(self, profile: Profile, result: ProfileResult, threads: int) -> None:
         """A .tflite MODEL: check its ops, gate it against ``--reference`` when given, bundle it unchanged."""
-        from agent.runtime.litert_backend import model_ops
+        from .evaluation import model_ops
 
         path = Path(self.source.spec)
         if profile.runtime("litert") is None:

@@ -389,8 +389,9 @@ def _load_torch_factory(model: str, workdir: Path, input_shapes) -> SourceModel:
 
 def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None) -> SourceModel:
     """A .tflite file: read its I/O; the reference is ``--reference`` when given, else the file itself."""
-    from agent.runtime.litert_backend import LiteRTBackend
     from edgepack.errors import RuntimeBackendError
+
+    from .evaluation import LiteRTBackend  # not at the top: evaluation imports this module
 
     path = Path(model)
     try:
@@ -403,7 +404,7 @@ def _load_tflite(model: str, workdir: Path, input_shapes, reference: str | None)
     tools = package_versions("ai-edge-litert", "tflite-runtime")
     notes = ["packaged as given: a .tflite MODEL is not re-converted or re-quantized"]
     if reference is None:
-        from agent.runtime import run_in_batches
+        from .evaluation import run_in_batches
 
         return SourceModel("tflite", str(path), file_sha256(path), None, inputs, outputs,
                            lambda feeds: run_in_batches(backend, feeds), notes, tools)

@@ -107,7 +107,7 @@ def dataset_stats(inputs: dict[str, np.ndarray], source: str, outputs: dict[str,
     if outputs:
         stats["outputs"] = {name: output_stats(a) for name, a in outputs.items()}
     if validation is not None:
-        from agent.drift.reference import drift_reference
+        from .evaluation import drift_reference
 
         stats["drift"] = drift_reference(validation, outputs, output_kinds)
     return stats
