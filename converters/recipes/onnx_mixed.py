@@ -48,7 +48,10 @@ class MixedInt8Recipe(Recipe):
         tag = hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]
         full = ctx.workdir / f"{self.name}-{tag}-full.onnx"
         op_types = list(config.op_types) or None
-        quantize_static_qdq(ctx, full, config, op_types=op_types)
+        # One calibration for every candidate (the tag names the base graph's options; the folder, the base).
+        cache = ctx.workdir / f"{self.name}-{tag}-calibration.json"
+        cache.unlink(missing_ok=True)
+        quantize_static_qdq(ctx, full, config, op_types=op_types, calibration_cache=cache)
         if count_quantized(full) == 0:
             raise RecipeFailed("nothing to quantize: the graph has no Conv/MatMul/Gemm the quantizer handles")
         available = 1 if ctx.calibration is None else len(ctx.calibration)
@@ -73,7 +76,8 @@ class MixedInt8Recipe(Recipe):
                     "a float recipe is the honest choice"
                 )
             target = ctx.workdir / f"{self.name}-{tag}-{count}.onnx"
-            corrected[count] = quantize_static_qdq(ctx, target, config, nodes_to_exclude=excluded, op_types=op_types)
+            corrected[count] = quantize_static_qdq(ctx, target, config, nodes_to_exclude=excluded, op_types=op_types,
+                                                   calibration_cache=cache)
             return target
 
         found = search_float_layers(ranked, limit, build, ctx.evaluate)
