@@ -83,7 +83,7 @@ def _read_jsonl(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
                 result[spec.name] = first
             else:
                 result[spec.name] = np.stack([np.asarray(value, dtype=spec.dtype) for value in values], axis=spec.sample_axis)
-        except (ValueError, TypeError, np.exceptions.AxisError):
+        except (ValueError, TypeError):  # numpy's AxisError is a ValueError
             where = f" along axis {spec.sample_axis}" if spec.sample_axis else ""
             raise DataError(f"{path.name}: input {spec.name!r} has ragged or non-numeric samples, or samples that do not "
                             f"stack{where} (give each line's sample without that axis)") from None

@@ -312,17 +312,32 @@ def prepare_base(source: Path, folder: Path, max_opset: int | None) -> Path:
         log.info("pre-processing skipped (%s); using the exported graph as is", "; ".join(errors))
         shutil.copyfile(converted, target)
     model = onnx.load(str(target))
-    counts = simplify(model)
-    if any(counts.values()):
-        try:
+    _name_nodes(model)
+    try:
+        counts = simplify(model)
+        if any(counts.values()):
             model = onnx.shape_inference.infer_shapes(model)
             onnx.checker.check_model(model)
-        except Exception as exc:  # noqa: BLE001 - a rewrite the checker refuses is not used
-            log.info("graph simplification skipped (%s)", first_line(exc, 200))
-        else:
             log.info("graph simplified: %s", counts)
-            onnx.save(model, str(target))
+    except Exception as exc:  # noqa: BLE001 - a rewrite the checker refuses is not used
+        log.info("graph simplification skipped (%s)", first_line(exc, 200))
+        model = onnx.load(str(target))
+        _name_nodes(model)
+    onnx.save(model, str(target))
     return target
+
+
+def _name_nodes(model) -> None:
+    """Name every unnamed node deterministically: the quantizer excludes nodes by name (the mixed
+    recipe's float layers), and exporters and ORT's pre-processing may leave names empty."""
+    taken = {node.name for node in model.graph.node if node.name}
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
 
 
 #: per-channel QDQ needs DequantizeLinear's axis (opset 13); HardSwish is an operator from opset 14

@@ -52,21 +52,3 @@ def test_peak_memory_does_not_grow_with_four_times_the_calibration_samples(tmp_p
     print(f"peak RSS: 8 samples {small / 1024:.0f} MiB, 32 samples {large / 1024:.0f} MiB ({large / small:.2f}x)")
     assert large <= 1.3 * small, (small, large)
 
-
-def test_percentile_calibration_does_not_grow_either(tmp_path):
-    """Percentile histograms are merged range by range too (a profile asking for that method)."""
-    import os
-
-    import yaml
-
-    profile = yaml.safe_load((ROOT / "device-profiles" / "x86-64.yaml").read_text())
-    profile["recipes"] = [{"name": "onnx-int8-static", "options": {"calibrate_method": "percentile", "reduce_range": True}},
-                          "onnx-fp32"]
-    folder = tmp_path / "profiles"
-    folder.mkdir()
-    (folder / "x86-64.yaml").write_text(yaml.safe_dump(profile))
-    env = {**os.environ, "EDGEPACK_PROFILES_DIR": str(folder)}
-    small = _peak_rss(tmp_path, 8, ("onnx-int8-static", "onnx-fp32"), env)
-    large = _peak_rss(tmp_path, 32, ("onnx-int8-static", "onnx-fp32"), env)
-    print(f"percentile, peak RSS: 8 samples {small / 1024:.0f} MiB, 32 samples {large / 1024:.0f} MiB ({large / small:.2f}x)")
-    assert large <= 1.3 * small, (small, large)

@@ -81,3 +81,26 @@ def test_no_hardswish_before_opset_14():
     counts = simplify(model)
     assert counts == {"conv_affine_folded": 1}
     assert "HardSwish" not in {node.op_type for node in model.graph.node}
+
+
+def test_initializers_listed_as_inputs_are_not_constants():
+    """A weight also listed as a graph input (torch's keep_initializers_as_inputs) may be overridden by
+    the caller: it is not folded, and the graph keeps running without it being fed."""
+    model = _graph(14, False, False)
+    for name in ("w", "a"):
+        init = next(i for i in model.graph.initializer if i.name == name)
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(init.dims)))
+    x = np.random.default_rng(3).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    expected = _run(model, x)
+    counts = simplify(model)
+    assert counts["conv_affine_folded"] == 0
+    np.testing.assert_allclose(_run(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graphs_with_subgraphs_are_left_alone():
+    model = _graph(14, False, False)
+    branch = helper.make_graph([helper.make_node("Identity", ["conv"], ["branch_out"])], "then", [],
+                               [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, None)])
+    model.graph.node.append(helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch))
+    assert simplify(model) == {"conv_affine_folded": 0}
+    assert "Mul" in {node.op_type for node in model.graph.node}

@@ -273,7 +273,8 @@ def rank_by_output(float_model: Path, qdq_model: Path, batches: list[dict]) -> l
             dequantized[source[:-len("_quantized")]] = _dequantize(node, q_inits, numpy_helper)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = 0
+    # Basic optimizations only: one session per layer, and the full ones re-pack every weight each time.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
     def run(model) -> list[list[np.ndarray]]:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -303,9 +304,10 @@ def rank_by_output(float_model: Path, qdq_model: Path, batches: list[dict]) -> l
                     if extra:
                         model.graph.initializer.append(q_inits[extra])
                 pair = [scale, zero] if zero else [scale]
-                inserted += [helper.make_node("QuantizeLinear", [tensor, *pair], [f"{tensor}__q{index}"]),
-                             helper.make_node("DequantizeLinear", [f"{tensor}__q{index}", *pair], [f"{tensor}__dq{index}"])]
-                target.input[position] = f"{tensor}__dq{index}"
+                tag = f"{index}_{position}"  # MatMul(x, x) quantizes x twice
+                inserted += [helper.make_node("QuantizeLinear", [tensor, *pair], [f"{tensor}__q{tag}"]),
+                             helper.make_node("DequantizeLinear", [f"{tensor}__q{tag}", *pair], [f"{tensor}__dq{tag}"])]
+                target.input[position] = f"{tensor}__dq{tag}"
         if list(target.input) == list(node.input):
             continue  # the quantizer left this node float
         nodes = list(model.graph.node)

@@ -30,7 +30,9 @@ class _Graph:
         from onnx import numpy_helper
 
         self.model, self.graph = model, model.graph
-        self.initializers = {init.name: init for init in self.graph.initializer}
+        # An initializer also listed as a graph input is a default the caller may override: not a constant.
+        inputs = {value.name for value in self.graph.input}
+        self.initializers = {init.name: init for init in self.graph.initializer if init.name not in inputs}
         self.constants = {}
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -51,7 +53,8 @@ class _Graph:
 
     def scalar(self, name: str) -> float | None:
         value = self.value(name)
-        return None if value is None or value.size != 1 or value.dtype.kind != "f" else float(value.reshape(-1)[0])
+        return (None if value is None or value.size != 1 or value.ndim > 1 or value.dtype.kind != "f"
+                else float(value.reshape(-1)[0]))
 
     def only_consumer(self, name: str):
         """The single node consuming ``name`` when it is not also a graph output, else None."""
@@ -63,9 +66,11 @@ def _channel_vector(value: np.ndarray | None, channels: int, rank: int) -> np.nd
     """``value`` as one factor per output channel when it broadcasts as [1, C, 1, ...] (or is a scalar)."""
     if value is None or value.dtype.kind != "f":
         return None
+    if value.ndim > rank:
+        return None  # broadcasting it would raise the output's rank
     if value.size == 1:
         return np.full(channels, float(value.reshape(-1)[0]), np.float64)
-    if value.ndim > rank or value.size != channels:
+    if value.size != channels:
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
     if shape[1] != channels or any(dim != 1 for index, dim in enumerate(shape) if index != 1):
@@ -104,7 +109,7 @@ def _fold_conv_affine(g: _Graph) -> int:
             offset = _channel_vector(g.value(other[0]), channels, rank) if len(other) == 1 else None
             if offset is not None:
                 bias, last = bias + offset, add
-        tag = conv.name or f"conv{index}"
+        tag = conv.output[0]  # unique in the graph, unlike node names (which may be empty or repeated)
         weight_name, new_bias = f"{conv.input[1]}_folded_{tag}", f"{tag}_bias_folded"
         scaled = weight.astype(np.float64) * scale.reshape((channels,) + (1,) * (rank - 1))
         g.graph.initializer.extend([numpy_helper.from_array(scaled.astype(np.float32), weight_name),
@@ -194,7 +199,12 @@ def opset_of(model) -> int:
 
 
 def simplify(model) -> dict[str, int]:
-    """Apply the rewrites to ``model`` in place; returns how many of each were made."""
+    """Apply the rewrites to ``model`` in place; returns how many of each were made.
+
+    A graph with subgraphs (If, Loop, Scan) is left as it is: their bodies may read any outer tensor,
+    which this index of the top-level graph does not see."""
+    if any(attribute.type in (5, 10) for node in model.graph.node for attribute in node.attribute):  # GRAPH(S)
+        return {"conv_affine_folded": 0}
     g = _Graph(model)
     counts = {"conv_affine_folded": _fold_conv_affine(g)}
     if opset_of(model) >= HARDSWISH_OPSET:
@@ -207,7 +217,8 @@ def simplify(model) -> dict[str, int]:
 def _drop_unused(graph) -> None:
     """Remove the initializers, Constant nodes and value_info the rewrites left without a user (the
     replaced weights would otherwise still be written into the bundle)."""
-    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    used = ({name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+            | {value.name for value in graph.input})
     nodes = [node for node in graph.node if node.op_type != "Constant" or any(out in used for out in node.output)]
     del graph.node[:]
     graph.node.extend(nodes)

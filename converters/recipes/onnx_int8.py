@@ -110,16 +110,16 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
             activation_type=types[config.activation_type], weight_type=types[config.weight_type],
             calibrate_method=methods[method], nodes_to_exclude=nodes_to_exclude or [],
             op_types_to_quantize=list(op_types) if op_types else None,
-            calibration_cache_path=str(calibration_cache) if calibration_cache else None,
+            **({"calibration_cache_path": str(calibration_cache)} if calibration_cache and _has_calibration_cache() else {}),
             extra_options={"ActivationSymmetric": config.activation_symmetric,
                            "WeightSymmetric": config.weight_symmetric,
                            "CalibPercentile": config.percentile,
-                           # Running ranges or histograms: the activations of one range of batches at a
-                           # time, never all. ORT merges percentile histograms range by range, growing
-                           # the bins at the first range's width. Entropy and distribution merge the same
-                           # way, but their threshold search is quadratic in the bins a wider later range
-                           # adds, so they still collect everything before binning.
-                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES} if method in ("minmax", "percentile") else {})},
+                           # Running ranges: the activations of one range of batches at a time, never
+                           # all (minmax only: ORT sizes a histogram's bins from the first range, so a
+                           # tensor near zero there and large later would get millions of bins, and
+                           # values below the first range's are dropped: the histogram methods keep
+                           # collecting everything before binning).
+                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES} if method == "minmax" else {})},
         )
     except RecipeFailed:
         raise
@@ -135,6 +135,15 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
         except Exception as exc:  # noqa: BLE001 - target is written only at the end: it stays uncorrected
             return {"bias_correction": {"layers": 0, "error": first_line(exc, 200)}}
     return {}
+
+
+def _has_calibration_cache() -> bool:
+    """Whether this onnxruntime's quantize_static takes ``calibration_cache_path`` (newer than 1.17)."""
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 @dataclass

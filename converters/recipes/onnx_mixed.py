@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepack.errors import first_line
+
 from ..onnx.sensitivity import rank_by_output, rank_nodes
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
 from .mixed_search import search_float_layers
@@ -57,7 +59,10 @@ class MixedInt8Recipe(Recipe):
         available = 1 if ctx.calibration is None else len(ctx.calibration)
         if config.ranking == "output":
             batches = list(ctx.calibration_batches(min(available, config.output_sensitivity_samples), 1))
-            ranked = rank_by_output(ctx.base_model, full, batches)
+            try:
+                ranked = rank_by_output(ctx.base_model, full, batches)
+            except Exception as exc:  # noqa: BLE001 - a graph the ranking cannot rebuild fails this recipe only
+                raise RecipeFailed(f"the output-referred sensitivity ranking failed: {first_line(exc, 200)}") from None
         else:
             batches = list(ctx.calibration_batches(min(available, config.sensitivity_samples), 1))
             ranked = rank_nodes(ctx.base_model, full, batches, ctx.workdir)
