@@ -61,6 +61,7 @@ def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str
         signal.signal(sig, lambda *_: stop.set())
     if os.getppid() != parent:
         return  # the controller went before this worker could ask to follow it
+    threading.Thread(target=_exit_after_drain, args=(stop, client_id), name="ingest-deadline", daemon=True).start()
 
     def watchdog() -> None:
         while not stop.wait(1.0):
@@ -89,6 +90,22 @@ def _worker(broker, db_url: str | None, bundles: str, client_id: str, group: str
     controller.serve(stop)
     if retire and not controller.retired:
         raise SystemExit(1)  # its session keeps what it did not store: retired again at the next start
+
+
+#: a stopped worker that is still draining after this long exits anyway
+DRAIN_S = 15.0
+
+
+def _exit_after_drain(stop: threading.Event, client_id: str) -> None:
+    """Bound the drain of a stopped worker: a store stuck on a busy database must not keep it alive
+    past its controller (a restarted controller's worker would find its session taken). What it did
+    not acknowledge stays with the broker, and a batch is one transaction: nothing is lost or doubled."""
+    stop.wait()
+    time.sleep(DRAIN_S)
+    log.warning("%s: still draining %.0f s after the stop; exiting, the broker keeps what was not acknowledged",
+                client_id, DRAIN_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 #: a retiring worker ends its session after this long without a message

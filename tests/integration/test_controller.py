@@ -116,7 +116,8 @@ def test_a_controller_stopped_or_killed_with_a_backlog_stores_every_message_once
         assert len(spawned) >= (workers if workers > 1 else 0)
         controller.send_signal(how)
         assert controller.wait(30) == (-how if how == signal.SIGKILL else 0), controller.stderr.read()[-2000:]
-        wait_for(lambda: not any(_alive(pid) for pid in spawned), 30, "the ingest workers to go with the controller")
+        # a worker drains for at most ingest.DRAIN_S after the stop, then exits anyway
+        wait_for(lambda: not any(_alive(pid) for pid in spawned), 45, "the ingest workers to go with the controller")
         stored_at_stop = registry.message_count()
         sender.join(60)
         assert len(sent) == total
