@@ -90,6 +90,18 @@ def _read_jsonl(path: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
     return result
 
 
+def sample_axes(outputs: dict[str, np.ndarray], specs: list[TensorSpec] | None = None) -> dict[str, int | None]:
+    """Each output's samples axis (``specs``; absent: axis 0), None for a scalar or a batch-free output."""
+    axes = {spec.name: spec.sample_axis for spec in specs or []}
+    return {name: axes.get(name, 0) if np.ndim(value) else None for name, value in outputs.items()}
+
+
+def sample_count(outputs: dict[str, np.ndarray], specs: list[TensorSpec] | None = None) -> int:
+    """How many samples ``outputs`` hold, counted along each output's own samples axis."""
+    axis = sample_axes(outputs, specs)
+    return max((np.shape(value)[axis[name]] for name, value in outputs.items() if axis[name] is not None), default=1)
+
+
 def write_outputs(path: Path, outputs: dict[str, np.ndarray], specs: list[TensorSpec] | None = None) -> None:
     """Write outputs by the suffix of ``path``; never leaves a half-written file. ``specs`` say on which
     axis each output holds its samples (JSONL writes one sample per line; absent: axis 0)."""
@@ -101,10 +113,8 @@ def write_outputs(path: Path, outputs: dict[str, np.ndarray], specs: list[Tensor
     elif suffix == ".npz":
         np.savez(buffer, **outputs)
     elif suffix == ".jsonl":
-        axes = {spec.name: spec.sample_axis for spec in specs or []}
-        axis = {name: axes.get(name, 0) if np.ndim(value) else None for name, value in outputs.items()}
-        count = max((np.shape(value)[axis[name]] for name, value in outputs.items() if axis[name] is not None), default=1)
-        for index in range(count):
+        axis = sample_axes(outputs, specs)
+        for index in range(sample_count(outputs, specs)):
             record = {name: (np.take(value, index, axis=axis[name]) if axis[name] is not None else np.asarray(value)).tolist()
                       for name, value in outputs.items()}
             buffer.write((json.dumps(record) + "\n").encode())

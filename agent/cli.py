@@ -119,7 +119,7 @@ def install(bundle, store, keys, profile, config_path) -> None:
 @config_option
 def predict(input_path, output_path, bundle, model_name, store, keys, threads, batch_size, integer_io, config_path) -> None:
     """Batch-score an input file offline with the active model (or --bundle)."""
-    from .batch_io import read_inputs, write_outputs
+    from .batch_io import read_inputs, sample_count, write_outputs
     from .loader import load_bundle
 
     with tempfile.TemporaryDirectory(prefix="edgepack-predict-") as temp:
@@ -138,8 +138,7 @@ def predict(input_path, output_path, bundle, model_name, store, keys, threads, b
         finally:
             model.close()
     write_outputs(output_path, outputs, output_specs)
-    first = next(iter(outputs.values()))
-    count = len(first) if getattr(first, "ndim", 0) else 1
+    count = sample_count(outputs, output_specs)
     click.echo(f"scored {count} samples with {model.name} {model.version} -> {output_path}")
 
 

@@ -82,7 +82,8 @@ class Packaging:
         kinds = {name: gate_module.output_kind(array, (self.options.output_kinds or {}).get(name))
                  for name, array in reference_outputs.items()}
         writer.add_bytes("stats/reference.json", _json_bytes(dataset_stats(
-            _leading_inputs(stats_data), stats_data.source, reference_outputs,
+            # the file's name, not where it lay on the host: the same data gives the same bundle anywhere
+            _leading_inputs(stats_data), Path(stats_data.source).name if stats_data.source else "random", reference_outputs,
             _leading_inputs(self.validation) if self.real_data else None, kinds)))
         runtime = profile.runtime("litert" if tflite else "onnxruntime")
         file_io = self.backend_for(candidate.path, threads, integer_io=True) if tflite else backend

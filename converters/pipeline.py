@@ -16,6 +16,7 @@ from typing import Callable
 from edgepack.bundle.format import is_valid_name, is_valid_semver
 from edgepack.errors import ConversionError, EdgepackError, GateError, InputFileError, UsageError, first_line
 from edgepack.profiles import Profile, get_profile
+from edgepack.recipes import recipe_info
 
 from . import gate as gate_module
 from .coverage import check_coverage, check_tflite_coverage, tflite_min_runtime
@@ -190,10 +191,17 @@ class _Job(Evaluation, Packaging):
             return CandidateReport(recipe_name, "skipped", ["this recipe is not available in this release"]), None
         recipe = cls(recipe_options)
         if recipe.precision.startswith("int8") and not self.real_data:
-            return CandidateReport(recipe_name, "skipped", ["needs calibration data (--calibration)"], recipe.config_dict()), None
+            # Dynamic int8 calibrates nothing, but random inputs prove nothing about its accuracy either.
+            info = recipe_info(recipe_name)
+            why = ("needs calibration data (--calibration)" if info is None or info.needs_calibration else
+                   "needs real data to judge its accuracy (--validation or --calibration)")
+            return CandidateReport(recipe_name, "skipped", [why], recipe.config_dict()), None
         self.progress(f"{profile.name}: trying {recipe_name}")
         # The mixed recipe gates inside its run: a verdict in another arithmetic is another candidate.
-        key = (recipe_name, repr(sorted(recipe.config_dict().items())), str(ctx.base_model), self.reference_arithmetic)
+        # A search's outcome depends on the budgets and threads it was judged with (profiles differ).
+        searched = (repr(self.budgets), threads) if recipe.precision == "int8-mixed" else None
+        key = (recipe_name, repr(sorted(recipe.config_dict().items())), str(ctx.base_model), self.reference_arithmetic,
+               searched)
         try:
             if key not in self.candidates:
                 self.candidates[key] = recipe.run(ctx)

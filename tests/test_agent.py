@@ -145,3 +145,14 @@ print("LOADED", loaded)
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout, result.stdout
     assert (tmp_path / "o.npy").exists()
+
+
+def test_samples_are_counted_on_each_outputs_own_axis():
+    """A state output first, its samples on axis 1: three samples, not its two layers."""
+    from agent.batch_io import sample_count
+    from edgepack.tensors import TensorSpec
+
+    outputs = {"stateN": np.zeros((2, 3, 128), np.float32), "output": np.zeros((3, 1), np.float32)}
+    specs = [TensorSpec("stateN", "float32", (2, None, 128), batch_axis=1), TensorSpec("output", "float32", (None, 1))]
+    assert sample_count(outputs, specs) == 3
+    assert sample_count({"sr": np.array(16000)}, [TensorSpec("sr", "int64", ())]) == 1

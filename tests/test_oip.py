@@ -178,3 +178,19 @@ def test_binary_size_and_header_length_mismatches_are_request_errors(datatype, s
     # Accepted only when everything added up: the tensor holds exactly what its shape says.
     (array,) = decoded.inputs.values()
     assert list(array.shape) == shape
+
+
+def test_a_refused_stream_message_keeps_its_id_without_parsing_a_huge_body():
+    """The stream answers each refusal with the request's id; a multi-MiB message is only searched near
+    its start (a flood of them must not be parsed on the event loop), and a bool is no id."""
+    import time
+
+    from agent.serving.mqtt_stream import _peek_id
+
+    assert _peek_id(json.dumps({"id": "a-1", "inputs": []}).encode()) == "a-1"
+    assert _peek_id(b'{"id": 7}') == 7 and _peek_id(b'{"id": true}') is None and _peek_id(b"{not json") is None
+    huge = b'{"id": "big \\"one\\"", "inputs": [{"data": [' + b"0.5," * 2_000_000 + b"0.5]}]}"
+    started = time.perf_counter()
+    assert _peek_id(huge) == 'big "one"'
+    assert _peek_id(b'{"inputs": [' + b"1," * 100_000 + b'1], "id": "late"}') is None  # past the first 4 KiB
+    assert time.perf_counter() - started < 0.1  # parsing the 8 MB body takes about 0.4 s

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 from edgepack.fleet import topics
 
@@ -75,11 +76,24 @@ class StreamServer:
             self.in_flight[name] -= 1
 
 
+#: a message up to this size is parsed for its id; a larger one is only searched near its start (this
+#: runs on the event loop for every refusal, and a flood of 4 MiB requests must not parse each one)
+PEEK_PARSE_BYTES = 64 * 1024
+_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?[0-9]{1,19})')
+
+
 def _peek_id(payload: bytes):
     """The request's id for an error reply (None when the message does not parse)."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    value = data.get("id") if isinstance(data, dict) else None
-    return value if isinstance(value, (str, int)) else None
+    if len(payload) > PEEK_PARSE_BYTES:
+        found = _ID.search(payload, 0, 4096)
+        try:
+            value = json.loads(found.group(1)) if found else None
+        except ValueError:
+            return None
+    else:
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None

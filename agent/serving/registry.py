@@ -27,7 +27,7 @@ from ..model import release_freed_memory
 from ..store import ModelStore
 from .metrics import ServingMetrics
 from .scheduler import ModelScheduler, ServedVersion
-from .split import candidate_problem
+from .split import candidate_problem, served_versions
 
 log = logging.getLogger("edgepack.agent.serving")
 #: how often freed memory is handed back to the OS (malloc_trim; a few ms of work)
@@ -326,6 +326,7 @@ class ModelRegistry:
             current = scheduler.current
             if current and not current.key.startswith("file:") and self._store_key_or_none(name) is None:
                 scheduler.unload()
+                self.metrics.statistics.forget(name, set())
                 changed = True
         for name in self._store_names():
             scheduler = self.schedulers.get(name)
@@ -361,6 +362,10 @@ class ModelRegistry:
                     log.info("timed side by side", extra={"model": name, "old": old.version, "new": served.version,
                                                           "ratio": round(ratio, 3)})
             self._scheduler(name).swap(served)
+            # Statistics of the versions still loaded: those answering (a split's B version too), and
+            # the one swapped out, still draining (forgotten at the next swap).
+            keep = set(served_versions(self._scheduler(name))) | ({old.version} if old is not None else set())
+            self.metrics.statistics.forget(name, keep)
             changed = True
         return changed
 

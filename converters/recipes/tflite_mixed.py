@@ -9,6 +9,7 @@ the .tflite file, so the model's inputs and outputs stay int8 like ``tflite-int8
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,12 @@ class TfliteMixedInt8Recipe(Recipe):
             raise RecipeFailed("no layer adds measurable quantization error; mixed precision cannot help")
         limit = max(1, int(len(ranked) * config.max_float_fraction))
 
+        # Named by its options: profiles sharing a base graph may ask for different ones.
+        tag = hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]
+
         def build(count: int, keep: list[str]) -> Path:
             return convert_to_tflite(
-                ctx, ctx.workdir / f"{self.name}-{count}.tflite",
+                ctx, ctx.workdir / f"{self.name}-{tag}-{count}.tflite",
                 lambda m, e: quantize_module(m, e, ctx, False, config.per_channel, config.calibration_samples, keep,
                                              bias_correction=config.bias_correction),
             )

@@ -3,6 +3,7 @@ probation window, kill -9 in every update state, and telemetry that survives a b
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import threading
@@ -134,7 +135,9 @@ def infer(url: str, value: float | list = 0.5, count: int = 1) -> tuple[int, dic
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, {}
-    except OSError:
+    except (OSError, http.client.HTTPException, ValueError):
+        # Refused, reset, cut mid-body (IncompleteRead is no OSError) or a partial JSON body: an agent
+        # killed with a request in flight. Status 0, never an exception that would end a Probe's thread.
         return 0, {}
 
 
@@ -144,16 +147,23 @@ class Probe(threading.Thread):
     def __init__(self, fleet: Fleet, value: float = 0.5):
         super().__init__(daemon=True)
         self.fleet, self.value, self.seen, self.stopped = fleet, value, [], threading.Event()
+        self.error: Exception | None = None
 
     def run(self) -> None:
-        while not self.stopped.is_set():
-            status, body = infer(self.fleet.agent.url, self.value)
-            self.seen.append((status, body.get("model_version")))
-            time.sleep(0.1)
+        try:
+            while not self.stopped.is_set():
+                status, body = infer(self.fleet.agent.url, self.value)
+                self.seen.append((status, body.get("model_version")))
+                time.sleep(0.1)
+        except Exception as exc:  # a dead probe would leave a stale last status: the test says why instead
+            self.error = exc
 
     def stop(self) -> list:
         self.stopped.set()
-        self.join(10)
+        self.join(15)
+        assert not self.is_alive(), "the probe's last request did not end"
+        if self.error:
+            raise AssertionError(f"the probe stopped early: {self.error!r}")
         return self.seen
 
 

@@ -203,6 +203,7 @@ def test_jsonl_batch_file_stacks_each_input_on_its_own_axis(bundles, speech, tmp
     done = run_cli("predict", "--bundle", out / "vad-1.0.0-x86-64.edgepack", "--input", tmp_path / "in.jsonl",
                    "--output", tmp_path / "out.jsonl", program="edgepack-agent")
     assert done.returncode == 0, done.stderr
+    assert "scored 6 samples" in done.stdout, done.stdout
     rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     import onnxruntime as ort
 
