@@ -52,3 +52,25 @@ def test_peak_memory_does_not_grow_with_four_times_the_calibration_samples(tmp_p
     print(f"peak RSS: 8 samples {small / 1024:.0f} MiB, 32 samples {large / 1024:.0f} MiB ({large / small:.2f}x)")
     assert large <= 1.3 * small, (small, large)
 
+
+
+def test_histogram_calibration_memory_does_not_grow_either(tmp_path):
+    """Entropy calibration (and percentile, distribution: the same collector) runs one range of batches
+    at a time too: onnxruntime's own calibrator held every batch's activations, and stacked them once more."""
+    import os
+    import shutil
+
+    import yaml
+
+    profiles = tmp_path / "profiles"
+    shutil.copytree(ROOT / "device-profiles", profiles)
+    path = profiles / "x86-64.yaml"
+    profile = yaml.safe_load(path.read_text())
+    static = next(r for r in profile["recipes"] if isinstance(r, dict) and r["name"] == "onnx-int8-static")
+    static["options"]["calibrate_method"] = "entropy"
+    path.write_text(yaml.safe_dump(profile))
+    env = {**os.environ, "EDGEPACK_PROFILES_DIR": str(profiles)}
+    small = _peak_rss(tmp_path, 10, recipes=("onnx-int8-static",), env=env)
+    large = _peak_rss(tmp_path, 40, recipes=("onnx-int8-static",), env=env)
+    print(f"entropy, peak RSS: 10 samples {small / 1024:.0f} MiB, 40 samples {large / 1024:.0f} MiB ({large / small:.2f}x)")
+    assert large <= 1.2 * small, (small, large)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
     correction did (for the report). ``calibration_cache``: a file where the calibrated ranges are kept
     and read back by the next call with the same model, data and options (the mixed recipe's candidates
     differ only in the layers kept float: calibrating 64 images at 640x640 once instead of per candidate)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantType
 
     if ctx.calibration is None or not ctx.calibration_is_real:
         raise RecipeFailed("static int8 needs calibration data: pass --calibration (or --validation) data")
@@ -103,28 +104,15 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
                "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     logging.getLogger("root").setLevel(logging.ERROR)  # ORT's quantizer logs per node at INFO/WARNING
-    try:
-        quantize_static(
-            str(ctx.base_model), str(target), _Reader(ctx, config.calibration_samples, _calibration_batch(ctx)).reader,
-            quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=config.reduce_range,
-            activation_type=types[config.activation_type], weight_type=types[config.weight_type],
-            calibrate_method=methods[method], nodes_to_exclude=nodes_to_exclude or [],
-            op_types_to_quantize=list(op_types) if op_types else None,
-            **({"calibration_cache_path": str(calibration_cache)} if calibration_cache and _has_calibration_cache() else {}),
-            extra_options={"ActivationSymmetric": config.activation_symmetric,
-                           "WeightSymmetric": config.weight_symmetric,
-                           "CalibPercentile": config.percentile,
-                           # Running ranges: the activations of one range of batches at a time, never
-                           # all (minmax only: ORT sizes a histogram's bins from the first range, so a
-                           # tensor near zero there and large later would get millions of bins, and
-                           # values below the first range's are dropped: the histogram methods keep
-                           # collecting everything before binning).
-                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES} if method == "minmax" else {})},
-        )
-    except RecipeFailed:
-        raise
-    except Exception as exc:
-        raise RecipeFailed(f"static quantization failed: {first_line(exc, 200)}") from None
+    reader = _Reader(ctx, config.calibration_samples, _calibration_batch(ctx)).reader
+    with tempfile.TemporaryDirectory(prefix="edgepack-ranges-") as tmp:
+        if method != "minmax" and _has_calibration_cache():
+            # The histogram methods: calibrated here one range of batches at a time, and handed to
+            # quantize_static as its calibration cache (its own calibrator would hold every batch).
+            calibration_cache = calibration_cache or Path(tmp) / "ranges.json"
+            if not calibration_cache.is_file():
+                _calibrate_histograms(ctx, reader, methods[method], op_types, config, calibration_cache)
+        _quantize(ctx, target, config, reader, methods[method], types, nodes_to_exclude, op_types, calibration_cache)
     if config.bias_correction:
         from ..onnx.bias_correction import correct_biases
 
@@ -135,6 +123,45 @@ def quantize_static_qdq(ctx: RecipeContext, target: Path, config, nodes_to_exclu
         except Exception as exc:  # noqa: BLE001 - target is written only at the end: it stays uncorrected
             return {"bias_correction": {"layers": 0, "error": first_line(exc, 200)}}
     return {}
+
+
+def _calibrate_histograms(ctx: RecipeContext, reader, method, op_types, config, cache: Path) -> None:
+    """Write the ranges of a histogram ``method`` into ``cache`` (see ``onnx.histogram_calibration``)."""
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from ..onnx.histogram_calibration import calibrate_histograms
+
+    try:
+        ranges = calibrate_histograms(ctx.base_model, reader, method, op_types=list(op_types) if op_types else None,
+                                      extra_options={"percentile": config.percentile},
+                                      held_batches=CALIBRATION_HELD_BATCHES)
+        save_tensors_data(ranges, cache)
+    except Exception as exc:
+        raise RecipeFailed(f"calibration failed: {first_line(exc, 200)}") from None
+
+
+def _quantize(ctx: RecipeContext, target: Path, config, reader, method, types: dict, nodes_to_exclude, op_types,
+              calibration_cache: Path | None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    try:
+        quantize_static(
+            str(ctx.base_model), str(target), reader,
+            quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=config.reduce_range,
+            activation_type=types[config.activation_type], weight_type=types[config.weight_type],
+            calibrate_method=method, nodes_to_exclude=nodes_to_exclude or [],
+            op_types_to_quantize=list(op_types) if op_types else None,
+            **({"calibration_cache_path": str(calibration_cache)} if calibration_cache and _has_calibration_cache() else {}),
+            extra_options={"ActivationSymmetric": config.activation_symmetric,
+                           "WeightSymmetric": config.weight_symmetric,
+                           "CalibPercentile": config.percentile,
+                           # Running ranges: the activations of one range of batches at a time, never
+                           # all. The histogram methods come calibrated the same way, in the cache.
+                           **({"CalibStridedMinMax": CALIBRATION_HELD_BATCHES}
+                              if method == CalibrationMethod.MinMax else {})},
+        )
+    except Exception as exc:
+        raise RecipeFailed(f"static quantization failed: {first_line(exc, 200)}") from None
 
 
 def _has_calibration_cache() -> bool:
