@@ -173,6 +173,30 @@ def _warn_cpu(manifest: dict) -> None:
         logging.getLogger("edgepack.agent").warning("int8 arithmetic differs on this CPU" + hint)
 
 
+#: the share of a probability map's values that may lie outside the smoke test's tolerance. A steep head
+#: (DBNet's binarization, sigmoid(50 x)) turns the one-step int8 rounding flips that another CPU's float
+#: kernels cause upstream (another summation order) into a few far-off pixels: 0.9% of one 320x320 map
+#: on an AMD EPYC with AVX-512 under ORT_ENABLE_ALL's NCHWc layout, none under ORT_ENABLE_EXTENDED. The
+#: gate judged the map by its IoU and cosine, which a few pixels do not move; saturated int8 moves far more.
+MAP_FAR_FRACTION = 0.02
+
+
+def _output_kinds(manifest: dict) -> dict[str, str]:
+    """What the gate judged each output as (``classes``, ``map``...), from the manifest's metrics."""
+    metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+    outputs = metrics.get("outputs") if isinstance(metrics.get("outputs"), list) else []
+    return {entry["name"]: entry.get("kind") for entry in outputs if isinstance(entry, dict) and "name" in entry}
+
+
+def tolerance_miss(expected: np.ndarray, got: np.ndarray, tolerance: dict, kind: str | None) -> str | None:
+    """How a float output misses its smoke-test tolerance (None when it does not): every value within
+    ``atol``/``rtol``, but for a probability map all but ``MAP_FAR_FRACTION`` of them."""
+    far = ~np.isclose(got, expected, atol=tolerance.get("atol", 1e-4), rtol=tolerance.get("rtol", 1e-3))
+    if not far.any() or (kind == "map" and far.mean() <= MAP_FAR_FRACTION):
+        return None
+    return f"by up to {float(np.max(np.abs(got - expected))):.3g} in {far.mean():.2%} of its values"
+
+
 def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
     """Run the bundle's sample inputs and compare with its expected outputs; raise StoreError on a miss.
 
@@ -199,6 +223,7 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
         model.sample_seconds = min(timings or [spent]) / count
     except Exception as exc:
         raise StoreError(f"smoke test failed: the model cannot run its sample inputs ({exc})") from None
+    kinds = _output_kinds(model.manifest)
     for name, path in samples["outputs"].items():
         expected, got = bundle.read_array(path), np.asarray(outputs.get(name))
         tolerance = samples.get("tolerance", {}).get(name, {})
@@ -209,8 +234,9 @@ def smoke_test(model: LoadedModel, bundle: Bundle) -> None:
         if tolerance.get("exact") or expected.dtype.kind != "f":
             if not np.array_equal(expected.astype(got.dtype) if expected.dtype.kind != "U" else expected, got):
                 raise StoreError(f"smoke test failed: output {name!r} differs from the bundle's expected output")
-        elif not np.allclose(got, expected, atol=tolerance.get("atol", 1e-4), rtol=tolerance.get("rtol", 1e-3)):
-            worst = float(np.max(np.abs(got - expected)))
-            raise StoreError(f"smoke test failed: output {name!r} differs from the expected output by up to {worst:.3g}"
-                             + _cpu_hint(model.manifest))
+        else:
+            problem = tolerance_miss(expected, got, tolerance, kinds.get(name))
+            if problem:
+                raise StoreError(f"smoke test failed: output {name!r} differs from the expected output {problem}"
+                                 + _cpu_hint(model.manifest))
     _warn_cpu(model.manifest)
