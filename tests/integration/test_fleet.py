@@ -148,15 +148,36 @@ class Probe(threading.Thread):
         super().__init__(daemon=True)
         self.fleet, self.value, self.seen, self.stopped = fleet, value, [], threading.Event()
         self.error: Exception | None = None
+        self.trail: list = []  # (url, started, seconds) of each call, for a failure's message
 
     def run(self) -> None:
         try:
             while not self.stopped.is_set():
-                status, body = infer(self.fleet.agent.url, self.value)
+                url, began = self.fleet.agent.url, time.monotonic()
+                status, body = infer(url, self.value)
                 self.seen.append((status, body.get("model_version")))
+                self.trail.append((url, round(began, 2), round(time.monotonic() - began, 3)))
                 time.sleep(0.1)
         except Exception as exc:  # a dead probe would leave a stale last status: the test says why instead
             self.error = exc
+
+    def runs(self) -> list:
+        """(url, status, calls, first start, longest call) for each run of calls alike: a failure's story."""
+        runs: list = []
+        for (status, _), (url, began, took) in zip(self.seen, self.trail):
+            if runs and runs[-1][:2] == [url, status]:
+                runs[-1][2] += 1
+                runs[-1][4] = max(runs[-1][4], took)
+            else:
+                runs.append([url, status, 1, began, took])
+        return runs
+
+    def wait_answered(self, url: str, count: int = 3, timeout: float = 15) -> None:
+        """Wait for ``count`` answers (200) from ``url``: a restarted agent can be through a test's checks
+        before this probe, calling every 100 ms, has called it at all (its last status would still be the
+        killed one's refusal)."""
+        wait_for(lambda: sum(1 for (status, _), (called, _, _) in zip(list(self.seen), list(self.trail))
+                             if called == url and status == 200) >= count, timeout, f"{count} probe answers from {url}")
 
     def stop(self) -> list:
         self.stopped.set()
@@ -372,7 +393,7 @@ def test_kill_9_of_the_agent_in_every_update_state(fleet, state):
     else:
         expected = "1.0.0"  # killed while the new version was on probation: it counts as a failure
     wait_for(lambda: fleet.active() == expected and fleet.update()["state"] == "idle", 90, f"version {expected}")
-    time.sleep(0.5)
+    probe.wait_answered(fleet.agent.url)
     seen = probe.stop()
     # No request failed except while the process was down (connection refused: status 0).
     assert {status for status, _ in seen} <= {0, 200}, [s for s in seen if s[0] not in (0, 200)][:5]
@@ -741,6 +762,7 @@ def test_kill_9_after_the_shadow_download_runs_it_at_restart_without_downloading
                       30, "comparisons after the restart")
     assert report["version"] == "1.1.0" and report["agreement"] == 1.0
     assert len([e for e in fleet.events("download_progress") if e.get("version") == "1.1.0"]) == downloads
+    probe.wait_answered(agent.url)
     seen = probe.stop()
-    assert {status for status, _ in seen} <= {0, 200} and seen[-1][0] == 200
+    assert {status for status, _ in seen} <= {0, 200} and seen[-1][0] == 200, probe.runs()
     assert fleet.active() == "1.0.0"
