@@ -79,11 +79,13 @@ class StreamServer:
 #: a message up to this size is parsed for its id; a larger one is only searched near its start (this
 #: runs on the event loop for every refusal, and a flood of 4 MiB requests must not parse each one)
 PEEK_PARSE_BYTES = 64 * 1024
-_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?[0-9]{1,19})')
+_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?[0-9]{1,19})(?=\s*[,}])')
 
 
 def _peek_id(payload: bytes):
-    """The request's id for an error reply (None when the message does not parse)."""
+    """The request's id for an error reply (None when the message does not parse): the top-level ``id``
+    of a message up to ``PEEK_PARSE_BYTES``; of a larger one, the first ``"id"`` key in its first 4 KiB
+    (where clients put it; one written after the tensors gets None)."""
     if len(payload) > PEEK_PARSE_BYTES:
         found = _ID.search(payload, 0, 4096)
         try:

@@ -361,11 +361,13 @@ class ModelRegistry:
                     self.load_ratios[name] = ratio
                     log.info("timed side by side", extra={"model": name, "old": old.version, "new": served.version,
                                                           "ratio": round(ratio, 3)})
+            answering = set(served_versions(self._scheduler(name))) if old is not None else set()
             self._scheduler(name).swap(served)
             # Statistics of the versions still loaded: those answering (a split's B version too), and
-            # the one swapped out, still draining (forgotten at the next swap).
+            # the one swapped out, still draining (forgotten at the next swap). A version that was not
+            # answering starts from zero, as Triton's do, even when it is the one swapped out last time.
             keep = set(served_versions(self._scheduler(name))) | ({old.version} if old is not None else set())
-            self.metrics.statistics.forget(name, keep)
+            self.metrics.statistics.forget(name, keep - ({served.version} - answering))
             changed = True
         return changed
 

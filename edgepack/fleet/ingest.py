@@ -102,6 +102,8 @@ def _exit_after_drain(stop: threading.Event, client_id: str) -> None:
     not acknowledge stays with the broker, and a batch is one transaction: nothing is lost or doubled."""
     stop.wait()
     time.sleep(DRAIN_S)
+    # The exit must not wait on the log: a handler stuck writing to a full stderr pipe holds its lock.
+    threading.Timer(2.0, os._exit, (1,)).start()
     log.warning("%s: still draining %.0f s after the stop; exiting, the broker keeps what was not acknowledged",
                 client_id, DRAIN_S)
     logging.shutdown()
@@ -149,13 +151,27 @@ class IngestWorkers:
         return all(event.wait(max(0.0, deadline - time.monotonic())) for event in self.ready.values())
 
     def start(self) -> "IngestWorkers":
+        surplus = self._surplus()
+        # With no surplus to retire, this run's count is recorded before its workers take a message: a
+        # controller stopped within a second of starting (the supervisor's first round) left the old
+        # count behind, and the next run with fewer workers never drained the sessions of the others.
+        recorded = not surplus and self._record()
         for client_id in self.ids:
             self._start(client_id)
-        for client_id in self._surplus():
+        for client_id in surplus:
             self._start(client_id, retire=True)
-        self._supervisor = threading.Thread(target=self._supervise, name="ingest-supervisor", daemon=True)
+        self._supervisor = threading.Thread(target=self._supervise, args=(recorded,), name="ingest-supervisor",
+                                            daemon=True)
         self._supervisor.start()
         return self
+
+    def _record(self) -> bool:
+        try:
+            record_worker_count(self.db_url, self.client_id, self.count)
+            return True
+        except Exception:  # noqa: BLE001 - the database away: the supervisor's next round tries again
+            log.exception("could not record the ingest worker count")
+            return False
 
     def _surplus(self) -> list[str]:
         """Client ids of workers an earlier run had beyond this one's count (recorded in the database):
@@ -163,8 +179,7 @@ class IngestWorkers:
         before = worker_count(self.db_url, self.client_id)
         return [f"{self.client_id}-ingest-{k}"[:128] for k in range(len(self.ids), before)]
 
-    def _supervise(self) -> None:
-        recorded = False
+    def _supervise(self, recorded: bool = False) -> None:
         while not self._stop.wait(self.RESTART_S):
             if not recorded and all(not p.is_alive() for p in self.retiring.values()):
                 failed = [c for c, p in self.retiring.items() if p.exitcode != 0]
@@ -172,11 +187,7 @@ class IngestWorkers:
                     log.warning("ingest workers %s did not end their sessions", ", ".join(failed))
                     recorded = True
                 else:
-                    try:
-                        record_worker_count(self.db_url, self.client_id, self.count)
-                        recorded = True
-                    except Exception:  # noqa: BLE001 - the database away: the next round tries again
-                        log.exception("could not record the ingest worker count")
+                    recorded = self._record()
             for client_id, process in list(self.processes.items()):
                 if not process.is_alive() and not self._stop.is_set():
                     log.warning("ingest worker %s exited (%s); starting it again", client_id, process.exitcode)

@@ -168,4 +168,11 @@ def test_a_swap_re_checks_the_shadow_and_the_b_version(fleet_bundles, tmp_path):
             assert http.post("/v2/models/fleet/infer", json=body).status_code == 200
         stats = http.get("/v2/models/fleet/stats").json()["model_stats"]
         assert [(s["version"], s["inference_stats"]["success"]["count"]) for s in stats] == [("1.0.0", 3)], stats
+        # 1.1.0, swapped out by that install (its statistics kept while it drained), back at once: from zero too
+        assert run_cli("install", bundles[("1.1.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
+        wait_for(lambda: http.post("/v2/models/fleet/infer", json=body).json()["model_version"] == "1.1.0")
+        for _ in range(2):
+            assert http.post("/v2/models/fleet/infer", json=body).status_code == 200
+        stats = http.get("/v2/models/fleet/stats").json()["model_stats"]
+        assert [(s["version"], s["inference_stats"]["success"]["count"]) for s in stats] == [("1.1.0", 3)], stats
         assert daemon.stop() == 0
