@@ -161,18 +161,17 @@ def test_a_swap_re_checks_the_shadow_and_the_b_version(fleet_bundles, tmp_path):
             assert answer.status_code == 200 and answer.json()["model_version"] == "1.1.0"
         dropped = [e for e in daemon.logs if e.get("msg") in ("split version dropped", "shadow version dropped")]
         assert [e["msg"] for e in dropped] == ["split version dropped", "shadow version dropped"], dropped
+        def served_again(version: str) -> list:
+            """Install ``version``, ask until it answers and twice more; Triton's (version, successes)."""
+            assert run_cli("install", bundles[(version, "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
+            wait_for(lambda: http.post("/v2/models/fleet/infer", json=body).json()["model_version"] == version)
+            for _ in range(2):
+                assert http.post("/v2/models/fleet/infer", json=body).status_code == 200
+            stats = http.get("/v2/models/fleet/stats").json()["model_stats"]
+            return [(s["version"], s["inference_stats"]["success"]["count"]) for s in stats]
+
         # 1.0.0 was unloaded two swaps ago: back again, its statistics start from zero, as Triton's do
-        assert run_cli("install", bundles[("1.0.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
-        wait_for(lambda: http.post("/v2/models/fleet/infer", json=body).json()["model_version"] == "1.0.0")
-        for _ in range(2):
-            assert http.post("/v2/models/fleet/infer", json=body).status_code == 200
-        stats = http.get("/v2/models/fleet/stats").json()["model_stats"]
-        assert [(s["version"], s["inference_stats"]["success"]["count"]) for s in stats] == [("1.0.0", 3)], stats
+        assert served_again("1.0.0") == [("1.0.0", 3)]
         # 1.1.0, swapped out by that install (its statistics kept while it drained), back at once: from zero too
-        assert run_cli("install", bundles[("1.1.0", "x86-64")], "--store", store, program="edgepack-agent").returncode == 0
-        wait_for(lambda: http.post("/v2/models/fleet/infer", json=body).json()["model_version"] == "1.1.0")
-        for _ in range(2):
-            assert http.post("/v2/models/fleet/infer", json=body).status_code == 200
-        stats = http.get("/v2/models/fleet/stats").json()["model_stats"]
-        assert [(s["version"], s["inference_stats"]["success"]["count"]) for s in stats] == [("1.1.0", 3)], stats
+        assert served_again("1.1.0") == [("1.1.0", 3)]
         assert daemon.stop() == 0
