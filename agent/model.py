@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +33,30 @@ class LoadedModel:
     folder: Path
     #: seconds one sample takes on this machine, measured at load (None until measured)
     sample_seconds: float | None = None
+    #: what is derived from the backend's specs, kept while they stay the same lists (every request reads it)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _derived_from: tuple = field(default=(None, None), init=False, repr=False, compare=False)
+
+    def _cached(self, key, make):
+        # A backend that changes its specs (layout, integer I/O) assigns new lists: compared by identity,
+        # held here so an identity is never reused.
+        specs = self.backend.inputs, self.backend.outputs
+        if specs[0] is not self._derived_from[0] or specs[1] is not self._derived_from[1]:
+            self._derived, self._derived_from = {}, specs
+        derived = self._derived
+        if key not in derived:
+            derived[key] = make()
+        return derived[key]
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [served_spec(s) for s in self.backend.inputs] if self.backend.batched else self.backend.inputs
+        return self._cached("inputs", lambda: [served_spec(s) for s in self.backend.inputs]
+                            if self.backend.batched else self.backend.inputs)
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [served_spec(s) for s in self.backend.outputs] if self.backend.batched else self.backend.outputs
+        return self._cached("outputs", lambda: [served_spec(s) for s in self.backend.outputs]
+                            if self.backend.batched else self.backend.outputs)
 
     @property
     def mergeable(self) -> bool:
@@ -74,6 +90,9 @@ class LoadedModel:
     def merge_limit(self, configured: int) -> int:
         """How many samples one run may hold: 1 when the outputs depend on the batch, at most the fixed
         batch of a fixed-batch model, else ``configured``."""
+        return self._cached(("merge_limit", configured), lambda: self._merge_limit(configured))
+
+    def _merge_limit(self, configured: int) -> int:
         if not self.backend.batched or not self.batch_invariant:
             return 1
         if not self.mergeable:

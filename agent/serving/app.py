@@ -70,21 +70,28 @@ async def _wait_disconnect(receive) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, awaitable):
-    """Await ``awaitable``; if the client disconnects first, cancel it (its queued work is dropped)."""
-    task = asyncio.ensure_future(awaitable)
+async def _unless_disconnected(request: Request, queued):
+    """Await the future ``queued``; if the client disconnects first, cancel it (its queued work is
+    dropped) and raise Disconnected. One watcher task and a callback: no ``asyncio.wait`` per request."""
+    queued = asyncio.ensure_future(queued)
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    gone = []
+
+    def disconnected(done) -> None:
+        if not done.cancelled():
+            gone.append(True)
+            queued.cancel()
+
+    watcher.add_done_callback(disconnected)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await queued
     except asyncio.CancelledError:
-        task.cancel()
+        if gone:
+            raise Disconnected from None
         raise
     finally:
+        watcher.remove_done_callback(disconnected)
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    raise Disconnected
 
 
 class BearerAuth:

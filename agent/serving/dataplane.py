@@ -156,6 +156,15 @@ def default_large_budget() -> int:
     return int(min(1024 ** 3, max(64 * 1024 ** 2, memory // 8)))
 
 
+async def _within(awaitable: Awaitable, seconds: float):
+    """``await awaitable``, TimeoutError after ``seconds``; without a task per call where Python has
+    ``asyncio.timeout`` (3.11)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 #: ``read(limit, codec) -> bytes | SharedBody``: a door's way to read its request body
 BodyReader = Callable[[int, Codec], Awaitable["bytes | SharedBody"]]
 
@@ -291,8 +300,8 @@ class InferenceService:
             served = scheduler.pin(split.served if split and version is not None and version == split.version else None)
             if not isinstance(body, (bytes, bytearray, memoryview)):
                 try:
-                    body = await asyncio.wait_for(body(self.max_body, self.codec), self.config.server.body_timeout_s)
-                except asyncio.TimeoutError:
+                    body = await _within(body(self.max_body, self.codec), self.config.server.body_timeout_s)
+                except (asyncio.TimeoutError, TimeoutError):
                     raise BodyTimeout(f"the request body did not arrive within server.body_timeout_s "
                                       f"({self.config.server.body_timeout_s} s)") from None
                 if isinstance(body, SharedBody):

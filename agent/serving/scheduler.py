@@ -522,8 +522,8 @@ class ModelScheduler:
             served.acquire()
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, served, batch,
-                                                     self.options.batching.max_batch_size)
+                elapsed = await loop.run_in_executor(self._executor, self._run, served, batch,
+                                                     self.options.batching.max_batch_size, loop, started)
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 served.health.failed(batch[0].feeds if len(batch) == 1 else None)
                 for work in batch:
@@ -534,16 +534,19 @@ class ModelScheduler:
                 served.release()
                 for work in batch:  # the run is over: nothing reads the feeds any more
                     work.release()
-            elapsed = time.perf_counter() - started
             self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed, served.version)
             served.health.observe(sum(w.count for w in batch), elapsed)
             self._observe_run(served, sum(w.count for w in batch), elapsed)
-            offset = 0
-            for work in batch:
-                part = outputs if len(batch) == 1 else {k: v[offset:offset + work.count] for k, v in outputs.items()}
-                offset += work.count
-                if not work.future.done():  # the client may have gone away
-                    work.future.set_result(Result(part, served, started - work.queued_at, elapsed))
+
+    @staticmethod
+    def _deliver(served: ServedVersion, batch: list[Work], outputs: dict, started: float, elapsed: float) -> None:
+        """Hand a run's outputs to its requests (event loop)."""
+        offset = 0
+        for work in batch:
+            part = outputs if len(batch) == 1 else {k: v[offset:offset + work.count] for k, v in outputs.items()}
+            offset += work.count
+            if not work.future.done():  # the client may have gone away
+                work.future.set_result(Result(part, served, started - work.queued_at, elapsed))
 
     def _chunk(self, work: Work) -> int:
         """Samples of a large request that run at a time: about CHUNK_SECONDS of work at the latency
@@ -612,8 +615,12 @@ class ModelScheduler:
         work.release()
         work.future.set_result(Result(outputs, served, started - work.queued_at, elapsed))
 
-    @staticmethod
-    def _run(served: ServedVersion, batch: list[Work], max_batch: int) -> dict[str, np.ndarray]:
+    @classmethod
+    def _run(cls, served: ServedVersion, batch: list[Work], max_batch: int, loop, started: float) -> float:
+        """Run a batch on the worker thread; its requests get their outputs as soon as the run is over,
+        and the monitoring (non-finite outputs, class counts, drift) follows on this thread while they
+        are encoded and sent: it reads what the answers read and adds nothing to their latency. The
+        feeds stay alive until this returns. Returns the run's seconds since ``started``."""
         if len(batch) == 1:
             feeds = batch[0].feeds
         else:
@@ -622,12 +629,17 @@ class ModelScheduler:
         began = time.perf_counter()
         outputs = served.model.run(feeds, max_batch)
         ran_for = time.perf_counter() - began
-        served.health.check_outputs(outputs, feeds)
-        if served.class_outputs:
-            served.count_classes(outputs)
-        if served.drift is not None:
-            served.drift.safe_observe(*served.model.leading(feeds, outputs), ran_for)  # on the worker thread, off the event loop
-        return outputs
+        elapsed = time.perf_counter() - started
+        loop.call_soon_threadsafe(cls._deliver, served, batch, outputs, started, elapsed)
+        try:
+            served.health.check_outputs(outputs, feeds)
+            if served.class_outputs:
+                served.count_classes(outputs)
+            if served.drift is not None:
+                served.drift.safe_observe(*served.model.leading(feeds, outputs), ran_for)
+        except Exception:  # noqa: BLE001 - the answers are out; a monitoring bug must not count as a failed run
+            log.exception("monitoring a run failed")
+        return elapsed
 
     async def close(self) -> None:
         """Finish queued work, stop the workers and close the active version (and a shadow or B one)."""
