@@ -147,9 +147,9 @@ class ServerConfig(_Strict):
         0.5, gt=0, le=100, description="Python's GIL switch interval in the daemon (default 5 ms in Python): how "
         "long the event loop may wait for the GIL while inference threads hold it")
     intra_op_spinning: bool = Field(
-        False, description="let ONNX Runtime's intra-op threads spin while waiting for work: slightly faster "
-        "when the model has the cores to itself, about twice as slow when the event loop or other processes "
-        "want them (benchmarks/overload.py)")
+        False, description="let ONNX Runtime's intra-op threads spin while a run waits for work (they stop when it "
+        "returns): faster when the model has the cores to itself (on 2 cores 1.1-1.3x over HTTP), slower when "
+        "other processes want them (0.75-0.8x beside one busy process; benchmarks/serving.py, overload.py)")
     large_body_budget_bytes: int | None = Field(
         None, ge=1024 * 1024, description="bytes of large bodies (over offload_bytes) in progress at once, by their "
         "Content-Length; one that would go over is answered 503 (default: an eighth of the memory, 64 MiB to 1 GiB; "

@@ -115,7 +115,7 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     port = sock.getsockname()[1]
     from .runtime.onnx_backend import allow_spinning
 
-    allow_spinning(config.server.intra_op_spinning)  # before any model loads
+    allow_spinning(config.server.intra_op_spinning, between_runs=False)  # before any model loads
     app = build_app(config, registry, metrics, lifespan, service)
     uv_config = uvicorn.Config(
         app, loop=_pick("uvloop", "uvloop", "asyncio"), http=guarded_protocol(config.server.header_timeout_s, build_front_door(config, registry, metrics),

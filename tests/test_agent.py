@@ -173,3 +173,41 @@ def test_a_map_may_differ_in_a_few_pixels_and_nothing_else_may():
     assert tolerance_miss(expected, few, tolerance, "map") is None
     assert "of its values" in tolerance_miss(expected, few, tolerance, "classes")
     assert "3.98% of its values" in tolerance_miss(expected, many, tolerance, "map")
+
+
+def test_the_daemons_spinning_threads_stop_when_a_run_returns(tmp_path):
+    """Spinning allowed as the daemon allows it: ORT's threads spin during a run and stop when it
+    returns (the event loop needs the cores between runs); not allowed: no spinning at all; ORT's own
+    default (the converter's) sets neither."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from agent.runtime import onnx_backend
+    from agent.runtime.onnx_backend import OnnxBackend, allow_spinning
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    saved = dict(onnx_backend.SPINNING)
+
+    def entries():
+        options = OnnxBackend(path, threads=2).session.get_session_options()
+
+        def entry(key):
+            try:
+                return options.get_session_config_entry(key)
+            except RuntimeError:  # not set
+                return None
+
+        return entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")
+
+    try:
+        assert entries() == (None, None)
+        allow_spinning(True, between_runs=False)
+        assert entries() == (None, "1")
+        allow_spinning(False)
+        assert entries() == ("0", None)
+    finally:
+        onnx_backend.SPINNING.update(saved)

@@ -33,12 +33,20 @@ def choose_providers(wanted: list[str] | None) -> list[str]:
 #: beside one busy process, 12 ms not spinning. Every ``edgepack-agent`` command turns it off, the daemon
 #: unless ``server.intra_op_spinning`` says otherwise: its own event loop, and usually the application
 #: feeding it, share the cores with the model. The converter keeps ORT's default.
-SPINNING = {"allowed": True}
+#: ``between_runs``: whether they go on spinning after a run returns (ORT's default). The daemon stops
+#: them there (``session.force_spinning_stop``): its next run comes through the event loop, which needs
+#: the cores meanwhile; measured on 2 cores (benchmarks/serving.py's CNN over HTTP), spinning that stops
+#: after each run served 162 req/s at c=1 and 198 at c=8, spinning that goes on 150 and 153, not
+#: spinning 126 and 188; beside one busy process, not spinning stays the fastest (90 and 111 against 71
+#: and 86), hence the daemon's default.
+SPINNING = {"allowed": True, "between_runs": True}
 
 
-def allow_spinning(allowed: bool) -> None:
-    """Set whether sessions created from now on let their intra-op threads spin (see SPINNING)."""
+def allow_spinning(allowed: bool, between_runs: bool = True) -> None:
+    """Set whether sessions created from now on let their intra-op threads spin, and whether they go on
+    spinning after a run returns (see SPINNING)."""
     SPINNING["allowed"] = allowed
+    SPINNING["between_runs"] = between_runs
 
 
 class OnnxBackend(Backend):
@@ -62,6 +70,8 @@ class OnnxBackend(Backend):
         options.log_severity_level = log_severity
         if not SPINNING["allowed"]:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif not SPINNING["between_runs"]:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
