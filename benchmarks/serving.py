@@ -334,15 +334,18 @@ def caller():
     name = client.get_model_metadata(model)["outputs"][0]["name"]
     outputs = [triton.InferRequestedOutput(name, binary_data=True)]
     return lambda: client.infer(model, [tensor], outputs=outputs)
-callers = [caller() for _ in range(concurrency)]
-for call in callers:
+# Each thread makes its own client: tritonclient.http's connection pool is bound to the thread that
+# made it (geventhttpclient's hub), and calling it from another fails its first request.
+latencies, errors = [], [0]
+ready = threading.Barrier(concurrency + 1)
+stop = [0.0]
+def worker():
+    call = caller()
     for _ in range(5):
         call()
-latencies, errors = [], [0]
-stop = time.perf_counter() + seconds
-def worker(call):
+    ready.wait()
     local = []
-    while time.perf_counter() < stop:
+    while time.perf_counter() < stop[0]:
         began = time.perf_counter()
         try:
             call()
@@ -350,9 +353,12 @@ def worker(call):
         except Exception:
             errors[0] += 1
     latencies.extend(local)
-threads = [threading.Thread(target=worker, args=(c,)) for c in callers]
-began = time.perf_counter()
+threads = [threading.Thread(target=worker) for _ in range(concurrency)]
 for t in threads: t.start()
+stop[0] = time.perf_counter() + 3600
+ready.wait()
+began = time.perf_counter()
+stop[0] = began + seconds
 for t in threads: t.join()
 elapsed = time.perf_counter() - began
 lat = np.sort(np.asarray(latencies)) * 1000

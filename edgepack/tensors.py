@@ -24,6 +24,18 @@ ORT_TYPES = {
 }
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Whether a floating array holds no NaN or Inf, in one pass without a temporary array: a sum is
+    finite only if every term is (NaN and Inf propagate), so a finite sum settles it; a non-finite one
+    (a NaN, or finite values that overflow the sum) is settled element by element."""
+    if array.dtype.kind != "f" or not array.size:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(array, axis=None)):
+            return True
+    return bool(np.isfinite(array).all())
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, numpy dtype name and shape of one model input or output.

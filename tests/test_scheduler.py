@@ -102,6 +102,52 @@ def test_a_slow_upload_cannot_hold_the_queue_shut():
     asyncio.run(scenario())
 
 
+class CountingDouble(SlowDouble):
+    """SlowDouble that records the samples of each run."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.runs: list[int] = []
+
+    def run(self, feeds, max_batch):
+        self.runs.append(len(feeds["x"]))
+        return super().run(feeds, max_batch)
+
+
+def test_a_batch_waits_briefly_for_requests_admitted_from_their_head():
+    async def scenario():
+        # A closed loop of four clients: their heads are read together, the first body is decoded first.
+        model = CountingDouble(0.004)
+        scheduler = _scheduler(model, batching={"max_batch_size": 8})
+        places = [scheduler.reserve() for _ in range(3)]
+        served = scheduler.pin()
+        futures = [scheduler.submit(_feeds(), served)]
+        await asyncio.sleep(0.001)  # the other bodies are still arriving
+        futures += [scheduler.submit(_feeds(), served, place=place) for place in places]
+        scheduler.unpin(served)
+        await asyncio.gather(*futures)
+        assert model.runs == [4]  # one run, not 1 then 3
+
+        # A place whose request never comes (refused, or a client gone) costs at most one sample's time.
+        model.runs.clear()
+        lost = scheduler.reserve()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await scheduler.submit(_feeds(), scheduler.current)
+        assert model.runs == [1] and loop.time() - began < 0.5
+        scheduler.unreserve(lost)
+
+        # A lone client (no place held) never waits for anyone.
+        gathered = []
+        original = scheduler._gather_held
+        scheduler._gather_held = lambda: gathered.append(1) or original()
+        await scheduler.submit(_feeds(), scheduler.current)
+        assert gathered == [] and model.runs == [1, 1]
+        await scheduler.close()
+
+    asyncio.run(scenario())
+
+
 def test_default_queue_follows_the_speed_of_recent_runs():
     async def scenario():
         scheduler = _scheduler(SlowDouble(0.0005), queue_budget_ms=25, batching={"enabled": True, "max_batch_size": 4})

@@ -13,14 +13,14 @@ import logging
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import AgentConfig
 from .codec import BodyTooLarge, Codec
 from .dataplane import ClientGone, Disconnected, InferenceService, ServiceError
-from .front_door import OPEN_PATHS, PLACE, token_matches
+from .front_door import OPEN_PATHS, PLACE, infer_path, token_matches
 from .metrics import ServingMetrics
 from . import model_info
 from .oip import HEADER_LENGTH, RequestError
@@ -38,17 +38,29 @@ def _error(message: str, status: int) -> Response:
     return _json({"error": message}, status)
 
 
-async def _read_body(request: Request, limit: int, codec: Codec):
+async def _chunks(receive):
+    """The request body's chunks from ASGI ``receive`` (ClientDisconnect if the client goes first)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _read_body(receive, declared: int | None, limit: int, codec: Codec):
     """The raw body, refusing anything over ``limit`` bytes without reading it all. A large body of
     declared length goes straight into shared memory for the decoding helper (a SharedBody, which the
     caller releases); anything else comes back as bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared > limit:
         raise BodyTooLarge
-    if declared is not None and declared.isdigit() and codec.offloads(int(declared)):
-        shared = SharedBody(int(declared))
+    if declared is not None and codec.offloads(declared):
+        shared = SharedBody(declared)
         try:
-            async for chunk in request.stream():
+            async for chunk in _chunks(receive):
                 if not shared.write(chunk):
                     raise RequestError("the body is longer than its Content-Length")
                 await asyncio.sleep(0)  # let requests that arrived meanwhile in between the chunks
@@ -57,12 +69,12 @@ async def _read_body(request: Request, limit: int, codec: Codec):
             raise
         return shared
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in _chunks(receive):
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one chunk: no copy
 
 
 async def _wait_disconnect(receive) -> None:
@@ -70,11 +82,11 @@ async def _wait_disconnect(receive) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, queued):
+async def _unless_disconnected(receive, queued):
     """Await the future ``queued``; if the client disconnects first, cancel it (its queued work is
     dropped) and raise Disconnected. One watcher task and a callback: no ``asyncio.wait`` per request."""
     queued = asyncio.ensure_future(queued)
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
     gone = []
 
     def disconnected(done) -> None:
@@ -92,6 +104,72 @@ async def _unless_disconnected(request: Request, queued):
     finally:
         watcher.remove_done_callback(disconnected)
         watcher.cancel()
+
+
+async def _respond(send, status: int, body: bytes, headers: dict | None = None) -> None:
+    raw = [(b"content-length", str(len(body)).encode())]
+    if headers:
+        raw += [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class InferEndpoint:
+    """ASGI endpoint of ``POST /v2/models/{name}[/versions/{v}]/infer``: the request straight into the
+    dataplane and its answer straight out, without Starlette's Request and Response objects.
+
+    :class:`InferRoute` calls it for every infer path before Starlette's router and middleware (py-spy
+    put ~15% of the event loop's time per request there); Starlette routes the paths the parser leaves
+    to it (percent-encoded ones) here too, so both take one code path."""
+
+    def __init__(self, service: InferenceService):
+        self.service = service
+
+    async def __call__(self, scope, receive, send, target: tuple[str, str | None] | None = None) -> None:
+        if target is None:
+            params = scope["path_params"]
+            target = params["name"], params.get("version")
+        headers = {}
+        for key, value in scope["headers"]:
+            headers.setdefault(key, value)  # the first of repeated headers counts, as in Starlette
+        declared = headers.get(b"content-length", b"")
+        declared = int(declared) if declared.isdigit() else None
+        header_length = headers.get(HEADER_LENGTH.encode())
+        client = headers.get(CLIENT_HEADER.encode())
+        service = self.service
+        try:
+            answer = await service.infer(
+                target[0], target[1], lambda limit, codec: _read_body(receive, declared, limit, codec),
+                encoding=headers.get(b"content-encoding", b"identity").decode("latin-1"),
+                header_length=header_length.decode("latin-1") if header_length is not None else None,
+                declared=declared, watch=lambda queued: _unless_disconnected(receive, queued),
+                reserved=scope.pop(PLACE, None), client=client.decode("latin-1") if client is not None else None)
+        except ServiceError as exc:
+            if isinstance(exc, ClientGone):
+                await _respond(send, 499, b"")
+                return
+            # A 503 before the body is read keeps the connection open: closing it on the unread body
+            # would spare reading it, but clients would see a reset instead (benchmarks/overload.py).
+            await _respond(send, exc.status, orjson.dumps({"error": exc.message}),
+                           {"content-type": "application/json", **(exc.headers or {})})
+            return
+        await _respond(send, 200, answer.body, answer.headers)
+
+
+class InferRoute:
+    """ASGI: infer requests to :class:`InferEndpoint`, everything else to ``app`` (Starlette)."""
+
+    def __init__(self, app, endpoint: InferEndpoint):
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = infer_path(scope.get("raw_path") or b"")
+            if target is not None and target[0] and target[1] != "":
+                await self.endpoint(scope, receive, send, target)
+                return
+        await self.app(scope, receive, send)
 
 
 class BearerAuth:
@@ -159,25 +237,6 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         except ServiceError as exc:
             return _json({"error": exc.message}, exc.status)
 
-    async def infer(request: Request) -> Response:
-        declared = request.headers.get("content-length", "")
-        try:
-            answer = await service.infer(
-                request.path_params["name"], request.path_params.get("version"),
-                lambda limit, codec: _read_body(request, limit, codec),
-                encoding=request.headers.get("content-encoding", "identity"),
-                header_length=request.headers.get(HEADER_LENGTH),
-                declared=int(declared) if declared.isdigit() else None,
-                watch=lambda queued: _unless_disconnected(request, queued),
-                reserved=request.scope.pop(PLACE, None), client=request.headers.get(CLIENT_HEADER))
-        except ServiceError as exc:
-            if isinstance(exc, ClientGone):
-                return Response(status_code=499)
-            # A 503 before the body is read keeps the connection open: closing it on the unread body
-            # would spare reading it, but clients would see a reset instead (benchmarks/overload.py).
-            return _json({"error": exc.message}, exc.status, exc.headers or None)
-        return Response(answer.body, 200, headers=answer.headers)
-
     async def statistics(request: Request) -> Response:
         name = request.path_params.get("name")
         try:
@@ -188,6 +247,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), 200, headers={"content-type": metrics.content_type})
 
+    infer = InferEndpoint(service)
     routes = [
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
@@ -201,7 +261,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
         Route("/v2/models/{name}/config", model_config, methods=["GET"]),
         Route("/v2/models/{name}/stats", statistics, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/stats", statistics, methods=["GET"]),
-        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),  # percent-encoded paths (InferRoute)
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/shadow", shadow, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
@@ -223,5 +283,6 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
             await codec.close()
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan_and_codec)
+    routed = InferRoute(app, infer)
     token = config.server.bearer_token()
-    return BearerAuth(app, token) if token else app
+    return BearerAuth(routed, token) if token else routed

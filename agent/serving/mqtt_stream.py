@@ -42,14 +42,13 @@ class StreamServer:
 
     def _handler(self, name: str):
         def handle(topic: str, payload: bytes) -> None:
-            request_id = _peek_id(payload) if len(payload) <= MAX_MESSAGE_BYTES else None
             if self.in_flight.get(name, 0) >= self.config.model(name).stream_max_in_flight:
                 self.metrics.observe_request(name, "overloaded")
-                self._reply(name, {"id": request_id, "error": "too many streamed requests in progress; slow down",
+                self._reply(name, {"id": _id_of(payload), "error": "too many streamed requests in progress; slow down",
                                    "code": 503})
                 return
             self.in_flight[name] = self.in_flight.get(name, 0) + 1
-            task = asyncio.ensure_future(self._infer(name, payload, request_id))
+            task = asyncio.ensure_future(self._infer(name, payload))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         return handle
@@ -58,20 +57,21 @@ class StreamServer:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.link.transport.publish(topics.stream(self.link.device, name, "out"), payload, qos=1)
 
-    async def _infer(self, name: str, payload: bytes, request_id) -> None:
+    async def _infer(self, name: str, payload: bytes) -> None:
+        # The id is looked up only for an error reply: an answer carries the id the dataplane decoded.
         try:
             if len(payload) > MAX_MESSAGE_BYTES:
                 self.metrics.observe_request(name, "too_large")
-                self._reply(name, {"id": request_id, "error": f"the message is larger than {MAX_MESSAGE_BYTES} bytes",
+                self._reply(name, {"id": None, "error": f"the message is larger than {MAX_MESSAGE_BYTES} bytes",
                                    "code": 413})
                 return
             answer = await self.service.infer(name, None, payload)
             self._reply(name, answer.body)
         except ServiceError as exc:
-            self._reply(name, {"id": request_id, "error": exc.message, "code": exc.status})
+            self._reply(name, {"id": _id_of(payload), "error": exc.message, "code": exc.status})
         except Exception as exc:  # noqa: BLE001 - a bad message costs one answer, never the agent
             log.exception("streamed inference failed", extra={"model": name})
-            self._reply(name, {"id": request_id, "error": f"internal error: {type(exc).__name__}", "code": 500})
+            self._reply(name, {"id": _id_of(payload), "error": f"internal error: {type(exc).__name__}", "code": 500})
         finally:
             self.in_flight[name] -= 1
 
@@ -80,6 +80,11 @@ class StreamServer:
 #: runs on the event loop for every refusal, and a flood of 4 MiB requests must not parse each one)
 PEEK_PARSE_BYTES = 64 * 1024
 _ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,256}"|-?[0-9]{1,19})(?=\s*[,}])')
+
+
+def _id_of(payload: bytes):
+    """The request's id for an error reply; None for a message over ``MAX_MESSAGE_BYTES`` (not read)."""
+    return _peek_id(payload) if len(payload) <= MAX_MESSAGE_BYTES else None
 
 
 def _peek_id(payload: bytes):

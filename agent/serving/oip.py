@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from edgepack.tensors import TensorSpec
+from edgepack.tensors import TensorSpec, all_finite
 from .split import client_of
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -264,7 +264,7 @@ def validate_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec], allo
                 where = f" on axis {spec.sample_axis}" if spec.sample_axis else ""
                 raise RequestError(f"input {spec.name!r}: batch size {count}{where} differs from the other inputs' {batch}")
             batch = count
-        if not allow_nonfinite and array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        if not allow_nonfinite and array.dtype.kind == "f" and not all_finite(array):
             raise RequestError(f"input {spec.name!r} holds NaN or Inf values, which this model refuses")
         if want == "BYTES" and spec.dtype == "str":
             array = np.asarray([v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.reshape(-1)],

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgepack.tensors import all_finite
+
 from ..config import ModelConfig
 from ..model import LoadedModel
 from .metrics import ServingMetrics
@@ -52,6 +54,10 @@ LIVE_WEIGHT = 0.2
 #: request shares the model with the small ones instead of holding it for seconds
 CHUNK_SECONDS = 0.004
 CHUNK_SAMPLES = 64
+#: with dynamic batching, a batch waits for requests admitted from their head for at most this many
+#: samples' run time (and never more than GATHER_MAX_S): see ModelScheduler._gather_held
+GATHER_SAMPLES = 1.0
+GATHER_MAX_S = 0.005
 
 
 class Place:
@@ -127,7 +133,7 @@ class VersionHealth:
     def check_outputs(self, outputs: dict, feeds: dict | None = None) -> None:
         """Count a run whose outputs hold NaN or Inf (called on the worker thread, off the event loop);
         with ``feeds``, a run on inputs far outside the calibration range is counted as excluded."""
-        if any(np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all() for v in outputs.values()):
+        if not all(all_finite(v) for v in outputs.values()):
             if self.out_of_range(feeds):
                 self.excluded += 1
             else:
@@ -512,6 +518,11 @@ class ModelScheduler:
                 self._drop_dead()
                 if not self._pending:
                     continue
+            elif self.max_batch > 1 and self._places:
+                await self._gather_held()
+                self._drop_dead()
+                if not self._pending:
+                    continue
             batch = self._take_batch()
             self.metrics.queue_depth.labels(self.name).dec(len(batch))
             if (len(batch) == 1 and batch[0].count > max(self._chunk(batch[0]), self.max_batch)
@@ -537,6 +548,24 @@ class ModelScheduler:
             self.metrics.observe_batch(self.name, sum(w.count for w in batch), elapsed, served.version)
             served.health.observe(sum(w.count for w in batch), elapsed)
             self._observe_run(served, sum(w.count for w in batch), elapsed)
+
+    async def _gather_held(self) -> None:
+        """Wait a little for requests already admitted from their head (body on the way) to join the
+        batch: a closed loop of clients sends its next requests together when a batch's answers go
+        out, and the one decoded first would otherwise run alone while the others queue behind it.
+        At most ``GATHER_SAMPLES`` samples' run time: waiting longer would cost more than a run of its
+        own. Only known arrivals are waited for, so a lone client (no place held) never waits."""
+        seconds = self.sample_seconds
+        if not seconds:
+            return
+        until = time.perf_counter() + min(GATHER_SAMPLES * seconds, GATHER_MAX_S)
+        while (self._held() and self._pending and sum(w.count for w in self._pending) < self.max_batch
+               and time.perf_counter() < until):
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), until - time.perf_counter())
+            except asyncio.TimeoutError:
+                break
 
     @staticmethod
     def _deliver(served: ServedVersion, batch: list[Work], outputs: dict, started: float, elapsed: float) -> None:
