@@ -294,3 +294,48 @@ def test_probability_maps_are_judged_over_all_pixels_with_their_thresholded_iou(
     budgets = Budgets()
     result = evaluate([maps], [shifted], ["map"], budgets)
     assert any("map IoU" in failure for failure in result.failures), result.failures
+
+
+def test_bias_correction_takes_scalar_inputs_and_a_ragged_last_batch(tmp_path):
+    """A model whose first input is a scalar (a sample rate, a gain) and calibration data whose last
+    batch is smaller: the means are taken over the batches shaped like the first, nothing raises."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from converters.onnx.bias_correction import correct_biases
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gain"], ["scaled"], name="scale"),
+         helper.make_node("Conv", ["scaled", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "gain_conv",
+        [helper.make_tensor_value_info("gain", TensorProto.FLOAT, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "float.onnx"
+    onnx.save(model, str(path))
+    data = (rng.standard_normal((20, 3, 8, 8)) + 0.5).astype(np.float32)
+    gain = np.asarray(1.5, dtype=np.float32)
+    batches = [{"gain": gain, "x": data[i:i + 8]} for i in range(0, 20, 8)]  # 8, 8 and 4 samples
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantized = tmp_path / "int8.onnx"
+    quantize_static(str(path), str(quantized), Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    corrected = tmp_path / "int8-bc.onnx"
+    info = correct_biases(path, quantized, corrected, batches)
+    assert info["layers"] == 1 and info["max_shift"] > 0
+    session = ort.InferenceSession(str(corrected), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"gain": gain, "x": data[:2]})[0].shape == (2, 8, 8, 8)

@@ -190,3 +190,57 @@ def test_callers_can_ask_for_raw_int8(tflite_bundles, validation_arrays, tmp_pat
         answer = client.infer("digits", [tensor]).as_numpy("linear")
         assert running.stop() == 0
     assert answer.dtype == np.int8 and np.array_equal(answer, direct)
+
+
+def _with_signatures(path, signatures: dict) -> None:
+    """Rewrite the ``shape_signature`` of the named tensors of a .tflite file (-1: any size), as
+    TensorFlow's converter writes them for a dynamic dimension (litert-torch cannot export one here)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(path.read_bytes(), 0))
+    for tensor in model.subgraphs[0].tensors:
+        name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+        if name in signatures:
+            tensor.shapeSignature = np.asarray(signatures[name], dtype=np.int32)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+
+
+def test_a_state_with_its_batch_on_axis_1_and_a_scalar_resize_the_interpreter(tmp_path):
+    """A recurrent model (x [batch, 4], state [2, batch, 4], a scalar gain) whose batch is free: the
+    interpreter is resized to each run's shapes on the axes the bundle's layout names, not axis 0."""
+    import litert_torch
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from agent.runtime.base import run_in_batches
+    from agent.runtime.litert_backend import LiteRTBackend
+
+    class Step(torch.nn.Module):
+        def forward(self, x, state, gain):
+            new_state = state * 0.5 + x * gain  # broadcasting: no reshape with a constant shape
+            return new_state.sum(0), new_state
+
+    examples = (torch.randn(2, 4), torch.randn(2, 2, 4), torch.tensor(1.5))
+    path = tmp_path / "step.tflite"
+    litert_torch.convert(Step().eval(), examples).export(str(path))
+    interpreter = Interpreter(model_path=str(path))
+    names = {d["name"]: list(d["shape"]) for d in interpreter.get_input_details() + interpreter.get_output_details()}
+    free = {name: [-1 if (len(shape) == 2 and i == 0) or (len(shape) == 3 and i == 1) else d
+                   for i, d in enumerate(shape)] for name, shape in names.items() if shape}
+    _with_signatures(path, free)
+
+    backend = LiteRTBackend(path, threads=1, input_names=["x", "state", "gain"], output_names=["y", "next_state"])
+    assert backend.resizable
+    backend.set_layout({"x": 0, "state": 1, "gain": None, "y": 0, "next_state": 1})
+    assert backend.batch_dynamic
+    rng = np.random.default_rng(0)
+    for batch in (3, 1, 5):
+        x = rng.standard_normal((batch, 4)).astype(np.float32)
+        state = rng.standard_normal((2, batch, 4)).astype(np.float32)
+        y, next_state = run_in_batches(backend, backend.check_feeds({"x": x, "state": state, "gain": np.float32(1.5)}))
+        expected = state * 0.5 + x * 1.5
+        np.testing.assert_allclose(next_state, expected, rtol=1e-6)
+        np.testing.assert_allclose(y, expected.sum(0), rtol=1e-6)

@@ -47,7 +47,7 @@ def _quantization(detail: dict) -> dict | None:
 
 
 class _Interpreter:
-    """One interpreter and the batch size its tensors are currently allocated for."""
+    """One interpreter and the input shapes its tensors are currently allocated for."""
 
     def __init__(self, model_path: Path, threads: int | None):
         Interpreter = interpreter_class()
@@ -57,7 +57,7 @@ class _Interpreter:
         except (ValueError, RuntimeError) as exc:
             raise RuntimeBackendError(f"LiteRT cannot load {Path(model_path).name}: {first_line(exc)}") from None
         #: the input shapes its tensors are allocated for (None: as the model file declares)
-        self.batch: tuple | int | None = None
+        self.batch: tuple | None = None
 
 
 class LiteRTBackend(Backend):
@@ -78,10 +78,12 @@ class LiteRTBackend(Backend):
         self._in = first.interpreter.get_input_details()
         self._out = first.interpreter.get_output_details()
         signature = [list(d.get("shape_signature", d["shape"])) for d in self._in]
-        #: the model's batch dimension is -1 (resizable); otherwise samples run one fixed batch at a time
-        self.resizable = all(sig and sig[0] == -1 for sig in signature)
-        self._fixed_batch = None if self.resizable else int(self._in[0]["shape"][0]) if len(self._in[0]["shape"]) else None
-        first.batch = None if self.resizable else self._fixed_batch
+        #: some input dimension is -1: interpreters are resized to each run's shapes. Which dimension
+        #: holds the samples is the bundle's layout (``set_layout``), not always axis 0 (a recurrent
+        #: state [2, batch, 128], a scalar sample rate); a fixed-batch model gets chunks of its batch
+        #: from run_in_batches and runs at the shapes it was allocated with.
+        self.resizable = any(-1 in sig for sig in signature)
+        first.batch = self._allocated(first)
         self._pool: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
         self._pool.put(first)
         self._closed = False
@@ -92,6 +94,9 @@ class LiteRTBackend(Backend):
             extra = _Interpreter(model_path, threads)
             extra.batch = first.batch
             self._pool.put(extra)
+
+    def _allocated(self, slot: _Interpreter) -> tuple:
+        return tuple(tuple(int(d) for d in detail["shape"]) for detail in slot.interpreter.get_input_details())
 
     def _build_specs(self) -> None:
         input_names, output_names = self._names
@@ -125,7 +130,8 @@ class LiteRTBackend(Backend):
             info = np.iinfo(detail["dtype"])
             scaled = np.round(array / quantization["scale"]) + quantization["zero_point"]
             return np.clip(scaled, info.min, info.max).astype(detail["dtype"])
-        return np.ascontiguousarray(array, dtype=detail["dtype"])
+        # np.asarray keeps a scalar rank 0 (np.ascontiguousarray would make it shape (1,))
+        return np.asarray(array, dtype=detail["dtype"], order="C")
 
     def _from_model(self, detail: dict, array: np.ndarray) -> np.ndarray:
         quantization = _quantization(detail)
@@ -136,7 +142,7 @@ class LiteRTBackend(Backend):
     def _invoke(self, slot: _Interpreter, arrays: list[np.ndarray]) -> list[np.ndarray]:
         interpreter = slot.interpreter
         # Keyed by every input's shape: the batch need not lie on axis 0 of each (a recurrent state).
-        shapes = tuple(array.shape for array in arrays)
+        shapes = tuple(tuple(array.shape) for array in arrays)
         if self.resizable and arrays and shapes != slot.batch:
             for detail, array in zip(self._in, arrays):
                 interpreter.resize_tensor_input(detail["index"], list(array.shape), strict=False)

@@ -146,9 +146,11 @@ def _input_means(floating, names: list[str], batches: list[dict]) -> dict[str, n
     fetch = [name for name in wanted if name not in graph_inputs]
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
-    # A graph with a fixed batch takes only full batches.
-    size = len(next(iter(batches[0].values()))) if batches else 0
-    for feeds in (feeds for feeds in batches if len(next(iter(feeds.values()))) == size):
+    # A graph with a fixed batch takes only full batches: those shaped as the first one. Compared by
+    # every input's whole shape, not the length of the first: an input may be a scalar or hold its
+    # samples on another axis (a recurrent state), and a sum's shape must not change between batches.
+    shapes = _shapes(batches[0]) if batches else None
+    for feeds in (feeds for feeds in batches if _shapes(feeds) == shapes):
         values = dict(zip(fetch, session.run(fetch, feeds)))
         values.update({name: feeds[name] for name in wanted if name in graph_inputs})
         for name in wanted:
@@ -157,6 +159,10 @@ def _input_means(floating, names: list[str], batches: list[dict]) -> dict[str, n
             sums[name] = sums.get(name, 0.0) + array.sum(axis=0)
             rows[name] = rows.get(name, 0) + array.shape[0]
     return {name: total / max(rows[name], 1) for name, total in sums.items()}
+
+
+def _shapes(feeds: dict) -> tuple:
+    return tuple((name, np.shape(array)) for name, array in feeds.items())
 
 
 def _output_shift(layer: _Layer, mean: np.ndarray) -> np.ndarray:
