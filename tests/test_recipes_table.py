@@ -31,3 +31,28 @@ def test_each_class_imports_and_agrees_with_the_core_facts(name):
     # Static int8 calibrates activation ranges (and the mixed searches start from it); dynamic int8 and
     # float recipes do not.
     assert info.needs_calibration == (info.precision in ("int8", "int8-mixed"))
+
+
+def test_candidate_files_are_named_by_recipe_and_options_and_a_failed_build_keeps_the_old_one(tmp_path):
+    """Profiles sharing a base graph share its folder and reuse an earlier profile's candidate by its
+    options: each recipe/options pair writes its own file, and a rebuild that fails partway leaves the
+    file as it was (written beside it, renamed when complete)."""
+    from types import SimpleNamespace
+
+    from converters.recipes.base import write_atomically
+
+    ctx = SimpleNamespace(workdir=tmp_path)
+    paths = {recipe_class(name)(options).candidate_path(ctx, ".tflite")
+             for name, options in [("tflite-int8", {}), ("tflite-int8", {"per_channel": False}), ("tflite-fp32", {})]}
+    assert len(paths) == 3 and all(path.parent == tmp_path for path in paths)
+    mixed = recipe_class("tflite-int8-mixed")()
+    assert mixed.candidate_path(ctx, ".tflite", "4", "a") != mixed.candidate_path(ctx, ".tflite", "4", "b")
+
+    target = tmp_path / "model.onnx"
+    assert write_atomically(target, lambda partial: partial.write_bytes(b"good")) == 4
+    def fail(partial):
+        partial.write_bytes(b"half")
+        raise RuntimeError("killed halfway")
+    with pytest.raises(RuntimeError):
+        write_atomically(target, fail)
+    assert target.read_bytes() == b"good" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

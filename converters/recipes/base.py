@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import numpy as np
 
@@ -72,5 +74,28 @@ class Recipe:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def candidate_path(self, ctx: RecipeContext, suffix: str, *parts: str) -> Path:
+        """Where this recipe writes a candidate file: named by the recipe and a hash of its options,
+        then ``parts`` (what else its content depends on: the layers a mixed candidate keeps float).
+        Profiles sharing a base graph share its folder, may ask for other options, and reuse an earlier
+        profile's candidate by its options: one candidate's file must never be another's."""
+        tag = hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]
+        return ctx.workdir / ("-".join([self.name, tag, *parts]) + suffix)
+
     def run(self, ctx: RecipeContext) -> Candidate:
         raise NotImplementedError
+
+
+Written = TypeVar("Written")
+
+
+def write_atomically(target: Path, write: Callable[[Path], Written]) -> Written:
+    """``write(partial)`` into a file beside ``target``, then rename it to ``target``: a build that fails
+    partway leaves an earlier candidate of the same name as it was (a later profile may reuse it)."""
+    partial = target.with_name(f"{target.stem}.partial{target.suffix}")
+    try:
+        result = write(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return result

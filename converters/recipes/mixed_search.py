@@ -3,6 +3,7 @@ the candidate meets the gate, or stop at the recipe's limit."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,12 @@ class SearchResult:
     gate: object
     latency: object
     tried: list[dict] = field(default_factory=list)
+
+
+def kept_tag(names: list[str]) -> str:
+    """A short hash of the layers a candidate keeps float, for its file name: two searches (other
+    budgets, same options) that reach the same count with other layers write other files."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
 
 
 def search_float_layers(ranked: list, limit: int, build: Callable[[int, list[str]], Path],
@@ -52,6 +59,6 @@ def search_float_layers(ranked: list, limit: int, build: Callable[[int, list[str
         else:
             failed = middle
     if best is not result:
-        # The files are named by count, so the best candidate's file is still there: rebuild nothing.
+        # Each candidate has its own file (count and kept layers), so the best one's is still there.
         best.tried = tried
     return best

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edgepack.errors import first_line
 
-from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed, write_atomically
 
 
 class Fp32Recipe(Recipe):
@@ -21,8 +21,8 @@ class Fp32Recipe(Recipe):
         pass
 
     def run(self, ctx: RecipeContext) -> Candidate:
-        target = ctx.workdir / "onnx-fp32.onnx"
-        shutil.copyfile(ctx.base_model, target)
+        target = self.candidate_path(ctx, ".onnx")
+        write_atomically(target, lambda partial: shutil.copyfile(ctx.base_model, partial))
         return Candidate(self.name, target, "onnx", self.precision, self.config_dict())
 
 
@@ -41,7 +41,7 @@ class Fp16Recipe(Recipe):
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        target = ctx.workdir / "onnx-fp16.onnx"
+        target = self.candidate_path(ctx, ".onnx")
         model = onnx.load(str(ctx.base_model))
         try:
             converted = convert_float_to_float16(
@@ -51,7 +51,7 @@ class Fp16Recipe(Recipe):
         except Exception as exc:
             raise RecipeFailed(f"fp16 conversion failed: {first_line(exc, 200)}") from None
         _sort_topologically(converted.graph)
-        onnx.save(converted, str(target))
+        write_atomically(target, lambda partial: onnx.save(converted, str(partial)))
         return Candidate(self.name, target, "onnx", self.precision, self.config_dict())
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import numpy as np
 
 from edgepack.errors import first_line
 
-from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed, write_atomically
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 #: calibration samples whose mean input maps drive bias correction (the mean settles long before 256)
@@ -200,8 +199,8 @@ class StaticInt8Recipe(Recipe):
     Config = StaticConfig
 
     def run(self, ctx: RecipeContext) -> Candidate:
-        target = ctx.workdir / f"{self.name}-{hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]}.onnx"
-        details = quantize_static_qdq(ctx, target, self.config)
+        target = self.candidate_path(ctx, ".onnx")
+        details = write_atomically(target, lambda partial: quantize_static_qdq(ctx, partial, self.config))
         if count_quantized(target) == 0:
             raise RecipeFailed("nothing to quantize: the graph has no Conv/MatMul/Gemm the quantizer handles")
         return Candidate(self.name, target, "onnx", self.precision, self.config_dict(), details)
@@ -227,16 +226,15 @@ class DynamicInt8Recipe(Recipe):
     def run(self, ctx: RecipeContext) -> Candidate:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        # Named by its options: two profiles sharing a base graph may ask for different ones.
-        target = ctx.workdir / f"{self.name}-{hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]}.onnx"
+        target = self.candidate_path(ctx, ".onnx")
         logging.getLogger("root").setLevel(logging.ERROR)
         try:
-            quantize_dynamic(
-                str(ctx.base_model), str(target), per_channel=self.config.per_channel,
+            write_atomically(target, lambda partial: quantize_dynamic(
+                str(ctx.base_model), str(partial), per_channel=self.config.per_channel,
                 reduce_range=self.config.reduce_range,
                 weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[self.config.weight_type],
                 op_types_to_quantize=list(self.config.op_types),
-            )
+            ))
         except Exception as exc:
             raise RecipeFailed(f"dynamic quantization failed: {first_line(exc, 200)}") from None
         if count_quantized(target) == 0:

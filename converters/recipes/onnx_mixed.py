@@ -7,15 +7,14 @@ of the quantizable layers (past that, fp16/fp32 are the better recipes).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgepack.errors import first_line
 
 from ..onnx.sensitivity import rank_by_output, rank_nodes
-from .base import Candidate, Recipe, RecipeContext, RecipeFailed
-from .mixed_search import search_float_layers
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed, write_atomically
+from .mixed_search import kept_tag, search_float_layers
 from .onnx_int8 import StaticConfig, count_quantized, quantize_static_qdq
 
 
@@ -46,12 +45,10 @@ class MixedInt8Recipe(Recipe):
         config = self.config
         if config.ranking not in ("output", "local"):
             raise RecipeFailed(f"unknown ranking {config.ranking!r}; use output or local")
-        # Named by its options: profiles sharing a base graph may ask for different ones.
-        tag = hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]
-        full = ctx.workdir / f"{self.name}-{tag}-full.onnx"
+        full = self.candidate_path(ctx, ".onnx", "full")
         op_types = list(config.op_types) or None
         # One calibration for every candidate (the tag names the base graph's options; the folder, the base).
-        cache = ctx.workdir / f"{self.name}-{tag}-calibration.json"
+        cache = self.candidate_path(ctx, ".json", "calibration")
         cache.unlink(missing_ok=True)
         quantize_static_qdq(ctx, full, config, op_types=op_types, calibration_cache=cache)
         if count_quantized(full) == 0:
@@ -80,9 +77,9 @@ class MixedInt8Recipe(Recipe):
                     f"keeping the sensitive layers ({', '.join(excluded)}) in float leaves no int8 layer; "
                     "a float recipe is the honest choice"
                 )
-            target = ctx.workdir / f"{self.name}-{tag}-{count}.onnx"
-            corrected[count] = quantize_static_qdq(ctx, target, config, nodes_to_exclude=excluded, op_types=op_types,
-                                                   calibration_cache=cache)
+            target = self.candidate_path(ctx, ".onnx", str(count), kept_tag(excluded))
+            corrected[count] = write_atomically(target, lambda partial: quantize_static_qdq(
+                ctx, partial, config, nodes_to_exclude=excluded, op_types=op_types, calibration_cache=cache))
             return target
 
         found = search_float_layers(ranked, limit, build, ctx.evaluate)

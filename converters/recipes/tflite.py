@@ -28,7 +28,7 @@ from edgepack.errors import first_line
 
 from ..pt2e.quantize import mark_eval, quantize_module
 from ..sources import package_versions
-from .base import Candidate, Recipe, RecipeContext, RecipeFailed
+from .base import Candidate, Recipe, RecipeContext, RecipeFailed, write_atomically
 
 WHY_NOT = {
     "onnx": "the model was given as ONNX; litert-torch converts PyTorch programs only (an ONNX graph would "
@@ -101,7 +101,7 @@ def convert_to_tflite(ctx: RecipeContext, path: Path, quantize=None) -> Path:
         raise
     except Exception as exc:  # noqa: BLE001 - litert-torch raises many types; the report names the op
         raise _lowering_error(exc) from None
-    converted.export(str(path))
+    write_atomically(path, lambda partial: converted.export(str(partial)))
     return path
 
 
@@ -113,7 +113,7 @@ class _TfliteRecipe(Recipe):
         return module, None
 
     def run(self, ctx: RecipeContext) -> Candidate:
-        path = convert_to_tflite(ctx, ctx.workdir / f"{self.name}.tflite", lambda m, e: self.quantize(m, e, ctx))
+        path = convert_to_tflite(ctx, self.candidate_path(ctx, ".tflite"), lambda m, e: self.quantize(m, e, ctx))
         return Candidate(self.name, path, "tflite", self.precision, self.config_dict(), converter_details())
 
 
@@ -161,8 +161,8 @@ class TfliteFp16Recipe(Recipe):
                 result = engine.quantize()
             except Exception as exc:  # noqa: BLE001 - report the quantizer's own message
                 raise RecipeFailed(f"ai-edge-quantizer could not cast the weights to fp16: {first_line(exc, 300)}") from None
-        path = ctx.workdir / f"{self.name}.tflite"
-        path.write_bytes(bytes(result.quantized_model))
+        path = self.candidate_path(ctx, ".tflite")
+        write_atomically(path, lambda partial: partial.write_bytes(bytes(result.quantized_model)))
         quantizer_version = package_versions("ai-edge-quantizer").get("ai-edge-quantizer", "?")
         return Candidate(self.name, path, "tflite", self.precision, self.config_dict(),
                          converter_details() | {"quantizer": f"ai-edge-quantizer {quantizer_version}"})

@@ -9,12 +9,11 @@ the .tflite file, so the model's inputs and outputs stay int8 like ``tflite-int8
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .base import Candidate, Recipe, RecipeContext, RecipeFailed
-from .mixed_search import search_float_layers
+from .mixed_search import kept_tag, search_float_layers
 from ..pt2e.quantize import prepare_calibrated, quantize_module, quantizer
 from .tflite import convert_to_tflite, converter_details, example_inputs, torch_module
 
@@ -49,12 +48,9 @@ class TfliteMixedInt8Recipe(Recipe):
             raise RecipeFailed("no layer adds measurable quantization error; mixed precision cannot help")
         limit = max(1, int(len(ranked) * config.max_float_fraction))
 
-        # Named by its options: profiles sharing a base graph may ask for different ones.
-        tag = hashlib.sha256(repr(sorted(self.config_dict().items())).encode()).hexdigest()[:8]
-
         def build(count: int, keep: list[str]) -> Path:
             return convert_to_tflite(
-                ctx, ctx.workdir / f"{self.name}-{tag}-{count}.tflite",
+                ctx, self.candidate_path(ctx, ".tflite", str(count), kept_tag(keep)),
                 lambda m, e: quantize_module(m, e, ctx, False, config.per_channel, config.calibration_samples, keep,
                                              bias_correction=config.bias_correction),
             )
