@@ -156,12 +156,17 @@ class _Job(Evaluation, Packaging):
             specs = ([(name, listed.get(name, {})) for name in self.options.recipes] if self.options.recipes
                      else [(r.name, r.options) for r in profile.recipes])
             for recipe_name, recipe_options in specs:
-                if chosen is not None and not self.options.try_all:
+                # --try-all reports every recipe but ships what a plain run would.
+                open_choice = chosen is None or self._look_further(chosen[0], recipe_name)
+                if not open_choice and not self.options.try_all:
                     result.candidates.append(CandidateReport(recipe_name, "not tried", ["an earlier recipe was shipped"]))
                     continue
                 row, candidate = self._try_recipe(profile, recipe_name, recipe_options, ctx, fp32_latency, fp32_size, threads)
                 result.candidates.append(row)
-                if row.status == "passed" and chosen is None:
+                if row.status == "passed" and open_choice and (chosen is None or self._clearly_faster(row, chosen[0])):
+                    if chosen is not None:
+                        row.details["shipped_over"] = (f"{chosen[0].recipe} (passed at {chosen[0].latency_ratio:.2f}x "
+                                                       f"fp32; this one {row.latency_ratio:.2f}x)")
                     chosen = (row, candidate)
             if chosen is None:
                 if not profile.fallback_to_fp32 or not fp32_gate.passed:
@@ -184,6 +189,24 @@ class _Job(Evaluation, Packaging):
                 raise
             result.error = str(exc)
         return result
+
+    def _look_further(self, chosen: CandidateReport, recipe_name: str) -> bool:
+        """Whether a later recipe is still worth trying after ``chosen`` passed: only where this host times the
+        device, only int8 recipes (fp32 is the fallback), and only while ``chosen`` is slower than the profile's
+        ``ship_at_latency_vs_fp32`` (a mixed candidate that keeps half the graph float: MiniLM's at 0.80x fp32,
+        where dynamic int8 passes at 0.47x)."""
+        target = self.budgets.ship_at_latency_vs_fp32
+        if target is None or self.reference_arithmetic or chosen.latency_ratio is None:
+            return False
+        cls = recipe_class(recipe_name)
+        return cls is not None and cls.precision.startswith("int8") and chosen.latency_ratio > target
+
+    @staticmethod
+    def _clearly_faster(row: CandidateReport, chosen: CandidateReport) -> bool:
+        """Faster beyond the latency margin, so noise never overturns the profile's order."""
+        if row.latency_ratio is None or chosen.latency_ratio is None:
+            return False
+        return row.latency_ratio < chosen.latency_ratio * (1 - gate_module.LATENCY_MARGIN)
 
     def _try_recipe(self, profile, recipe_name, recipe_options, ctx, fp32_latency, fp32_size, threads):
         cls = recipe_class(recipe_name)

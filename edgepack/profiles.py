@@ -99,6 +99,11 @@ class Budgets(_Strict):
     max_latency_vs_fp32: float | None = Field(
         1.0, gt=0, description="refuse a candidate slower than this ratio of fp32 on the converting host"
     )
+    ship_at_latency_vs_fp32: float | None = Field(
+        None, gt=0,
+        description="where the host times the device (it runs the profile natively): a candidate that passes at or "
+                    "under this ratio of fp32 ships at once; a slower one lets the later int8 recipes be tried and the "
+                    "clearly fastest that passes ships (null: the first that passes ships)")
 
 
 class Profile(_Strict):
