@@ -309,7 +309,10 @@ class AgentConfig(_Strict):
 
     def model(self, name: str) -> ModelConfig:
         """The options for model ``name`` (defaults when it is not listed)."""
-        return next((model for model in self.models if model.name == name), ModelConfig(name=name))
+        for model in self.models:
+            if model.name == name:
+                return model
+        return ModelConfig(name=name)  # built only when missing: it is a pydantic model (every request asks)
 
 
 def load_config(path: Path | None, overrides: dict | None = None) -> AgentConfig:

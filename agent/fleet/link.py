@@ -11,6 +11,7 @@ message that cannot be spooled, on a full disk, is counted and reported in the n
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -109,7 +110,9 @@ class FleetLink:
         self._wake_sender = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: asyncio.Queue = asyncio.Queue()
+        #: events from the transport thread, handled on the loop in bursts (see ``_deliver``)
+        self._events: collections.deque = collections.deque()
+        self._wake_pending = False
         self.handlers: dict[str, object] = {}  # extra topic -> callback(topic, payload) (streaming)
         if aside:
             self.emit("spool_reset", {"message": f"the telemetry spool was damaged; moved to {aside} and a new one "
@@ -255,7 +258,7 @@ class FleetLink:
         self.transport.start()
         if self.updater:
             self.updater.start()
-        self._tasks = [asyncio.ensure_future(self._dispatch()), asyncio.ensure_future(self._sender()),
+        self._tasks = [asyncio.ensure_future(self._sender()),
                        asyncio.ensure_future(survive("telemetry", self.config.telemetry.interval_s, self.telemetry,
                                                      self.metrics))]
         log.info("fleet link started", extra={"device": self.device, "broker": f"{mqtt.host}:{mqtt.port}",
@@ -296,7 +299,14 @@ class FleetLink:
     # -- from the transport thread -----------------------------------------------------------------
 
     def _deliver(self, event: tuple) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        # One wake-up per burst, not per event: call_soon_threadsafe writes to the loop's self-pipe (a
+        # syscall and a loop iteration each), and a stream at a few thousand messages a second brings two
+        # events per request (the message, the reply's puback). The flag is cleared on the loop before
+        # it takes the events, so an event appended after that always schedules another round.
+        self._events.append(event)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._dispatch)
 
     def _on_transition(self, name: str, entry: dict, state: dict) -> None:
         # Called from the store (on a worker thread): spool the event, then publish the state.
@@ -307,9 +317,12 @@ class FleetLink:
         if self._loop:
             self._loop.call_soon_threadsafe(self.publish_state)
 
-    async def _dispatch(self) -> None:
-        while True:
-            event = await self._events.get()
+    def _dispatch(self) -> None:
+        self._wake_pending = False
+        # Only what is queued now: a later event has scheduled its own round, so a busy link never
+        # holds the loop.
+        for _ in range(len(self._events)):
+            event = self._events.popleft()
             try:
                 self._handle(event)
             except Exception:  # noqa: BLE001 - a bad message must not stop the link
