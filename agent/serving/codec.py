@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -90,11 +92,20 @@ def decode_shared(name: str, length: int, encoding: str, header_length: str | No
 def _lower_priority() -> None:
     """The helper does bulk work for one large request: the OS schedules the daemon's event loop and
     inference threads first (on a 2-core device, a helper at equal priority doubles every small
-    request's latency while it parses)."""
+    request's latency while it parses). It also leaves when the daemon does."""
     try:
         os.nice(10)
     except OSError:
         pass
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A daemon killed with SIGKILL (the OOM killer, a watchdog) never shuts its pool down, and the helper
+    # would wait on its call queue for ever: after a few crash-restarts a device holds a helper per crash.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class Codec:
