@@ -113,6 +113,7 @@ class FleetLink:
         #: events from the transport thread, handled on the loop in bursts (see ``_deliver``)
         self._events: collections.deque = collections.deque()
         self._wake_pending = False
+        self._have_events = asyncio.Event()
         self.handlers: dict[str, object] = {}  # extra topic -> callback(topic, payload) (streaming)
         if aside:
             self.emit("spool_reset", {"message": f"the telemetry spool was damaged; moved to {aside} and a new one "
@@ -258,7 +259,7 @@ class FleetLink:
         self.transport.start()
         if self.updater:
             self.updater.start()
-        self._tasks = [asyncio.ensure_future(self._sender()),
+        self._tasks = [asyncio.ensure_future(self._dispatch()), asyncio.ensure_future(self._sender()),
                        asyncio.ensure_future(survive("telemetry", self.config.telemetry.interval_s, self.telemetry,
                                                      self.metrics))]
         log.info("fleet link started", extra={"device": self.device, "broker": f"{mqtt.host}:{mqtt.port}",
@@ -306,7 +307,7 @@ class FleetLink:
         self._events.append(event)
         if not self._wake_pending:
             self._wake_pending = True
-            self._loop.call_soon_threadsafe(self._dispatch)
+            self._loop.call_soon_threadsafe(self._have_events.set)
 
     def _on_transition(self, name: str, entry: dict, state: dict) -> None:
         # Called from the store (on a worker thread): spool the event, then publish the state.
@@ -317,20 +318,24 @@ class FleetLink:
         if self._loop:
             self._loop.call_soon_threadsafe(self.publish_state)
 
-    def _dispatch(self) -> None:
-        self._wake_pending = False
-        # Only what is queued now: a later event has scheduled its own round, so a busy link never
-        # holds the loop.
-        for _ in range(len(self._events)):
-            event = self._events.popleft()
-            try:
-                self._handle(event)
-            except Exception:  # noqa: BLE001 - a bad message must not stop the link
-                self.metrics.loop_failures.labels("dispatch").inc()
-                log.exception("fleet message handling failed")
-            finally:
-                if event[0] == "message" and self.transport:
-                    self.transport.delivered()
+    async def _dispatch(self) -> None:
+        # A task (not a callback), so that cancelling the link's tasks stops its handling too.
+        while True:
+            await self._have_events.wait()
+            self._have_events.clear()
+            self._wake_pending = False
+            # Only what is queued now: a later event has woken another round, so a busy link never
+            # holds the loop.
+            for _ in range(len(self._events)):
+                event = self._events.popleft()
+                try:
+                    self._handle(event)
+                except Exception:  # noqa: BLE001 - a bad message must not stop the link
+                    self.metrics.loop_failures.labels("dispatch").inc()
+                    log.exception("fleet message handling failed")
+                finally:
+                    if event[0] == "message" and self.transport:
+                        self.transport.delivered()
 
     def _link_changed(self, state: dict) -> None:
         self.link_state = {k: state.get(k) for k in ("connected", "protocol", "attempts", "failures", "last_error", "since")}
