@@ -192,21 +192,26 @@ class _Job(Evaluation, Packaging):
 
     def _look_further(self, chosen: CandidateReport, recipe_name: str) -> bool:
         """Whether a later recipe is still worth trying after ``chosen`` passed: only where this host times the
-        device, only int8 recipes (fp32 is the fallback), and only while ``chosen`` is slower than the profile's
-        ``ship_at_latency_vs_fp32`` (a mixed candidate that keeps half the graph float: MiniLM's at 0.80x fp32,
-        where dynamic int8 passes at 0.47x)."""
+        device, only after a mixed candidate (it keeps layers float: a compromise, where a full-int8 pass is
+        final), only for int8 recipes (fp32 is the fallback), and only while ``chosen`` is slower than the
+        profile's ``ship_at_latency_vs_fp32`` (MiniLM's mixed int8 at 0.79x fp32, dynamic int8 after it at 0.45x)."""
         target = self.budgets.ship_at_latency_vs_fp32
         if target is None or self.reference_arithmetic or chosen.latency_ratio is None:
+            return False
+        if recipe_class(chosen.recipe) is None or recipe_class(chosen.recipe).precision != "int8-mixed":
             return False
         cls = recipe_class(recipe_name)
         return cls is not None and cls.precision.startswith("int8") and chosen.latency_ratio > target
 
     @staticmethod
     def _clearly_faster(row: CandidateReport, chosen: CandidateReport) -> bool:
-        """Faster beyond the latency margin, so noise never overturns the profile's order."""
+        """Faster beyond the latency margin even at the ends of both intervals, so noise (a busy host) never
+        overturns the profile's order."""
         if row.latency_ratio is None or chosen.latency_ratio is None:
             return False
-        return row.latency_ratio < chosen.latency_ratio * (1 - gate_module.LATENCY_MARGIN)
+        high = row.details.get("latency_ratio_ci", [row.latency_ratio] * 2)[1]
+        low = chosen.details.get("latency_ratio_ci", [chosen.latency_ratio] * 2)[0]
+        return high < low * (1 - gate_module.LATENCY_MARGIN)
 
     def _try_recipe(self, profile, recipe_name, recipe_options, ctx, fp32_latency, fp32_size, threads):
         cls = recipe_class(recipe_name)

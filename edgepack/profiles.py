@@ -101,9 +101,9 @@ class Budgets(_Strict):
     )
     ship_at_latency_vs_fp32: float | None = Field(
         None, gt=0,
-        description="where the host times the device (it runs the profile natively): a candidate that passes at or "
-                    "under this ratio of fp32 ships at once; a slower one lets the later int8 recipes be tried and the "
-                    "clearly fastest that passes ships (null: the first that passes ships)")
+        description="where the host times the device (it runs the profile natively): a mixed candidate (layers kept "
+                    "float) that passes slower than this ratio of fp32 lets the later int8 recipes be tried, and one "
+                    "clearly faster that passes ships instead (null: the first that passes ships)")
 
 
 class Profile(_Strict):

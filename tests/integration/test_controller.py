@@ -99,9 +99,14 @@ def test_a_controller_stopped_or_killed_with_a_backlog_stores_every_message_once
         wait_for(lambda: registry.device("d0"), 30, "the controller")
         sent = set()
         total = 1500
+        stopped = threading.Event()
 
         def send():
             for seq in range(1, total + 1):
+                if seq == 1001:
+                    # The last third waits for the stop: a fast host once stored all 1500 during the
+                    # workers' drain, and then no backlog was left for the restart to take.
+                    stopped.wait(120)
                 name = f"d{seq % 3}"
                 body = {"schema": 1, "kind": "telemetry", "device": name, "boot": "b1", "seq": seq, "ts": time.time(),
                         "models": {"m": {"version": "1.0.0", "requests": {"ok": 5}, "latency_s": {"p95": 0.01}}}}
@@ -119,6 +124,7 @@ def test_a_controller_stopped_or_killed_with_a_backlog_stores_every_message_once
         # a worker drains for at most ingest.DRAIN_S after the stop, then exits anyway
         wait_for(lambda: not any(_alive(pid) for pid in spawned), 45, "the ingest workers to go with the controller")
         stored_at_stop = registry.message_count()
+        stopped.set()
         sender.join(60)
         assert len(sent) == total
         controller = _serve(broker, db, tmp_path / "shelf", workers)  # the broker kept the rest for its session
