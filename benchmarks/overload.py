@@ -121,12 +121,16 @@ def loadgen(url: str, body_file: Path, headers: dict, connections: int, rate: fl
 
 #: server.refusal_delay_ms of the agent under test (--refusal-delay-ms; None: the default)
 REFUSAL_DELAY_MS = None
+#: the model's max_queue_size (--max-queue-size; None: the default queue, sized from its speed)
+MAX_QUEUE_SIZE = None
 
 
 def agent(bundle: Path, work: Path, extra: str = "", cpus: set[int] | None = None) -> Server:
     config = work / "agent.yaml"
     threads = len(cpus) if cpus else 2
     server = "" if REFUSAL_DELAY_MS is None else f"server:\n  refusal_delay_ms: {REFUSAL_DELAY_MS}\n"
+    if MAX_QUEUE_SIZE is not None:
+        extra = f"    max_queue_size: {MAX_QUEUE_SIZE}\n" + extra
     config.write_text(f"store: {work / 'store'}\nlog_level: warning\n{server}models:\n  - name: cnn\n    threads: {threads}\n{extra}")
     return Server([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--bundle", str(bundle)],
                   "/v2/health/ready", cpus=cpus)
@@ -314,9 +318,15 @@ def main() -> None:
     parser.add_argument("--flood", choices=["paced", "unpaced", "both"], default="both",
                         help="the paced 4x flood, the unpaced one (every connection as fast as answered), or both")
     parser.add_argument("--refusal-delay-ms", type=float, help="server.refusal_delay_ms of the agent (default: its default)")
+    parser.add_argument("--max-queue-size", type=int,
+                        help="the model's max_queue_size (default: its default queue): how a short queue trades "
+                        "goodput for the accepted requests' latency under a flood")
     args = parser.parse_args()
-    global REFUSAL_DELAY_MS
+    global REFUSAL_DELAY_MS, MAX_QUEUE_SIZE
     REFUSAL_DELAY_MS = args.refusal_delay_ms
+    MAX_QUEUE_SIZE = args.max_queue_size
+    if args.max_queue_size is not None:
+        print(f"agent with max_queue_size: {args.max_queue_size}")
     if args.refusal_delay_ms is not None:
         print(f"agent with server.refusal_delay_ms: {args.refusal_delay_ms}")
     floods = ["paced", "unpaced"] if args.flood == "both" else [args.flood]
