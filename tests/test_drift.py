@@ -171,16 +171,20 @@ def test_drift_costs_at_most_its_share_of_a_fast_model_and_still_watches_it():
     from agent.drift import monitor as monitor_module
 
     rng = np.random.default_rng(8)
+    started = time.monotonic()  # before the monitor: its wall-time credit starts when it is made
     monitor = DriftMonitor(_reference({"x": rng.normal(0, 1, (300, 30))}), ["x"], [], window=100)
     feeds = {"x": rng.normal(0, 1, (1, 30))}
-    started = time.monotonic()
     for _ in range(3000):  # a model that runs in 2 µs: far faster than its features
         monitor.safe_observe(feeds, {}, 2e-6)
     elapsed = time.monotonic() - started
     scores = monitor.scores()
     assert 0 < scores["observed_share"] < 0.5 and monitor.observed + monitor.skipped == 3000
-    # what it spent: the budget (5% of the runs, 1% of the wall time), give or take the last few
-    assert monitor.observed * monitor._cost <= 3000 * 2e-6 * monitor_module.COST_SHARE + elapsed * monitor_module.WALL_SHARE + 5 * monitor._cost
+    # What it really spent (measured, not its running estimate, which one slow observation on a loaded
+    # host inflates): the budget (5% of the runs, 1% of the wall time), overdrawn by at most the last
+    # observation, which the credit still owes.
+    budget = 3000 * 2e-6 * monitor_module.COST_SHARE + elapsed * monitor_module.WALL_SHARE
+    owed = max(0.0, -monitor._credit)
+    assert monitor.spent <= budget + owed + 1e-9 and owed < 0.05
     slow = DriftMonitor(_reference({"x": rng.normal(0, 1, (300, 30))}), ["x"], [], window=100)
     for _ in range(50):  # a 10 ms model: every run is observed
         slow.safe_observe(feeds, {}, 0.01)

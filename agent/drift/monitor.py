@@ -208,6 +208,7 @@ class DriftMonitor:
         self._credit = self._cost = 0.0
         self._last = time.monotonic()
         self.observed = self.skipped = 0
+        self.spent = 0.0  # seconds spent observing, all runs together (what the budget bounds)
         #: the scores last worked out (telemetry reads them rather than sorting on the event loop)
         self.latest: dict | None = None
         section = reference.get("drift") if isinstance(reference.get("drift"), dict) else {}
@@ -292,6 +293,7 @@ class DriftMonitor:
         spent = time.perf_counter() - started
         with self._credit_lock:
             self.observed += 1
+            self.spent += spent
             if run_seconds is not None:
                 self._credit -= spent
             self._cost = spent if self.observed == 1 else 0.8 * self._cost + 0.2 * spent
