@@ -90,7 +90,13 @@ class ModelConfig(_Strict):
     queue_budget_ms: float = Field(
         25.0, gt=0, le=60_000, description="sizes the default max_queue_size: the queue holds about this much "
         "work, and at least 32 requests and one full batch per instance (so on a model slower than ~0.8 ms a "
-        "sample, a flood waits up to 32 samples' time); under a flood every accepted request waits about this long")
+        "sample, a closed loop of 32 clients waits up to 32 samples' time); under an overload it sheds to shed_queue_ms")
+    shed_queue_ms: float | None = Field(
+        5.0, gt=0, le=60_000, description="while the default queue is overloaded (its requests and the refused "
+        "clients held back by server.refusal_delay_ms are more than it holds: an unpaced flood), it admits only "
+        "about this much work, at least two requests per instance, so an admitted request waits for a run or two "
+        "instead of a whole queue (benchmarks/overload.py); a closed loop the full queue holds is never refused, "
+        "so it never sheds; null: keep the full queue")
     place_hold_ms: float = Field(
         500.0, gt=0, le=3_600_000, description="a request admitted from its head holds a queue place while its "
         "body arrives, for at most this long; a slower upload is checked again when it queues, so slow "
@@ -155,10 +161,12 @@ class ServerConfig(_Strict):
         "Content-Length; one that would go over is answered 503 (default: an eighth of the memory, 64 MiB to 1 GiB; "
         "a body larger than the budget is taken when it is the only one)")
     refusal_delay_ms: float = Field(
-        500.0, ge=0, le=10_000, description="a 503 for a full queue is written this much later (the connection "
-        "reads nothing meanwhile; its Retry-After says at least 1 s anyway): clients that send again at once "
-        "(an unpaced flood) make at most connections / delay refusals a second, so refusing cannot starve the "
-        "health probes and the accepted requests (benchmarks/overload.py); 0 answers at once")
+        500.0, ge=0, le=10_000, description="a 503 for a full queue is written later, at most this much on "
+        "average (the connection reads nothing meanwhile; its Retry-After says at least 1 s anyway): about as "
+        "long as brings the refused clients back at twice what the model serves, spread out (0.5-1.5x), so "
+        "clients that send again at once (an unpaced flood) keep a short queue fed and cannot make refusals at "
+        "the loop's speed to starve the health probes and the accepted requests (benchmarks/overload.py); 0 "
+        "answers at once")
     max_large_requests: int | None = Field(
         None, ge=1, le=1024, description="also limit large bodies in progress by count (default: only the byte budget)")
 

@@ -54,11 +54,29 @@ class Transport:
         self.eof = True
 
 
+class _Queue:
+    """The refusing queue's side of a held refusal (ModelScheduler.hold_refusal): holds as long as asked."""
+
+    def __init__(self):
+        self.holding = self.held = 0
+
+    def hold_refusal(self, longest_s: float) -> float:
+        self.holding += 1
+        self.held += 1
+        return longest_s
+
+    def refusal_released(self) -> None:
+        self.holding -= 1
+
+
+QUEUE = _Queue()
+
+
 def front_door(method: bytes, path: bytes, headers: list, scope=None):
     if method == b"GET" and path == b"/live":
         return 200, JSON, b'{"live":true}'
     if method == b"POST" and path == b"/full":
-        return 503, [*JSON, (b"retry-after", b"2")], b'{"error":"full"}', True  # an overload refusal
+        return 503, [*JSON, (b"retry-after", b"2")], b'{"error":"full"}', QUEUE  # an overload refusal
     if method == b"GET" and path == b"/notready":
         return 503, JSON, b'{"ready":false}'
     return None
@@ -123,6 +141,7 @@ def test_a_held_back_refusal_comes_after_its_delay_and_keeps_pipelined_answers_i
     loop = asyncio.new_event_loop()
     try:
         protocol, transport, state, calls = _connection(loop, refusal_delay_s=0.05)
+        held_before = QUEUE.held
         refused = b"POST /full HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n" + b"x" * 3000
         # a refused request, then (pipelined in the same bytes) a probe and one for the application
         protocol.data_received(refused[:1200])
@@ -140,6 +159,7 @@ def test_a_held_back_refusal_comes_after_its_delay_and_keeps_pipelined_answers_i
         assert [(status, payload) for status, _, payload in answers] == [
             (503, b'{"error":"full"}'), (200, b"ok"), (200, b"ok")]
         assert calls == ["/live", "/other"] and transport.reading and not transport.closed
+        assert QUEUE.held == held_before + 1 and QUEUE.holding == 0  # held once, released when written
         # a 503 that is not an overload refusal (readiness) is never held back
         probe, probed, _, _ = _connection(loop, refusal_delay_s=0.05)
         probe.data_received(b"GET /notready HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -147,9 +167,11 @@ def test_a_held_back_refusal_comes_after_its_delay_and_keeps_pipelined_answers_i
         # a connection that goes away meanwhile gets nothing written and leaves no timer behind
         protocol2, transport2, _, _ = _connection(loop, refusal_delay_s=0.05)
         protocol2.data_received(refused)
+        assert QUEUE.holding == 1
         protocol2.connection_lost(None)
+        assert QUEUE.holding == 0  # the queue no longer counts a client coming back
         loop.run_until_complete(asyncio.sleep(0.1))
-        assert not transport2.written
+        assert not transport2.written and QUEUE.holding == 0
     finally:
         loop.close()
 

@@ -275,3 +275,47 @@ def test_predicted_classes_are_counted_along_each_outputs_samples_axis():
     rows = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]], np.float32)  # classes 1 and 0
     served.count_classes({"scores": rows, "columns": rows.T})
     assert served.predictions == {1: 2, 0: 2}
+
+
+def test_under_an_overload_the_default_queue_sheds_and_held_refusals_come_back_spread_out():
+    async def scenario():
+        scheduler = _scheduler(SlowDouble(0.002), batching={"enabled": False})  # 500 samples/s
+        full = scheduler.max_queue
+        assert full == 32 and scheduler.queue_limit(0) == full
+        places = [scheduler.reserve() for _ in range(full)]
+        with pytest.raises(Overloaded, match=f"max_queue_size {full}") as refused:
+            scheduler.reserve()
+        assert refused.value.scheduler is scheduler  # the door asks it how long to hold the refusal back
+        # A few held clients: together with the queue no more than it holds (a closed loop of 32 clients,
+        # one of them between its requests) -- no shedding, a short hold.
+        for place in places[:20]:
+            scheduler.unreserve(place)
+        delay = scheduler.hold_refusal(0.5)
+        assert 0.5 * 0.01 <= delay <= 1.5 * 0.01  # the floor: 1 / (2 x 500/s) is shorter
+        assert scheduler.queue_limit(12) == full
+        scheduler.refusal_released()
+        # An unpaced flood: 250 clients held back. The queue sheds to shed_queue_ms (5 ms = 2.5 samples,
+        # at least two per instance), and the holds bring the clients back at about 2x what is served.
+        delays = [scheduler.hold_refusal(0.5) for _ in range(250)]
+        assert scheduler.queue_limit(12) == 2
+        with pytest.raises(Overloaded, match="shedding to 2 of max_queue_size 32 while 250 refused clients wait"):
+            scheduler.reserve()
+        late = delays[-50:]  # held while ~200+ were: a mean of about 200-250 / 1000/s
+        assert 0.1 <= sum(late) / len(late) <= 0.25 * 1.2
+        assert max(late) / min(late) > 1.8  # spread, not a cohort that comes back together
+        assert max(delays) <= 0.5 * 1.5  # the configured delay caps the mean
+        for _ in delays:
+            scheduler.refusal_released()
+        assert scheduler.queue_limit(12) == full  # the flood is gone: the full queue again
+        # an explicit max_queue_size is kept as it is; shed_queue_ms null keeps the full queue
+        for options, limit in (({"max_queue_size": 40}, 40), ({"shed_queue_ms": None}, 32)):
+            other = _scheduler(SlowDouble(0.002), batching={"enabled": False}, **options)
+            for _ in range(100):
+                other.hold_refusal(0.5)
+            assert other.queue_limit(12) == limit
+            await other.close()
+        for place in places[20:]:
+            scheduler.unreserve(place)
+        await scheduler.close()
+
+    asyncio.run(scenario())

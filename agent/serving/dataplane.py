@@ -64,6 +64,14 @@ class BodyTimeout(ServiceError):
 
 class Unavailable(ServiceError):
     status, grpc, outcome = 503, "UNAVAILABLE", "overloaded"
+    #: the model's queue when it refused (a door that holds the refusal back asks it how long)
+    queue = None
+
+
+def _queue_full(exc: Overloaded) -> Unavailable:
+    error = Unavailable(str(exc), {"retry-after": str(exc.retry_after)})
+    error.queue = exc.scheduler
+    return error
 
 
 class DeadlinePassed(ServiceError):
@@ -89,7 +97,7 @@ class TooManySamples(Exception):
 #: internal exception -> the service error every door reports for it (the first match wins)
 ERRORS: list[tuple[type | tuple, Callable[[BaseException, "InferenceService"], ServiceError]]] = [
     (ServiceError, lambda exc, service: exc),
-    (Overloaded, lambda exc, service: Unavailable(str(exc), {"retry-after": str(exc.retry_after)})),
+    (Overloaded, lambda exc, service: _queue_full(exc)),
     (DeadlineExceeded, lambda exc, service: DeadlinePassed(str(exc))),
     (BodyTooLarge, lambda exc, service: TooLarge(
         f"the request body is larger than server.max_body_bytes ({service.max_body} bytes)")),

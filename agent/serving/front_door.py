@@ -81,8 +81,9 @@ def build_front_door(config, registry, metrics):
                 scope[PLACE] = (scheduler, scheduler.reserve())
         except Overloaded as exc:
             metrics.observe_request(scheduler.name, "overloaded")
-            # the fourth element: an overload refusal (held back by server.refusal_delay_ms)
-            return 503, [*_JSON, (b"retry-after", str(exc.retry_after).encode())], orjson.dumps({"error": str(exc)}), True
+            # the fourth element: the queue that refused (the refusal is held back: server.refusal_delay_ms)
+            return (503, [*_JSON, (b"retry-after", str(exc.retry_after).encode())], orjson.dumps({"error": str(exc)}),
+                    scheduler)
         return None
 
     return front_door

@@ -197,9 +197,17 @@ class GrpcDoor:
                                 "missing or wrong bearer token; send metadata authorization: Bearer <token>")
 
     async def _fail(self, context, error: ServiceError):
-        if isinstance(error, Unavailable) and self.config.server.refusal_delay_ms:
+        delay = self.config.server.refusal_delay_ms / 1000
+        if isinstance(error, Unavailable) and delay:
             # as over HTTP: a client that calls again as soon as it is refused gets its refusals later
-            await asyncio.sleep(self.config.server.refusal_delay_ms / 1000)
+            queue = error.queue
+            if queue is None:
+                await asyncio.sleep(delay)
+            else:
+                try:
+                    await asyncio.sleep(queue.hold_refusal(delay))
+                finally:
+                    queue.refusal_released()
         metadata = tuple((key, str(value)) for key, value in error.headers.items())
         await context.abort(grpc.StatusCode[error.grpc], error.message, metadata)
 

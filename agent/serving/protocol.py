@@ -167,6 +167,7 @@ if HttpToolsProtocol is not None:
             self._disarm()
             if self._refusal_timer is not None:
                 self._refusal_timer.cancel()
+                self._release_refusal()
             if self._linger_timer is not None:
                 self._linger_timer.cancel()
             super().connection_lost(exc)
@@ -204,7 +205,7 @@ if HttpToolsProtocol is not None:
                     return
             super().on_headers_complete()
 
-        def _answer(self, status: int, headers: list, body: bytes, refusal: bool = False) -> None:
+        def _answer(self, status: int, headers: list, body: bytes, refused_by=None) -> None:
             keep_alive = (self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
                           and not self.expect_100_continue)  # a client waiting for 100 may not send the body
             head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))]
@@ -214,14 +215,16 @@ if HttpToolsProtocol is not None:
             if not keep_alive:
                 head.append(b"connection: close\r\n")
             head += [b"\r\n", body]
-            if refusal and self.refusal_delay_s:
-                # A client that sends again as soon as it is refused (an unpaced flood) gets its refusals
-                # this much later: the refusals it can make the loop write per second are bounded by
-                # its connections / the delay, so they cannot starve the probes and the accepted work.
-                # Nothing is held but the connection: no queue place, no body.
+            if refused_by is not None and self.refusal_delay_s:
+                # A client that sends again as soon as it is refused (an unpaced flood) gets its refusal
+                # later: the refusals it can make the loop write per second are bounded, so they cannot
+                # starve the probes and the accepted work, and the held clients come back spread out
+                # (ModelScheduler.hold_refusal). Nothing is held but the connection: no place, no body.
                 refusing = self.cycle = _Refusing(keep_alive)
                 self.flow.pause_reading()
-                self._refusal_timer = self.loop.call_later(self.refusal_delay_s, self._refuse, refusing, b"".join(head))
+                self._refused_by = refused_by
+                self._refusal_timer = self.loop.call_later(refused_by.hold_refusal(self.refusal_delay_s),
+                                                           self._refuse, refusing, b"".join(head))
                 return
             self.transport.write(b"".join(head))
             self.cycle = _Answered()
@@ -231,8 +234,16 @@ if HttpToolsProtocol is not None:
                 self.server_state.total_requests += 1
                 self.transport.close()
 
-        def _refuse(self, refusing: _Refusing, data: bytes) -> None:
+        _refused_by = None  # the queue whose refusal is held back now
+
+        def _release_refusal(self) -> None:
             self._refusal_timer = None
+            refused_by, self._refused_by = self._refused_by, None
+            if refused_by is not None:
+                refused_by.refusal_released()
+
+        def _refuse(self, refusing: _Refusing, data: bytes) -> None:
+            self._release_refusal()
             if self.transport.is_closing():
                 return
             self.transport.write(data)

@@ -11,6 +11,14 @@ All bookkeeping runs on the event loop thread; only the model runs on the model'
   holds a place (:meth:`reserve`) while its body is read and decoded, so a burst of heads cannot all
   pass a queue that is nearly full; a place counts for ``place_hold_ms`` at most, so slow uploads
   cannot hold the queue shut.
+- **Overload.** A door that holds a refusal back (``server.refusal_delay_ms``: a client that sends again
+  as soon as it is refused cannot make refusals at the loop's speed) asks :meth:`hold_refusal` for how
+  long: about as long as makes the held clients come back at twice what the model serves, spread out
+  (uniform 0.5-1.5x) so they do not come back together, and at most the configured delay. While the
+  queue and the held clients are more than the full queue holds (an overload: an unpaced flood), the
+  default queue admits only ``shed_queue_ms`` of work, so an admitted request waits for a run or two
+  instead of a whole queue ahead of it; the clients coming back keep the worker fed. A closed loop of
+  clients the full queue holds is never refused, so it never sheds.
 - **Deadlines.** A request may carry a deadline; queued work whose deadline passed is dropped with
   :class:`DeadlineExceeded` (504) before it costs a run. Work of a client that went away is cancelled
   and skipped the same way.
@@ -29,6 +37,7 @@ import asyncio
 import collections
 import logging
 import math
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +58,11 @@ log = logging.getLogger("edgepack.agent.serving")
 MIN_QUEUE, MAX_QUEUE = 32, 4096
 #: weight of the newest run in the running per-sample time the queue is sized from
 LIVE_WEIGHT = 0.2
+#: held refusals come back at about this many times what the model serves (more keeps a short queue fed
+#: through the randomness of their returns; each return beyond what is served is one more refusal to write)
+RETURN_FACTOR = 2.0
+#: the shortest mean hold of a refusal, so a few refused clients do not spin
+MIN_REFUSAL_HOLD_S = 0.01
 #: a large request runs in chunks of about this much compute (at most CHUNK_SAMPLES samples, in as few
 #: runtime calls as the model allows), yielding the model to waiting requests in between, so one huge
 #: request shares the model with the small ones instead of holding it for seconds
@@ -70,11 +84,13 @@ class Place:
 
 
 class Overloaded(Exception):
-    """The model's queue is full; retry after ``retry_after`` seconds."""
+    """The model's queue is full; retry after ``retry_after`` seconds. ``scheduler``: the queue that
+    refused (a door that holds the refusal back asks it how long: :meth:`ModelScheduler.hold_refusal`)."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int, scheduler: "ModelScheduler | None" = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.scheduler = scheduler
 
 
 class DeadlineExceeded(Exception):
@@ -268,6 +284,8 @@ class ModelScheduler:
         self._wakeup = asyncio.Event()
         #: places of requests admitted from their head whose body is still being read and decoded
         self._places: set[Place] = set()
+        #: refusals a door holds back now (hold_refusal .. refusal_released): clients that come back
+        self._holding = 0
         #: seconds per sample of the recent runs of the current version (running average), under whatever
         #: else the host is doing; None until the first run
         self._live_sample_seconds: float | None = None
@@ -301,6 +319,34 @@ class ModelScheduler:
         budget_ms = max(self.options.queue_budget_ms, self.options.deadline_ms or 0)
         budget = budget_ms / 1000 * self.options.instances / seconds
         return int(min(MAX_QUEUE, max(MIN_QUEUE, max(1, self.max_batch) * self.options.instances, budget)))
+
+    def queue_limit(self, waiting: int) -> int:
+        """Requests that may wait now, with ``waiting`` waiting: :attr:`max_queue`, or while those and the
+        held refusals are more than that (an overload), the shedding queue: ``shed_queue_ms`` of work, at
+        least two requests per instance so no worker waits for the next one's body. An explicit
+        ``max_queue_size`` is kept as it is."""
+        full = self.max_queue
+        if (not self._holding or self.options.max_queue_size or not self.options.shed_queue_ms
+                or waiting + self._holding <= full):
+            return full
+        seconds = self.sample_seconds
+        if not seconds:
+            return full
+        shed = int(self.options.shed_queue_ms / 1000 * self.options.instances / seconds)
+        return min(full, max(2 * self.options.instances, shed))
+
+    def hold_refusal(self, longest_s: float) -> float:
+        """A door holds a refusal back: seconds to hold it (random, about what brings the held clients
+        back at :data:`RETURN_FACTOR` times what the model serves, at most ``longest_s`` on average). It
+        counts as held until :meth:`refusal_released`, exactly once."""
+        self._holding += 1
+        served_per_s = self.options.instances / (self.sample_seconds or 0.01)
+        mean = min(longest_s, max(MIN_REFUSAL_HOLD_S, self._holding / (RETURN_FACTOR * served_per_s)))
+        return mean * random.uniform(0.5, 1.5)
+
+    def refusal_released(self) -> None:
+        """A held refusal was written (or its connection went away)."""
+        self._holding -= 1
 
     @property
     def sample_seconds(self) -> float | None:
@@ -366,12 +412,15 @@ class ModelScheduler:
     def check_capacity(self) -> None:
         """Raise Overloaded when the queue (with the requests admitted but not yet queued) is full."""
         waiting = len(self._pending) + self._held()
-        limit = self.max_queue
+        limit = self.queue_limit(waiting)
         if waiting >= limit:
             seconds = self.sample_seconds or 0.01
             wait = waiting * seconds / max(1, self.options.instances)
-            raise Overloaded(f"model {self.name!r} is at capacity ({waiting} requests queued, "
-                             f"max_queue_size {limit}); retry later", max(1, math.ceil(wait)))
+            full = self.max_queue
+            what = f"max_queue_size {limit}" if limit == full else (
+                f"shedding to {limit} of max_queue_size {full} while {self._holding} refused clients wait")
+            raise Overloaded(f"model {self.name!r} is at capacity ({waiting} requests queued, {what}); retry later",
+                             max(1, math.ceil(wait)), self)
 
     def _places_since(self) -> float:
         """Places taken after this moment still count (held for less than ``place_hold_ms``)."""
