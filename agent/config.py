@@ -149,6 +149,10 @@ class ServerConfig(_Strict):
     offload_bytes: int = Field(
         1024 * 1024, ge=0, description="bodies (and responses) larger than this are decoded (encoded) in a "
         "helper process, so one large request never stalls the event loop; 0 decodes everything inline")
+    decode_helpers: int | None = Field(
+        None, ge=1, le=64, description="helper processes that decode large bodies, each started when a large "
+        "body finds the others busy (default: 2, or 1 where the daemon may use one core): on 2 cores, eight "
+        "clients sending 3 MB JSON images get 1.1x the answers with two, as parsing overlaps the model's runs")
     switch_interval_ms: float = Field(
         0.5, gt=0, le=100, description="Python's GIL switch interval in the daemon (default 5 ms in Python): how "
         "long the event loop may wait for the GIL while inference threads hold it")

@@ -57,7 +57,8 @@ def serve(config: AgentConfig, bundles: list[Path] = ()) -> int:
     registry = ModelRegistry(config, metrics, bundles)
     # One dataplane for every door: HTTP (the app) and MQTT streams (the fleet link).
     service = InferenceService(config, registry, metrics,
-                               Codec(config.server.offload_bytes, config.server.max_body_bytes))
+                               Codec(config.server.offload_bytes, config.server.max_body_bytes,
+                                     config.server.decode_helpers))
     startup_error: list[str] = []
 
     def reported_here(record: logging.LogRecord) -> bool:

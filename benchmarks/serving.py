@@ -193,6 +193,11 @@ class Server:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS"))) / 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user + system, all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -446,12 +451,13 @@ def mqtt_stream_rate(bundle: Path, work: Path, body: bytes, in_flight: int, dura
         for _ in range(in_flight):
             send()
         stop = time.perf_counter() + duration
-        began = time.perf_counter()
+        began, cpu_before = time.perf_counter(), server.cpu_seconds()
         while time.perf_counter() < stop:
             if ready.acquire(timeout=5):
                 send()
-        elapsed = time.perf_counter() - began
-        return {"rps": len(answered) / elapsed, "p50": statistics.median(answered) * 1000 if answered else float("nan")}
+        elapsed, cpu = time.perf_counter() - began, server.cpu_seconds() - cpu_before
+        return {"rps": len(answered) / elapsed, "p50": statistics.median(answered) * 1000 if answered else float("nan"),
+                "cpu_us": cpu / max(1, len(answered)) * 1e6}
     finally:
         client.loop_stop()
         client.disconnect()
@@ -552,7 +558,8 @@ def dataplane_targets(bundle: Path, onnx_path: Path, sample: np.ndarray, work: P
         print(f"MQTT stream not measured: {exc}")
         streamed = None
     if streamed:
-        rows.append((f"MQTT stream, {len(tiny_body)} B requests, 8 in flight", f"{streamed['rps']:.1f} req/s, p50 {streamed['p50']:.1f} ms",
+        rows.append((f"MQTT stream, {len(tiny_body)} B requests, 8 in flight", f"{streamed['rps']:.1f} req/s, p50 {streamed['p50']:.1f} ms, "
+                     f"agent CPU {streamed['cpu_us']:.0f} us/answer",
                      f"HTTP JSON c=8 (wrk), same model: {tiny_http['rps']:.1f} req/s", f"{streamed['rps']/tiny_http['rps']:.2f}x",
                      ">= 0.8x"))
     else:

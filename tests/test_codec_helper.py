@@ -45,3 +45,37 @@ def test_the_helper_exits_when_the_daemon_is_killed_with_sigkill():
             os.kill(helper, signal.SIGKILL)
         except (OSError, UnboundLocalError):
             pass
+
+
+def _second_call_waits(helpers: int) -> tuple[bool, set[int]]:
+    """Whether a quick call waited for a long one that was handed to the codec first, and the helpers'
+    pids (real helper processes: ``os.getpid`` in each)."""
+    import asyncio
+
+    from agent.serving.codec import Codec
+
+    async def main():
+        codec = Codec(1, 1 << 20, helpers)
+        await codec.start()
+        try:
+            slow = asyncio.ensure_future(codec._call(time.sleep, 4.0))
+            await asyncio.sleep(0.2)  # the slow call is in a helper
+            pid = await codec._call(os.getpid)
+            waited = slow.done()
+            await slow
+            return waited, {pid, await codec._call(os.getpid)}
+        finally:
+            await codec.close()
+
+    return asyncio.run(main())
+
+
+def test_two_large_bodies_decode_side_by_side_in_two_helpers():
+    from agent.serving.codec import default_helpers
+
+    waited, pids = _second_call_waits(2)
+    assert not waited, "a second helper would have taken the quick call while the first was busy"
+    assert os.getpid() not in pids
+    waited, pids = _second_call_waits(1)
+    assert waited and len(pids) == 1 and os.getpid() not in pids
+    assert default_helpers() == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)

@@ -250,7 +250,7 @@ class FleetLink:
 
                 server = self.config.server
                 self.service = InferenceService(self.config, self.registry, self.metrics,
-                                                Codec(server.offload_bytes, server.max_body_bytes))
+                                                Codec(server.offload_bytes, server.max_body_bytes, server.decode_helpers))
             self.streams = StreamServer(self.config, self.service, self)
         for topic in self.handlers:
             self.transport.subscribe(topic, 1)

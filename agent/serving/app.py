@@ -196,7 +196,7 @@ def build_app(config: AgentConfig, registry: ModelRegistry, metrics: ServingMetr
     service's codec (its helper process)."""
     max_body = config.server.max_body_bytes
 
-    service = service or InferenceService(config, registry, metrics, Codec(config.server.offload_bytes, max_body))
+    service = service or InferenceService(config, registry, metrics, Codec(config.server.offload_bytes, max_body, config.server.decode_helpers))
     codec = service.codec
 
     def model_or_404(request: Request):

@@ -3,8 +3,9 @@
 Inflating, parsing and checking a large JSON body is CPU work that holds the GIL: orjson and the json
 module never release it, so a worker *thread* would still stall every other request, health probes
 included. Bodies over ``server.offload_bytes`` are therefore decoded (and large responses encoded) in
-one helper process, started on first use; small ones are decoded inline, where a round trip to the
-helper would cost more than the work (``benchmarks/overload.py`` measures the crossover).
+helper processes (``server.decode_helpers``, each started when a large body finds the others busy);
+small ones are decoded inline, where a round trip to a helper would cost more than the work
+(``benchmarks/overload.py`` measures the crossover).
 """
 
 from __future__ import annotations
@@ -108,18 +109,30 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
+def default_helpers() -> int:
+    """Two decoding helpers, or one where the daemon may use a single core (a second would only take
+    turns with the first)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 else 1
+
+
 class Codec:
     """Decodes requests and encodes responses, inline when small, in a helper process when large."""
 
-    def __init__(self, offload_bytes: int, max_body: int):
+    def __init__(self, offload_bytes: int, max_body: int, helpers: int | None = None):
         self.offload_bytes = offload_bytes
         self.max_body = max_body
+        self.helpers = helpers or default_helpers()
         self._pool: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn, not fork: the daemon has runtime threads, and a forked child would inherit their locks.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            # Python starts a pool's processes on demand: a second helper only when two large bodies overlap.
+            self._pool = ProcessPoolExecutor(max_workers=self.helpers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_lower_priority)
         return self._pool
 
