@@ -386,13 +386,13 @@ class FleetLink:
                     self._loop.call_soon(self._flush_acks)
                 self._acked.append(seq)
         elif kind == "message":
-            _, topic, payload, _retained = event
+            topic, payload, qos = event[1], event[2], event[4] if len(event) > 4 else 1
             if self.updater and topic == topics.chunk_data(self.device):
                 self.updater.handle_chunk(payload)
             elif self.updater and topic in self.updater.topics():
                 self.updater.handle_desired(topic, payload)
             elif topic in self.handlers:
-                self.handlers[topic](topic, payload)
+                self.handlers[topic](topic, payload, qos)
 
     # -- sending -----------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ paho's callbacks run on its network thread; here they only hand an event to ``de
 daemon wires to ``loop.call_soon_threadsafe``), so no agent logic ever runs on that thread. Events:
 
 - ``("connected", session_present)`` / ``("disconnected", reason)``
-- ``("message", topic, payload, retained)``
+- ``("message", topic, payload, retained, qos)``
 - ``("puback", mid, failure)``: the broker answered the QoS 1 message ``mid``; ``failure`` is None when
   it took it, else the MQTT 5 reason (quota exceeded, not authorized…)
 - ``("link", state)``: a connection attempt failed (``state`` is :attr:`Transport.state`)
@@ -269,7 +269,7 @@ class Transport:
             self.dropped += 1
             self.deliver(("dropped", message.topic, "backlog"))
             return
-        self.deliver(("message", message.topic, bytes(message.payload), bool(message.retain)))
+        self.deliver(("message", message.topic, bytes(message.payload), bool(message.retain), int(message.qos)))
 
     def _on_publish(self, client, userdata, mid, reason_code=None, properties=None) -> None:
         failed = bool(reason_code is not None and getattr(reason_code, "is_failure", False))

@@ -506,9 +506,16 @@ def test_the_four_doors_are_one_dataplane(fleet):
     agent = fleet.start_agent()
     answers: dict = {}
     client = fleet.address.client("stream-client")
-    client.on_message = lambda c, u, m: answers.setdefault(json.loads(m.payload).get("id"), json.loads(m.payload))
+    qos_of: dict = {}
+
+    def on_message(c, u, m):
+        answer = json.loads(m.payload)
+        answers.setdefault(answer.get("id"), answer)
+        qos_of.setdefault(answer.get("id"), m.qos)
+
+    client.on_message = on_message
     client.connect(fleet.address.host, fleet.address.port)
-    client.subscribe(topics.stream(DEVICE, "fleet", "out"), 1)
+    client.subscribe(topics.stream(DEVICE, "fleet", "out"), 1)  # QoS 1: the answer arrives at the agent's QoS
     client.loop_start()
 
     def tensor(shape, data, datatype="FP32"):
@@ -528,10 +535,12 @@ def test_the_four_doors_are_one_dataplane(fleet):
         time.sleep(1.0)
         topic = topics.stream(DEVICE, "fleet", "in")
         client.publish(topic, json.dumps(good), qos=1)
+        client.publish(topic, json.dumps({**good, "id": "ok-qos0"}), qos=0)
         client.publish(topic, b"{not json", qos=1)
         for key, body in hostile.items():
             client.publish(topic, json.dumps({"id": key, **body}), qos=1)
-        wait_for(lambda: {"ok-1", None, *hostile} <= set(answers), 20, "every answer")
+        client.publish(topic, json.dumps({"id": "nan-qos0", **hostile["nan"]}), qos=0)
+        wait_for(lambda: {"ok-1", "ok-qos0", "nan-qos0", None, *hostile} <= set(answers), 20, "every answer")
     finally:
         client.loop_stop()
         client.disconnect()
@@ -547,6 +556,9 @@ def test_the_four_doors_are_one_dataplane(fleet):
     from_binary = np.frombuffer(raw.content[length:], np.float32)
     streamed = np.asarray(answers["ok-1"]["outputs"][0]["data"], np.float32)
     assert answers["ok-1"]["outputs"][0]["shape"] == [2, 4]
+    # every answer (or error) at the QoS its request came with
+    assert answers["ok-qos0"]["outputs"] == answers["ok-1"]["outputs"] and answers["nan-qos0"]["code"] == 400
+    assert qos_of["ok-1"] == qos_of["nan"] == 1 and qos_of["ok-qos0"] == qos_of["nan-qos0"] == 0, qos_of
     assert np.array_equal(streamed, np.asarray(over_http["outputs"][0]["data"], np.float32))
     assert np.array_equal(streamed, from_binary)
     assert answers[None]["code"] == httpx.post(url, content=b"{not json", timeout=10).status_code == 400
