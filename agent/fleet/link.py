@@ -114,7 +114,6 @@ class FleetLink:
         self._events: collections.deque = collections.deque()
         self._wake_pending = False
         self._have_events = asyncio.Event()
-        self.handlers: dict[str, object] = {}  # extra topic -> callback(topic, payload) (streaming)
         if aside:
             self.emit("spool_reset", {"message": f"the telemetry spool was damaged; moved to {aside} and a new one "
                                       "started (messages spooled in it were not sent)", "aside": str(aside)})
@@ -252,8 +251,7 @@ class FleetLink:
                 self.service = InferenceService(self.config, self.registry, self.metrics,
                                                 Codec(server.offload_bytes, server.max_body_bytes, server.decode_helpers))
             self.streams = StreamServer(self.config, self.service, self)
-        for topic in self.handlers:
-            self.transport.subscribe(topic, 1)
+            self.streams.start()
         self.store.listeners.append(self._on_transition)
         self.registry.event_listeners.append(self.emit)
         self.transport.start()
@@ -276,6 +274,8 @@ class FleetLink:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.streams:
+            await self.streams.close()
         if self.updater:
             await self.updater.close()
         if self.transport:
@@ -386,13 +386,11 @@ class FleetLink:
                     self._loop.call_soon(self._flush_acks)
                 self._acked.append(seq)
         elif kind == "message":
-            topic, payload, qos = event[1], event[2], event[4] if len(event) > 4 else 1
+            topic, payload = event[1], event[2]
             if self.updater and topic == topics.chunk_data(self.device):
                 self.updater.handle_chunk(payload)
             elif self.updater and topic in self.updater.topics():
                 self.updater.handle_desired(topic, payload)
-            elif topic in self.handlers:
-                self.handlers[topic](topic, payload, qos)
 
     # -- sending -----------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import re
 from edgepack.fleet import topics
 
 from .dataplane import InferenceService, ServiceError
+from .mqtt_connection import StreamConnection
 
 log = logging.getLogger("edgepack.agent.stream")
 #: a streamed request larger than this is refused unread (MQTT brokers cap messages too)
@@ -39,9 +40,20 @@ class StreamServer:
         self.link = link
         self.in_flight: dict[str, int] = {}
         self.tasks: set[asyncio.Task] = set()
-        for model in config.models:
-            if model.stream:
-                link.handlers[topics.stream(link.device, model.name, "in")] = self._handler(model.name)
+        self.device = link.device
+        handlers = {topics.stream(link.device, model.name, "in"): self._handler(model.name)
+                    for model in config.models if model.stream}
+        #: the streams' own connection, parsed on the event loop (see :mod:`.mqtt_connection`)
+        self.connection = StreamConnection(config.mqtt, f"{link.device}-stream", handlers)
+
+    def start(self) -> None:
+        self.connection.start()
+
+    async def close(self) -> None:
+        await self.connection.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def _handler(self, name: str):
         def handle(topic: str, payload: bytes, qos: int = 1) -> None:
@@ -59,7 +71,7 @@ class StreamServer:
 
     def _reply(self, name: str, body: dict | bytes, qos: int) -> None:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.link.transport.publish(topics.stream(self.link.device, name, "out"), payload, qos=qos)
+        self.connection.publish(topics.stream(self.device, name, "out"), payload, qos=qos)
 
     async def _infer(self, name: str, payload: bytes, qos: int) -> None:
         # The id is looked up only for an error reply: an answer carries the id the dataplane decoded.
