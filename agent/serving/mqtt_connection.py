@@ -3,8 +3,9 @@
 The fleet link's connection (paho-mqtt, :mod:`agent.fleet.transport`) parses every packet in Python on
 its own thread and hands each message to the loop: measured on a 2-core host (the agent is bound by the
 GIL at about one core), that thread cost 100-160 µs per streamed answer, and an echo built that way
-197 µs per QoS 1 message against 91 µs for gmqtt (asyncio, a reader task and a queue per packet) and
-about 40 µs for this protocol (``benchmarks/serving.py`` has the stream's row). So streams get a
+197 µs per QoS 1 message against 91 µs for gmqtt (asyncio, a reader task and a queue per packet). On
+this connection the agent's whole CPU per streamed answer fell from 530 to 210-250 µs (README,
+"Streaming inference"). So streams get a
 connection of their own, next to the link's, with the same ``mqtt`` settings (host, port, TLS files,
 username and password) and the client id ``{device}-stream``:
 
