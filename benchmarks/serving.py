@@ -422,7 +422,7 @@ def mqtt_stream_rate(bundle: Path, work: Path, body: bytes, in_flight: int, dura
     answered: list[float] = []
     sent: dict[str, float] = {}
     ready = threading.Semaphore(0)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-stream", protocol=mqtt.MQTTv5)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-load", protocol=mqtt.MQTTv5)
 
     def on_message(c, userdata, message):
         reply = json.loads(message.payload)
