@@ -149,6 +149,8 @@ class FleetLink:
 
     def telemetry(self) -> None:
         extra = {"spool": self.spool.stats(), "link": self.link_state}
+        if self.streams:
+            extra["stream_link"] = {**self.streams.connection.state, "dropped": self.streams.connection.dropped}
         if self.updater and self.updater.progress:
             extra["downloads"] = dict(self.updater.progress)
         if self.updater:

@@ -165,6 +165,8 @@ class _Protocol(asyncio.Protocol):
             if length > limit:
                 # Dropped unread: never buffer what the limit says this agent does not take.
                 self.owner.dropped += 1
+                if self.owner.metrics is not None:
+                    self.owner.metrics.dropped_messages.labels("stream_too_large").inc()
                 log.warning("a streamed message over mqtt.max_packet_bytes was dropped",
                             extra={"bytes": length, "limit": limit})
                 if end - i >= length:
@@ -245,8 +247,11 @@ class _Protocol(asyncio.Protocol):
 class StreamConnection:
     """An MQTT 3.1.1 connection that subscribes ``handlers``' topics and reconnects until :meth:`close`."""
 
-    def __init__(self, config, client_id: str, handlers: dict[str, Handler]):
+    def __init__(self, config, client_id: str, handlers: dict[str, Handler], metrics=None):
+        """``metrics``: the daemon's :class:`~agent.serving.metrics.Metrics` (connected gauge, failures
+        by reason, oversized messages dropped), or None."""
         self.config = config
+        self.metrics = metrics
         self.client_id = client_id
         self.handlers = {topic.encode(): handler for topic, handler in handlers.items()}
         self.password: str | None = None
@@ -304,14 +309,20 @@ class StreamConnection:
                         protocol.write(subscribe_packet(protocol.packet_id(), [t.decode() for t in self.handlers]))
                     self.connected = connected = True
                     self.state.update(connected=True, last_error=None)
+                    self._gauge(1)
                     log.info("stream connection up", extra={"client_id": self.client_id})
                     await self._serve(protocol)
                 finally:
                     self.connected = False
                     self.state["connected"] = False
+                    self._gauge(0)
                     self._protocol = None
+                    if not protocol.connack.done():
+                        # a CONNACK that never came: nothing will read this future, so it must not
+                        # end with an exception ("Future exception was never retrieved")
+                        protocol.connack.cancel()
                     if protocol.transport is not None:
-                        if protocol.connack.done() and not protocol.connack.exception():
+                        if not protocol.connack.cancelled() and not protocol.connack.exception():
                             protocol.transport.write(b"\xe0\x00")  # DISCONNECT
                         protocol.transport.close()
             except asyncio.CancelledError:
@@ -352,8 +363,14 @@ class StreamConnection:
             context.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
         return context
 
+    def _gauge(self, value: int) -> None:
+        if self.metrics is not None:
+            self.metrics.stream_connected.set(value)
+
     def _failed(self, reason: str, message: str) -> None:
         self.state.update(failures=self.state["failures"] + 1, last_error=message, connected=False)
+        if self.metrics is not None:
+            self.metrics.stream_failures.labels(reason).inc()
         now = time.monotonic()
         if now - self._logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._logged[reason] = now

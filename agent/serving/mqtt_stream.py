@@ -44,7 +44,7 @@ class StreamServer:
         handlers = {topics.stream(link.device, model.name, "in"): self._handler(model.name)
                     for model in config.models if model.stream}
         #: the streams' own connection, parsed on the event loop (see :mod:`.mqtt_connection`)
-        self.connection = StreamConnection(config.mqtt, f"{link.device}-stream", handlers)
+        self.connection = StreamConnection(config.mqtt, f"{link.device}-stream", handlers, self.metrics)
 
     def start(self) -> None:
         self.connection.start()

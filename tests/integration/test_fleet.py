@@ -618,7 +618,9 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
             "fleet_keys": [str(fleet_bundles["public"])],
             "mqtt": {"host": "127.0.0.1", "port": fleet.broker.port, "ca_file": str(certs["ca"][0]),
                      "cert_file": str(certs[DEVICE][0]), "key_file": str(certs[DEVICE][1]), "reconnect_min_s": 0.2},
-            "telemetry": {"interval_s": 0.3}, "updates": {"probation_s": 1.0, "chunk_timeout_s": 2.0}}))
+            "telemetry": {"interval_s": 0.3}, "updates": {"probation_s": 1.0, "chunk_timeout_s": 2.0},
+            # the streams' own connection ({device}-stream) goes through the same TLS and ACL
+            "models": [{"name": "fleet", "stream": True}]}))
         assert run_cli("install", fleet_bundles["bundles"][("1.0.0", "x86-64")], "--config", fleet.config,
                        program="edgepack-agent").returncode == 0
         fleet.start_controller()
@@ -626,6 +628,33 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
         wait_for(lambda: len(fleet.controller.registry.messages(DEVICE, "telemetry")) >= 2, 30, "telemetry over TLS")
         fleet.push("1.1.0")  # the controller may write desired topics; the update goes through over TLS
         fleet.wait_commit("1.1.0")
+        try:
+            wait_for(lambda: any((m["body"].get("stream_link") or {}).get("connected")
+                                 for m in fleet.controller.registry.messages(DEVICE, "telemetry")), 30,
+                     "the stream connection up over TLS, in telemetry")
+        except AssertionError:
+            last = fleet.controller.registry.messages(DEVICE, "telemetry")[-1:]
+            tail = "\n".join(line[:300] for line in fleet.agent.lines[-15:])
+            raise AssertionError(f"stream link not up over TLS; last telemetry {json.dumps(last)[-1500:]}\n{tail}") from None
+
+        # A stream request over TLS from a client the ACL lets write it: answered on the same TLS link.
+        answers: dict = {}
+        requester = fleet.address.client("stream-requester")
+        requester.on_message = lambda c, u, m: answers.setdefault(json.loads(m.payload).get("id"), json.loads(m.payload))
+        requester.connect("127.0.0.1", fleet.broker.port)
+        requester.subscribe(topics.stream(DEVICE, "fleet", "out"), 1)
+        requester.loop_start()
+        request = {"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 8}]}
+        for _ in range(10):  # until the requester's subscription is in place
+            requester.publish(topics.stream(DEVICE, "fleet", "in"), json.dumps({**request, "id": "tls"}), qos=1)
+            deadline = time.monotonic() + 2.0
+            while "tls" not in answers and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if "tls" in answers:
+                break
+        assert answers["tls"]["outputs"][0]["shape"] == [1, 4]
+        metrics = httpx.get(f"{fleet.agent.url}/metrics", timeout=10).text
+        assert "edgepack_mqtt_stream_connected 1.0" in metrics
 
         # A real second device, with its own valid certificate, tries to write where it must not.
         intruder = BrokerAddress("127.0.0.1", fleet.broker.port, True, ca_file=str(certs["ca"][0]),
@@ -640,9 +669,11 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
             "own desired": intruder.publish(topics.desired("dev2"), b"{}", qos=1, retain=True).mid,
             "other device's desired": intruder.publish(topics.desired(DEVICE), b"{}", qos=1, retain=True).mid,
             "group desired": intruder.publish(topics.group_desired("all"), b"{}", qos=1, retain=True).mid,
+            "other device's stream": intruder.publish(topics.stream(DEVICE, "fleet", "in"),
+                                                      json.dumps({**request, "id": "forged"}), qos=1).mid,
         }
         allowed = intruder.publish(topics.telemetry("dev2"), json.dumps({**forged, "device": "dev2"}), qos=1).mid
-        wait_for(lambda: len(acks) == 5, 10, "the broker's answers")
+        wait_for(lambda: len(acks) == 6, 10, "the broker's answers")
         intruder.loop_stop()
         intruder.disconnect()
         for what, mid in attempts.items():
@@ -650,6 +681,10 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
         assert not acks[allowed].is_failure
         time.sleep(1.0)
         assert not [m for m in fleet.controller.registry.messages(DEVICE, None) if m["boot"] == "forged"]
+        requester.loop_stop()
+        requester.disconnect()
+        # the broker never delivered the other device's stream request, so it was never answered
+        assert "forged" not in answers and set(answers) == {"tls"}
         assert fleet.active() == "1.1.0" and fleet.agent.process.poll() is None
     finally:
         fleet.close()

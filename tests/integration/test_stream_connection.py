@@ -142,3 +142,41 @@ def test_streams_reconnect_after_a_broker_restart_and_answer_at_the_request_qos(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         broker.stop()
+
+
+def test_a_broker_that_never_sends_connack_is_retried_without_leaking_futures(monkeypatch):
+    """A listener that accepts and never answers CONNECT (a wedged broker, a wrong port behind a
+    proxy): each attempt times out, counts as a failure, and leaves no future whose exception nobody
+    reads (asyncio would log "Future exception was never retrieved")."""
+    import gc
+    import socket
+
+    from agent.serving import mqtt_connection
+
+    monkeypatch.setattr(mqtt_connection, "CONNECT_TIMEOUT_S", 0.3)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    leaked: list = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: leaked.append(context.get("message")))
+        config = _config(listener.getsockname()[1])
+        config.reconnect_min_s = config.reconnect_max_s = 0.05
+        connection = StreamConnection(config, "dev-stream", {"dev/in": lambda *a: None})
+        connection.start()
+        while connection.state["failures"] < 3:
+            await asyncio.sleep(0.05)
+        await connection.close()
+        gc.collect()
+        await asyncio.sleep(0.1)
+        return connection
+
+    try:
+        connection = asyncio.run(main())
+    finally:
+        listener.close()
+    assert not connection.connected and connection.state["failures"] >= 3
+    assert "within" in connection.state["last_error"]
+    assert not leaked, leaked
