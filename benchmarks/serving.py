@@ -595,6 +595,8 @@ def dataplane_targets(bundle: Path, onnx_path: Path, sample: np.ndarray, work: P
                 ("  QoS 0 from a paho client in Python", ("paho", 0), "")):
             measured = streamed[key]
             generator = f", generator {measured['generator_cpu_us']:.0f} us/answer" if "generator_cpu_us" in measured else ""
+            if measured.get("errors") or measured.get("lost"):  # a ratio of refusals would flatter the row
+                generator += f", **{measured['errors']} errors, {measured['lost']} lost: not a valid measure**"
             rows.append((label, f"{measured['rps']:.1f} req/s, p50 {measured['p50']:.1f} ms, agent CPU {measured['cpu_us']:.0f} us/answer"
                          f"{generator}", http, f"{measured['rps']/tiny_http['rps']:.2f}x", target))
     else:

@@ -60,7 +60,7 @@ class ServingMetrics:
         self.stream_connected = Gauge("edgepack_mqtt_stream_connected", "1 while the MQTT streams' own connection "
                                       "({device}-stream) is up", registry=r)
         self.stream_failures = Counter("edgepack_mqtt_stream_connect_failures", "Failed or lost connections of the "
-                                       "MQTT streams' own connection, by reason", ["reason"], registry=r)
+                                       "MQTT streams' own connection, and refused subscriptions, by reason", ["reason"], registry=r)
         self.loop_failures = Counter("edgepack_background_failures", "Exceptions a periodic task of the daemon "
                                      "survived (logged), by task", ["task"], registry=r)
         self.dropped_messages = Counter("edgepack_mqtt_dropped_messages", "Incoming MQTT messages dropped unread "

@@ -217,6 +217,9 @@ class _Protocol(asyncio.Protocol):
                         f"the broker refused the MQTT 3.1.1 connection: {REFUSED.get(code, f'code {code}')}"))
         elif kind == 9:  # SUBACK
             if 0x80 in bytes(view[start + 2:stop]):
+                self.owner.state["subscribe_refused"] = self.owner.state.get("subscribe_refused", 0) + 1
+                if self.owner.metrics is not None:
+                    self.owner.metrics.stream_failures.labels("subscribe_refused").inc()
                 log.warning("the broker refused a stream subscription (check its ACL for the {device}-stream client)",
                             extra={"client_id": self.owner.client_id})
         elif kind != 13:  # PINGRESP needs nothing; anything else is not for a client
@@ -248,7 +251,7 @@ class StreamConnection:
     """An MQTT 3.1.1 connection that subscribes ``handlers``' topics and reconnects until :meth:`close`."""
 
     def __init__(self, config, client_id: str, handlers: dict[str, Handler], metrics=None):
-        """``metrics``: the daemon's :class:`~agent.serving.metrics.Metrics` (connected gauge, failures
+        """``metrics``: the daemon's :class:`~agent.serving.metrics.ServingMetrics` (connected gauge, failures
         by reason, oversized messages dropped), or None."""
         self.config = config
         self.metrics = metrics
@@ -311,7 +314,9 @@ class StreamConnection:
                     self.state.update(connected=True, last_error=None)
                     self._gauge(1)
                     log.info("stream connection up", extra={"client_id": self.client_id})
-                    await self._serve(protocol)
+                    if not await self._serve(protocol):
+                        # the broker (or the network) closed a working connection: counted as lost
+                        self._failed("closed", f"the stream connection to {self.config.host}:{self.config.port} closed")
                 finally:
                     self.connected = False
                     self.state["connected"] = False
@@ -328,7 +333,7 @@ class StreamConnection:
             except asyncio.CancelledError:
                 raise
             except asyncio.TimeoutError:
-                self._failed("timeout", f"no answer from {self.config.host}:{self.config.port} within {CONNECT_TIMEOUT_S:.0f} s")
+                self._failed("timeout", f"no answer from {self.config.host}:{self.config.port} within {CONNECT_TIMEOUT_S:g} s")
             except (OSError, ssl.SSLError, ConnectionError) as exc:
                 self._failed(type(exc).__name__, f"stream connection to {self.config.host}:{self.config.port}: {exc}")
             except Exception as exc:  # noqa: BLE001 - the stream must outlive any one failure
@@ -338,9 +343,9 @@ class StreamConnection:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.config.reconnect_max_s)
 
-    async def _serve(self, protocol: _Protocol) -> None:
+    async def _serve(self, protocol: _Protocol) -> bool:
         """Keep the connection alive until it closes: PINGREQ every half keepalive, and a broker that
-        stays silent for 1.5 keepalives is taken for gone."""
+        stays silent for 1.5 keepalives is taken for gone. True when that loss was already counted."""
         keepalive = float(self.config.keepalive_s)
         while not protocol.closed.done():
             await asyncio.wait([protocol.closed], timeout=keepalive / 2)
@@ -349,10 +354,11 @@ class StreamConnection:
             if time.monotonic() - protocol.heard > 1.5 * keepalive:
                 self._failed("silent", f"the broker sent nothing for {1.5 * keepalive:.0f} s")
                 protocol.abort()
-                break
+                log.info("stream connection down", extra={"client_id": self.client_id, "reason": "silent"})
+                return True
             protocol.write(b"\xc0\x00")  # PINGREQ
-        reason = protocol.closed.result() if protocol.closed.done() else "dead"
-        log.info("stream connection down", extra={"client_id": self.client_id, "reason": reason})
+        log.info("stream connection down", extra={"client_id": self.client_id, "reason": protocol.closed.result()})
+        return False
 
     def _tls(self) -> ssl.SSLContext | None:
         cfg = self.config

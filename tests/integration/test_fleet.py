@@ -607,6 +607,7 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
     fleet = Fleet.__new__(Fleet)
     fleet.tmp, fleet.setup, fleet.agent, fleet.controller = tmp_path, fleet_bundles, None, None
     fleet.broker = Broker(tmp_path / "broker", extra=tls)
+    requester = None
     try:
         fleet.address = BrokerAddress("127.0.0.1", fleet.broker.port, True, ca_file=str(certs["ca"][0]),
                                       cert_file=str(certs["edgepack-fleet"][0]), key_file=str(certs["edgepack-fleet"][1]))
@@ -652,6 +653,7 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
                 time.sleep(0.05)
             if "tls" in answers:
                 break
+        assert "tls" in answers, "no streamed answer over TLS within 20 s"
         assert answers["tls"]["outputs"][0]["shape"] == [1, 4]
         metrics = httpx.get(f"{fleet.agent.url}/metrics", timeout=10).text
         assert "edgepack_mqtt_stream_connected 1.0" in metrics
@@ -683,10 +685,14 @@ def test_tls_client_certificates_and_acl_keep_devices_to_their_own_topics(tmp_pa
         assert not [m for m in fleet.controller.registry.messages(DEVICE, None) if m["boot"] == "forged"]
         requester.loop_stop()
         requester.disconnect()
+        requester = None
         # the broker never delivered the other device's stream request, so it was never answered
         assert "forged" not in answers and set(answers) == {"tls"}
         assert fleet.active() == "1.1.0" and fleet.agent.process.poll() is None
     finally:
+        if requester is not None:
+            requester.loop_stop()
+            requester.disconnect()
         fleet.close()
 
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import paho.mqtt.client as mqtt
 
+from agent.serving.metrics import ServingMetrics
 from agent.serving.mqtt_connection import StreamConnection, _Protocol, remaining_length
 
 from .broker import Broker
@@ -83,6 +84,7 @@ def test_streams_reconnect_after_a_broker_restart_and_answer_at_the_request_qos(
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    metrics = ServingMetrics()
     try:
         holder = {}
 
@@ -90,7 +92,7 @@ def test_streams_reconnect_after_a_broker_restart_and_answer_at_the_request_qos(
             holder["connection"].publish("dev/out", payload.upper(), qos)
 
         async def make():
-            connection = StreamConnection(_config(broker.port), "dev-stream", {"dev/in": echo})
+            connection = StreamConnection(_config(broker.port), "dev-stream", {"dev/in": echo}, metrics)
             holder["connection"] = connection
             connection.start()
 
@@ -118,6 +120,8 @@ def test_streams_reconnect_after_a_broker_restart_and_answer_at_the_request_qos(
         wait(lambda: len(answers) >= 3, "three answers")
         assert sorted(answers) == sorted([(b'{"ID": "A"}', 1), (b"Q0", 0), (b"AFTER", 1)])
         assert connection.dropped == 1
+        assert metrics.registry.get_sample_value("edgepack_mqtt_dropped_messages_total", {"reason": "stream_too_large"}) == 1
+        assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connected") == 1
 
         client.loop_stop()
         client.disconnect()
@@ -132,6 +136,9 @@ def test_streams_reconnect_after_a_broker_restart_and_answer_at_the_request_qos(
         wait(lambda: answers, "an answer after the restart")
         assert answers == [(b"AGAIN", 1)]
         assert connection.state["attempts"] >= 2 and connection.state["connected"]
+        # the cut is counted as a lost connection, and the gauge is back up
+        assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connect_failures_total", {"reason": "closed"}) >= 1
+        assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connected") == 1
         asyncio.run_coroutine_threadsafe(connection.close(), loop).result(5)
         assert not connection.connected
     finally:
@@ -158,15 +165,17 @@ def test_a_broker_that_never_sends_connack_is_retried_without_leaking_futures(mo
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     leaked: list = []
+    metrics = ServingMetrics()
 
     async def main():
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _, context: leaked.append(context.get("message")))
         config = _config(listener.getsockname()[1])
         config.reconnect_min_s = config.reconnect_max_s = 0.05
-        connection = StreamConnection(config, "dev-stream", {"dev/in": lambda *a: None})
+        connection = StreamConnection(config, "dev-stream", {"dev/in": lambda *a: None}, metrics)
         connection.start()
-        while connection.state["failures"] < 3:
+        deadline = time.monotonic() + 15
+        while connection.state["failures"] < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await connection.close()
         gc.collect()
@@ -178,5 +187,7 @@ def test_a_broker_that_never_sends_connack_is_retried_without_leaking_futures(mo
     finally:
         listener.close()
     assert not connection.connected and connection.state["failures"] >= 3
-    assert "within" in connection.state["last_error"]
+    assert "within 0.3 s" in connection.state["last_error"]
+    assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connect_failures_total", {"reason": "timeout"}) >= 3
+    assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connected") == 0
     assert not leaked, leaked
