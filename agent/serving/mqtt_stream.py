@@ -31,13 +31,13 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class StreamServer:
-    """Subscribes the link to each streaming model's input topic and answers on its output topic."""
+    """Subscribes each streaming model's input topic on the streams' own connection (``{device}-stream``,
+    beside the fleet link's) and answers on its output topic."""
 
     def __init__(self, config, service: InferenceService, link):
         self.config = config
         self.service = service
         self.metrics = service.metrics
-        self.link = link
         self.in_flight: dict[str, int] = {}
         self.tasks: set[asyncio.Task] = set()
         self.device = link.device
