@@ -17,11 +17,12 @@ converted with `edgepack convert --profile x86-64 --recipe onnx-fp32`, 2 intra-o
 (d) the dataplane's targets, every agent with its default config (only threads: 2 set): HTTP binary
     at c=1 and c=8 (wrk) vs raw session.run in process at 1 and 8 threads; gRPC through
     tritonclient.grpc at c=8 vs the same raw figure and vs HTTP binary through tritonclient.http (the
-    same kind of client, in another process); HTTP JSON at c=8 vs the FastAPI baseline and its
+    same kind of client, in another process), and gRPC loaded by h2load (a C HTTP/2 generator, as wrk
+    is for HTTP/1.1; gRPC calls are HTTP/2 POSTs) at c=1 and c=8 vs raw and vs wrk's rows; HTTP JSON at c=8 vs the FastAPI baseline and its
     refusals; MQTT streaming of ~1 KB requests vs HTTP JSON on the same small model (needs mosquitto),
     loaded by benchmarks/mqtt_load.py (a raw-socket client in another process, as wrk is for HTTP) and,
     for comparison, by a paho client in Python.
-Needs wrk (Debian package "wrk").
+Needs wrk (Debian package "wrk"); the h2load rows need h2load (Debian package "nghttp2-client").
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +388,49 @@ def client_load(kind: str, address: str, model: str, sample: np.ndarray, work: P
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def grpc_infer_body(model: str, sample: np.ndarray) -> bytes:
+    """One gRPC-framed ModelInferRequest (1-byte flag, 4-byte length, message) with raw contents."""
+    from agent.serving.oip_grpc import messages as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(sample.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(sample).tobytes())
+    message = request.SerializeToString()
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def h2load_grpc(server: Server, port: int, body_file: Path, clients: int, streams: int, duration: float,
+                work: Path) -> dict:
+    """A closed loop of ``clients`` HTTP/2 connections with ``streams`` calls each in flight, ModelInfer
+    from h2load. A gRPC error comes as HTTP 200 with a grpc-status trailer h2load does not read, so the
+    agent's own statistics count the failures and the successes around the run."""
+    def counts() -> tuple[int, int]:
+        with urllib.request.urlopen(server.url + "/v2/models/cnn/stats", timeout=10) as answer:
+            stats = json.loads(answer.read())["model_stats"][0]["inference_stats"]
+        return stats["success"]["count"], stats["fail"]["count"]
+
+    log = work / "h2load.log"
+    before = counts()
+    out = subprocess.run(["h2load", "-c", str(clients), "-m", str(streams), "-D", str(max(1, round(duration))),
+                          "--warm-up-time", "2", "-d", str(body_file), "--log-file", str(log),
+                          "-H", "content-type: application/grpc", "-H", "te: trailers",
+                          f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"],
+                         capture_output=True, text=True, timeout=duration + 120)
+    after = counts()
+    done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out.stdout)
+    if out.returncode or not done or not int(done.group(1)):
+        raise RuntimeError(f"h2load failed: {out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    seconds = max(1, round(duration))
+    # the log holds the warm-up too: the latencies of the calls that started in the measured window
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    last = max(int(row[0]) for row in rows)
+    measured = [int(row[2]) / 1000 for row in rows if row[1] == "200" and int(row[0]) >= last - seconds * 1e6]
+    succeeded = int(done.group(1))
+    failed = (after[1] - before[1]) + sum(int(done.group(g)) for g in (2, 3, 4))
+    return {"rps": succeeded / seconds, "p50": float(np.percentile(measured, 50)), "failed": failed,
+            "checked": after[0] - before[0] >= succeeded}
+
+
 def tiny_bundle(work: Path) -> Path:
     """A small dense model (64 inputs -> 10): an OIP JSON request of one sample is about 1 KB."""
     import torch
@@ -530,6 +576,11 @@ def dataplane_targets(bundle: Path, onnx_path: Path, sample: np.ndarray, work: P
                 wrk(url, work / file, content_type, length, c, 2, script)  # warm-up
                 measured[(label, c)] = wrk(url, work / file, content_type, length, c, duration, script)
         grpc_c8 = client_load("grpc", f"127.0.0.1:{grpc_port}", "cnn", sample, work, 8, duration)
+        h2 = {}
+        if shutil.which("h2load"):
+            (work / "grpc.bin").write_bytes(grpc_infer_body("cnn", sample))
+            for clients in (1, 8):
+                h2[clients] = h2load_grpc(server, grpc_port, work / "grpc.bin", clients, 1, duration, work)
         http_client_c8 = client_load("http", f"127.0.0.1:{server.port}", "cnn", sample, work, 8, duration)
     finally:
         server.stop()
@@ -542,7 +593,7 @@ def dataplane_targets(bundle: Path, onnx_path: Path, sample: np.ndarray, work: P
             spinning[c] = wrk(url, work / "oip.bin", "application/octet-stream", str(header_length), c, duration, script)
     finally:
         server.stop()
-    print(f"raw c=1 {raw[1]}, raw c=8 {raw[8]}, wrk {measured}, grpc {grpc_c8}, tritonclient.http {http_client_c8}", flush=True)
+    print(f"raw c=1 {raw[1]}, raw c=8 {raw[8]}, wrk {measured}, grpc {grpc_c8}, tritonclient.http {http_client_c8}, h2load {h2}", flush=True)
     b1, b8, j8 = measured[("binary", 1)], measured[("binary", 8)], measured[("JSON", 8)]
     rows.append(("HTTP binary c=1 (wrk)", f"{b1['rps']:.1f} req/s, p50 {b1['p50']/1000:.2f} ms",
                  f"raw session.run c=1: {raw[1][0]:.1f} req/s, p50 {raw[1][1]:.2f} ms",
@@ -563,6 +614,20 @@ def dataplane_targets(bundle: Path, onnx_path: Path, sample: np.ndarray, work: P
                  f"{grpc_c8['rps']/http_client_c8['rps']:.2f}x", ">= 1.0x"))
     rows.append(("gRPC c=8 vs HTTP binary c=8 (wrk)", f"{grpc_c8['rps']:.1f} req/s", f"{b8['rps']:.1f} req/s",
                  f"{grpc_c8['rps']/b8['rps']:.2f}x", ">= 1.0x"))
+    for clients, raw_c, http in ((1, raw[1], b1), (8, raw[8], b8)):
+        if clients not in h2:
+            rows.append((f"gRPC c={clients} (h2load)", "not measured (no h2load: apt-get install nghttp2-client)", "", "", ""))
+            continue
+        measured = h2[clients]
+        note = "" if measured["checked"] and not measured["failed"] else \
+            f", **{measured['failed']} failed calls: not a valid measure**"
+        rows.append((f"gRPC c={clients} (h2load, {clients} connection{'s' if clients > 1 else ''})",
+                     f"{measured['rps']:.1f} req/s, p50 {measured['p50']:.2f} ms{note}",
+                     f"raw session.run, {clients} thread{'s' if clients > 1 else ''}: {raw_c[0]:.1f} req/s",
+                     f"{measured['rps']/raw_c[0]:.2f}x", ">= 0.95x" if clients == 8 else ""))
+        rows.append((f"  gRPC c={clients} (h2load) vs HTTP binary c={clients} (wrk)", f"{measured['rps']:.1f} req/s",
+                     f"{http['rps']:.1f} req/s, p50 {http['p50']/1000:.2f} ms", f"{measured['rps']/http['rps']:.2f}x",
+                     ">= 1.0x" if clients == 8 else ""))
     if baseline_json_c8:
         rows.append(("HTTP JSON c=8 (wrk), default config", f"{j8['rps']:.1f} req/s, {j8['non2xx']} refused",
                      f"FastAPI baseline c=8: {baseline_json_c8:.1f} req/s", f"{j8['rps']/baseline_json_c8:.2f}x",

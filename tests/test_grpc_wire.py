@@ -14,7 +14,7 @@ from tritonclient.utils import deserialize_bytes_tensor
 from agent.serving.grpc_door import infer_target
 from agent.serving.oip import InferRequest, RequestError
 from agent.serving.oip_grpc import generate
-from agent.serving.oip_grpc.wire import decode_infer, encode_infer
+from agent.serving.oip_grpc.wire import decode_infer, encode_infer, split_raw_inputs
 from edgepack.tensors import TensorSpec
 
 
@@ -50,6 +50,50 @@ def _request(**tensors) -> service_pb2.ModelInferRequest:
         request.inputs.add(name=name, datatype=datatype, shape=shape)
         request.raw_input_contents.append(raw)
     return request
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.tuples(st.text(max_size=6), st.lists(st.binary(max_size=40), max_size=3),
+                                st.integers(0, 2), st.booleans()), min_size=1, max_size=3),
+       garbage=st.binary(max_size=12))
+def test_raw_inputs_are_cut_out_as_protobuf_would_read_them(parts, garbage):
+    # Concatenated messages are one message to protobuf (repeated fields appended, the last scalar
+    # wins): raw_input_contents interleaved with every other field, in any order.
+    body = b""
+    for request_id, blocks, tensors, with_parameter in parts:
+        part = service_pb2.ModelInferRequest(id=request_id, model_name="m")
+        for index in range(tensors):
+            part.inputs.add(name=f"t{index}", datatype="UINT8", shape=[1])
+        if with_parameter:
+            part.parameters["timeout"].int64_param = 7
+        part.raw_input_contents.extend(blocks)
+        body += part.SerializeToString()
+    expected = service_pb2.ModelInferRequest.FromString(body)
+    rest, blocks = split_raw_inputs(body)
+    assert [bytes(block) for block in blocks] == list(expected.raw_input_contents)
+    parsed = service_pb2.ModelInferRequest.FromString(rest)
+    expected.ClearField("raw_input_contents")
+    assert parsed == expected
+    # A body cut short or followed by garbage: the split refuses it or agrees with protobuf.
+    for broken in (body[:-1], body + garbage):
+        split = split_raw_inputs(broken)
+        try:
+            whole = service_pb2.ModelInferRequest.FromString(broken)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError
+            whole = None
+        if split is not None and whole is not None:
+            assert [bytes(block) for block in split[1]] == list(whole.raw_input_contents)
+
+
+def test_raw_inputs_are_views_of_the_request_not_copies():
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    values = np.arange(6, dtype=np.float32)
+    request.raw_input_contents.append(values.tobytes())
+    body = request.SerializeToString()
+    _, inputs = decode_infer(body)
+    np.testing.assert_array_equal(inputs["x"], values.reshape(2, 3))
+    assert np.shares_memory(inputs["x"], np.frombuffer(body, np.uint8))
 
 
 def test_raw_inputs_become_arrays_of_their_datatype():

@@ -25,25 +25,12 @@ from edgepack.errors import UsageError
 from . import model_info
 from .dataplane import BadRequest, ClientGone, InferenceService, ServiceError, Unavailable
 from .oip_grpc import messages as pb
-from .oip_grpc.wire import GrpcWire
+from .oip_grpc.wire import GrpcWire, read_varint
 from .split import CLIENT_HEADER
 
 log = logging.getLogger("edgepack.agent.grpc")
 #: requests of one ModelStreamInfer stream in progress at once (the stream waits beyond it)
 STREAM_IN_FLIGHT = 64
-
-
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(data) or shift > 63:
-            raise ValueError
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if not byte & 0x80:
-            return value, at
-        shift += 7
 
 
 def infer_target(body: bytes) -> tuple[str, str | None] | None:
@@ -54,10 +41,10 @@ def infer_target(body: bytes) -> tuple[str, str | None] | None:
     at = 0
     try:
         while at < len(body) and len(found) < 2:
-            tag, at = _read_varint(body, at)
+            tag, at = read_varint(body, at)
             if tag not in (0x0A, 0x12):  # fields 1 and 2, length-delimited
                 break
-            length, at = _read_varint(body, at)
+            length, at = read_varint(body, at)
             if at + length > len(body):
                 raise ValueError
             found[tag] = body[at:at + length].decode("utf-8")
