@@ -4,6 +4,8 @@ decoding with its refusals, and raw response encoding."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -74,15 +76,43 @@ def test_raw_inputs_are_cut_out_as_protobuf_would_read_them(parts, garbage):
     parsed = service_pb2.ModelInferRequest.FromString(rest)
     expected.ClearField("raw_input_contents")
     assert parsed == expected
-    # A body cut short or followed by garbage: the split refuses it or agrees with protobuf.
+    # A body cut short or followed by garbage: the split agrees with protobuf, or hands it over.
     for broken in (body[:-1], body + garbage):
-        split = split_raw_inputs(broken)
-        try:
-            whole = service_pb2.ModelInferRequest.FromString(broken)
-        except Exception:  # noqa: BLE001 - protobuf's DecodeError
-            whole = None
-        if split is not None and whole is not None:
-            assert [bytes(block) for block in split[1]] == list(whole.raw_input_contents)
+        _agrees_with_protobuf(broken)
+
+
+def _agrees_with_protobuf(body: bytes) -> None:
+    split = split_raw_inputs(body)
+    try:
+        whole = service_pb2.ModelInferRequest.FromString(body)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        whole = None
+    if split is None:
+        return  # protobuf's own parser decides
+    try:
+        rest = service_pb2.ModelInferRequest.FromString(split[0])
+    except Exception:  # noqa: BLE001
+        rest = None
+    assert (whole is None) == (rest is None), "the split and protobuf disagree on whether the body is valid"
+    if whole is not None:
+        assert [bytes(block) for block in split[1]] == list(whole.raw_input_contents)
+
+
+def test_the_split_refuses_what_protobuf_refuses_and_bounds_its_work():
+    head = service_pb2.ModelInferRequest(model_name="m", inputs=[{"name": "x", "datatype": "UINT8", "shape": [2]}])
+    body = head.SerializeToString()
+    # field 7 with a 6-byte tag: a varint protobuf does not accept as a tag
+    _agrees_with_protobuf(body + b"\xba\x80\x80\x80\x80\x00\x02ab")
+    with pytest.raises(RequestError, match="not a valid"):
+        decode_infer(body + b"\xba\x80\x80\x80\x80\x00\x02ab")
+    _agrees_with_protobuf(body + b"\x02\x01a")  # field 0
+    # A million empty raw blocks (2 MB): handed to protobuf after MAX_SCANNED_FIELDS, refused at once.
+    flood = body + b"\x3a\x00" * 1_000_000
+    assert split_raw_inputs(flood) is None
+    started = time.perf_counter()
+    with pytest.raises(RequestError, match="1000000 tensors for 1 inputs"):
+        decode_infer(flood)
+    assert time.perf_counter() - started < 0.5
 
 
 def test_raw_inputs_are_views_of_the_request_not_copies():

@@ -28,6 +28,12 @@ CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_c
 _RAW_OUTPUT_TAG = bytes([(6 << 3) | 2])
 #: raw_input_contents is field 7 of ModelInferRequest
 _RAW_INPUT_FIELD = 7
+#: top-level fields the in-place scan reads at most (a request has its name, version, id, a few
+#: parameters, and an input, a requested output and a raw block per tensor): past that, protobuf's
+#: C parser takes the body, so a body of a million tiny fields costs what it costs protobuf
+MAX_SCANNED_FIELDS = 256
+#: the longest field tag protobuf accepts (a 32-bit varint)
+_MAX_TAG_BYTES = 5
 
 
 def read_varint(data: bytes, at: int) -> tuple[int, int]:
@@ -46,7 +52,8 @@ def read_varint(data: bytes, at: int) -> tuple[int, int]:
 
 def split_raw_inputs(body: bytes) -> tuple[bytes, list[memoryview]] | None:
     """``(the message without its raw_input_contents, those blocks as views of body)``, or None when
-    the top-level fields do not scan (protobuf's own parser then decides).
+    the top-level fields do not scan, or are more than :data:`MAX_SCANNED_FIELDS` (protobuf's own
+    parser then decides).
 
     protobuf hands a bytes field over as a new bytes object: for a 600 KB image that copy (fresh pages
     the kernel must fault in) cost more than parsing everything else, every request. The blocks are
@@ -56,11 +63,16 @@ def split_raw_inputs(body: bytes) -> tuple[bytes, list[memoryview]] | None:
     blocks: list[memoryview] = []
     kept: list[memoryview] = []
     view = memoryview(body)
-    at = start = 0
+    at = start = fields = 0
     try:
         while at < len(body):
+            fields += 1
+            if fields > MAX_SCANNED_FIELDS:
+                return None
             field_at = at
             key, at = read_varint(body, at)
+            if at - field_at > _MAX_TAG_BYTES or key >> 3 == 0:
+                return None  # protobuf refuses these tags: let it say so
             wire_type = key & 7
             if wire_type == 0:
                 _, at = read_varint(body, at)
@@ -124,7 +136,7 @@ def decode_infer(body: bytes, target: tuple[str, str | None] | None = None) -> t
     try:
         if split is None:
             message = pb.ModelInferRequest.FromString(body)
-            raw = list(message.raw_input_contents)
+            raw = message.raw_input_contents  # a block is copied out only when it is used
         else:
             rest, raw = split
             message = pb.ModelInferRequest.FromString(rest)
@@ -225,8 +237,9 @@ def _nothing() -> None:
 
 class GrpcWire:
     """The dataplane's wire for gRPC bodies (see ``dataplane.OipWire``). A large body is parsed and
-    checked on a worker thread: unlike JSON, that is memcpy-speed C work (protobuf's parser, numpy's
-    checks release the GIL), so the event loop keeps running beside it without a helper process."""
+    checked on a worker thread: unlike JSON, that is C work (protobuf's parser of the body without its
+    tensors, a scan of at most MAX_SCANNED_FIELDS fields, numpy's checks, which release the GIL), so
+    the event loop keeps running beside it without a helper process."""
 
     __slots__ = ("target",)
 
