@@ -92,9 +92,9 @@ class ModelConfig(_Strict):
         "work, and at least 32 requests and one full batch per instance (so on a model slower than ~0.8 ms a "
         "sample, a closed loop of 32 clients waits up to 32 samples' time); under an overload it sheds to shed_queue_ms")
     shed_queue_ms: float | None = Field(
-        5.0, gt=0, le=60_000, description="while the default queue is overloaded (its requests and the refused "
+        2.0, gt=0, le=60_000, description="while the default queue is overloaded (its requests and the refused "
         "clients held back by server.refusal_delay_ms are more than it holds: an unpaced flood), it admits only "
-        "about this much work, at least two requests per instance, so an admitted request waits for a run or two "
+        "about this much work, at least one request per instance, so an admitted request waits for about one run "
         "instead of a whole queue (benchmarks/overload.py); a closed loop the full queue holds is never refused, "
         "so it never sheds; null: keep the full queue")
     place_hold_ms: float = Field(

@@ -80,19 +80,21 @@ async def run(url: str, body: bytes, headers: dict, connections: int, rate: floa
     stats = {"statuses": {}, "ok_latency": [], "errors": 0, "timeouts": 0}
     loop = asyncio.get_running_loop()
     start = loop.time()
+    cpu_start = time.process_time()
     interval = connections / rate if rate else 0.0
     tasks = [asyncio.ensure_future(_connection(parts.hostname, parts.port, request, stats, start + duration,
                                                interval, start + i * interval / connections, timeout))
              for i in range(connections)]
     await asyncio.gather(*tasks)
     elapsed = loop.time() - start
+    cpu = time.process_time() - cpu_start
     latency = np.asarray(stats["ok_latency"]) * 1000
     pct = (lambda q: float(np.percentile(latency, q))) if len(latency) else (lambda q: float("nan"))
     total = sum(stats["statuses"].values())
     return {"connections": connections, "rate": rate, "seconds": elapsed, "requests": total,
             "statuses": {str(k): v for k, v in sorted(stats["statuses"].items())}, "errors": stats["errors"],
             "timeouts": stats["timeouts"], "ok_per_s": len(latency) / elapsed, "offered_per_s": total / elapsed,
-            "ok_p50_ms": pct(50), "ok_p99_ms": pct(99), "ok_max_ms": float(latency.max()) if len(latency) else float("nan")}
+            "ok_p50_ms": pct(50), "ok_p99_ms": pct(99), "cpu_share": cpu / elapsed, "ok_max_ms": float(latency.max()) if len(latency) else float("nan")}
 
 
 def main() -> None:

@@ -183,7 +183,9 @@ def flood(server, url: str, body_file: Path, headers: dict, work: Path, duration
     print(f"{'statuses':<44} {json.dumps(result['statuses']):>12} {'200/503/429 only':>16}")
     failures = f"{other} / {result['errors']} / {result['timeouts']}"
     print(f"{'other statuses / connection errors / timeouts':<44} {failures:>12} {'0 / 0 / 0':>16}")
-    print(f"{'p99 of accepted (ms)':<44} {result['ok_p99_ms']:>12.1f} {'':>16}")
+    print(f"{'p50 / p99 of accepted (ms)':<44} {result['ok_p50_ms']:>5.1f} / {result['ok_p99_ms']:>4.1f} {'':>16}")
+    # the generator times each answer from its own event loop: a busy generator adds its delays
+    print(f"{'load generator CPU (share of its core)':<44} {result['cpu_share']:>12.2f} {'':>16}")
     print(f"{'p99 accepted / ' + against:<44} {ratio:>12.2f} {'<= 2.0':>16}")
     probes = f"{health['p95_ms']:.1f} / {health['max_ms']:.1f}"
     print(f"{'/v2/health/ready p95 / max (ms)':<44} {probes:>12} {health_target:>16}")
