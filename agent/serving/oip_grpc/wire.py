@@ -1,8 +1,8 @@
 """``ModelInferRequest`` bytes -> checked feeds, and outputs -> ``ModelInferResponse`` bytes.
 
 Tensors come as ``raw_input_contents`` (what tritonclient and KServe's clients send: numpy views of
-the request's own bytes, cut out before protobuf parses the rest, no copy) or as typed ``contents``; answers always go back as
-``raw_output_contents``, as Triton sends them. The response is serialized as its small header
+the request's own bytes, cut out before protobuf parses the rest, no copy) or as typed ``contents``;
+answers always go back as ``raw_output_contents``, as Triton sends them. The response is serialized as its small header
 message followed by one length-delimited field per output: protobuf concatenates repeated fields, so
 the tensors' bytes are copied once, into the answer, never through a message object.
 """
