@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -298,8 +299,18 @@ def test_under_an_overload_the_default_queue_sheds_and_held_refusals_come_back_s
         # at least one per instance), and the holds bring the clients back at about 2x what is served.
         delays = [scheduler.hold_refusal(0.5) for _ in range(250)]
         assert scheduler.queue_limit(12) == 1
+        for place in places[20:]:
+            place.at = time.perf_counter()  # bodies still arriving, just admitted
         with pytest.raises(Overloaded, match="shedding to 1 of max_queue_size 32 while 250 refused clients wait"):
             scheduler.reserve()
+        # While it sheds, a place counts for a few runs' time only (4 x 2 ms): bodies that trickle in
+        # cannot hold the one place and leave the worker idle. A fresh place still counts.
+        for place in places[20:]:
+            place.at -= 0.1
+        admitted = scheduler.reserve()
+        with pytest.raises(Overloaded, match="shedding to 1"):
+            scheduler.reserve()
+        scheduler.unreserve(admitted)
         late = delays[-50:]  # held while ~200+ were: a mean of about 200-250 / 1000/s
         assert 0.1 <= sum(late) / len(late) <= 0.25 * 1.2
         assert max(late) / min(late) > 1.8  # spread, not a cohort that comes back together
@@ -309,7 +320,9 @@ def test_under_an_overload_the_default_queue_sheds_and_held_refusals_come_back_s
         assert scheduler.queue_limit(12) == full  # the flood is gone: the full queue again
         # an explicit max_queue_size is kept as it is; shed_queue_ms null keeps the full queue
         # a longer shed_queue_ms admits that much work: 11 ms = 5.5 samples
-        for options, limit in (({"max_queue_size": 40}, 40), ({"shed_queue_ms": None}, 32), ({"shed_queue_ms": 11}, 5)):
+        # and the floor is one request per instance
+        for options, limit in (({"max_queue_size": 40}, 40), ({"shed_queue_ms": None}, 32), ({"shed_queue_ms": 11}, 5),
+                               ({"shed_queue_ms": 1, "instances": 2}, 2)):
             other = _scheduler(SlowDouble(0.002), batching={"enabled": False}, **options)
             for _ in range(100):
                 other.hold_refusal(0.5)
