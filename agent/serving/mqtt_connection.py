@@ -112,6 +112,10 @@ class _Protocol(asyncio.Protocol):
         self.transport = None
         if not self.connack.done():
             self.connack.set_exception(ConnectionError(f"the broker closed the connection{f': {exc}' if exc else ''}"))
+            # Marked as read: a connection given up before anything awaited its CONNACK (a connect that
+            # timed out after the socket was made) must not log "Future exception was never retrieved";
+            # an attempt that awaits it still gets the exception.
+            self.connack.exception()
         if not self.closed.done():
             self.closed.set_result(str(exc) if exc else "closed")
 

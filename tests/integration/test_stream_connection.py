@@ -191,3 +191,27 @@ def test_a_broker_that_never_sends_connack_is_retried_without_leaking_futures(mo
     assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connect_failures_total", {"reason": "timeout"}) >= 3
     assert metrics.registry.get_sample_value("edgepack_mqtt_stream_connected") == 0
     assert not leaked, leaked
+
+
+def test_a_connection_lost_before_its_connack_was_awaited_logs_nothing():
+    """A connect that timed out after the socket was made: asyncio closes the transport, the protocol
+    sees connection_lost, and nothing ever awaits its CONNACK. That future must not end with an
+    exception nobody reads (asyncio would log "Future exception was never retrieved")."""
+    import gc
+
+    leaked: list = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: leaked.append(context.get("message")))
+        protocol = _Protocol(SimpleNamespace(), loop)
+        protocol.connection_lost(None)
+        assert isinstance(protocol.connack.exception(), ConnectionError)  # an awaiting attempt still sees it
+        fresh = _Protocol(SimpleNamespace(), loop)
+        fresh.connection_lost(OSError("reset"))
+        del protocol, fresh
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert not leaked, leaked
