@@ -329,7 +329,7 @@ class ModelScheduler:
         held refusals are more than that (an overload), the shedding queue: ``shed_queue_ms`` of work, at
         least one request per instance (the next run's), so an admitted request waits for about one run
         before its own. With a floor of two it waited for two: an unpaced flood measured 3.4-4.8x the
-        unloaded p99 against 1.7-2.3x with one (benchmarks/overload.py). An explicit
+        unloaded p99 against 1.7-2.5x with one (benchmarks/overload.py). An explicit
         ``max_queue_size`` is kept as it is."""
         full = self.max_queue
         if (not self._holding or self.options.max_queue_size or not self.options.shed_queue_ms
@@ -423,11 +423,8 @@ class ModelScheduler:
             # Shedding: a place counts only for a few runs' time, so one body that trickles in (or never
             # comes) cannot hold the one place of a short queue and leave the worker idle; its request
             # still queues without a second check when it arrives within place_hold_ms.
-            seconds = self.sample_seconds or 0.01
-            hold = min(self.options.place_hold_ms / 1000,
-                       max(self.options.shed_queue_ms / 1000, SHED_PLACE_RUNS * seconds))
-            since = time.perf_counter() - hold
-            waiting = len(self._pending) + sum(1 for place in self._places if place.at > since)
+            hold = max(self.options.shed_queue_ms / 1000, SHED_PLACE_RUNS * (self.sample_seconds or 0.01))
+            waiting = len(self._pending) + self._held(time.perf_counter() - hold)
         if waiting >= limit:
             seconds = self.sample_seconds or 0.01
             wait = waiting * seconds / max(1, self.options.instances)
@@ -441,16 +438,19 @@ class ModelScheduler:
         """Places taken after this moment still count (held for less than ``place_hold_ms``)."""
         return time.perf_counter() - self.options.place_hold_ms / 1000
 
-    def _held(self) -> int:
-        """Places that still count; the expired ones are forgotten (a place whose request never reached
-        the dataplane, e.g. refused by uvicorn's connection limit, must not stay forever)."""
+    def _held(self, taken_after: float = 0.0) -> int:
+        """Places that still count (and were taken after ``taken_after``, a ``perf_counter`` moment); the
+        expired ones are forgotten (a place whose request never reached the dataplane, e.g. refused by
+        uvicorn's connection limit, must not stay forever)."""
         if not self._places:
             return 0
         since = self._places_since()
         expired = [place for place in self._places if place.at <= since]
         for place in expired:
             self._places.discard(place)
-        return len(self._places)
+        if taken_after <= since:
+            return len(self._places)
+        return sum(1 for place in self._places if place.at > taken_after)
 
     def reserve(self) -> Place:
         """Admit a request from its head: hold a place in the queue while its body is read and decoded

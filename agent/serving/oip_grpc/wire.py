@@ -2,9 +2,10 @@
 
 Tensors come as ``raw_input_contents`` (what tritonclient and KServe's clients send: numpy views of
 the request's own bytes, cut out before protobuf parses the rest, no copy) or as typed ``contents``;
-answers always go back as ``raw_output_contents``, as Triton sends them. The response is serialized as its small header
-message followed by one length-delimited field per output: protobuf concatenates repeated fields, so
-the tensors' bytes are copied once, into the answer, never through a message object.
+answers always go back as ``raw_output_contents``, as Triton sends them. The response is serialized
+as its small header message followed by one length-delimited field per output: protobuf concatenates
+repeated fields, so the tensors' bytes are copied once, into the answer, never through a message
+object.
 """
 
 from __future__ import annotations
