@@ -196,17 +196,21 @@ class Evaluation:
             self.bases[max_opset] = prepare_base(self.source.onnx_path, self.workdir / f"base-{max_opset}", max_opset)
         return self.bases[max_opset]
 
-    def backend_for(self, path: Path, threads: int, integer_io: bool = False, reference: bool = False):
+    def backend_for(self, path: Path, threads: int, integer_io: bool = False, reference: bool = False,
+                    timing: bool = False):
         """The agent's backend for a candidate file (.onnx or .tflite), with the source's tensor names.
         ``reference``: an ONNX graph computed as its operators define it rather than by this host's
-        fused kernels (see ``reference_arithmetic``)."""
+        fused kernels (see ``reference_arithmetic``). ``timing``: a session to time, as the agent runs it:
+        ONNX Runtime's threads not spinning (the agent's default). Spinning threads also make two
+        sessions timed in turn slow each other down (the idle one's threads spin on the cores the
+        other needs): the PP-OCR detector's fp32 graph took 85 ms that way against 50 ms alone."""
         if Path(path).suffix == ".tflite":
             from agent.runtime.litert_backend import LiteRTBackend
 
             backend = LiteRTBackend(path, threads=threads, integer_io=integer_io, input_names=[s.name for s in self.source.inputs],
                                     output_names=[s.name for s in self.source.outputs])
         else:
-            backend = OnnxBackend(path, threads=threads, optimize=not reference)
+            backend = OnnxBackend(path, threads=threads, optimize=not reference, spinning=False if timing else None)
         backend.set_layout(self.axes, getattr(self, "constants", self.options.constants))
         return backend
 
@@ -234,7 +238,7 @@ class Evaluation:
             backend.close()
             one = self.validation.slice(0, 1)
             # Timed as this host runs it (fused kernels), whatever arithmetic the accuracy was judged in.
-            backend = self.backend_for(path, threads)
+            backend = self.backend_for(path, threads, timing=True)
             # A fixed-batch model answers one sample with one padded run of its batch, as on the device.
             latency = gate_module.measure_latency(lambda feeds: run_in_batches(backend, feeds), one)
             backend.close()
@@ -245,7 +249,7 @@ class Evaluation:
         """Latency of candidate ``path`` relative to the fp32 ``base``, measured interleaved (cached)."""
         key = (file_sha256(Path(path)), file_sha256(Path(base)), threads)
         if key not in self.comparisons:
-            candidate, baseline = self.backend_for(path, threads), self.backend_for(base, threads)
+            candidate, baseline = self.backend_for(path, threads, timing=True), self.backend_for(base, threads, timing=True)
             one = self.validation.slice(0, 1)
             try:
                 self.comparisons[key] = gate_module.compare_latency(lambda feeds: run_in_batches(candidate, feeds),

@@ -178,7 +178,8 @@ def test_a_map_may_differ_in_a_few_pixels_and_nothing_else_may():
 def test_the_daemons_spinning_threads_stop_when_a_run_returns(tmp_path):
     """Spinning allowed as the daemon allows it: ORT's threads spin during a run and stop when it
     returns (the event loop needs the cores between runs); not allowed: no spinning at all; ORT's own
-    default (the converter's) sets neither."""
+    default (the converter's) sets neither; a session the converter times (``spinning=False``) never
+    spins, whatever the default."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -192,8 +193,8 @@ def test_the_daemons_spinning_threads_stop_when_a_run_returns(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     saved = dict(onnx_backend.SPINNING)
 
-    def entries():
-        options = OnnxBackend(path, threads=2).session.get_session_options()
+    def entries(**spinning):
+        options = OnnxBackend(path, threads=2, **spinning).session.get_session_options()
 
         def entry(key):
             try:
@@ -205,6 +206,7 @@ def test_the_daemons_spinning_threads_stop_when_a_run_returns(tmp_path):
 
     try:
         assert entries() == (None, None)
+        assert entries(spinning=False) == ("0", None)
         allow_spinning(True, between_runs=False)
         assert entries() == (None, "1")
         allow_spinning(False)

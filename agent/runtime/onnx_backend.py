@@ -55,10 +55,11 @@ class OnnxBackend(Backend):
     runtime = "onnxruntime"
 
     def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 log_severity: int = 3, optimize: bool = True):
+                 log_severity: int = 3, optimize: bool = True, spinning: bool | None = None):
         """``log_severity``: ONNX Runtime's own stderr logging (3: errors, 4: fatal only). ``optimize=False``
         runs the graph node by node as written (a QDQ graph as its reference float arithmetic, not
-        through this CPU's fused integer kernels)."""
+        through this CPU's fused integer kernels). ``spinning``: whether the intra-op threads spin,
+        for this session only (default: as :data:`SPINNING` says)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -68,7 +69,7 @@ class OnnxBackend(Backend):
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = log_severity
-        if not SPINNING["allowed"]:
+        if not (SPINNING["allowed"] if spinning is None else spinning):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         elif not SPINNING["between_runs"]:
             options.add_session_config_entry("session.force_spinning_stop", "1")
