@@ -26,13 +26,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def time_models(paths: dict[str, Path], sample: dict, threads: int, runs: int) -> dict[str, float]:
-    """Median latency per model; runs are interleaved so machine drift hits every model alike."""
+    """Median latency per model; runs are interleaved so machine drift hits every model alike. ONNX
+    sessions do not spin, as the agent runs them (an idle session's spinning threads would slow the
+    others' runs)."""
     from agent.runtime.litert_backend import LiteRTBackend
     from agent.runtime.onnx_backend import OnnxBackend
 
     def load(path):
         return LiteRTBackend(path, threads=threads, input_names=list(sample)) if Path(path).suffix == ".tflite" \
-            else OnnxBackend(path, threads=threads)
+            else OnnxBackend(path, threads=threads, spinning=False)
 
     backends = {name: load(path) for name, path in paths.items()}
     for backend in backends.values():

@@ -12,6 +12,8 @@ the AVX2 units are this host's.
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,18 +25,20 @@ MARK = "EDGEPACK_ISA_MASKED"
 
 
 def mask_library() -> Path:
-    """Build the preloaded library (once per source version) and return its path."""
-    if "cpuid_fault" not in Path("/proc/cpuinfo").read_text():
-        raise SystemExit("this kernel or CPU has no CPUID faulting (no cpuid_fault in /proc/cpuinfo): "
-                         "--isa avx2 cannot hide AVX-512 here")
-    built = Path(tempfile.gettempdir()) / f"edgepack-cpuid-mask-{int(SOURCE.stat().st_mtime)}.so"
-    if not built.exists():
-        partial = built.with_suffix(".partial")
-        done = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"building {SOURCE.name} failed (install gcc): {done.stderr.strip()[:300]}")
-        partial.replace(built)
+    """Build the preloaded library into a fresh private folder (gcc takes well under a second; nothing
+    shared in /tmp is ever preloaded) and return its path."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if sys.platform != "linux" or platform.machine() != "x86_64" or "cpuid_fault" not in cpuinfo.read_text():
+        raise SystemExit("--isa avx2 needs Linux on x86-64 with CPUID faulting (cpuid_fault in /proc/cpuinfo); "
+                         "run it on such a host")
+    if not shutil.which("gcc"):
+        raise SystemExit("--isa avx2 builds benchmarks/cpuid_mask.c with gcc: install gcc (apt-get install -y gcc)")
+    built = Path(tempfile.mkdtemp(prefix="edgepack-cpuid-mask-")) / "cpuid_mask.so"
+    done = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(built), str(SOURCE), "-ldl"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+        raise SystemExit(f"building {SOURCE.name} with gcc failed: {first}")
     return built
 
 
@@ -49,10 +53,25 @@ def rerun_masked(isa: str | None) -> None:
     raise SystemExit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
 
 
-def kernels() -> str:
-    """What ONNX Runtime's kernel choice sees, for the benchmark's header (numpy reads CPUID the same way)."""
-    from numpy._core._multiarray_umath import __cpu_features__ as features
+def cpu_features() -> dict:
+    """numpy's view of CPUID (read the way ONNX Runtime reads it, at load)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return features
 
+
+def kernels() -> str:
+    """What ONNX Runtime's kernel choice sees, for the benchmark's header. In a masked run, a mask that
+    did not take (the library not preloaded, no CPUID faulting) stops the benchmark rather than print
+    this host's figures as an AVX2 device's."""
+    features = cpu_features()
     seen = [name for name in ("AVX2", "AVX512F", "AVX512VNNI", "AVX512_SPR") if features.get(name)]
-    masked = f"; AVX-512/VNNI/AMX hidden from CPUID ({SOURCE.name})" if os.environ.get(MARK) else ""
+    masked = ""
+    if os.environ.get(MARK):
+        if features.get("AVX512F") or features.get("AVX512VNNI"):
+            raise SystemExit(f"the CPUID mask did not take (ONNX Runtime would see {' '.join(seen)}); "
+                             "check that LD_PRELOAD loads it and that the kernel allows CPUID faulting")
+        masked = f"; AVX-512/VNNI/AMX hidden from CPUID ({SOURCE.name})"
     return f"kernels see {' '.join(seen) or 'no AVX2'}{masked}"

@@ -178,7 +178,7 @@ def test_a_map_may_differ_in_a_few_pixels_and_nothing_else_may():
 def test_the_daemons_spinning_threads_stop_when_a_run_returns(tmp_path):
     """Spinning allowed as the daemon allows it: ORT's threads spin during a run and stop when it
     returns (the event loop needs the cores between runs); not allowed: no spinning at all; ORT's own
-    default (the converter's) sets neither; a session the converter times (``spinning=False``) never
+    default (the converter's accuracy runs) sets neither; a session the converter times (``spinning=False``) never
     spins, whatever the default."""
     import onnx
     from onnx import TensorProto, helper
@@ -209,6 +209,7 @@ def test_the_daemons_spinning_threads_stop_when_a_run_returns(tmp_path):
         assert entries(spinning=False) == ("0", None)
         allow_spinning(True, between_runs=False)
         assert entries() == (None, "1")
+        assert entries(spinning=False) == ("0", None)
         allow_spinning(False)
         assert entries() == ("0", None)
     finally:

@@ -32,7 +32,8 @@ def choose_providers(wanted: list[str] | None) -> list[str]:
 #: else wants them: measured on 2 cores, batch 8 of a small CNN takes 8 ms spinning alone, 24 ms spinning
 #: beside one busy process, 12 ms not spinning. Every ``edgepack-agent`` command turns it off, the daemon
 #: unless ``server.intra_op_spinning`` says otherwise: its own event loop, and usually the application
-#: feeding it, share the cores with the model. The converter keeps ORT's default.
+#: feeding it, share the cores with the model. The converter's accuracy runs keep ORT's default; the
+#: sessions its gate times never spin (``OnnxBackend(spinning=False)``), as the agent runs them.
 #: ``between_runs``: whether they go on spinning after a run returns (ORT's default). The daemon stops
 #: them there (``session.force_spinning_stop``): its next run comes through the event loop, which needs
 #: the cores meanwhile; measured on 2 cores (benchmarks/serving.py's CNN over HTTP), spinning that stops
